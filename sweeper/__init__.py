@@ -1,0 +1,1 @@
+"""QLoRA hyperparameter sweeps: Hydra search spaces, Optuna trials, MLflow tracking."""

@@ -1,0 +1,158 @@
+"""``python -m sweeper VERB [Hydra overrides]``: the verbs, each a few lines that read like a table of contents."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sweeper.config import ConfigError
+
+EXAMPLES = {
+    "launch": "python -m sweeper launch study.n_trials=3 'lora.r=choice(4,8,16)' study/sampler=random",
+    "train": "python -m sweeper train --config exports/best.yaml",
+    "export": "python -m sweeper export study.name=qlora-default --out exports/best.yaml",
+    "ui": "python -m sweeper ui            # then open the printed URL",
+    "space": "python -m sweeper space search_space=targets",
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="Hydra overrides: key=value, group=option, or key='choice(..)'")
+    p.add_argument("--config", help="a config file to start from instead of conf/config.yaml (e.g. an export)")
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from sweeper import compose
+
+    cfg, params = compose.load(args.overrides, args.config)
+    print(f"study {cfg.study.name!r}: {len(params)} searched parameters, budget {cfg.study.n_trials} trials; "
+          f"storage {cfg.storage_url}; MLflow {cfg.tracking_uri}")
+    from sweeper.launch import run_sweep, summary
+
+    study = run_sweep(cfg, params, show_progress=not args.no_progress)
+    print(summary(study))
+    print(f"browse: python -m sweeper ui output_dir={cfg.output_dir}   export: python -m sweeper export "
+          f"study.name={cfg.study.name}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sweeper import compose
+
+    cfg, _ = compose.load(args.overrides, args.config)
+    from sweeper.launch import run_single
+
+    value = run_single(cfg, show_progress=not args.no_progress)
+    print(f"eval_loss {value}" if not isinstance(value, list) else f"values {value}")
+    if cfg.provenance is not None and cfg.provenance.values:
+        print(f"exported trial {cfg.provenance.trial_number} had {cfg.provenance.values}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sweeper import compose
+    from sweeper.export import exported_config, pick_trial, write_export
+    from sweeper.study import load_study
+
+    cfg, _ = compose.load(args.overrides, args.config)
+    study = load_study(cfg)
+    trial = pick_trial(study, args.trial)
+    out = Path(args.out or f"exports/{cfg.study.name}-trial{trial.number}.yaml")
+    write_export(exported_config(cfg, study, trial), out)
+    print(f"wrote {out} (trial {trial.number}, values {trial.values})\nrun it: python -m sweeper train --config {out}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from sweeper import compose
+    from sweeper.ui import start_ui, stop_ui
+
+    cfg, _ = compose.load(args.overrides, args.config)
+    artifacts = cfg.output_path / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    proc, url = start_ui(cfg.tracking_uri, artifacts.as_uri(), host=args.host, port=args.port)
+    print(f"MLflow UI for {cfg.tracking_uri}: {url}   (Ctrl-C stops it)", flush=True)
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_ui(proc)
+    return 0
+
+
+def cmd_space(args: argparse.Namespace) -> int:
+    from sweeper import compose
+    from sweeper.compose import SEARCHABLE_PATHS
+    from sweeper.space import volume
+
+    cfg, params = compose.load(args.overrides, args.config)
+    print(f"search space ({len(params)} parameters, {volume(params):g} configurations):")
+    for p in params:
+        cond = f"   when {p.describe_condition()}" if p.when else ""
+        print(f"  {p.name:<24} {p.path:<24} {p.describe()}{cond}")
+    from sweeper.config import to_container
+
+    flat = {f"{k}.{f}": v for k, sect in to_container(cfg).items() if isinstance(sect, dict)
+            for f, v in sect.items()}
+    searched = {p.path for p in params}
+    print("fixed values:")
+    for path in SEARCHABLE_PATHS:
+        if path not in searched:
+            print(f"  {path:<24} {flat.get(path)!r}")
+    print(f"sampler {cfg.study.sampler.name} (seed {cfg.study.sampler.seed}), pruner {cfg.study.pruner.name}")
+    return 0
+
+
+VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "launch": (cmd_launch, "Create or resume the study and run trials until the budget is reached."),
+    "train": (cmd_train, "One QLoRA training run from a config (no study), e.g. an exported best trial."),
+    "export": (cmd_export, "Write a trial (default: the best) as a Hydra config that `train` runs as is."),
+    "ui": (cmd_ui, "Serve the MLflow UI on the sweep's store (127.0.0.1, a free port) and print its URL."),
+    "space": (cmd_space, "Print the resolved search space and the fixed values; runs nothing."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sweeper", description="Hyperparameter sweeps for QLoRA fine-tuning (Hydra + Optuna + MLflow).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()))
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (fn, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        _config_args(p)
+        p.set_defaults(func=fn)
+        if name in ("launch", "train"):
+            p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+        if name == "export":
+            p.add_argument("--trial", type=int, help="trial number (default: the best trial)")
+            p.add_argument("--out", help="output file (default: exports/<study>-trial<N>.yaml)")
+        if name == "ui":
+            p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+            p.add_argument("--port", type=int, help="port (default: a free one)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

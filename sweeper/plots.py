@@ -1,0 +1,74 @@
+"""Study plots for the parent run: interactive HTML (plotly) and PNG (matplotlib)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from sweeper.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+COMMON = ("optimization_history", "param_importances", "parallel_coordinate", "slice")
+SINGLE_ONLY = ("intermediate_values",)  # pruning curves: Optuna reports intermediates for one objective
+MULTI_ONLY = ("pareto_front",)
+
+
+def plot_names(study: optuna.Study) -> tuple[str, ...]:
+    return COMMON + (MULTI_ONLY if len(study.directions) > 1 else SINGLE_ONLY)
+
+
+def _kwargs(name: str, study: optuna.Study) -> dict[str, Any]:
+    """Multi-objective studies are plotted against their first objective, except the Pareto front."""
+    if len(study.directions) > 1 and name not in MULTI_ONLY:
+        return {"target": lambda t: t.values[0], "target_name": "objective 0"}
+    return {}
+
+
+def write_study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
+    """Write every plot that applies to this study; plots that cannot be drawn yet are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna import visualization as vis
+    from optuna.visualization import matplotlib as vis_mpl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in plot_names(study):
+            try:
+                fig = getattr(vis, f"plot_{name}")(study, **_kwargs(name, study))
+                path = out_dir / f"{name}.html"
+                fig.write_html(str(path), include_plotlyjs="directory")
+                written.append(path)
+            except Exception as e:  # noqa: BLE001 - too few trials for a plot is normal early on
+                log.debug("%s.html skipped: %s", name, e)
+        for name in plot_names(study):
+            try:
+                ax = getattr(vis_mpl, f"plot_{name}")(study, **_kwargs(name, study))
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.set_size_inches(10, 6)
+                fig.tight_layout()
+                path = out_dir / f"{name}.png"
+                fig.savefig(path, dpi=100)
+                plt.close(fig)
+                written.append(path)
+            except Exception as e:  # noqa: BLE001
+                log.debug("%s.png skipped: %s", name, e)
+    return written
+
+
+def log_study_plots(tracker: Tracker, run_id: str, study: optuna.Study) -> list[str]:
+    """Redraw the plots and log them to the parent run under ``plots/``."""
+    with tracker.scratch() as tmp:
+        written = write_study_plots(study, Path(tmp))
+        if written:
+            tracker.log_artifacts(run_id, tmp, "plots")
+    return [p.name for p in written]

@@ -1,0 +1,138 @@
+"""The Optuna side: samplers, pruners, opening or resuming a study, counting its budget."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import warnings
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+from optuna.trial import TrialState
+
+from sweeper.config import ConfigError, PrunerConfig, SamplerConfig, SweepConfig, to_container
+from sweeper.space import Param, grid_values
+from sweeper.tracking import redact
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2")
+PRUNERS = ("median", "percentile", "successive_halving", "asha", "hyperband", "none")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def make_sampler(cfg: SamplerConfig, params: Sequence[Param]) -> optuna.samplers.BaseSampler:
+    """Sampler by name; every one is seeded by ``cfg.seed``."""
+    s = optuna.samplers
+    name = cfg.name
+    if name == "tpe":
+        return s.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, multivariate=cfg.multivariate,
+                            group=cfg.group, constant_liar=cfg.constant_liar)
+    if name == "random":
+        return s.RandomSampler(seed=cfg.seed)
+    if name == "grid":
+        return s.GridSampler({p.name: grid_values(p) for p in params}, seed=cfg.seed)
+    if name == "cmaes":
+        return s.CmaEsSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
+                              independent_sampler=s.RandomSampler(seed=cfg.seed), warn_independent_sampling=False)
+    if name == "gp":
+        return s.GPSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
+                           independent_sampler=s.RandomSampler(seed=cfg.seed), warn_independent_sampling=False)
+    if name == "qmc":
+        return s.QMCSampler(qmc_type=cfg.qmc_type, seed=cfg.seed, scramble=True,
+                            independent_sampler=s.RandomSampler(seed=cfg.seed), warn_independent_sampling=False)
+    if name == "nsga2":
+        return s.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
+    raise ConfigError(f"study.sampler.name: {name!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
+
+
+def make_pruner(cfg: PrunerConfig, max_steps: int) -> optuna.pruners.BasePruner:
+    """Pruner by name; asked at every evaluation of a trial."""
+    p = optuna.pruners
+    name = cfg.name
+    if name == "median":
+        return p.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
+                              interval_steps=cfg.interval_steps)
+    if name == "percentile":
+        return p.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials,
+                                  n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps)
+    if name in ("successive_halving", "asha"):
+        return p.SuccessiveHalvingPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
+    if name == "hyperband":
+        return p.HyperbandPruner(min_resource=1 if cfg.min_resource == "auto" else cfg.min_resource,
+                                 max_resource=max_steps, reduction_factor=cfg.reduction_factor)
+    if name == "none":
+        return p.NopPruner()
+    raise ConfigError(f"study.pruner.name: {name!r} is not allowed; choose one of {', '.join(PRUNERS)}")
+
+
+def space_fingerprint(params: Sequence[Param]) -> str:
+    """A stable text of the space, stored on the study so joining workers can check they agree."""
+    return json.dumps([[p.name, p.path, optuna.distributions.distribution_to_json(p.distribution),
+                        [[n, list(v)] for n, v in p.when]] for p in params], sort_keys=True)
+
+
+def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True) -> optuna.Study:
+    """Create or resume the study named in the config; ConfigError when the stored one disagrees.
+
+    ``create=False`` joins an existing study only (workers), failing with the names that exist.
+    """
+    url = cfg.storage_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    storage = storage_for(url)
+    sampler = make_sampler(cfg.study.sampler, params)
+    pruner = make_pruner(cfg.study.pruner, cfg.train.max_steps)
+    existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    name = cfg.study.name
+    if name not in existing and not create:
+        raise ConfigError(f"study.name: no study {name!r} in the storage; it holds: {', '.join(existing) or 'none'}")
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                directions=list(cfg.study.directions), load_if_exists=True)
+    stored_dirs = [d.name.lower() for d in study.directions]
+    if stored_dirs != [d.lower() for d in cfg.study.directions]:
+        raise ConfigError(f"study.directions: the stored study {name!r} has {stored_dirs}, "
+                          f"the config asks for {list(cfg.study.directions)}")
+    fingerprint = space_fingerprint(params)
+    stored = study.user_attrs.get("search_space")
+    if stored is None:
+        study.set_user_attr("search_space", fingerprint)
+        study.set_user_attr("objectives", list(cfg.study.objectives))
+        study.set_user_attr("sweep_config", redact(to_container(cfg)))
+    elif stored != fingerprint:
+        raise ConfigError(f"search_space: differs from the one study {name!r} was started with; use the same "
+                          "search space, or a new study.name")
+    return study
+
+
+def storage_for(url: str) -> Any:
+    """Optuna storage for a URL: an RDB URL, or ``journal:<path>`` for a journal file."""
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+    except Exception as e:  # noqa: BLE001 - any connection problem is reported with the (redacted) URL
+        raise ConfigError(f"study.storage: cannot open {redact(url)!r}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}") from None
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def load_study(cfg: SweepConfig) -> optuna.Study:
+    """An existing study, read-only use (export, report); ConfigError listing the studies that exist."""
+    url = cfg.storage_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"study.storage: no study store at {url.removeprefix('sqlite:///')} "
+                          "(run `sweeper launch` first, or pass study.storage=... / output_dir=...)")
+    storage = storage_for(url)
+    existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if cfg.study.name not in existing:
+        raise ConfigError(f"study.name: no study {cfg.study.name!r} in {cfg.storage_url}; "
+                          f"it holds: {', '.join(existing) or 'none'}")
+    return optuna.load_study(study_name=cfg.study.name, storage=storage)

@@ -1,0 +1,137 @@
+"""MLflow logging by explicit run ids: a parent run per study, a child run per trial, batched metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sweeper.config import ConfigError
+
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+REDACTED = "***"
+FLUSH_EVERY = 200
+
+# Trial state -> MLflow run status
+RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Blank out secrets: values under secret-looking keys, and passwords inside URLs."""
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, key) for v in value]
+    if SECRET_KEY.search(key) and value not in (None, "", False):
+        return REDACTED
+    if isinstance(value, str):
+        return URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+    return value
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """Thin MLflow client wrapper: no global active run, so overlapping trials never mix.
+
+    Example:
+        >>> tracker = Tracker("sqlite:///mlruns/mlflow.db", "my-study", Path("mlruns/artifacts"))  # doctest: +SKIP
+        >>> parent = tracker.start_run("study", tags={"kind": "study"})  # doctest: +SKIP
+        >>> child = tracker.start_run("trial-0", parent_id=parent)  # doctest: +SKIP
+    """
+
+    def __init__(self, uri: str, experiment: str, artifact_dir: Path | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if uri.startswith("http"):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = artifact_dir.resolve().as_uri() if artifact_dir is not None else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
+        except Exception as e:  # noqa: BLE001 - any failure to reach the store is a config problem here
+            raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        self._pending: dict[str, list[Any]] = {}
+
+    def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None,
+                  params: Mapping[str, Any] | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(redact(params)).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+        """Buffer metrics; they reach the store in batches (one write per FLUSH_EVERY values)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        buf = self._pending.setdefault(run_id, [])
+        buf.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(buf) >= FLUSH_EVERY:
+            self.flush(run_id)
+
+    def flush(self, run_id: str) -> None:
+        buf = self._pending.pop(run_id, [])
+        for i in range(0, len(buf), 1000):
+            self.client.log_batch(run_id, metrics=buf[i:i + 1000])
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, redact(obj), artifact_file)
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.flush(run_id)
+        self.client.set_terminated(run_id, status=status)
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def artifact_uri(self, run_id: str, path: str = "") -> str:
+        base = self.client.get_run(run_id).info.artifact_uri
+        return f"{base}/{path}" if path else base
+
+    def scratch(self) -> tempfile.TemporaryDirectory[str]:
+        return tempfile.TemporaryDirectory(prefix="qlora-sweep-")
