@@ -237,6 +237,8 @@ class ResidentBase:
                 model.enable_input_require_grads()
         self.model = model
         self.linear_names = linear_module_names(model)
+        self._peft: Any = None
+        self._shape: tuple[Any, ...] | None = None
 
     @property
     def config(self) -> Any:
@@ -244,23 +246,59 @@ class ResidentBase:
 
     @contextmanager
     def adapter(self, lora: LoraConfig, seed: int) -> Iterator[Any]:
-        """Attach a fresh LoRA adapter for one trial; the base is restored on exit, whatever happens."""
+        """A freshly initialised LoRA adapter for one trial.
+
+        When the adapter's shape (rank, targets, rsLoRA, dropout on/off) is unchanged from the last trial,
+        its slots are re-initialised in place instead of being deleted and injected again: peft's
+        delete/unload does not return all memory, and in-place reuse allocates nothing. Either way the
+        weights are initialised in the same order from the same seed, so a trial's result does not
+        depend on which path it took.
+        """
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        peft_cfg = PeftLoraConfig(
-            r=lora.r, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
-            target_modules=resolve_targets(lora.targets, self.linear_names),
-            use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(self.model, peft_cfg)
+        targets = resolve_targets(lora.targets, self.linear_names)
+        shape = (lora.r, tuple(targets), lora.use_rslora, lora.dropout > 0)
+        if self._peft is not None and self._shape != shape:
+            self.release_adapter()
+        if self._peft is None:
+            peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
+                                      target_modules=targets, use_rslora=lora.use_rslora, bias="none",
+                                      task_type="CAUSAL_LM")
+            self._peft, self._shape = get_peft_model(self.model, peft_cfg), shape
+        self._initialise(lora, seed)
         try:
-            yield peft_model
+            yield self._peft
         finally:
-            self.model = peft_model.unload()
-            if hasattr(self.model, "peft_config"):
-                del self.model.peft_config
-            del peft_model
+            for p in self._peft.parameters():
+                p.grad = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _initialise(self, lora: LoraConfig, seed: int) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        scaling = lora.effective_alpha / (lora.r ** 0.5 if lora.use_rslora else lora.r)
+        peft_cfg = self._peft.peft_config["default"]
+        peft_cfg.lora_alpha, peft_cfg.lora_dropout = lora.effective_alpha, lora.dropout
+        torch.manual_seed(seed)
+        for module in self._peft.modules():
+            if isinstance(module, LoraLayer):
+                module.reset_lora_parameters("default", True)
+                module.scaling["default"] = scaling
+                dropout = module.lora_dropout["default"]
+                if isinstance(dropout, torch.nn.Dropout):
+                    dropout.p = lora.dropout
+
+    def release_adapter(self) -> None:
+        """Remove the adapter and restore the bare base."""
+        if self._peft is None:
+            return
+        self.model = self._peft.unload()
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        self._peft, self._shape = None, None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

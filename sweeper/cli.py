@@ -14,6 +14,7 @@ from sweeper.config import ConfigError
 
 EXAMPLES = {
     "launch": "python -m sweeper launch study.n_trials=3 'lora.r=choice(4,8,16)' study/sampler=random",
+    "worker": "python -m sweeper worker study.name=big study.storage=postgresql://user@db-host/optuna",
     "train": "python -m sweeper train --config exports/best.yaml",
     "export": "python -m sweeper export study.name=qlora-default --out exports/best.yaml",
     "ui": "python -m sweeper ui            # then open the printed URL",
@@ -34,11 +35,25 @@ def cmd_launch(args: argparse.Namespace) -> int:
           f"storage {cfg.storage_url}; MLflow {cfg.tracking_uri}")
     from sweeper.launch import run_sweep, summary
 
-    study = run_sweep(cfg, params, show_progress=not args.no_progress)
+    if cfg.workers.count > 0:
+        from sweeper.workers import launch_workers
+
+        study = launch_workers(cfg, params, args.overrides, args.config, show_progress=not args.no_progress)
+    else:
+        study = run_sweep(cfg, params, show_progress=not args.no_progress)
     print(summary(study))
     print(f"browse: python -m sweeper ui output_dir={cfg.output_dir}   export: python -m sweeper export "
           f"study.name={cfg.study.name}")
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from sweeper import compose
+
+    cfg, params = compose.load(args.overrides, args.config)
+    from sweeper.launch import run_worker
+
+    return run_worker(cfg, params, show_progress=not args.no_progress)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -112,6 +127,7 @@ def cmd_space(args: argparse.Namespace) -> int:
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "launch": (cmd_launch, "Create or resume the study and run trials until the budget is reached."),
+    "worker": (cmd_worker, "Join an existing study (same overrides as its launch) and run trials until its budget."),
     "train": (cmd_train, "One QLoRA training run from a config (no study), e.g. an exported best trial."),
     "export": (cmd_export, "Write a trial (default: the best) as a Hydra config that `train` runs as is."),
     "ui": (cmd_ui, "Serve the MLflow UI on the sweep's store (127.0.0.1, a free port) and print its URL."),
@@ -130,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
         _config_args(p)
         p.set_defaults(func=fn)
-        if name in ("launch", "train"):
+        if name in ("launch", "worker", "train"):
             p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
         if name == "export":
             p.add_argument("--trial", type=int, help="trial number (default: the best trial)")

@@ -260,6 +260,33 @@ OBJECTIVES = ("eval_loss", "trainable_params", "peak_memory_mb", "trial_seconds"
 
 
 @dataclass
+class WorkersConfig:
+    """Parallel trials: worker processes sharing the study's storage, and how they are kept healthy."""
+
+    count: int = 0
+    """0: trials run in this process; N: N worker processes (one per visible GPU, at most N on CUDA)."""
+    heartbeat_s: int = 10
+    """RDB storages: a running trial writes a heartbeat this often."""
+    grace_s: int = 30
+    """A running trial whose heartbeat is older than this is failed (its worker died) and retried."""
+    max_retry: int = 2
+    """How often the parameters of a trial whose worker died are retried."""
+    max_failures: int | None = None
+    """Stop after this many failed trials (None: the study's budget)."""
+    max_drift_mb: float = 1024.0
+    """A worker whose memory grew this much above its level after loading the base is recycled."""
+    poll_s: float = 2.0
+    """How often a worker waiting for the budget's last trials checks the study."""
+
+    def __post_init__(self) -> None:
+        _check_positive("workers.count", self.count, zero_ok=True)
+        _check_positive("workers.heartbeat_s", self.heartbeat_s)
+        if self.grace_s <= self.heartbeat_s:
+            raise ConfigError(f"workers.grace_s: must exceed workers.heartbeat_s ({self.heartbeat_s}), "
+                              f"got {self.grace_s}")
+
+
+@dataclass
 class TrackingConfig:
     """Where runs are logged."""
 
@@ -298,6 +325,7 @@ class SweepConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
     search_space: dict[str, Any] = field(default_factory=dict)
     """Parameters to sample: config path -> grammar string or mapping (see conf/search_space/)."""
     output_dir: str = "mlruns"
@@ -310,7 +338,11 @@ class SweepConfig:
 
     @property
     def storage_url(self) -> str:
-        return self.study.storage or f"sqlite:///{self.output_path / 'optuna.db'}"
+        if self.study.storage:
+            return self.study.storage
+        if self.workers.count > 1:  # SQLite is for one process; a journal file serves several on one machine
+            return f"journal:{self.output_path / 'optuna.journal'}"
+        return f"sqlite:///{self.output_path / 'optuna.db'}"
 
     @property
     def tracking_uri(self) -> str:

