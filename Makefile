@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 system:
 	@command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium postgresql >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq -o DPkg::Lock::Timeout=600 chromium postgresql >/dev/null; }
 
 sweep: setup
 	$(PY) -m sweeper launch

@@ -83,9 +83,9 @@ def hub_examples(name: str) -> list[Example]:
     return [dict(r) for r in ds]
 
 
-def load_examples(cfg: DataConfig, cache_dir: str) -> list[Example]:
+def load_examples(cfg: DataConfig, cache_dir: Path) -> list[Example]:
     if cfg.source == "stdlib":
-        return stdlib_examples(Path(os.path.expanduser(cache_dir)))
+        return stdlib_examples(cache_dir)
     if cfg.source.startswith("hf:"):
         return hub_examples(cfg.source[3:])
     path = Path(os.path.expanduser(cfg.source))
@@ -142,7 +142,7 @@ def tokenize(e: Example, tokenizer: Any, cfg: DataConfig) -> dict[str, list[int]
     return {"input_ids": full_ids, "labels": labels}
 
 
-def prepare(cfg: DataConfig, tokenizer: Any, cache_dir: str) -> TokenizedSplits:
+def prepare(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> TokenizedSplits:
     """Load, split and tokenize once per process; trials share the result."""
     train_rows, eval_rows = split(load_examples(cfg, cache_dir), cfg.eval_fraction)
     if cfg.max_train_examples is not None:

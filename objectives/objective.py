@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from tqdm.auto import tqdm
 
 from objectives.data import TokenizedSplits
@@ -157,10 +156,3 @@ class QLoRAObjective:
         better = values[0] < best if study.direction == optuna.study.StudyDirection.MINIMIZE else values[0] > best
         return better
 
-
-def free_memory(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ EXAMPLES = {
     "worker": "python -m sweeper worker study.name=big study.storage=postgresql://user@db-host/optuna",
     "train": "python -m sweeper train --config exports/best.yaml",
     "export": "python -m sweeper export study.name=qlora-default --out exports/best.yaml",
+    "report": "python -m sweeper report study.name=qlora-default --params 8",
     "ui": "python -m sweeper ui            # then open the printed URL",
     "space": "python -m sweeper space search_space=targets",
 }
@@ -83,6 +84,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sweeper import compose
+    from sweeper.report import report_table
+    from sweeper.study import load_study
+
+    cfg, _ = compose.load(args.overrides, args.config)
+    print(report_table(load_study(cfg), max_params=args.params))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from sweeper import compose
     from sweeper.ui import start_ui, stop_ui
@@ -130,6 +141,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "worker": (cmd_worker, "Join an existing study (same overrides as its launch) and run trials until its budget."),
     "train": (cmd_train, "One QLoRA training run from a config (no study), e.g. an exported best trial."),
     "export": (cmd_export, "Write a trial (default: the best) as a Hydra config that `train` runs as is."),
+    "report": (cmd_report, "Print the study's trials as a table: values, key parameters, time, why pruned or failed."),
     "ui": (cmd_ui, "Serve the MLflow UI on the sweep's store (127.0.0.1, a free port) and print its URL."),
     "space": (cmd_space, "Print the resolved search space and the fixed values; runs nothing."),
 }
@@ -151,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--trial", type=int, help="trial number (default: the best trial)")
             p.add_argument("--out", help="output file (default: exports/<study>-trial<N>.yaml)")
+        if name == "report":
+            p.add_argument("--params", type=int, default=6, help="parameter columns at most (default: 6)")
         if name == "ui":
             p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
             p.add_argument("--port", type=int, help="port (default: a free one)")

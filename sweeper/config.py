@@ -59,8 +59,13 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
-    cache_dir: str = "${oc.env:QLORA_SWEEP_CACHE,'~/.cache/qlora-sweep'}"
-    """Where converted (GGUF) and random-init models are cached."""
+    cache_dir: str | None = None
+    """Where converted (GGUF) and random-init models are cached; None: $QLORA_SWEEP_CACHE or ~/.cache/qlora-sweep."""
+
+    @property
+    def cache_path(self) -> Path:
+        default = os.environ.get("QLORA_SWEEP_CACHE", "~/.cache/qlora-sweep")
+        return Path(os.path.expanduser(self.cache_dir or default))
 
     def __post_init__(self) -> None:
         _check_choice("model.quant_type", self.quant_type, QUANT_TYPES)

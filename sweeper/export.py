@@ -18,8 +18,8 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     if number is not None:
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         if number not in by_number:
-            raise ConfigError(f"--trial: study {study.study_name!r} has no trial {number}; "
-                              f"trials: 0..{len(by_number) - 1}" if by_number else "it has no trials")
+            known = f"trials: 0..{len(by_number) - 1}" if by_number else "it has no trials"
+            raise ConfigError(f"--trial: study {study.study_name!r} has no trial {number}; {known}")
         trial = by_number[number]
         if trial.state != optuna.trial.TrialState.COMPLETE:
             raise ConfigError(f"--trial: trial {number} is {trial.state.name.lower()}; completed trials: "

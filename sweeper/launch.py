@@ -36,7 +36,7 @@ class Resources:
 
         start = time.perf_counter()
         base = ResidentBase(cfg.model, pick_device(cfg.train.device))
-        data = prepare(cfg.data, base.tokenizer, cfg.model.cache_dir)
+        data = prepare(cfg.data, base.tokenizer, cfg.model.cache_path)
         log.info("base and data ready in %.1fs: %d train / %d eval examples",
                  time.perf_counter() - start, len(data.train), len(data.eval))
         return cls(base, data)
@@ -116,10 +116,12 @@ def fail_stale(study: optuna.Study) -> None:
 class GuardedObjective:
     """The objective behind the budget guard, with the worker's identity on each trial."""
 
-    def __init__(self, objective: Any, guard: BudgetGuard, worker: str) -> None:
+    def __init__(self, objective: Any, guard: BudgetGuard, worker: str, device: Any) -> None:
         self.objective = objective
         self.guard = guard
         self.worker = worker
+        self.device = device
+        self.memory_mb = memory_in_use_mb(device)
 
     def __call__(self, trial: optuna.Trial) -> Any:
         trial.set_user_attr("worker", self.worker)
@@ -128,7 +130,11 @@ class GuardedObjective:
             trial.set_user_attr("state_reason", "budget reached before this trial started")
             trial.study.stop()
             raise BudgetReached(f"trial {trial.number}: budget of {self.guard.budget} already finished")
-        return self.objective(trial)
+        try:
+            return self.objective(trial)
+        finally:
+            self.memory_mb = memory_in_use_mb(self.device)  # after the trial let go of what it held
+            trial.set_user_attr("worker_memory_mb", self.memory_mb)
 
 
 def worker_id() -> str:
@@ -182,10 +188,10 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         return study, False
     parent_id = parent_run(tracker, study, cfg, params)
     resources = Resources.load(cfg)
-    baseline = memory_in_use_mb(resources.base.device)
     objective = GuardedObjective(
         QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id, show_progress),
-        BudgetGuard(cfg.study.n_trials, cfg.workers.poll_s), worker_id())
+        BudgetGuard(cfg.study.n_trials, cfg.workers.poll_s), worker_id(), resources.base.device)
+    baseline = objective.memory_mb
     max_failures = cfg.workers.max_failures if cfg.workers.max_failures is not None else cfg.study.n_trials
     bar = tqdm(total=cfg.study.n_trials, initial=done, desc=f"sweep {cfg.study.name}", unit="trial",
                disable=not show_progress)
@@ -198,8 +204,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         update_parent(tracker, parent_id, study)
         if len(study.directions) == 1 and trial.state == TrialState.COMPLETE:
             bar.set_postfix(best=f"{study.best_value:.4f}", refresh=True)
-        drift = memory_in_use_mb(resources.base.device) - baseline
-        log.debug("memory drift after trial %d: %.1f MB", trial.number, drift)
+        drift = objective.memory_mb - baseline
         if bar.n >= cfg.study.n_trials or failed_trials(study) >= max_failures:
             study.stop()
         elif join and drift > cfg.workers.max_drift_mb:
@@ -209,15 +214,14 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
 
     status = "FAILED"
     try:
-        study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), callbacks=[after_trial],
-                       gc_after_trial=True)
-        status = "FINISHED" if finished_trials(study) >= cfg.study.n_trials else "RUNNING"
+        study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), callbacks=[after_trial])
+        status = "FINISHED" if finished_trials(study) >= cfg.study.n_trials else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         bar.close()
-        if not join:
+        if not join or status == "FINISHED":  # a worker closes the parent run when it finished the budget
             finish_parent(tracker, parent_id, study, cfg, status)
     return study, recycle
 
@@ -231,11 +235,9 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
         log.warning("study plots skipped: %s", e)
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in optuna.trial.TrialState}
-    tracker.set_tags(run_id, {f"trials_{k}": v for k, v in counts.items() if v})
-    if status != "RUNNING":
-        tracker.end_run(run_id, status)
-    else:
-        tracker.flush(run_id)
+    tracker.set_tags(run_id, {**{f"trials_{k}": v for k, v in counts.items() if v},
+                              "budget_left": max(0, cfg.study.n_trials - finished_trials(study))})
+    tracker.end_run(run_id, status)  # a resume reopens it
 
 
 def run_single(cfg: SweepConfig, show_progress: bool = True) -> float | list[float]:

@@ -134,27 +134,32 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
 
 
 class DeadTrialHandler:
-    """Called by Optuna for a trial whose worker stopped sending heartbeats (or was seen to die).
+    """Called for a trial whose worker died (no heartbeat, or seen to exit); the trial is already failed.
 
-    The trial is already failed; its parameters are enqueued again (up to ``max_retry`` times) and its
-    MLflow run is ended as KILLED, so no run stays "running" forever.
+    Its parameters are enqueued again (up to ``max_retry`` times along one chain of retries) with the
+    reason on the new trial, and its MLflow run is ended as KILLED, so no run stays "running" forever.
     """
 
+    REASON = "its worker died mid-trial (no heartbeat or process exit); parameters enqueued again"
+
     def __init__(self, max_retry: int, tracking_uri: str | None) -> None:
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.max_retry = max_retry
         self.tracking_uri = tracking_uri
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.retry(study, trial)
-        reason = "its worker stopped (no heartbeat); parameters enqueued again"
-        study._storage.set_trial_user_attr(trial._trial_id, "state_reason", reason)
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if len(history) <= self.max_retry:
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+                user_attrs={"retry_of": trial.number, "retry_reason": self.REASON},
+                system_attrs={"failed_trial": trial.number, "retry_history": history}))
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id and self.tracking_uri:
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(self.tracking_uri)
             client.set_tag(run_id, "trial_state", "failed")
-            client.set_tag(run_id, "state_reason", reason)
+            client.set_tag(run_id, "state_reason", self.REASON)
             client.set_terminated(run_id, status="KILLED")
 
 

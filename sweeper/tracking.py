@@ -12,8 +12,10 @@ from typing import Any
 
 from sweeper.config import ConfigError
 
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|private[_-]?key|credential)", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\s]+)@")
+URL_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret|api[_-]?key)=)[^&#\s]+",
+                              re.IGNORECASE)
 REDACTED = "***"
 FLUSH_EVERY = 200
 
@@ -23,14 +25,15 @@ RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 def redact(value: Any, key: str = "") -> Any:
     """Blank out secrets: values under secret-looking keys, and passwords inside URLs."""
+    if SECRET_KEY.search(key) and value not in (None, "", False):
+        return REDACTED  # a secret-named mapping or list is blanked whole
     if isinstance(value, Mapping):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v, key) for v in value]
-    if SECRET_KEY.search(key) and value not in (None, "", False):
-        return REDACTED
     if isinstance(value, str):
-        return URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+        value = URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+        return URL_QUERY_SECRET.sub(lambda m: f"{m['key']}{REDACTED}", value)
     return value
 
 

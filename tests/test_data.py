@@ -65,7 +65,7 @@ def test_files_in_both_layouts(tmp_path: Path, tokenizer, layout: str) -> None: 
         path = tmp_path / "d.csv"
         path.write_text("instruction,input,output\n" + "\n".join(
             f'"{r["instruction"]}",,"{r["output"]}"' for r in alpaca))
-    splits = data.prepare(DataConfig(source=str(path), eval_fraction=0.2), tokenizer, str(tmp_path))
+    splits = data.prepare(DataConfig(source=str(path), eval_fraction=0.2), tokenizer, tmp_path)
     assert splits.train and splits.eval
     assert len(splits.train) + len(splits.eval) <= 40
 
@@ -76,7 +76,7 @@ def test_bad_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="row 0 of bad.jsonl has neither 'messages' nor 'instruction'"):
         data.read_file(path)
     with pytest.raises(ConfigError, match="data.source: 'nope.txt' is not 'stdlib'"):
-        data.load_examples(DataConfig(source="nope.txt"), str(tmp_path))
+        data.load_examples(DataConfig(source="nope.txt"), tmp_path)
 
 
 def test_batches_are_seeded_and_padded() -> None:

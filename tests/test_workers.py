@@ -1,0 +1,219 @@
+"""Many trials in one worker, and many workers on one study: PostgreSQL and journal storages, kills."""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from sweeper import compose
+from sweeper.launch import parent_run, run_sweep
+from sweeper.study import open_study
+from sweeper.ui import free_port
+from tests.conftest import ROOT, TINY, run_cli
+
+SPACE = ["search_space=none", "lora.r=choice(2,4)", "lora.targets=choice(qk,all-linear)",
+         "optimizer.lr=tag(log, interval(1e-4, 1e-2))"]
+FAST_HEARTBEAT = ["workers.heartbeat_s=1", "workers.grace_s=4", "workers.poll_s=0.5"]
+
+
+def test_memory_stays_flat_over_many_trials(tmp_path: Path) -> None:
+    """Adapters come and go (same and changing shapes); the process does not grow trial over trial."""
+    cfg, params = compose.load([*TINY, *SPACE, "train.max_steps=1", "study.n_trials=14", "study/sampler=random",
+                                "study/pruner=none", f"output_dir={tmp_path}", "tracking.log_adapter=none"])
+    study = run_sweep(cfg, params, show_progress=False)
+    memory = [t.user_attrs["worker_memory_mb"] for t in sorted(study.trials, key=lambda t: t.number)]
+    # The first trials warm up allocators and caches; after that the bound is 48 MB over ten trials.
+    settled = memory[4:]
+    assert max(settled) - settled[0] < 48, memory
+
+
+# --- a real PostgreSQL server on loopback -----------------------------------------------------------------
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A private PostgreSQL server with password authentication; yields its base URL."""
+    bindir = _pg_bin()
+    if bindir is None:
+        if os.environ.get("QLORA_SWEEP_SKIP_POSTGRES"):
+            pytest.skip("PostgreSQL is not installed")
+        pytest.fail("PostgreSQL is not installed: `make system` installs it")
+    root = Path(tempfile.mkdtemp(prefix="qlora-pg-"))
+    root.chmod(0o755)
+    data, pwfile = root / "data", root / "pw"
+    password = secrets.token_hex(8)
+    pwfile.write_text(password)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(pwfile, "postgres")
+    port = free_port("127.0.0.1")
+    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "sweeper", "--auth=scram-sha-256",
+                                 f"--pwfile={pwfile}"]), check=True, capture_output=True)
+    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                                 f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"]),
+                   check=True, capture_output=True)
+    base = f"postgresql://sweeper:{password}@127.0.0.1:{port}"
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            for db in ("optuna", "mlflow", "optuna2", "mlflow2"):
+                conn.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
+        engine.dispose()
+        yield base
+    finally:
+        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _children(tracking_uri: str, experiment: str) -> list:  # type: ignore[type-arg]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+@pytest.mark.postgres
+def test_three_workers_finish_exactly_the_budget(postgres: str, tmp_path: Path) -> None:
+    storage, tracking = f"{postgres}/optuna", f"{postgres}/mlflow"
+    result = run_cli("launch", *TINY, *SPACE, "study.n_trials=7", "workers.count=3", f"study.storage={storage}",
+                     f"tracking.uri={tracking}", f"output_dir={tmp_path}", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="qlora-default", storage=storage)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 7
+    assert len({t.user_attrs["worker"] for t in finished}) >= 2  # the work was shared
+    ran = [t for t in study.trials if not t.user_attrs.get("surplus")]
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in ran]
+    assert len(set(run_ids)) == len(run_ids)  # one child run per trial, none shared
+    children = _children(tracking, "qlora-default")
+    assert sorted(r.info.run_id for r in children) == sorted(run_ids)
+    assert all(r.info.status != "RUNNING" for r in children)
+    assert postgres.split("@")[0].split(":")[-1] not in str([r.data.params for r in children])  # no password
+
+
+@pytest.mark.postgres
+def test_a_killed_worker_is_recovered_by_heartbeat(postgres: str, tmp_path: Path) -> None:
+    storage, tracking = f"{postgres}/optuna2", f"{postgres}/mlflow2"
+    args = [*TINY, *SPACE, *FAST_HEARTBEAT, "study.n_trials=4", "study/pruner=none", f"study.storage={storage}",
+            f"tracking.uri={tracking}", f"output_dir={tmp_path}"]
+    cfg, params = compose.load(args)
+    from sweeper.launch import make_tracker
+
+    parent_run(make_tracker(cfg), open_study(cfg, params, tracking_uri=tracking), cfg, params)
+
+    slow = [*args, "train.max_steps=400"]  # the victim's trials are long enough to be killed mid-way
+    victim = subprocess.Popen([sys.executable, "-m", "sweeper", "worker", *slow, "--no-progress"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    study = optuna.load_study(study_name="qlora-default", storage=storage)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+        if running:
+            break
+        time.sleep(0.5)
+    assert running, "the worker never started a trial"
+    killed = running[0]
+    time.sleep(2)  # mid-trial: heartbeats have been written
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+
+    rescuer = run_cli("worker", *args, "--no-progress")
+    assert rescuer.returncode == 0, rescuer.stderr[-3000:]
+    study = optuna.load_study(study_name="qlora-default", storage=storage)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[killed.number].state == TrialState.FAIL
+    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert retried and retried[0].params == killed.params
+    assert "no heartbeat" in retried[0].user_attrs["retry_reason"]
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 4
+    run = MlflowClient(tracking).get_run(killed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+
+
+def test_journal_workers_survive_a_sigkill(tmp_path: Path) -> None:
+    """Two CPU workers on a journal file; one is killed mid-trial; the launcher recovers and finishes."""
+    log = tmp_path / "launch.log"
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "sweeper", "launch", *TINY, *SPACE, "train.max_steps=30", "study.n_trials=4",
+             "study/pruner=none", "workers.count=2", "workers.poll_s=0.5", f"output_dir={tmp_path}", "--no-progress"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        journal = tmp_path / "optuna.journal"
+        deadline = time.monotonic() + 240
+        victim = None
+        while time.monotonic() < deadline and victim is None:
+            time.sleep(0.5)
+            if not journal.exists():
+                continue
+            study = optuna.load_study(study_name="qlora-default", storage=_journal(journal))
+            running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+            if running:
+                victim = running[0]
+        assert victim is not None, log.read_text()[-3000:]
+        os.kill(int(victim.user_attrs["worker"].split(":")[1]), signal.SIGKILL)
+        assert launcher.wait(timeout=600) == 0, log.read_text()[-3000:]
+    study = optuna.load_study(study_name="qlora-default", storage=_journal(journal))
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[victim.number].state == TrialState.FAIL
+    assert any(t.user_attrs.get("retry_of") == victim.number for t in study.trials)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 4
+    children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}", "qlora-default")
+    assert all(r.info.status != "RUNNING" for r in children)
+
+
+def _journal(path: Path) -> optuna.storages.JournalStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("args", "message"), [
+    (["study.storage=postgresql://sweeper:hunter2@127.0.0.1:9/optuna"], "study.storage: cannot open"),
+    (["study.name=no-such-study"], "study.name: no study 'no-such-study'"),
+    (["lora.r=choice(8,16)"], "search_space: differs from the one study"),
+])
+def test_joining_with_bad_input_fails_before_loading(postgres: str, tmp_path: Path, args: list[str],
+                                                    message: str) -> None:
+    storage = f"{postgres}/optuna"  # holds the study of the three-worker test, or gets one here
+    base = [*TINY, *SPACE, f"study.storage={storage}", f"tracking.uri={postgres}/mlflow", f"output_dir={tmp_path}"]
+    cfg, params = compose.load(base)
+    open_study(cfg, params)
+    result = run_cli("worker", *base, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+@pytest.mark.postgres
+def test_wrong_password_is_a_clear_error(postgres: str, tmp_path: Path) -> None:
+    wrong = postgres.replace(postgres.split("@")[0].split(":")[-1], "wrong")
+    result = run_cli("launch", *TINY, f"study.storage={wrong}/optuna", f"output_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "study.storage: cannot open" in result.stderr and "password authentication failed" in result.stderr
+    assert ":wrong@" not in result.stderr
