@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 import math
 import time
@@ -10,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from tqdm.auto import tqdm
 
 from objectives.data import TokenizedSplits
 from objectives.model import ResidentBase
 from objectives.training import LossNotFinite, TrainResult, train_adapter
-from sweeper.config import SweepConfig, to_container, to_schema
+from sweeper.config import SweepConfig, TrainConfig, to_container, to_schema
 from sweeper.space import Param, apply_values, sample
 from sweeper.tracking import RUN_STATUS, Tracker
 
@@ -23,6 +26,31 @@ log = logging.getLogger(__name__)
 
 # Keys of the config that describe the trial's training (logged as params); the rest is bookkeeping.
 TRIAL_KEYS = ("model", "data", "lora", "optimizer", "train")
+
+
+class TrialOutOfMemory(RuntimeError):
+    """Out of memory even at the smallest micro-batch the retry policy allows."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def free_accelerator_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def halve_micro_batch(train: TrainConfig) -> TrainConfig | None:
+    """Half the micro-batch, twice the accumulation: the same effective batch. None below one example."""
+    size = train.micro_batch_size
+    if size < 2:
+        return None
+    if size % 2:  # odd: one example at a time keeps the effective batch exact
+        return dataclasses.replace(train, micro_batch_size=1, grad_accum=train.grad_accum * size)
+    return dataclasses.replace(train, micro_batch_size=size // 2, grad_accum=train.grad_accum * 2)
 
 
 def objective_values(cfg: SweepConfig, result: TrainResult, seconds: float) -> list[float]:
@@ -68,17 +96,7 @@ class QLoRAObjective:
         bar = tqdm(total=cfg.train.max_steps, desc=f"trial {trial.number}", leave=False,
                    disable=not self.show_progress, unit="step")
         try:
-            with self.base.adapter(cfg.lora, cfg.train.seed) as model:
-                result = train_adapter(
-                    model, self.data, cfg.train, cfg.optimizer, self.base.device,
-                    self.base.tokenizer.pad_token_id,
-                    on_step=lambda step, metrics: self._on_step(run_id, bar, step, metrics),
-                    on_eval=lambda step, loss: self._on_eval(trial, run_id, step, loss))
-                if not math.isfinite(result.eval_loss):
-                    raise LossNotFinite(f"eval loss is {result.eval_loss}")
-                seconds = time.perf_counter() - started
-                values = objective_values(cfg, result, seconds)
-                self._log_result(trial, run_id, result, seconds, model, values)
+            values = self._train(trial, cfg, run_id, bar, started)
             state = "complete"
             return values[0] if len(values) == 1 else values
         except optuna.TrialPruned as e:
@@ -96,6 +114,43 @@ class QLoRAObjective:
             if self.tracker is not None and run_id is not None:
                 self.tracker.set_tags(run_id, {"trial_state": state, **({"state_reason": reason} if reason else {})})
                 self.tracker.end_run(run_id, RUN_STATUS[state])
+
+    def _train(self, trial: Any, cfg: SweepConfig, run_id: str | None, bar: Any, started: float) -> list[float]:
+        """Train and evaluate; on out-of-memory, retry with half the micro-batch and twice the accumulation."""
+        train_cfg = cfg.train
+        for retry in range(cfg.train.oom_retries + 1):
+            try:
+                with self.base.adapter(cfg.lora, train_cfg.seed) as model:
+                    bar.reset()
+                    result = train_adapter(
+                        model, self.data, train_cfg, cfg.optimizer, self.base.device,
+                        self.base.tokenizer.pad_token_id,
+                        on_step=lambda step, metrics: self._on_step(run_id, bar, step, metrics),
+                        on_eval=lambda step, loss: self._on_eval(trial, run_id, step, loss))
+                    if not math.isfinite(result.eval_loss):
+                        raise LossNotFinite(f"eval loss is {result.eval_loss}")
+                    seconds = time.perf_counter() - started
+                    values = objective_values(cfg, result, seconds)
+                    self._log_result(trial, run_id, result, seconds, model, values)
+                    return values
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+            # Out of memory. Freed here, outside the except block, where no traceback pins the step's tensors.
+            free_accelerator_memory(self.base.device)
+            smaller = halve_micro_batch(train_cfg)
+            if smaller is None or retry == cfg.train.oom_retries:
+                raise TrialOutOfMemory(f"out of memory at micro_batch_size={train_cfg.micro_batch_size}, "
+                                       f"grad_accum={train_cfg.grad_accum} after {retry} retries")
+            log.warning("trial %d: out of memory at micro_batch_size=%d; retrying with %d x %d accumulation",
+                        trial.number, train_cfg.micro_batch_size, smaller.micro_batch_size, smaller.grad_accum)
+            train_cfg = smaller
+            trial.set_user_attr("oom_retries", retry + 1)
+            if self.tracker is not None and run_id is not None:
+                self.tracker.set_tags(run_id, {"oom_retries": retry + 1,
+                                               "micro_batch_size": smaller.micro_batch_size,
+                                               "grad_accum": smaller.grad_accum})
+        raise AssertionError("unreachable")
 
     def _start_run(self, trial: Any, cfg: SweepConfig, resolved: dict[str, Any],
                    sampled: dict[str, Any]) -> str | None:

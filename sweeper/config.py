@@ -184,6 +184,8 @@ class TrainConfig:
     """Seeds adapter init, data order and dropout: same seed, same result on the CPU."""
     device: str = "auto"
     """auto (CUDA when available), cpu, or cuda[:N]."""
+    oom_retries: int = 3
+    """After an out-of-memory error, retry with half the micro-batch and twice the accumulation this often."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every"):
