@@ -55,7 +55,7 @@ def target_names(targets: Any) -> list[str] | str:
     return names
 
 
-def linear_module_names(model: torch.nn.Module) -> list[str]:
+def linear_module_names(model: Any) -> list[str]:
     """Full names of the linear layers an adapter can wrap (the output head excluded)."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
@@ -218,7 +218,7 @@ class ResidentBase:
             # (our evaluation) and never unpacks them; that kernel has no backward, so the next
             # training step would get wrong gradients. Keep the trainable layout.
             if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+                setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
         if quant is not None:
             from peft import prepare_model_for_kbit_training
 
@@ -258,9 +258,10 @@ class ResidentBase:
         if self._peft is not None and self._shape != shape:
             self.release_adapter()
         if self._peft is None:
-            peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
-                                      target_modules=targets, use_rslora=lora.use_rslora, bias="none",
-                                      task_type="CAUSAL_LM")
+            peft_cfg = PeftLoraConfig(
+                r=lora.r, lora_alpha=lora.effective_alpha,  # type: ignore[arg-type]  # peft scales by any number
+                lora_dropout=lora.dropout, target_modules=targets, use_rslora=lora.use_rslora, bias="none",
+                task_type="CAUSAL_LM")
             self._peft, self._shape = get_peft_model(self.model, peft_cfg), shape
         self._initialise(lora, seed)
         try:

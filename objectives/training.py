@@ -121,7 +121,7 @@ def train_adapter(
             tokens += int(batch["attention_mask"].sum())
         max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = scheduler.get_last_lr()[0]
+        lr = float(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

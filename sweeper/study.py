@@ -116,7 +116,7 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     if name not in existing and not create:
         raise ConfigError(f"study.name: no study {name!r} in the storage; it holds: {', '.join(existing) or 'none'}")
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                directions=list(cfg.study.directions), load_if_exists=True)
+                                directions=list(cfg.study.directions), load_if_exists=True)  # type: ignore[arg-type]
     stored_dirs = [d.name.lower() for d in study.directions]
     if stored_dirs != [d.lower() for d in cfg.study.directions]:
         raise ConfigError(f"study.directions: the stored study {name!r} has {stored_dirs}, "
