@@ -27,7 +27,7 @@ system:
 sweep: setup
 	$(PY) -m sweeper launch
 
-test: setup system
+test: setup system lint
 	$(PY) -m pytest $(PYTEST)
 
 lint: setup

@@ -95,6 +95,16 @@ def _package_file(spec: str) -> Path:
     return path
 
 
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished cache entry into place; another process may have published the same one first."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _atomic_dir(final: Path) -> Path:
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,7 +135,7 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(tmp)
     del model, state
-    tmp.rename(final)
+    _publish(tmp, final)
     return final
 
 
@@ -171,7 +181,7 @@ def random_model_dir(cfg: ModelConfig, source: str) -> Path:
     AutoTokenizer.from_pretrained(source, revision=cfg.revision,
                                   trust_remote_code=cfg.trust_remote_code).save_pretrained(tmp)
     del model
-    tmp.rename(final)
+    _publish(tmp, final)
     return final
 
 

@@ -115,8 +115,23 @@ class QLoRAObjective:
                 self.tracker.set_tags(run_id, {"trial_state": state, **({"state_reason": reason} if reason else {})})
                 self.tracker.end_run(run_id, RUN_STATUS[state])
 
+    def _preflight(self, trial: Any, cfg: SweepConfig, run_id: str | None) -> None:
+        """Prune, before anything is allocated, a configuration the memory model says cannot fit the GPU."""
+        from sweeper.plan import fits
+
+        capacity = torch.cuda.get_device_properties(self.base.device).total_memory
+        ok, need = fits(cfg, self.base.config, capacity, self.base.linear_names)
+        trial.set_user_attr("predicted_peak_mb", need / 2**20)
+        if self.tracker is not None and run_id is not None:
+            self.tracker.log_metrics(run_id, 0, {"predicted_peak_memory_mb": need / 2**20})
+        if not ok:
+            raise optuna.TrialPruned(f"predicted peak memory {need / 2**30:.1f} GiB exceeds the device's "
+                                     f"{capacity / 2**30:.1f} GiB")
+
     def _train(self, trial: Any, cfg: SweepConfig, run_id: str | None, bar: Any, started: float) -> list[float]:
         """Train and evaluate; on out-of-memory, retry with half the micro-batch and twice the accumulation."""
+        if self.base.device.type == "cuda":
+            self._preflight(trial, cfg, run_id)
         train_cfg = cfg.train
         for retry in range(cfg.train.oom_retries + 1):
             try:

@@ -20,6 +20,7 @@ EXAMPLES = {
     "report": "python -m sweeper report study.name=qlora-default --params 8",
     "ui": "python -m sweeper ui            # then open the printed URL",
     "space": "python -m sweeper space search_space=targets",
+    "plan": "python -m sweeper plan 'train.micro_batch_size=choice(4,16)' --device-memory-gb 24",
 }
 
 
@@ -136,6 +137,16 @@ def cmd_space(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sweeper import compose
+    from sweeper.plan import plan
+
+    cfg, params = compose.load(args.overrides, args.config)
+    memory = None if args.device_memory_gb is None else int(args.device_memory_gb * 2**30)
+    print(plan(cfg, params, memory))
+    return 0
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "launch": (cmd_launch, "Create or resume the study and run trials until the budget is reached."),
     "worker": (cmd_worker, "Join an existing study (same overrides as its launch) and run trials until its budget."),
@@ -144,6 +155,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "report": (cmd_report, "Print the study's trials as a table: values, key parameters, time, why pruned or failed."),
     "ui": (cmd_ui, "Serve the MLflow UI on the sweep's store (127.0.0.1, a free port) and print its URL."),
     "space": (cmd_space, "Print the resolved search space and the fixed values; runs nothing."),
+    "plan": (cmd_plan, "Dry run: predicted peak memory and time per trial at the space's corners; trains nothing."),
 }
 
 
@@ -165,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="output file (default: exports/<study>-trial<N>.yaml)")
         if name == "report":
             p.add_argument("--params", type=int, default=6, help="parameter columns at most (default: 6)")
+        if name == "plan":
+            p.add_argument("--device-memory-gb", type=float, metavar="N",
+                           help="check the corners against N GiB (default: the CUDA device's memory, if any)")
         if name == "ui":
             p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
             p.add_argument("--port", type=int, help="port (default: a free one)")

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from sweeper.config import CONF_DIR, ConfigError, LoraConfig, OptimizerConfig, SweepConfig, TrainConfig, to_schema
-from sweeper.space import Param, apply_values, corner_values, fix_params, parse_space, split_overrides
+from sweeper.config import (
+    CONF_DIR,
+    ConfigError,
+    LoraConfig,
+    OptimizerConfig,
+    SweepConfig,
+    TrainConfig,
+    to_schema,
+)
+from sweeper.space import (
+    Param,
+    apply_values,
+    check_paths,
+    corner_values,
+    exclusive,
+    fix_params,
+    merge_sweeps,
+    order_params,
+    parse_entries,
+    split_fixed,
+    split_overrides,
+    unknown_path_hint,
+)
 
 # Only what an adapter swap can change is searchable: the resident base and the data stay put.
 SEARCHABLE_PATHS = tuple(
@@ -19,6 +40,23 @@ SEARCHABLE_PATHS = tuple(
     for f in dataclasses.fields(schema)
     if (root, f.name) != ("train", "device")
 )
+
+
+def hydra_message(text: str) -> str:
+    """Hydra's error in one line, with the options of a config group when it lists them."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if not lines:
+        return ""
+    message = lines[0]
+    heading = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+    if heading is not None:
+        options = []
+        for line in lines[heading + 1:]:
+            if not line or line.startswith("Config search path"):
+                break
+            options.append(line)
+        message += f"; {lines[heading].rstrip(':').lower()}: {', '.join(options)}"
+    return message
 
 
 def hydra_compose(overrides: Sequence[str], config_file: str | Path | None = None) -> dict[str, Any]:
@@ -33,8 +71,8 @@ def hydra_compose(overrides: Sequence[str], config_file: str | Path | None = Non
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
             cfg = compose(config_name=path.stem, overrides=list(overrides))
     except HydraException as e:
-        msg = str(e) or str(e.__cause__)
-        raise ConfigError(msg.strip().splitlines()[0] if msg.strip() else type(e).__name__) from None
+        msg = hydra_message(str(e) or str(e.__cause__))
+        raise ConfigError(msg or type(e).__name__) from None
     out = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(out, dict)
     return out  # type: ignore[return-value]
@@ -48,7 +86,7 @@ def _lookup(config: dict[str, Any], path: str) -> Any:
 
 
 def check_values(base: dict[str, Any], params: Sequence[Param]) -> None:
-    """Every choice and both ends of every range must make a valid config (unknown optimizer, bad preset...)."""
+    """Every choice and both ends of every range must make a valid config (no unknown optimizer or preset)."""
     from objectives.model import target_names
 
     for p in params:
@@ -61,25 +99,68 @@ def check_values(base: dict[str, Any], params: Sequence[Param]) -> None:
                 raise ConfigError(f"search_space.{p.name}: value {value!r} is invalid: {e}") from None
 
 
+def check_consistent(cfg: SweepConfig, params: Sequence[Param]) -> None:
+    """Checks across the fixed config and the space: a fixed target preset, and alpha against its ratio.
+
+    ``lora.alpha`` overrides ``lora.alpha_ratio``, so searching the ratio while alpha is set (fixed
+    or searched in the same trials) would search a parameter with no effect.
+    """
+    from objectives.model import target_names
+
+    by_path: dict[str, list[Param]] = {}
+    for p in params:
+        by_path.setdefault(p.path, []).append(p)
+    if "lora.targets" not in by_path:
+        target_names(cfg.lora.targets)
+    for ratio in by_path.get("lora.alpha_ratio", []):
+        if cfg.lora.alpha is not None and "lora.alpha" not in by_path:
+            raise ConfigError(f"search_space.{ratio.name}: lora.alpha_ratio has no effect while lora.alpha "
+                              f"is fixed at {cfg.lora.alpha}; fix the ratio too (lora.alpha_ratio="
+                              f"{cfg.lora.alpha_ratio}) or set lora.alpha=null to search it")
+        for alpha in by_path.get("lora.alpha", []):
+            if not exclusive(ratio, alpha):
+                raise ConfigError(
+                    f"search_space.{ratio.name}: searched together with {alpha.name}, which overrides it; "
+                    "search one of lora.alpha and lora.alpha_ratio (fix the other, e.g. lora.alpha_ratio=2), "
+                    "or give them exclusive 'when' values")
+
+
+def _space_entries(config: dict[str, Any], plain: Sequence[str],
+                   sweeps: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The entries to sample, and the config with the space's fixed entries and the fixed paths applied."""
+    entries = config.get("search_space") or {}
+    space_fixed = split_fixed(entries)[1]
+    for path in space_fixed:
+        if path not in SEARCHABLE_PATHS:
+            raise ConfigError(f"search_space.{path}: unknown config path {path!r}; "
+                              f"{unknown_path_hint(path, SEARCHABLE_PATHS)}")
+    cli_fixed = {a.split("=", 1)[0].lstrip("+~") for a in plain}
+    # The command line wins over a value fixed in the space file.
+    config = apply_values(config, {p: v for p, v in space_fixed.items() if p not in cli_fixed})
+    fixed = {p: _lookup(config, p) for p in cli_fixed | set(space_fixed) if p in SEARCHABLE_PATHS}
+    # Fixed entries drop out here, with the branches their values rule out.
+    return merge_sweeps(fix_params(entries, fixed), sweeps), config
+
+
 def load(args: Sequence[str], config_file: str | Path | None = None) -> tuple[SweepConfig, list[Param]]:
     """Overrides (plain and sweep) -> typed config and ordered search space, fully validated.
 
     A plain override of a searched path fixes it (removing it from the space); a sweep override
-    (``lora.r=choice(8,16)``) adds or replaces a search-space entry.
+    (``lora.r=choice(8,16)``) adds or replaces a search-space entry (see ``space.merge_sweeps``).
 
     Raises:
         ConfigError: naming the field or entry, the problem and what is allowed.
     """
     sweeps, plain = split_overrides(args)
-    config = hydra_compose(plain, config_file)
-    fixed_paths = [a.split("=", 1)[0].lstrip("+~") for a in plain]
-    fixed = {p: _lookup(config, p) for p in fixed_paths if p in SEARCHABLE_PATHS}
-    entries = fix_params(config.get("search_space") or {}, fixed)
-    entries.update(sweeps)
+    entries, config = _space_entries(hydra_compose(plain, config_file), plain, sweeps)
     config["search_space"] = entries
     cfg = to_schema(config)
-    params = parse_space(entries, SEARCHABLE_PATHS)
+    params = parse_entries(entries)
+    check_paths(params, SEARCHABLE_PATHS)
+    # Values before conditions: an unknown optimizer is reported as such, not as a broken condition.
     check_values(config, params)
+    params = order_params(params)
+    check_consistent(cfg, params)
     from sweeper.study import make_pruner, make_sampler
 
     make_sampler(cfg.study.sampler, params)

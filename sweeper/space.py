@@ -4,7 +4,7 @@ An entry maps an Optuna parameter name to either a string in the override gramma
 sweeper plugin (``choice(a, b)``, ``range(1, 9, step=2)``, ``interval(0, 1)``,
 ``tag(log, interval(1e-5, 1e-3))``, ``int(interval(4, 64))``), with the plugin's meaning, or a mapping::
 
-    adamw_lr:
+    adamw.lr:
       path: optimizer.lr          # config path set by the value (default: the entry's name)
       type: float                 # float | int | categorical
       low: 1.0e-5
@@ -12,11 +12,15 @@ sweeper plugin (``choice(a, b)``, ``range(1, 9, step=2)``, ``interval(0, 1)``,
       log: true
       when: {optimizer.name: adamw}   # sampled only when another parameter has one of these values
 
+As in the plugin, an entry that is not a sweep (``lora.targets: qkv``, ``optimizer.betas: [0.9, 0.99]``)
+fixes its path instead of searching it.
+
 Everything here is pure: no model, no study, no I/O.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,8 +38,12 @@ from optuna.distributions import (
 
 from sweeper.config import ConfigError
 
-MAPPING_KEYS = {"path", "type", "low", "high", "step", "log", "choices", "when", "grid"}
+MAPPING_KEYS = ("path", "type", "low", "high", "step", "log", "choices", "when")
 TYPES = ("float", "int", "categorical")
+GRAMMAR = ("choice(a, b, ...), range(start, stop, step=s), interval(low, high), "
+           "tag(log, interval(low, high)), int(interval(low, high))")
+
+Condition = tuple[tuple[str, tuple[Any, ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -45,26 +53,28 @@ class Param:
     name: str
     path: str
     distribution: BaseDistribution
-    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    when: Condition = ()
 
     def active(self, sampled: Mapping[str, Any]) -> bool:
         """True when every condition holds for the parameters sampled so far."""
         return all(name in sampled and sampled[name] in allowed for name, allowed in self.when)
 
     def describe(self) -> str:
+        """The distribution in one line, e.g. ``float [1e-05, 0.001] log``."""
         d = self.distribution
         if isinstance(d, CategoricalDistribution):
-            text = f"categorical {list(d.choices)}"
-        else:
-            kind = "int" if isinstance(d, IntDistribution) else "float"
-            text = f"{kind} [{d.low}, {d.high}]"  # type: ignore[attr-defined]
-            if d.log:  # type: ignore[attr-defined]
-                text += " log"
-            if d.step not in (None, 1) or (kind == "float" and d.step):  # type: ignore[attr-defined]
-                text += f" step {d.step}"  # type: ignore[attr-defined]
+            return f"categorical {list(d.choices)}"
+        assert isinstance(d, (IntDistribution, FloatDistribution))
+        kind = "int" if isinstance(d, IntDistribution) else "float"
+        text = f"{kind} [{d.low}, {d.high}]"
+        if d.log:
+            text += " log"
+        if d.step is not None and (kind == "float" or d.step != 1):
+            text += f" step {d.step}"
         return text
 
     def describe_condition(self) -> str:
+        """The condition in one line, e.g. ``optimizer.name == 'sgd'``; empty when unconditional."""
         return " and ".join(
             f"{n} == {v[0]!r}" if len(v) == 1 else f"{n} in {list(v)!r}" for n, v in self.when
         )
@@ -74,31 +84,39 @@ def _err(name: str, problem: str) -> ConfigError:
     return ConfigError(f"search_space.{name}: {problem}")
 
 
+def _num(x: float) -> str:
+    return f"{x:.10g}"
+
+
 def _check_bounds(name: str, low: float, high: float, log: bool, step: float | None) -> None:
     if low >= high:
         raise _err(name, f"low ({low}) must be < high ({high})")
     if log and low <= 0:
         raise _err(name, f"log scale needs low > 0, got {low}")
-    if step is not None:
-        if step <= 0:
-            raise _err(name, f"step must be > 0, got {step}")
-        if log:
-            raise _err(name, "log scale and step cannot be combined")
-        n = (high - low) / step
-        if abs(n - round(n)) > 1e-8 * max(1.0, abs(n)):
-            raise _err(name, f"step {step} does not divide the range [{low}, {high}]")
+    if step is None:
+        return
+    if step <= 0:
+        raise _err(name, f"step must be > 0, got {step}")
+    if log:
+        raise _err(name, "log scale and step cannot be combined")
+    n = (high - low) / step
+    if abs(n - round(n)) > 1e-8 * max(1.0, abs(n)):
+        below, above = low + math.floor(n) * step, low + math.ceil(n) * step
+        raise _err(name, f"step {step} does not divide the range [{low}, {high}]; "
+                         f"high = {_num(below)} or {_num(above)} would")
 
 
 def _categorical(name: str, choices: Sequence[Any]) -> CategoricalDistribution:
     choices = list(choices)
     if not choices:
-        raise _err(name, "choices are empty")
+        raise _err(name, "choices are empty; give at least one value")
     seen: list[Any] = []
     for c in choices:
         if isinstance(c, (list, tuple, dict)):
             raise _err(name, f"choice {c!r} must be a scalar; write module lists as 'q_proj,v_proj'")
+        # Optuna finds a choice by ==, so 1 and true (or 1 and 1.0) would be one choice.
         if c in seen:
-            raise _err(name, f"duplicate choice {c!r}")
+            raise _err(name, f"duplicate choice {c!r} in {choices}")
         seen.append(c)
     return CategoricalDistribution(choices)
 
@@ -109,16 +127,24 @@ def _numeric(name: str, kind: str, low: Any, high: Any, log: bool, step: Any) ->
             raise _err(name, f"{label} must be a number, got {v!r}")
     if low is None or high is None:
         raise _err(name, f"{kind} needs low and high")
-    _check_bounds(name, float(low), float(high), log, None if step is None else float(step))
+    # Optuna's int distributions take log with the default step 1; only a coarser step clashes.
+    checked_step = None if kind == "int" and log and step == 1 else step
+    _check_bounds(name, low, high, log, checked_step)
     if kind == "int":
-        if any(isinstance(v, float) and not float(v).is_integer() for v in (low, high, step) if v is not None):
+        given = [v for v in (low, high, step) if v is not None]
+        if any(isinstance(v, float) and not v.is_integer() for v in given):
             raise _err(name, f"int bounds and step must be whole numbers, got {low}, {high}, {step}")
         return IntDistribution(int(low), int(high), log=log, step=1 if step is None else int(step))
     return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
 
 
 def distribution_from_override(name: str, override: Override) -> BaseDistribution:
-    """The distribution Hydra's Optuna sweeper plugin gives a sweep override."""
+    """The distribution Hydra's Optuna sweeper plugin gives a sweep override.
+
+    ``range(start, stop, step)`` is a stepped int (or float) distribution with both ends included,
+    ``interval`` a float distribution unless cast with ``int(...)``, ``tag(log, ...)`` a log scale,
+    ``choice`` and ``shuffle(range(...))`` categoricals.
+    """
     value = override.value()
     if isinstance(value, ChoiceSweep):
         return _categorical(name, list(override.sweep_iterator()))
@@ -127,55 +153,77 @@ def distribution_from_override(name: str, override: Override) -> BaseDistributio
             return _categorical(name, list(override.sweep_iterator()))
         start, stop, step = value.start, value.stop, value.step
         kind = "float" if any(isinstance(v, float) for v in (start, stop, step)) else "int"
-        # The plugin reads range(start, stop, step) as inclusive bounds with a step.
         return _numeric(name, kind, start, stop, False, step)
     if isinstance(value, IntervalSweep):
         start, end = value.start, value.end
         kind = "int" if isinstance(start, int) and isinstance(end, int) else "float"
         return _numeric(name, kind, start, end, "log" in value.tags, None)
-    raise _err(name, f"{override.input_line!r} is not a sweep (choice, range or interval)")
+    raise _err(name, f"{override.input_line!r} is not a sweep; use {GRAMMAR}")
 
 
 _PARSER: OverridesParser | None = None
 
 
-def parse_override(text: str) -> Override:
-    """Parse ``key=value`` in Hydra's override grammar; ConfigError naming the key when it fails."""
+def parse_override(text: str, context: str | None = None) -> Override:
+    """Parse ``key=value`` in Hydra's override grammar.
+
+    Args:
+        text: the override.
+        context: how an error names the override; default ``search_space.<key>``.
+
+    Raises:
+        ConfigError: naming the override, Hydra's reason and the grammar.
+    """
     global _PARSER
     _PARSER = _PARSER or OverridesParser.create()
     try:
         return _PARSER.parse_override(text)
     except HydraException as e:
-        key = text.split("=", 1)[0]
-        first_line = str(e).splitlines()[0]
-        raise _err(key, f"cannot parse {text.split('=', 1)[-1]!r}: {first_line}") from None
+        key, _, value = text.partition("=")
+        where = context or f"search_space.{key}"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: cannot parse {value!r}: {first_line}; "
+                          f"sweeps are written {GRAMMAR}") from None
 
 
 def distribution_from_grammar(name: str, text: str) -> BaseDistribution:
     """``choice(...)``/``range(...)``/``interval(...)``/``tag(log, ...)``/``int(...)`` -> distribution."""
     override = parse_override(f"{name}={text}")
     if not override.is_sweep_override():
-        raise _err(name, f"{text!r} is not a sweep; use choice(...), range(...) or interval(...)")
+        raise _err(name, f"{text!r} is not a sweep; use {GRAMMAR}")
     return distribution_from_override(name, override)
 
 
 def distribution_from_mapping(name: str, spec: Mapping[str, Any]) -> BaseDistribution:
-    """A ``{type, low, high, step, log, choices}`` mapping -> distribution (the plugin's custom form)."""
-    unknown = set(spec) - MAPPING_KEYS
+    """A ``{type, low, high, step, log, choices}`` mapping -> distribution."""
+    unknown = set(spec) - set(MAPPING_KEYS)
     if unknown:
-        raise _err(name, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(MAPPING_KEYS)}")
+        raise _err(name, f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(MAPPING_KEYS)}")
     kind = spec.get("type") or ("categorical" if "choices" in spec else None)
     if kind not in TYPES:
         raise _err(name, f"type {kind!r} is not allowed; choose one of {', '.join(TYPES)}")
     if kind == "categorical":
-        if "choices" not in spec:
+        if spec.get("choices") is None:
             raise _err(name, "categorical needs choices")
         return _categorical(name, spec["choices"])
     return _numeric(name, kind, spec.get("low"), spec.get("high"), bool(spec.get("log", False)),
                     spec.get("step"))
 
 
-def _condition(name: str, when: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+def as_mapping(distribution: BaseDistribution) -> dict[str, Any]:
+    """The mapping form of a distribution (the inverse of ``distribution_from_mapping``)."""
+    d = distribution
+    if isinstance(d, CategoricalDistribution):
+        return {"type": "categorical", "choices": list(d.choices)}
+    assert isinstance(d, (IntDistribution, FloatDistribution))
+    kind = "int" if isinstance(d, IntDistribution) else "float"
+    out: dict[str, Any] = {"type": kind, "low": d.low, "high": d.high, "log": d.log}
+    if d.step is not None and not (kind == "int" and d.step == 1):
+        out["step"] = d.step
+    return out
+
+
+def _condition(name: str, when: Any) -> Condition:
     if when is None:
         return ()
     if not isinstance(when, Mapping) or not when:
@@ -190,27 +238,46 @@ def parse_entry(name: str, value: Any) -> Param:
     if isinstance(value, str):
         return Param(name, name, distribution_from_grammar(name, value))
     if isinstance(value, Mapping):
-        path = str(value.get("path", name))
+        path = str(value.get("path") or name)
         return Param(name, path, distribution_from_mapping(name, value), _condition(name, value.get("when")))
-    raise _err(name, f"expected a grammar string or a mapping, got {value!r}")
+    raise _err(name, f"expected a grammar string ({GRAMMAR}) or a mapping, got {value!r}")
 
 
-def parse_space(entries: Mapping[str, Any], known_paths: Iterable[str] | None = None) -> list[Param]:
-    """All entries -> Params in a sampling order where each condition's parameter comes first.
+def parse_entries(entries: Mapping[str, Any]) -> list[Param]:
+    """Every entry -> Param, in the entries' order (no cross-entry checks)."""
+    return [parse_entry(str(name), value) for name, value in entries.items()]
+
+
+def unknown_path_hint(path: str, known: Iterable[str]) -> str:
+    """What to say about a path that cannot be searched: the searchable paths under its root, or all."""
+    known = sorted(known)
+    root = path.split(".")[0]
+    near = [k for k in known if k.split(".")[0] == root]
+    if near:
+        return f"searchable paths under {root}: {', '.join(near)}"
+    if root in ("model", "data"):
+        return (f"{root}.* is loaded once per sweep and cannot be searched; searchable roots: "
+                f"{', '.join(sorted({k.split('.')[0] for k in known}))}")
+    return f"searchable paths: {', '.join(known)}"
+
+
+def check_paths(params: Sequence[Param], known_paths: Iterable[str]) -> None:
+    """ConfigError naming the first parameter whose config path is not searchable, and what is."""
+    known = set(known_paths)
+    for p in params:
+        if p.path not in known:
+            raise _err(p.name, f"unknown config path {p.path!r}; {unknown_path_hint(p.path, known)}")
+
+
+def order_params(params: Sequence[Param]) -> list[Param]:
+    """Check conditions and path clashes; order so that each condition's parameter comes first.
 
     Raises:
-        ConfigError: unknown config path, bad distribution, condition on a missing parameter,
-            a condition value the parameter cannot take, or two parameters setting one path
-            under overlapping conditions.
+        ConfigError: a condition on a missing parameter or on a value it cannot take, two parameters
+            setting one path under conditions that can hold together, or conditions in a cycle.
     """
-    params = [parse_entry(str(name), value) for name, value in entries.items()]
     by_name = {p.name: p for p in params}
-    known = set(known_paths) if known_paths is not None else None
     for p in params:
-        if known is not None and p.path not in known:
-            near = sorted(k for k in known if k.split(".")[0] == p.path.split(".")[0])
-            hint = f"; paths under {p.path.split('.')[0]}: {', '.join(near)}" if near else ""
-            raise _err(p.name, f"unknown config path {p.path!r}{hint}")
         for cond_name, allowed in p.when:
             parent = by_name.get(cond_name)
             if parent is None:
@@ -226,6 +293,19 @@ def parse_space(entries: Mapping[str, Any], known_paths: Iterable[str] | None = 
     return _topological(params, by_name)
 
 
+def parse_space(entries: Mapping[str, Any], known_paths: Iterable[str] | None = None) -> list[Param]:
+    """All entries -> Params in a sampling order where each condition's parameter comes first.
+
+    Raises:
+        ConfigError: a bad entry, an unknown config path (when ``known_paths`` is given), or any
+            problem ``order_params`` finds.
+    """
+    params = parse_entries(entries)
+    if known_paths is not None:
+        check_paths(params, known_paths)
+    return order_params(params)
+
+
 def _check_path_clashes(params: Sequence[Param]) -> None:
     by_path: dict[str, list[Param]] = {}
     for p in params:
@@ -233,12 +313,13 @@ def _check_path_clashes(params: Sequence[Param]) -> None:
     for path, group in by_path.items():
         for i, a in enumerate(group):
             for b in group[i + 1:]:
-                if not _exclusive(a, b):
+                if not exclusive(a, b):
                     raise _err(b.name, f"sets {path!r} like {a.name!r} under a condition that can hold "
                                        "at the same time; give them exclusive 'when' values")
 
 
-def _exclusive(a: Param, b: Param) -> bool:
+def exclusive(a: Param, b: Param) -> bool:
+    """True when no trial can sample both: they require different values of one parameter."""
     da, db = dict(a.when), dict(b.when)
     return any(k in db and not set(da[k]) & set(db[k]) for k in da)
 
@@ -286,11 +367,15 @@ def _suggest(trial: Any, p: Param) -> Any:
 
 
 def split_overrides(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """Command-line overrides -> (sweep entries by name, plain overrides for Hydra's compose)."""
+    """Command-line overrides -> (sweep entries by name, plain overrides for Hydra's compose).
+
+    As in Hydra, ``key=a,b`` is a choice sweep; quote a comma-separated value to keep it one
+    value: ``"lora.targets='q_proj,v_proj'"``.
+    """
     sweeps: dict[str, str] = {}
     plain: list[str] = []
     for arg in args:
-        override = parse_override(arg)
+        override = parse_override(arg, context=f"override {arg!r}")
         if override.is_sweep_override():
             sweeps[override.key_or_group] = arg.split("=", 1)[1]
         else:
@@ -298,12 +383,60 @@ def split_overrides(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return sweeps, plain
 
 
+def split_fixed(entries: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Entries -> (entries to sample, config path -> fixed value for entries that are not sweeps).
+
+    Hydra's Optuna sweeper treats a plain value among its params as fixed; so does this, which lets
+    its configs move over unchanged. A string is read in the override grammar (``'8'`` is 8).
+    """
+    sampled: dict[str, Any] = {}
+    fixed: dict[str, Any] = {}
+    for name, value in entries.items():
+        name = str(name)
+        if isinstance(value, Mapping):
+            sampled[name] = value
+        elif isinstance(value, str):
+            override = parse_override(f"{name}={value}")
+            if override.is_sweep_override():
+                sampled[name] = value
+            else:
+                fixed[name] = override.value()
+        else:
+            fixed[name] = value
+    return sampled, fixed
+
+
+def _entry_path(name: str, value: Any) -> str:
+    return str(value.get("path") or name) if isinstance(value, Mapping) else name
+
+
+def merge_sweeps(entries: Mapping[str, Any], sweeps: Mapping[str, str]) -> dict[str, Any]:
+    """Add command-line sweeps to the entries.
+
+    A sweep named like an entry replaces its distribution and keeps its path and condition
+    (``adamw.lr='tag(log, interval(1e-5, 1e-3))'`` narrows AdamW's rate only); a sweep on a config
+    path replaces every entry that sets that path (``optimizer.lr=...`` replaces both per-optimizer
+    rates with one range).
+    """
+    out = {str(k): v for k, v in entries.items()}
+    for name, text in sweeps.items():
+        current = out.get(name)
+        if isinstance(current, Mapping):
+            keep = {k: current[k] for k in ("path", "when") if current.get(k) is not None}
+            out[name] = {**keep, **as_mapping(distribution_from_grammar(name, text))}
+            continue
+        out = {k: v for k, v in out.items() if k == name or _entry_path(k, v) != name}
+        out[name] = text
+    return out
+
+
 def corner_values(p: Param) -> list[Any]:
     """The values at the edges of a parameter's range (all choices for a categorical)."""
     d = p.distribution
     if isinstance(d, CategoricalDistribution):
         return list(d.choices)
-    return [d.low, d.high]  # type: ignore[attr-defined]
+    assert isinstance(d, (IntDistribution, FloatDistribution))
+    return [d.low, d.high]
 
 
 def grid_values(p: Param) -> list[Any]:
@@ -315,9 +448,10 @@ def grid_values(p: Param) -> list[Any]:
         return list(range(d.low, d.high + 1, d.step))
     if isinstance(d, FloatDistribution) and d.step is not None:
         n = int(round((d.high - d.low) / d.step))
-        return [d.low + i * d.step for i in range(n + 1)]
-    raise _err(p.name, "grid sampling needs categorical or stepped parameters; "
-                       f"{p.describe()} is continuous")
+        # Rounded so the grid holds 0.3, not 0.30000000000000004.
+        return [round(d.low + i * d.step, 12) for i in range(n + 1)]
+    raise _err(p.name, f"grid sampling needs categorical or stepped parameters; {p.describe()} is "
+                       "continuous: use choice(...) or range(low, high, step=...)")
 
 
 def volume(params: Sequence[Param]) -> float:
@@ -333,8 +467,6 @@ def volume(params: Sequence[Param]) -> float:
 
 def apply_values(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a nested config with each ``path -> value`` set (the trial's sampled values)."""
-    import copy
-
     out: dict[str, Any] = copy.deepcopy(dict(config))
     for path, value in values.items():
         node = out
@@ -351,11 +483,11 @@ def fix_params(entries: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str
     Entries conditioned on a fixed parameter keep only the branch that matches the fixed value, with
     that condition removed (``optimizer.name=sgd`` keeps SGD's learning rate and drops AdamW's).
     """
-    fixed_names = {str(name) for name, v in entries.items()
-                   if (v.get("path", name) if isinstance(v, Mapping) else name) in fixed}
-    name_to_path = {str(n): (v.get("path", n) if isinstance(v, Mapping) else n) for n, v in entries.items()}
+    name_to_path = {str(n): _entry_path(str(n), v) for n, v in entries.items()}
+    fixed_names = {n for n, path in name_to_path.items() if path in fixed}
     out: dict[str, Any] = {}
     for name, value in entries.items():
+        name = str(name)
         if name in fixed_names:
             continue
         if isinstance(value, Mapping) and value.get("when"):
@@ -369,5 +501,5 @@ def fix_params(entries: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str
             if not keep:
                 continue
             value = {**value, "when": when or None}
-        out[str(name)] = value
+        out[name] = value
     return out

@@ -73,6 +73,9 @@ def make_pruner(cfg: PrunerConfig, max_steps: int) -> optuna.pruners.BasePruner:
     """
     p = optuna.pruners
     name = cfg.name
+    # Hyperband checks its rungs only when a trial first reports; fail here, before anything runs.
+    if name in ("successive_halving", "asha", "hyperband") and cfg.reduction_factor < 2:
+        raise ConfigError(f"study.pruner.reduction_factor: must be >= 2 for {name}, got {cfg.reduction_factor}")
     try:
         if name == "median":
             return p.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,

@@ -35,7 +35,8 @@ def test_loss_covers_the_response_only(tokenizer) -> None:  # type: ignore[no-un
     row = {"instruction": "What does `json.dumps` do?", "output": "Serialize obj to a JSON formatted str."}
     t = data.tokenize(row, tokenizer, DataConfig(max_length=256))
     assert t is not None
-    learned = tokenizer.decode([i for i, lab in zip(t["input_ids"], t["labels"]) if lab != data.IGNORE_INDEX])
+    pairs = zip(t["input_ids"], t["labels"], strict=True)
+    learned = tokenizer.decode([i for i, lab in pairs if lab != data.IGNORE_INDEX])
     assert learned.startswith("Serialize obj to a JSON formatted str.")
     assert "json.dumps" not in learned
     prompt = tokenizer.decode(t["input_ids"])
@@ -81,8 +82,8 @@ def test_bad_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_batches_are_seeded_and_padded() -> None:
     rows = [{"input_ids": [1] * n, "labels": [5] * n} for n in range(1, 11)]
-    a = [b["input_ids"].tolist() for _, b in zip(range(4), data.train_batches(rows, 3, seed=7, pad_id=0))]
-    b = [b["input_ids"].tolist() for _, b in zip(range(4), data.train_batches(rows, 3, seed=7, pad_id=0))]
+    a = [b["input_ids"].tolist() for _, b in zip(range(4), data.train_batches(rows, 3, seed=7, pad_id=0), strict=False)]
+    b = [b["input_ids"].tolist() for _, b in zip(range(4), data.train_batches(rows, 3, seed=7, pad_id=0), strict=False)]
     assert a == b
     batch = data.collate(rows[:3], pad_id=0)
     assert batch["attention_mask"].sum().item() == 1 + 2 + 3

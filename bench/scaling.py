@@ -1,0 +1,235 @@
+"""Benchmark 4: scaling from 1 to 2 workers (one per GPU) on one study with shared storage.
+
+Each phase is a fresh study with the same trial budget. Its workers are separate ``python -m sweeper
+launch`` processes with the same overrides, each pinned to one GPU with CUDA_VISIBLE_DEVICES; they share
+the study through Optuna's JournalStorage file backend (no PostgreSQL on the GPU machine), which keeps the
+budget the study's total. The study and the MLflow store are created here first, so the workers only join.
+
+Trials per hour count, per worker, the trials after its first (warm-up) one from that trial's end to its
+last trial's end, summed over the workers; the end-to-end rate includes process start and model load.
+
+    PYTHONPATH=$PWD python bench/scaling.py --out results/scaling.md \\
+        --model-source /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+    PYTHONPATH=$PWD python bench/scaling.py --out /tmp/scaling.md --cpu-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import (
+    REPO_ROOT,
+    GpuSampler,
+    TrialTiming,
+    assign_workers,
+    base_parser,
+    command_line,
+    environment,
+    from_frozen,
+    log_tail,
+    make_workdir,
+    markdown_table,
+    model_label,
+    model_overrides,
+    num,
+    percent,
+    quiet_logs,
+    ratio,
+    render_report,
+    say,
+    spread,
+    steady_per_hour,
+    write_report,
+)
+
+ISSUE_SPEC = "1 vs 2 workers on two GPUs on one PostgreSQL-backed study; goal: at least 1.8x the trials per hour"
+
+
+@dataclass
+class Phase:
+    workers: int
+    gpus: list[str]
+    trials: list[TrialTiming] = field(default_factory=list)
+    launched: float = 0.0
+    ended: float = 0.0
+    exit_codes: list[int] = field(default_factory=list)
+    skipped: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lanes(self) -> list[list[TrialTiming]]:
+        return assign_workers(self.trials, self.workers)
+
+    @property
+    def steady(self) -> float | None:
+        rates = [steady_per_hour(lane) for lane in self.lanes]
+        return sum(r for r in rates if r is not None) if any(r is not None for r in rates) else None
+
+    @property
+    def end_to_end(self) -> float | None:
+        done = [t for t in self.trials if t.state == "COMPLETE"]
+        span = max((t.end for t in done), default=self.launched) - self.launched
+        return len(done) / span * 3600 if done and span > 0 else None
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = base_parser(__doc__ or "")
+    p.add_argument("--workers", default="1,2", help="worker counts to compare, one phase each")
+    p.add_argument("--trials", type=int, default=20, help="the study budget of every phase")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per trial")
+    p.add_argument("--batch", type=int, default=16, help="micro-batch size")
+    p.add_argument("--weights", choices=["real", "random"], default="real")
+    p.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
+                   help="shared study storage: Optuna's journal file (default) or an SQLite file")
+    p.add_argument("--worker-timeout", type=float, default=150.0,
+                   help="each worker stops starting trials after this many seconds (keeps the run bounded)")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.trials, args.steps, args.batch = 2, 2, 2
+    return args
+
+
+def visible_gpus() -> list[str]:
+    """CUDA devices as CUDA_VISIBLE_DEVICES names them (all of them when it is unset)."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no CUDA runtime means no GPUs
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [n.strip() for n in listed.split(",") if n.strip()] if listed else [str(i) for i in range(count)]
+    return names[:count]
+
+
+def phase_overrides(args: argparse.Namespace, workdir: Path, workers: int) -> list[str]:
+    storage = (f"journal:{workdir / 'optuna.journal'}" if args.storage == "journal"
+               else f"sqlite:///{workdir / 'optuna.db'}")
+    out = [*model_overrides("tiny" if args.cpu_smoke else "135m", args.model_source, args.weights == "random"),
+           "search_space=default", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
+           f"train.micro_batch_size={args.batch}", "study/pruner=none", "study.sampler.constant_liar=true",
+           f"study.name=scaling-{workers}w", f"study.n_trials={args.trials}", f"study.storage={storage}",
+           f"study.timeout_s={args.worker_timeout}", f"output_dir={workdir}"]
+    return out + (["data.max_length=64", "data.max_eval_examples=8"] if args.cpu_smoke else [])
+
+
+def create_study(overrides: list[str]) -> None:
+    """The study, its MLflow parent run and the MLflow store exist before any worker starts (no create races)."""
+    from sweeper import compose
+    from sweeper.launch import make_tracker, parent_run
+    from sweeper.study import open_study
+
+    cfg, params = compose.load(overrides)
+    study = open_study(cfg, params)
+    parent_run(make_tracker(cfg), study, cfg, params)
+
+
+def run_phase(args: argparse.Namespace, workdir: Path, workers: int, gpus: list[str]) -> Phase:
+    from sweeper import compose
+    from sweeper.study import load_study
+
+    phase = Phase(workers, gpus[:workers])
+    if gpus and len(gpus) < workers:
+        phase.skipped = f"not run: {workers} workers need {workers} GPUs, {len(gpus)} visible"
+        return phase
+    overrides = phase_overrides(args, workdir, workers)
+    create_study(overrides)
+    procs, logs = [], []
+    phase.launched = time.time()
+    for i in range(workers):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+        log = workdir / f"scaling-{workers}w-worker{i}.log"
+        logs.append(log)
+        cmd = [sys.executable, "-m", "sweeper", "launch", *overrides, f"study.sampler.seed={i}", "--no-progress"]
+        with log.open("w") as f:
+            procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+    phase.exit_codes = [p.wait() for p in procs]
+    phase.ended = time.time()
+    for code, log in zip(phase.exit_codes, logs, strict=True):
+        if code != 0:
+            phase.notes.append(f"a worker exited with {code}; {log}:\n{log_tail(log)}")
+    cfg, _ = compose.load(overrides)
+    study = load_study(cfg)
+    phase.trials = [from_frozen(t) for t in study.get_trials(deepcopy=False)
+                    if t.datetime_complete is not None and not t.user_attrs.get("surplus")]
+    return phase
+
+
+def build_report(args: argparse.Namespace, phases: list[Phase], gpu: GpuSampler, env: dict[str, str],
+                 command: str) -> str:
+    rows = []
+    for ph in phases:
+        if ph.skipped:
+            rows.append([ph.workers, "-", "-", "-", "-", "-", ph.skipped])
+            continue
+        lanes = ph.lanes
+        busy = []
+        for g, lane in zip(ph.gpus, lanes, strict=False):
+            if len(lane) > 1:
+                busy.append(f"GPU {g}: {percent(gpu.busy_fraction(lane[1].start, lane[-1].end, g))}")
+        walls = [t.end - t.start for t in ph.trials if t.state == "COMPLETE"]
+        rows.append([ph.workers, f"{sum(t.state == 'COMPLETE' for t in ph.trials)} complete, "
+                     f"{sum(t.state == 'FAIL' for t in ph.trials)} failed; per worker "
+                     + "/".join(str(len(lane)) for lane in lanes),
+                     num(ph.steady, 0), num(ph.end_to_end, 0), spread(walls), ", ".join(busy) or "n/a",
+                     f"{ph.ended - ph.launched:.0f} s"])
+    table = markdown_table(["workers", "trials", "trials / hour (steady)", "trials / hour (incl. start-up)",
+                            "trial wall s: median [min, max]", "GPU busy (steady window)", "phase wall"], rows)
+    by = {ph.workers: ph for ph in phases if not ph.skipped}
+    one, two = by.get(1), by.get(2)
+    results = table + "\n\n" + (
+        f"- 2 workers / 1 worker, trials per hour: steady {ratio(two.steady, one.steady)}, including start-up "
+        f"{ratio(two.end_to_end, one.end_to_end)} (goal >= 1.8x)." if one and two else
+        "- No ratio: both phases are needed (see the table).")
+    gpus = phases[-1].gpus if phases else []
+    pinned = ", ".join(gpus) if gpus else "no GPU (CPU only: workers share the cores; the ratio says nothing of GPUs)"
+    ran = [
+        f"- The issue asks for {ISSUE_SPEC}. Ran: study storage = Optuna JournalStorage file backend "
+        f"({args.storage}; PostgreSQL is not installed on the GPU machine), one phase per worker count "
+        f"({args.workers}), each a new study with a budget of {args.trials} trials of {args.steps} steps x "
+        f"{args.batch} examples, default search space, TPE with constant liar, pruning off.",
+        f"- Workers: `python -m sweeper launch` processes, worker i with sampler seed i, pinned with "
+        f"CUDA_VISIBLE_DEVICES to {pinned}; each stops starting trials after {args.worker_timeout:.0f} s.",
+        f"- Model: {model_label(args.cpu_smoke, args.weights)}; the GGUF conversion is cached before the run "
+        "(bench/common.py prepare).",
+        "- Warm-up excluded from the steady rate: process start, model load and each worker's first trial. "
+        "Workers are told apart by the `worker` user attribute the sweep loop sets on each trial.",
+        "- GPU busy: mean nvidia-smi utilization.gpu of each worker's GPU over its steady window. "
+        + (gpu.note or ""),
+    ]
+    notes = [n for ph in phases for n in ph.notes]
+    sections = [("What ran", "\n".join(ran)), ("Results", results)]
+    if notes:
+        sections.append(("Notes", "\n".join(f"- {n}" for n in notes)))
+    return render_report("Benchmark 4: scaling over workers", env, command, sections)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_logs()
+    workdir = make_workdir(args, "scaling")
+    env, command = environment(), command_line()
+    gpus = visible_gpus()
+    counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    say(f"workdir {workdir}; GPUs: {', '.join(gpus) or 'none'}")
+    phases = []
+    with GpuSampler(gpus=gpus if all(g.isdigit() for g in gpus) else None) as gpu:
+        for k in counts:
+            say(f"[{time.strftime('%H:%M:%S')}] {k} worker(s) ...")
+            phases.append(run_phase(args, workdir, k, gpus))
+            say(f"[{time.strftime('%H:%M:%S')}] {k} worker(s): {len(phases[-1].trials)} trials")
+    write_report(args.out, build_report(args, phases, gpu, env, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""Benchmark 1: sweep throughput of our sweeper against the two usual ways of running the same sweep.
+
+- ours: ``sweeper.launch.run_sweep`` in one process (base loaded once, an adapter per trial, MLflow logging).
+- A (trainer): ``Trainer.hyperparameter_search(backend="optuna")`` with a ``model_init`` that loads the NF4
+  base and adds the LoRA adapter per trial, on the same data, batches, eval set and sampler.
+- B (processes): one fresh Python process per trial (import, load, one trial, exit), driven by an Optuna
+  study in this process with ask/tell: what Hydra's multirun with the Optuna sweeper amounts to.
+
+Same search space (rank, targets qk/all-linear, AdamW or SGD with each its learning rate, cosine schedule),
+same steps per trial, pruning off, the same seeded TPE sampler. Per method: trials per GPU-hour, overhead
+per trial (wall time minus time in training and evaluation steps), GPU busy fraction (nvidia-smi), best
+eval loss. The first trial of each method, and everything before it, is warm-up and is excluded.
+
+    PYTHONPATH=$PWD python bench/sweep_throughput.py --out results/sweep.md \\
+        --model-source /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+    PYTHONPATH=$PWD python bench/sweep_throughput.py --out /tmp/sweep.md --cpu-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    RESULT_PREFIX,
+    GpuSampler,
+    TrialTiming,
+    base_parser,
+    command_line,
+    environment,
+    free_accelerator,
+    from_frozen,
+    log_tail,
+    loop_batches,
+    make_workdir,
+    markdown_table,
+    model_label,
+    model_overrides,
+    model_path,
+    num,
+    overheads,
+    percent,
+    quiet_logs,
+    ratio,
+    render_report,
+    run_child,
+    say,
+    spread,
+    steady_per_hour,
+    trainer_arguments,
+    trainer_fixed_arguments,
+    trial_walls,
+    unpad,
+    value_overrides,
+    write_report,
+)
+
+ISSUE_SPEC = "24+ trials of about 60 s of training each on the default model, pruning off"
+ISSUE_TRIAL_S = 60.0
+# The space every method samples: rank, targets, optimizer with its own learning rate (cosine is fixed).
+SPACE = ["search_space=optimizer", "lora.r=choice(8,16,32)", "lora.targets=choice(qk,all-linear)"]
+METHODS = ("ours", "trainer", "processes")
+LABELS = {"ours": "ours (one process, base loaded once)",
+          "trainer": "A: Trainer.hyperparameter_search + model_init",
+          "processes": "B: fresh process per trial"}
+
+
+@dataclass
+class MethodResult:
+    """What one method did: its trials and the times around them."""
+
+    key: str
+    trials: list[TrialTiming]
+    began: float
+    ended: float
+    best_loss: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def measured(self) -> list[TrialTiming]:
+        """The trials after the warm-up (first) trial."""
+        return sorted(self.trials, key=lambda t: t.start)[1:]
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        m = self.measured
+        return (m[0].start, m[-1].end) if m else None
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = base_parser(__doc__ or "")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--trials", type=int, default=24, help="trials for ours and A (the first is warm-up)")
+    p.add_argument("--process-trials", type=int, default=6,
+                   help="trials for B, whose every trial pays a fresh process (the first is warm-up)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per trial (eval once, at the end)")
+    p.add_argument("--batch", type=int, default=16, help="micro-batch size")
+    p.add_argument("--weights", choices=["real", "random"], default="real",
+                   help="the default model's weights, or random ones in its shape (same speed)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed, the same for every method")
+    p.add_argument("--method-timeout", type=float, default=150.0,
+                   help="stop starting trials of a method after this many seconds (keeps the run bounded)")
+    p.add_argument("--trainer-precision", choices=["match", "bf16"], default="match",
+                   help="match: A computes like our loop (no autocast); bf16: A adds bf16 autocast (bf16=True)")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.trials, args.process_trials, args.steps, args.batch = 2, 1, 2, 2
+    return args
+
+
+def fixed_overrides(args: argparse.Namespace, workdir: Path) -> list[str]:
+    """Everything but the search space, identical for every method."""
+    shape = "tiny" if args.cpu_smoke else "135m"
+    out = [*model_overrides(shape, args.model_source, args.weights == "random"),
+           f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", f"train.micro_batch_size={args.batch}",
+           "optimizer.scheduler=cosine", "study/sampler=tpe", f"study.sampler.seed={args.seed}", "study/pruner=none"]
+    if args.cpu_smoke:
+        out += ["data.max_length=64", "data.max_eval_examples=8"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ours
+
+
+def run_ours(args: argparse.Namespace, overrides: list[str], workdir: Path) -> MethodResult:
+    from sweeper import compose
+    from sweeper.launch import run_sweep
+
+    began = time.time()
+    cfg, params = compose.load([*overrides, *SPACE, f"study.n_trials={args.trials}", "study.name=bench-ours",
+                                f"study.timeout_s={args.method_timeout}", f"output_dir={workdir / 'ours'}"])
+    study = run_sweep(cfg, params, show_progress=False)
+    ended = time.time()
+    trials = [from_frozen(t) for t in study.get_trials(deepcopy=False)
+              if t.datetime_complete is not None and not t.user_attrs.get("surplus")]
+    done = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
+    return MethodResult("ours", trials, began, ended, min(done) if done else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A: Trainer.hyperparameter_search
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_trial_clock(device: Any, measure: Callable[[Any], float]) -> Any:
+    """A TrainerCallback timing each trial's training steps and evaluation, and re-measuring the eval loss
+    with our token-weighted evaluation (timed too, and removed from the method's time)."""
+    from transformers import TrainerCallback
+
+    class TrialClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.first: float | None = None
+            self.last: float | None = None
+            self.number = -1
+            self.trainer: Any = None  # the callback handler's own model reference is the first, stale one
+            self.records: dict[int, dict[str, float]] = {}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.first = self.last = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.first is None:
+                self.first = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            _sync(device)
+            self.last = time.perf_counter()
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                        **kw: Any) -> None:
+            train_s = (self.last - self.first) if self.first is not None and self.last is not None else 0.0
+            start = time.perf_counter()
+            loss = measure(self.trainer.model)
+            extra = time.perf_counter() - start
+            self.records[self.number] = {"busy": train_s + float((metrics or {}).get("eval_runtime", 0.0)),
+                                         "extra": extra, "token_loss": loss}
+
+    return TrialClock()
+
+
+def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -> MethodResult:
+    import optuna
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from objectives.data import collate, prepare
+    from objectives.model import TORCH_DTYPES, linear_module_names, pick_device, resolve_targets
+    from objectives.training import evaluate
+    from sweeper import compose
+    from sweeper.config import to_container, to_schema
+    from sweeper.space import apply_values, sample
+    from sweeper.study import make_sampler
+
+    began = time.time()
+    cfg, params = compose.load([*overrides, *SPACE])
+    path = model_path(cfg.model)
+    device = pick_device(cfg.train.device)
+    dtype = TORCH_DTYPES[cfg.model.compute_dtype]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
+    data = prepare(cfg.data, tokenizer, cfg.model.cache_path)
+    # The batches our loop sees, in its order, read sequentially: both methods train on the same data.
+    rows = [r for b in loop_batches(data, cfg.train, pad_id) for r in unpad(b)]
+    config = to_container(cfg)
+
+    def trial_config(trial: Any) -> Any:
+        return cfg if trial is None else to_schema(apply_values(config, sample(trial, params)))
+
+    def model_init(trial: Any = None) -> Any:
+        # Runs before hp_space in each trial: it samples the LoRA values first (asking again gives the same).
+        lora = trial_config(trial).lora
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.model.quant_type,
+                                   bnb_4bit_use_double_quant=cfg.model.double_quant, bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
+                                                     device_map={"": str(device)},
+                                                     attn_implementation=cfg.model.attn_implementation)
+        model.config.use_cache = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets = resolve_targets(lora.targets, linear_module_names(model))
+        torch.manual_seed(cfg.train.seed)  # seeded like ours
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
+                                                target_modules=targets, use_rslora=lora.use_rslora, bias="none",
+                                                task_type="CAUSAL_LM"))
+
+    def hp_space(trial: Any) -> dict[str, Any]:
+        clock.number = trial.number
+        return trainer_arguments(trial_config(trial))
+
+    clock = make_trial_clock(device, lambda model: evaluate(model, data, cfg.train.micro_batch_size, pad_id, device))
+    fixed = trainer_fixed_arguments(workdir / "trainer", cfg, device, args.trainer_precision == "bf16")
+    trainer = Trainer(model_init=model_init, args=TrainingArguments(**fixed, **trainer_arguments(cfg)),
+                      train_dataset=rows, eval_dataset=data.eval, data_collator=partial(collate, pad_id=pad_id),
+                      callbacks=[clock])
+    clock.trainer = trainer
+    trainer.remove_callback(PrinterCallback)  # it would print every log dict: the report is the output
+    storage = optuna.storages.InMemoryStorage()
+    trainer.hyperparameter_search(hp_space=hp_space, n_trials=args.trials, direction="minimize", backend="optuna",
+                                  sampler=make_sampler(cfg.study.sampler, params), storage=storage,
+                                  study_name="bench-trainer", timeout=args.method_timeout)
+    ended = time.time()
+    study = optuna.load_study(study_name="bench-trainer", storage=storage)
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        if t.datetime_complete is None:
+            continue
+        rec = clock.records.get(t.number, {})
+        trials.append(dataclasses.replace(from_frozen(t, excluded=rec.get("extra", 0.0)), busy=rec.get("busy"),
+                                          value=rec.get("token_loss", t.value)))
+    losses = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
+    own = [t.value for t in study.get_trials(deepcopy=False) if t.value is not None]
+    notes = [f"A's own objective (Trainer.evaluate: per-batch mean losses averaged over examples): best "
+             f"{num(min(own) if own else None, 4)}; the table shows the token-weighted loss that ours and B "
+             "report, measured after Trainer.evaluate with our evaluation (its time is taken out of A's)."]
+    del trainer
+    return MethodResult("trainer", trials, began, ended, min(losses) if losses else None, notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# B: a fresh process per trial
+
+
+def run_processes(args: argparse.Namespace, overrides: list[str], workdir: Path) -> MethodResult:
+    import optuna
+
+    from sweeper import compose
+    from sweeper.space import sample
+    from sweeper.study import make_sampler
+
+    began = time.time()
+    cfg, params = compose.load([*overrides, *SPACE])
+    study = optuna.create_study(sampler=make_sampler(cfg.study.sampler, params), direction="minimize")
+    child = [*overrides, "search_space=none", f"output_dir={workdir / 'processes'}", "study.name=bench-processes"]
+    notes = []
+    for _ in range(args.process_trials):
+        if time.time() - began > args.method_timeout:
+            notes.append(f"stopped after {args.method_timeout:.0f} s (--method-timeout)")
+            break
+        trial = study.ask()
+        cmd = [sys.executable, "-m", "bench.sweep_throughput", "child", str(trial.number),
+               json.dumps([*child, *value_overrides(sample(trial, params))])]
+        log = workdir / f"process-trial-{trial.number}.log"
+        code, result = run_child(cmd, log)
+        if code != 0 or result is None or result.get("value") is None:
+            notes.append(f"trial {trial.number} failed (exit {code}); log {log}:\n{log_tail(log)}")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        trial.set_user_attr("train_seconds", result["train_seconds"])
+        study.tell(trial, result["value"])
+    ended = time.time()
+    trials = [from_frozen(t) for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    done = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
+    return MethodResult("processes", trials, began, ended, min(done) if done else None, notes)
+
+
+def child_main(number: int, overrides: list[str]) -> int:
+    """One trial in this fresh process: compose, load, train, evaluate, log to MLflow, report, exit."""
+    import optuna
+
+    from objectives.objective import QLoRAObjective
+    from sweeper import compose
+    from sweeper.launch import Resources, make_tracker
+
+    cfg, params = compose.load(overrides)
+    resources = Resources.load(cfg)
+    objective = QLoRAObjective(cfg, params, resources.base, resources.data, make_tracker(cfg), None, False)
+    trial = optuna.trial.FixedTrial({}, number=number)
+    value = objective(trial)
+    say(RESULT_PREFIX + json.dumps({"value": value, "train_seconds": trial.user_attrs.get("train_seconds")}))
+    return 0
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, list[str], Path], MethodResult]] = {
+    "ours": run_ours, "trainer": run_trainer, "processes": run_processes}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def result_row(r: MethodResult, gpu: GpuSampler) -> list[str]:
+    m = r.measured
+    busy = [t.busy for t in m if t.busy is not None]
+    window = r.window
+    return [LABELS[r.key], f"{len(m)} (+1 warm-up)", num(steady_per_hour(r.trials), 0),
+            spread(overheads(m)), spread(busy), percent(gpu.busy_fraction(*window) if window else None),
+            num(r.best_loss, 4)]
+
+
+def projected_per_hour(r: MethodResult) -> float | None:
+    """Trials per hour if each trial trained for the issue's 60 s and kept its measured median overhead."""
+    over = overheads(r.measured)
+    return 3600 / (ISSUE_TRIAL_S + statistics.median(over)) if over else None
+
+
+def per_trial_rows(r: MethodResult) -> list[list[str]]:
+    ordered = sorted(r.trials, key=lambda t: t.start)
+    rows = []
+    for i, (t, wall) in enumerate(zip(ordered, trial_walls(ordered), strict=True)):
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        over = wall - t.busy if t.busy is not None else None
+        rows.append([r.key, str(t.number) + (" (warm-up)" if i == 0 else ""), t.state.lower(), num(wall),
+                     num(t.busy), num(over), num(t.value, 4), params])
+    return rows
+
+
+def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: GpuSampler, env: dict[str, str],
+                 command: str) -> str:
+    by = {r.key: r for r in results}
+    rates = {k: steady_per_hour(r.trials) for k, r in by.items()}
+    med_busy = {k: [t.busy for t in r.measured if t.busy is not None] for k, r in by.items()}
+    ran = [f"- The issue asks for {ISSUE_SPEC}. Ran: " + "; ".join(
+        f"{LABELS[r.key]}: {len(r.trials)} trial{'' if len(r.trials) == 1 else 's'}" for r in results) +
+        f", each of {args.steps} steps x {args.batch} examples (median training + evaluation "
+        + ", ".join(f"{k} {num(statistics.median(v) if v else None, 1)} s" for k, v in med_busy.items())
+        + " per trial). Trials were shortened, and"
+        " B runs fewer trials because each costs a fresh process, to fit the GPU time of this run.",
+        f"- Model: {model_label(args.cpu_smoke, args.weights)}, NF4 base, gradient checkpointing; data: the "
+        "stdlib pairs, tokenized once by "
+        "objectives.data.prepare; eval once at the end of each trial on the same held-out set.",
+        f"- Search space: {' '.join(SPACE[1:])} plus optimizer adamw/sgd with each its learning rate "
+        "(conf/search_space/optimizer.yaml); cosine schedule; sampler TPE seed "
+        f"{args.seed} for every method (same first random trials); pruning off.",
+        f"- A computes {'like our loop (no autocast)' if args.trainer_precision == 'match' else 'with bf16 autocast'}"
+        "; it reads the same batches in the same order (sequential sampler over our loop's batches).",
+        "- Ours and B log every trial to MLflow (B's child runs `QLoRAObjective` on a fixed trial, so it also "
+        "logs its adapter every trial: a lone trial cannot know whether it is the best; ours logs the adapter "
+        "when a trial becomes the best). A logs nothing (report_to none).",
+        "- Warm-up excluded: each method's first trial and everything before it (imports, model conversion or "
+        "load, tokenization). Rates count the trials after the first, from its end to the last trial's end.",
+        "- Overhead per trial = wall time (trial start to next trial start) minus time in training and "
+        "evaluation steps: ours and B from TrainResult.seconds (sum of step and eval times); A from a "
+        "TrainerCallback (first step start to last step end, plus Trainer.evaluate's eval_runtime), which is "
+        "generous to A (time between its steps counts as training).",
+        "- GPU busy: mean nvidia-smi utilization.gpu (sampled every 0.2 s) over the measured window. "
+        + (gpu.note or "Other processes on the same GPU would show here too."),
+        ]
+    headers = ["method", "trials measured", "trials / GPU-hour", "overhead s/trial: median [min, max]",
+               "train+eval s/trial: median [min, max]", "GPU busy", "best eval loss"]
+    table = markdown_table(headers, [result_row(r, gpu) for r in results])
+    ours = rates.get("ours")
+    goals = [f"- ours / A trials per hour: {ratio(ours, rates.get('trainer'))} (goal >= 1.3x); "
+             f"ours / B: {ratio(ours, rates.get('processes'))} (goal >= 1.4x); median overhead of ours: "
+             f"{spread(overheads(by['ours'].measured)) if 'ours' in by else 'n/a'} s (goal < 1 s)."]
+    proj = {k: projected_per_hour(r) for k, r in by.items()}
+    goals.append("- Projection, not a measurement: with the issue's 60 s of training per trial and each method's "
+                 "median overhead, trials per hour would be " + ", ".join(f"{k} {num(v, 1)}" for k, v in proj.items())
+                 + f"; ours / A {ratio(proj.get('ours'), proj.get('trainer'))}, ours / B "
+                 f"{ratio(proj.get('ours'), proj.get('processes'))}.")
+    notes = [n for r in results for n in r.notes]
+    per_trial = markdown_table(["method", "trial", "state", "wall s", "train+eval s", "overhead s", "eval loss",
+                                "params"], [row for r in results for row in per_trial_rows(r)])
+    sections = [("What ran", "\n".join(ran)), ("Results", table + "\n\n" + "\n".join(goals)),
+                ("Per trial", per_trial)]
+    if notes:
+        sections.append(("Notes", "\n".join(f"- {n}" for n in notes)))
+    return render_report("Benchmark 1: sweep throughput", env, command, sections)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_logs()
+    if argv[:1] == ["child"]:
+        return child_main(int(argv[1]), json.loads(argv[2]))
+    args = parse_args(argv)
+    workdir = make_workdir(args, "sweep")
+    env, command = environment(), command_line()
+    overrides = fixed_overrides(args, workdir)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    say(f"workdir {workdir}")
+    results = []
+    with GpuSampler() as gpu:
+        for m in methods:
+            say(f"[{time.strftime('%H:%M:%S')}] {LABELS[m]} ...")
+            results.append(RUNNERS[m](args, overrides, workdir))
+            free_accelerator()
+            say(f"[{time.strftime('%H:%M:%S')}] {m}: {len(results[-1].trials)} trials in "
+                f"{results[-1].ended - results[-1].began:.0f} s")
+            write_report(args.out, build_report(args, results, gpu, env, command), final=False)
+    write_report(args.out, build_report(args, results, gpu, env, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The benchmarks: their timing arithmetic, and each script end to end on the tiny model (``--cpu-smoke``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import (
+    TrialTiming,
+    assign_workers,
+    hydra_value,
+    model_overrides,
+    overheads,
+    steady_per_hour,
+    time_to_target,
+    trial_walls,
+)
+from bench.step_throughput import packed_batches, steady_tokens_per_s
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timing(number: int, start: float, end: float, busy: float | None = None, state: str = "COMPLETE",
+           value: float | None = None, worker: str = "") -> TrialTiming:
+    return TrialTiming(number=number, start=start, end=end, state=state, value=value, busy=busy, worker=worker)
+
+
+def test_overhead_charges_the_gap_before_the_next_trial_and_drops_benchmark_time() -> None:
+    trials = [timing(0, 0.0, 9.0, busy=8.0), timing(1, 10.0, 18.0, busy=7.5),
+              TrialTiming(2, 20.0, 26.0, "COMPLETE", busy=5.0, excluded=0.5)]
+    assert trial_walls(trials) == [10.0, 10.0, 5.5]
+    assert overheads(trials) == [2.0, 2.5, 0.5]
+
+
+def test_steady_rate_leaves_out_the_first_trial_and_counts_complete_ones() -> None:
+    trials = [timing(0, 0.0, 100.0), timing(1, 100.0, 136.0), timing(2, 136.0, 172.0, state="FAIL"),
+              timing(3, 172.0, 208.0)]
+    assert steady_per_hour(trials) == pytest.approx(2 / 108 * 3600)
+    assert steady_per_hour(trials[:1]) is None
+
+
+def test_workers_are_told_apart_by_label_else_by_timing() -> None:
+    labelled = [timing(0, 0, 5, worker="a"), timing(1, 0, 6, worker="b"), timing(2, 5, 9, worker="a")]
+    assert [[t.number for t in lane] for lane in assign_workers(labelled, 2)] == [[0, 2], [1]]
+    unlabelled = [timing(0, 0, 5), timing(1, 0.1, 6), timing(2, 5.01, 9), timing(3, 6.02, 11), timing(4, 9.01, 12)]
+    assert [[t.number for t in lane] for lane in assign_workers(unlabelled, 2)] == [[0, 2, 4], [1, 3]]
+
+
+def test_time_to_target_sums_trial_times_in_order_until_a_complete_trial_reaches_it() -> None:
+    trials = [timing(0, 0, 10, value=2.0), timing(1, 10, 13, state="PRUNED", value=1.0),
+              timing(2, 13, 23, value=1.005)]
+    assert time_to_target(trials, 1.01) == 23
+    assert time_to_target(trials, 0.5) is None
+
+
+def test_tokens_per_second_is_taken_after_the_warmup_steps() -> None:
+    stamps = [1.0, 2.0, 2.5, 3.0]
+    assert steady_tokens_per_s(stamps, [100, 100, 50, 50], warmup=1) == pytest.approx(200 / 2.0)
+    assert steady_tokens_per_s(stamps[:1], [100], warmup=1) is None
+
+
+def test_packing_keeps_every_real_token_and_restarts_positions_per_example() -> None:
+    import torch
+
+    from objectives.data import collate
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    (packed,) = packed_batches([collate(rows, pad_id=0)])
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert packed["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert torch.equal(packed["position_ids"], torch.tensor([[0, 1, 2, 0, 1]]))
+
+
+@pytest.mark.parametrize("shape", ["135m", "1b", "8b", "tiny"])
+def test_model_shapes_compose_into_valid_configs(shape: str) -> None:
+    from sweeper import compose
+
+    cfg, _ = compose.load([*model_overrides(shape, "/tmp/model.gguf", True), "search_space=none"])
+    assert cfg.model.random_init
+    assert cfg.model.source == "/tmp/model.gguf"
+    if shape == "8b":
+        assert cfg.model.config_overrides["head_dim"] == 128
+        assert cfg.model.config_overrides["tie_word_embeddings"] is False
+
+
+def test_hydra_values_quote_only_what_the_grammar_would_misread() -> None:
+    assert hydra_value(True) == "true"
+    assert hydra_value(3e-4) == "0.0003"
+    assert hydra_value("all-linear") == "all-linear"
+    assert hydra_value("a b") == "'a b'"
+    assert hydra_value({"x": 1, "y": False}) == "{x:1,y:false}"
+
+
+def run_bench(script: str, tmp_path: Path, *args: str) -> str:
+    """``python bench/<script> --cpu-smoke`` as the README runs it; returns the report it wrote."""
+    out = tmp_path / "report.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--cpu-smoke", "--out", str(out),
+                           "--workdir", str(tmp_path / "work"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "Command (from the repository root):" in text and "| torch |" in text
+    return text
+
+
+@pytest.mark.slow
+def test_sweep_throughput_smoke(tmp_path: Path) -> None:
+    text = run_bench("sweep_throughput.py", tmp_path)
+    for label in ("ours (one process", "A: Trainer.hyperparameter_search", "B: fresh process per trial"):
+        assert label in text.split("## Results")[1].split("## Per trial")[0]
+    assert "(warm-up)" in text
+
+
+@pytest.mark.slow
+def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path) -> None:
+    text = run_bench("step_throughput.py", tmp_path)
+    losses = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[1] in ("ours (padded per batch)", "ours + packing (experiment)"):
+            losses[cells[1]] = float(cells[6])
+    assert len(losses) == 2
+    assert losses["ours (padded per batch)"] == pytest.approx(losses["ours + packing (experiment)"], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_sample_efficiency_smoke(tmp_path: Path) -> None:
+    text = run_bench("sample_efficiency.py", tmp_path)
+    for label in ("TPE + successive halving", "random, no pruning", "TPE, no pruning"):
+        assert label in text
+    assert re.search(r"best eval loss any study reached \(\d", text)
+
+
+@pytest.mark.slow
+def test_scaling_smoke(tmp_path: Path) -> None:
+    text = run_bench("scaling.py", tmp_path)
+    rows = [ln for ln in text.splitlines() if re.match(r"\| [12] \| \d+ complete", ln)]
+    assert len(rows) == 2

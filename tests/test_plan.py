@@ -1,0 +1,150 @@
+"""The dry run: corners of the space, which of them fit a device, the time model, the pre-flight check."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from sweeper import compose
+from sweeper.config import ConfigError, SweepConfig
+from sweeper.memory import ModelShape, TrialSettings, estimate_worst
+from sweeper.plan import (
+    LAYER_OVERHEAD_S,
+    MAX_CORNERS,
+    combinations,
+    corners,
+    cpu_device,
+    detect_device,
+    evaluations,
+    fits,
+    load_model_config,
+    plan,
+    step_seconds,
+    trial_seconds,
+)
+from sweeper.space import parse_space
+
+SMOLLM2: dict[str, Any] = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+LLAMA_8B: dict[str, Any] = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False}
+CPU = cpu_device(2)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[SweepConfig, list[Any], Any]:
+    """The default config and space on the tiny random model, with the model's config (no weights)."""
+    cfg, params = compose.load(["model=tiny_random"])
+    return cfg, params, load_model_config(cfg)
+
+
+def test_model_config_comes_without_weights_and_with_the_overrides(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    cfg, _, config = tiny
+    shape = ModelShape.from_config(config)
+    assert (shape.hidden_size, shape.num_layers, shape.head_dim) == (64, 2, 16)
+    bad = replace(cfg, model=replace(cfg.model, config_overrides={"no_such_field": 1}))
+    with pytest.raises(ConfigError, match="no_such_field"):
+        load_model_config(bad)
+
+
+def test_plan_of_the_default_space_lists_corners_and_marks_what_does_not_fit(
+        tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    cfg, params, config = tiny
+    names, rows = corners(cfg, params, config, CPU)
+    assert names == ["lora.targets", "lora.r", "optimizer.name"]  # dropout etc. change neither memory nor time
+    assert len(rows) == 4 * 2 * 2
+    totals = sorted(c.estimate.total for c in rows)
+    memory = (totals[0] + totals[-1]) // 2
+    text = plan(cfg, params, memory, model_config=config, device=CPU)
+    assert "search space: 11 parameters, continuous" in text
+    assert "device memory: given:" in text
+    table = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit() and ln.strip().endswith(("yes", "NO"))]
+    assert len(table) == len(rows)
+    assert {row[-1] for row in table} == {"yes", "NO"}
+    smallest = min(rows, key=lambda c: c.estimate.total)
+    assert dict(smallest.values) == {"lora.targets": "qk", "lora.r": 4, "optimizer.name": "sgd"}
+    bad = sum(c.estimate.total > memory for c in rows)
+    assert f"{bad} of {len(rows)} corners do not fit" in text
+    assert "largest corner" in text and "logits" in text
+
+
+def test_without_a_device_memory_is_shown_for_reference(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    cfg, params, config = tiny
+    text = plan(cfg, params, None, model_config=config, device=CPU)
+    assert "no accelerator: memory shown for reference" in text
+    assert "do not fit" not in text
+
+
+def test_a_batch_size_sweep_splits_the_corners_by_memory() -> None:
+    cfg, params = compose.load(["model=tiny_random", "search_space=none", "train.micro_batch_size=choice(1,16)",
+                                "lora.r=choice(4,8)"])
+    config = load_model_config(cfg)
+    names, rows = corners(cfg, params, config, CPU)
+    assert names == ["lora.r", "train.micro_batch_size"] and len(rows) == 4
+    total = {tuple(dict(c.values).values()): c.estimate.total for c in rows}
+    for r in (4, 8):
+        assert total[(r, 16)] > total[(r, 1)] + 10 * 2**20  # 16 rows of fp32 logits over a 49152-token vocabulary
+
+
+def test_corners_stay_bounded_by_pinning_the_least_important_parameters() -> None:
+    cfg, params = compose.load(["model=tiny_random", "search_space=none", "lora.r=choice(4,8,16,32,64)",
+                                "lora.targets=choice(qk,qkv,qkvo,all-linear,mlp)",
+                                "train.micro_batch_size=choice(1,2,4,8)", "optimizer.name=choice(adamw,sgd)"])
+    config = load_model_config(cfg)
+    names, rows = corners(cfg, params, config, CPU)
+    assert len(rows) <= MAX_CORNERS
+    assert names[:2] == ["lora.targets", "lora.r"]
+    values = [dict(c.values) for c in rows]
+    assert {v["optimizer.name"] for v in values} == {"adamw"}  # pinned to its most expensive value
+    assert {v["train.micro_batch_size"] for v in values} == {8}
+
+
+def test_a_conditional_parameter_varies_only_where_its_condition_holds() -> None:
+    params = parse_space({"optimizer.name": "choice(adamw, sgd)",
+                          "sgd.momentum": {"path": "optimizer.momentum", "type": "float", "low": 0.0, "high": 0.9,
+                                           "when": {"optimizer.name": "sgd"}}})
+    combos = combinations(params, {"optimizer.name": ["adamw", "sgd"], "sgd.momentum": [0.0, 0.9]})
+    assert combos == [{"optimizer.name": "adamw"}, {"optimizer.name": "sgd", "sgd.momentum": 0.0},
+                      {"optimizer.name": "sgd", "sgd.momentum": 0.9}]
+
+
+def test_fits_is_the_preflight_check(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    cfg, _, config = tiny
+    total = estimate_worst(config, TrialSettings.from_config(cfg)).total
+    assert fits(cfg, config, 100 * 2**30) == (True, total)
+    assert fits(cfg, config, total - 1) == (False, total)
+
+
+@pytest.mark.parametrize(("steps", "every", "expected"), [(24, 8, 3), (10, 4, 3), (5, 10, 1), (6, 1, 6)])
+def test_evaluations_are_every_n_steps_and_at_the_end(steps: int, every: int, expected: int) -> None:
+    assert evaluations(steps, every) == expected
+
+
+def test_time_grows_with_tokens_checkpointing_and_steps(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    base = TrialSettings(micro_batch_size=4, seq_len=256, gradient_checkpointing=False)
+    for config, device in ((SMOLLM2, CPU), (LLAMA_8B, "cuda")):
+        t = step_seconds(config, base, device)
+        assert step_seconds(config, replace(base, micro_batch_size=64), device) > t
+        assert step_seconds(config, replace(base, gradient_checkpointing=True), device) > t
+        assert step_seconds(config, base, device, train=False) < t
+    cfg, _, config = tiny
+    longer = replace(cfg, train=replace(cfg.train, max_steps=cfg.train.max_steps * 2))
+    assert trial_seconds(config, longer, CPU) > trial_seconds(config, cfg, CPU)
+
+
+def test_a_small_model_on_a_gpu_is_bound_by_the_host() -> None:
+    s = TrialSettings(r=8, targets="qkvo", micro_batch_size=1, seq_len=128, gradient_checkpointing=False)
+    assert step_seconds(SMOLLM2, s, "cuda") > 30 * 2 * LAYER_OVERHEAD_S  # layers x passes
+    assert step_seconds(SMOLLM2, replace(s, micro_batch_size=8), "cuda") == step_seconds(SMOLLM2, s, "cuda")
+
+
+def test_this_machine_without_cuda_plans_time_for_the_cpu(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert detect_device(tiny[0]).kind == "cpu"
