@@ -65,3 +65,20 @@ def test_export_then_train_reproduces(tmp_path: Path) -> None:
     assert params2 == []
     value = run_single(cfg2, show_progress=False)
     assert value == pytest.approx(study.best_value, rel=1e-6)
+
+
+def test_best_adapter_is_a_folder_peft_loads(tmp_path: Path) -> None:
+    from urllib.parse import urlparse
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from objectives.model import random_model_dir, resolve_source
+
+    cfg, params = compose.load([*TINY, *SPACE, f"output_dir={tmp_path}", "study.n_trials=2"])
+    study = run_sweep(cfg, params, show_progress=False)
+    folder = Path(urlparse(study.best_trial.user_attrs["adapter_uri"]).path)
+    assert (folder / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(random_model_dir(cfg.model, resolve_source(cfg.model)))
+    model = PeftModel.from_pretrained(base, folder)
+    assert model.peft_config["default"].r == study.best_trial.params["lora.r"]
