@@ -116,10 +116,11 @@ class QLoRAObjective:
                 self.tracker.end_run(run_id, RUN_STATUS[state])
 
     def _preflight(self, trial: Any, cfg: SweepConfig, run_id: str | None) -> None:
-        """Prune, before anything is allocated, a configuration the memory model says cannot fit the GPU."""
+        """Log the predicted peak memory; on a GPU, prune a configuration predicted not to fit, before it loads."""
         from sweeper.plan import fits
 
-        capacity = torch.cuda.get_device_properties(self.base.device).total_memory
+        on_gpu = self.base.device.type == "cuda"
+        capacity = torch.cuda.get_device_properties(self.base.device).total_memory if on_gpu else 2**62
         ok, need = fits(cfg, self.base.config, capacity, self.base.linear_names)
         trial.set_user_attr("predicted_peak_mb", need / 2**20)
         if self.tracker is not None and run_id is not None:
@@ -130,8 +131,7 @@ class QLoRAObjective:
 
     def _train(self, trial: Any, cfg: SweepConfig, run_id: str | None, bar: Any, started: float) -> list[float]:
         """Train and evaluate; on out-of-memory, retry with half the micro-batch and twice the accumulation."""
-        if self.base.device.type == "cuda":
-            self._preflight(trial, cfg, run_id)
+        self._preflight(trial, cfg, run_id)
         train_cfg = cfg.train
         for retry in range(cfg.train.oom_retries + 1):
             try:

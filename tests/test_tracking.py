@@ -20,7 +20,9 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from sweeper import compose
 from sweeper.config import SweepConfig, to_container
+from sweeper.launch import run_sweep
 from sweeper.tracking import REDACTED, Tracker, redact
 from tests.conftest import TINY
 
@@ -112,6 +114,7 @@ def test_trained_trials_log_step_metrics(sweep: Sweep) -> None:
         assert steps == [1, 2], name
     eval_loss = sweep.client.get_metric_history(run_id, "eval_loss")[-1].value
     assert eval_loss == pytest.approx(complete.value)
+    assert sweep.children[complete.number].data.metrics["predicted_peak_memory_mb"] > 0  # beside the measured
     # The pruned trial stopped at its first evaluation, which logged the NaN that pruned it.
     metrics = sweep.children[pruned.number].data.metrics
     assert set(STEP_METRICS) | {"eval_loss"} <= set(metrics)
@@ -278,3 +281,23 @@ def test_export_of_an_unknown_or_unfinished_trial(sweep: Sweep, tmp_path: Path) 
     assert (f"error: --trial: trial {pruned.number} is pruned; completed trials: {complete.number}"
             in done.stderr)
     assert files_under(sweep.cfg.output_path) == before and not (tmp_path / "exports").exists()
+
+
+def test_a_tracking_server_over_http(tmp_path: Path) -> None:
+    """The same sweep against an MLflow server reached over HTTP instead of a local store."""
+    from sweeper.ui import start_ui, stop_ui
+
+    server_store = tmp_path / "server"
+    server_store.mkdir()
+    proc, url = start_ui(f"sqlite:///{server_store / 'mlflow.db'}", (server_store / "artifacts").as_uri())
+    try:
+        cfg, params = compose.load([*TINY, "search_space=none", "lora.r=choice(2,4)", "study.n_trials=2",
+                                    f"tracking.uri={url}", f"output_dir={tmp_path / 'local'}"])
+        study = run_sweep(cfg, params, show_progress=False)
+        client = MlflowClient(url)
+        runs = client.search_runs([client.get_experiment_by_name("qlora-default").experiment_id])
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+        assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in study.trials)
+        assert not (tmp_path / "local" / "mlflow.db").exists()  # nothing went to the local default store
+    finally:
+        stop_ui(proc)
