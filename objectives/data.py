@@ -52,23 +52,26 @@ def stdlib_examples(cache_dir: Path) -> list[Example]:
 def read_file(path: Path) -> list[Example]:
     """JSONL, JSON (a list) or CSV rows in the alpaca (instruction/input/output) or chat (messages) layout."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(rows, dict) and "data" in rows:
-            rows = rows["data"]
-    elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
+    if suffix not in (".jsonl", ".json", ".csv"):
         raise ConfigError(f"data.source: {path.name!r} is not .jsonl, .json or .csv")
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(rows, dict) and "data" in rows:
+                rows = rows["data"]
+        else:
+            with path.open(encoding="utf-8", newline="") as f:
+                rows = list(csv.DictReader(f))
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.source: {path.name} does not parse: {e}") from None
     if not isinstance(rows, list) or not rows:
         raise ConfigError(f"data.source: {path} holds no examples")
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not ("messages" in row or {"instruction", "output"} <= set(row)):
-            raise ConfigError(f"data.source: row {i} of {path.name} has neither 'messages' nor "
+        if not isinstance(row, dict) or not (row.get("messages") or {"instruction", "output"} <= set(row)):
+            raise ConfigError(f"data.source: row {i} of {path.name} has neither 'messages' (non-empty) nor "
                               "'instruction' and 'output'")
     return rows
 
@@ -134,7 +137,9 @@ def tokenize(e: Example, tokenizer: Any, cfg: DataConfig) -> dict[str, list[int]
         return None
     prompt_ids = tokenizer(_render(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(_render(tokenizer, messages, False), add_special_tokens=False)["input_ids"]
-    n_prompt = len(prompt_ids) if full_ids[: len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1
+    # The prompt is where the two tokenizations part (the template can merge tokens at the seam).
+    n_prompt = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids, strict=False)) if a != b),
+                    len(prompt_ids))
     full_ids = full_ids[: cfg.max_length]
     labels = [IGNORE_INDEX] * min(n_prompt, len(full_ids)) + full_ids[n_prompt:]
     if all(t == IGNORE_INDEX for t in labels):
@@ -145,11 +150,16 @@ def tokenize(e: Example, tokenizer: Any, cfg: DataConfig) -> dict[str, list[int]
 def prepare(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> TokenizedSplits:
     """Load, split and tokenize once per process; trials share the result."""
     train_rows, eval_rows = split(load_examples(cfg, cache_dir), cfg.eval_fraction)
-    if cfg.max_train_examples is not None:
+    if cfg.max_train_examples is not None:  # a spread-out subset, not the first rows of the file
+        train_rows = sorted(train_rows, key=lambda e: _bucket(json.dumps(e, sort_keys=True)))
         train_rows = train_rows[: cfg.max_train_examples]
     eval_rows = sorted(eval_rows, key=lambda e: _bucket(json.dumps(e, sort_keys=True)))
     train = [t for t in (tokenize(e, tokenizer, cfg) for e in train_rows) if t]
     held = [t for t in (tokenize(e, tokenizer, cfg) for e in eval_rows) if t][: cfg.max_eval_examples]
+    for name, rows in (("training", train), ("evaluation", held)):
+        if not rows:
+            raise ConfigError(f"data: no {name} example keeps response tokens within data.max_length="
+                              f"{cfg.max_length}")
     return TokenizedSplits(train, held)
 
 
@@ -170,6 +180,8 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
 def train_batches(rows: list[dict[str, list[int]]], batch_size: int, seed: int,
                   pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     """Endless seeded shuffles of the training rows, one micro-batch at a time."""
+    if len(rows) < batch_size:
+        raise ConfigError(f"data: {len(rows)} training examples, fewer than train.micro_batch_size={batch_size}")
     epoch = 0
     while True:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)

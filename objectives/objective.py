@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from objectives.data import TokenizedSplits
 from objectives.model import ResidentBase
 from objectives.training import LossNotFinite, TrainResult, train_adapter
-from sweeper.config import SweepConfig, TrainConfig, to_container, to_schema
+from sweeper.config import ConfigError, SweepConfig, TrainConfig, to_container, to_schema
 from sweeper.space import Param, apply_values, sample
 from sweeper.tracking import RUN_STATUS, Tracker
 
@@ -121,7 +121,11 @@ class QLoRAObjective:
 
         on_gpu = self.base.device.type == "cuda"
         capacity = torch.cuda.get_device_properties(self.base.device).total_memory if on_gpu else 2**62
-        ok, need = fits(cfg, self.base.config, capacity, self.base.linear_names)
+        try:
+            ok, need = fits(cfg, self.base.config, capacity, self.base.linear_names)
+        except ConfigError as e:  # an architecture the memory model does not know: train without a forecast
+            log.info("no memory prediction for this model: %s", e)
+            return
         trial.set_user_attr("predicted_peak_mb", need / 2**20)
         if self.tracker is not None and run_id is not None:
             self.tracker.log_metrics(run_id, 0, {"predicted_peak_memory_mb": need / 2**20})
@@ -174,7 +178,7 @@ class QLoRAObjective:
         run_id = self.tracker.start_run(
             f"trial-{trial.number}", parent_id=self.parent_run_id,
             tags={"trial_number": str(trial.number), "trial_state": "running", "study": cfg.study.name},
-            params={**{f"fixed.{k}": v for k, v in resolved.items()}, **sampled})
+            params={**{f"config.{k}": v for k, v in resolved.items()}, **sampled})
         self.tracker.log_dict(run_id, resolved, "config.yaml")
         trial.set_user_attr("mlflow_run_id", run_id)
         return run_id

@@ -79,7 +79,9 @@ def evaluate(model: Any, data: TokenizedSplits, batch_size: int, pad_id: int, de
                 count += n
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    if count == 0:
+        raise ValueError("the evaluation set has no response tokens")
+    return total / count
 
 
 def train_adapter(
@@ -111,12 +113,16 @@ def train_adapter(
     for step in range(1, train.max_steps + 1):
         start = time.perf_counter()
         loss_sum, tokens = 0.0, 0
-        for _ in range(train.grad_accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = model(**batch).loss
+        window = [next(batches) for _ in range(train.grad_accum)]
+        # Every response token of the step weighs the same, however the step is split into micro-batches:
+        # halving the micro-batch after an out-of-memory error leaves the objective unchanged.
+        targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        for cpu_batch in window:
+            batch = {k: v.to(device) for k, v in cpu_batch.items()}
+            loss = model(**batch, num_items_in_batch=targets).loss
             if not torch.isfinite(loss):
                 raise LossNotFinite(f"loss is {float(loss)} at step {step}")
-            (loss / train.grad_accum).backward()
+            loss.backward()
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
@@ -128,7 +134,7 @@ def train_adapter(
         elapsed = time.perf_counter() - start
         busy += elapsed
         peak = max(peak, peak_memory_mb(device))
-        on_step(step, {"train_loss": loss_sum / train.grad_accum, "learning_rate": lr, "grad_norm": grad_norm,
+        on_step(step, {"train_loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
         if step % train.eval_every == 0 or step == train.max_steps:
             start = time.perf_counter()

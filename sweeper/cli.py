@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sweeper.config import ConfigError
+from sweeper.tracking import redact
 
 EXAMPLES = {
     "launch": "python -m sweeper launch study.n_trials=3 'lora.r=choice(4,8,16)' study/sampler=random",
@@ -34,7 +35,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     cfg, params = compose.load(args.overrides, args.config)
     print(f"study {cfg.study.name!r}: {len(params)} searched parameters, budget {cfg.study.n_trials} trials; "
-          f"storage {cfg.storage_url}; MLflow {cfg.tracking_uri}")
+          f"storage {redact(cfg.storage_url)}; MLflow {redact(cfg.tracking_uri)}")
     from sweeper.launch import run_sweep, summary
 
     if cfg.workers.count > 0:
@@ -50,9 +51,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import json
+
     from sweeper import compose
 
-    cfg, params = compose.load(args.overrides, args.config)
+    # Started by `launch workers.count=N`: the launch's overrides come through the environment.
+    inherited = json.loads(os.environ.get("SWEEPER_OVERRIDES", "[]"))
+    cfg, params = compose.load([*inherited, *args.overrides], args.config)
     from sweeper.launch import run_worker
 
     return run_worker(cfg, params, show_progress=not args.no_progress)
@@ -103,7 +108,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     artifacts = cfg.output_path / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     proc, url = start_ui(cfg.tracking_uri, artifacts.as_uri(), host=args.host, port=args.port)
-    print(f"MLflow UI for {cfg.tracking_uri}: {url}   (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for {redact(cfg.tracking_uri)}: {url}   (Ctrl-C stops it)", flush=True)
     try:
         while proc.poll() is None:
             time.sleep(0.5)

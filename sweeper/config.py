@@ -7,6 +7,7 @@ wrong type fails with the field's dotted name before anything heavy runs.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_positive("data.max_length", self.max_length)
         _check_positive("data.max_eval_examples", self.max_eval_examples)
+        if self.max_train_examples is not None:
+            _check_positive("data.max_train_examples", self.max_train_examples)
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {self.eval_fraction!r}")
 
@@ -191,6 +194,9 @@ class TrainConfig:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every"):
             _check_positive(f"train.{name}", getattr(self, name))
         _check_positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
+        _check_positive("train.oom_retries", self.oom_retries, zero_ok=True)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from sweeper.config import SweepConfig, to_container
 from sweeper.space import Param
-from sweeper.study import FINISHED, finished_trials, open_study
+from sweeper.study import FINISHED, DeadTrialHandler, dead_on_this_host, fail_trials_of, finished_trials, open_study
 from sweeper.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,11 @@ class BudgetGuard:
     budget is finished it is dropped (marked failed as surplus, never run).
     """
 
-    def __init__(self, budget: int, poll_s: float) -> None:
+    def __init__(self, budget: int, poll_s: float, handler: DeadTrialHandler, timeout_s: float | None) -> None:
         self.budget = budget
         self.poll_s = poll_s
+        self.handler = handler
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def wait_turn(self, study: optuna.Study, number: int) -> bool:
         while True:
@@ -104,13 +106,16 @@ class BudgetGuard:
             ahead = sum(t.number < number and t.state in (*FINISHED, TrialState.RUNNING) for t in trials)
             if ahead < self.budget:
                 return True
-            fail_stale(study)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                return False
+            fail_dead_trials(study, self.handler)
             time.sleep(self.poll_s)
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Fail (and retry) trials whose worker stopped sending heartbeats; storages without them: no-op."""
+def fail_dead_trials(study: optuna.Study, handler: DeadTrialHandler) -> None:
+    """Fail, then retry, trials whose worker died: no heartbeat (RDB storages), or a gone process on this host."""
     optuna.storages.fail_stale_trials(study)
+    fail_trials_of(study, dead_on_this_host, handler)
 
 
 class GuardedObjective:
@@ -181,16 +186,18 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
 
     tracker = make_tracker(cfg)
     study = open_study(cfg, params, create=not join, tracking_uri=cfg.tracking_uri)
-    fail_stale(study)
+    handler = DeadTrialHandler(cfg.workers.max_retry, cfg.tracking_uri)
+    fail_dead_trials(study, handler)
     done = finished_trials(study)
     if done >= cfg.study.n_trials:
         print(f"study {cfg.study.name!r} already has {done} finished trials (budget {cfg.study.n_trials})")
         return study, False
+    resources = Resources.load(cfg)  # bad data or device settings fail here, before the parent run exists
     parent_id = parent_run(tracker, study, cfg, params)
-    resources = Resources.load(cfg)
     objective = GuardedObjective(
         QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id, show_progress),
-        BudgetGuard(cfg.study.n_trials, cfg.workers.poll_s), worker_id(), resources.base.device)
+        BudgetGuard(cfg.study.n_trials, cfg.workers.poll_s, handler, cfg.study.timeout_s), worker_id(),
+        resources.base.device)
     baseline = objective.memory_mb
     max_failures = cfg.workers.max_failures if cfg.workers.max_failures is not None else cfg.study.n_trials
     bar = tqdm(total=cfg.study.n_trials, initial=done, desc=f"sweep {cfg.study.name}", unit="trial",
@@ -221,7 +228,8 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         raise
     finally:
         bar.close()
-        if not join or status == "FINISHED":  # a worker closes the parent run when it finished the budget
+        # A lone worker closes the parent run when it finished the budget; supervised ones leave it to the launcher.
+        if not join or (status == "FINISHED" and not os.environ.get("SWEEPER_SUPERVISED")):
             finish_parent(tracker, parent_id, study, cfg, status)
     return study, recycle
 

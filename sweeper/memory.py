@@ -349,7 +349,7 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
 
 
-# --- the seed's back-of-the-envelope numbers ---------------------------------------------------------
+# --- the classic back-of-the-envelope numbers ---------------------------------------------------------
 
 def full_finetune_bytes(n_params: float, bytes_per_param: float = 16) -> float:
     """Weights + gradients + Adam state in mixed precision: 2 + 2 + (4 + 4 + 4) = 16 bytes per parameter.
@@ -362,7 +362,7 @@ def full_finetune_bytes(n_params: float, bytes_per_param: float = 16) -> float:
 def qlora_seed_components(frozen_params: float, trainable_params: float, base_bytes: float = 0.5,
                           adapter_bytes: float = 2, grad_bytes: float = 2,
                           optimizer_bytes: float = 12) -> dict[str, float]:
-    """The seed's QLoRA tally: 4-bit frozen base, 16-bit adapter and gradients, Adam at 3 x 4 bytes.
+    """The classic QLoRA tally (15.5B example): 4-bit frozen base, 16-bit adapter and gradients, Adam at 3 x 4 bytes.
 
     The seed prints 0.12 GB for the gradients of 0.11B parameters at 2 bytes; the product is 0.22 GB.
     """
@@ -371,7 +371,7 @@ def qlora_seed_components(frozen_params: float, trainable_params: float, base_by
 
 
 def qlora_seed_bytes(frozen_params: float = 15.51e9, trainable_params: float = 0.11e9, **per_param: float) -> float:
-    """Sum of :func:`qlora_seed_components` (about 9.5 GB, 'around 10 GB', for the seed's example)."""
+    """Sum of :func:`qlora_seed_components` (about 9.5 GB, 'around 10 GB', for the 15.5B example)."""
     return sum(qlora_seed_components(frozen_params, trainable_params, **per_param).values())
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import socket
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,16 @@ def space_fingerprint(params: Sequence[Param]) -> str:
                         [[n, list(v)] for n, v in p.when]] for p in params], sort_keys=True)
 
 
+def fixed_setup(cfg: SweepConfig, params: Sequence[Param]) -> dict[str, Any]:
+    """What every trial of a study shares (model, data, unsearched training settings), flat and redacted."""
+    from sweeper.tracking import flatten
+
+    config = to_container(cfg)
+    searched = {p.path for p in params}
+    flat = flatten({k: config[k] for k in ("model", "data", "lora", "optimizer", "train")})
+    return redact({k: v for k, v in flat.items() if k not in searched and k != "train.device"})
+
+
 def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True,
                tracking_uri: str | None = None) -> optuna.Study:
     """Create or resume the study named in the config; ConfigError when the stored one disagrees.
@@ -112,7 +125,13 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     storage = storage_for(url, cfg.workers, tracking_uri)
-    sampler = make_sampler(cfg.study.sampler, params)
+    sampler_cfg = cfg.study.sampler
+    if not create:
+        # Workers sharing a study must not draw the same suggestions from the same seed.
+        offset = int(os.environ.get("SWEEPER_WORKER_INDEX", os.getpid())) + 1
+        sampler_cfg = dataclasses.replace(sampler_cfg, constant_liar=True,
+                                          seed=None if sampler_cfg.seed is None else sampler_cfg.seed + offset)
+    sampler = make_sampler(sampler_cfg, params)
     pruner = make_pruner(cfg.study.pruner, cfg.train.max_steps)
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     name = cfg.study.name
@@ -125,9 +144,16 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
         raise ConfigError(f"study.directions: the stored study {name!r} has {stored_dirs}, "
                           f"the config asks for {list(cfg.study.directions)}")
     fingerprint = space_fingerprint(params)
+    setup = fixed_setup(cfg, params)
     stored = study.user_attrs.get("search_space")
+    stored_setup = study.user_attrs.get("fixed_setup")
+    if stored_setup is not None and stored_setup != setup:
+        differ = sorted(k for k in set(setup) | set(stored_setup) if setup.get(k) != stored_setup.get(k))
+        raise ConfigError(f"study {name!r} was started with other fixed settings; these differ: {', '.join(differ)}. "
+                          "Use the study's settings, or a new study.name")
     if stored is None:
         study.set_user_attr("search_space", fingerprint)
+        study.set_user_attr("fixed_setup", setup)
         study.set_user_attr("objectives", list(cfg.study.objectives))
         study.set_user_attr("sweep_config", redact(to_container(cfg)))
     elif stored != fingerprint:
@@ -166,13 +192,40 @@ class DeadTrialHandler:
             client.set_terminated(run_id, status="KILLED")
 
 
+def fail_trials_of(study: optuna.Study, is_dead: Callable[[str], bool], handler: DeadTrialHandler) -> list[int]:
+    """Fail the running trials whose worker (``host:pid``) is dead, and hand each to the retry handler."""
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if not worker or not is_dead(worker):
+            continue
+        try:
+            failed = study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process (a heartbeat check) got there first and ran the handler
+        if failed:
+            handler(study, study._storage.get_trial(trial._trial_id))
+            recovered.append(trial.number)
+    return recovered
+
+
+def dead_on_this_host(worker: str) -> bool:
+    """True for a ``host:pid`` worker of this machine whose process is gone (works without heartbeats)."""
+    import psutil
+
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
+
+
 def storage_for(url: str, workers: WorkersConfig | None = None, tracking_uri: str | None = None) -> Any:
     """Optuna storage for a URL: an RDB URL (with heartbeats), or ``journal:<path>`` for a journal file."""
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        path = Path(url.removeprefix("journal:")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
     try:
         if workers is None:
             return optuna.storages.RDBStorage(url)
@@ -191,8 +244,9 @@ def finished_trials(study: optuna.Study) -> int:
 def load_study(cfg: SweepConfig) -> optuna.Study:
     """An existing study, read-only use (export, report); ConfigError listing the studies that exist."""
     url = cfg.storage_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"study.storage: no study store at {url.removeprefix('sqlite:///')} "
+    local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url.removeprefix("journal:")
+    if url.startswith(("sqlite:///", "journal:")) and not Path(local).expanduser().is_file():
+        raise ConfigError(f"study.storage: no study store at {local} "
                           "(run `sweeper launch` first, or pass study.storage=... / output_dir=...)")
     storage = storage_for(url)
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]

@@ -12,7 +12,9 @@ from typing import Any
 
 from sweeper.config import ConfigError
 
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|private[_-]?key|credential)", re.IGNORECASE)
+# Whole words at the end of a key (hf_token, db.password, api-key), not bos_token_id or tokenizer.
+SECRET_KEY = re.compile(r"(?:^|[._-])(?:token|secret|password|passwd|api[_-]?key|private[_-]?key|credentials?)$",
+                        re.IGNORECASE)
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\s]+)@")
 URL_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret|api[_-]?key)=)[^&#\s]+",
                               re.IGNORECASE)
@@ -25,7 +27,7 @@ RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 def redact(value: Any, key: str = "") -> Any:
     """Blank out secrets: values under secret-looking keys, and passwords inside URLs."""
-    if SECRET_KEY.search(key) and value not in (None, "", False):
+    if SECRET_KEY.search(key) and value is not None and value != "" and value is not False:
         return REDACTED  # a secret-named mapping or list is blanked whole
     if isinstance(value, Mapping):
         return {k: redact(v, str(k)) for k, v in value.items()}

@@ -7,8 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
+
+from sweeper.config import ConfigError
 
 
 def free_port(host: str) -> int:
@@ -23,13 +27,16 @@ def start_ui(tracking_uri: str, artifact_root: str, host: str = "127.0.0.1", por
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
            "--default-artifact-root", artifact_root, "--host", host, "--port", str(port)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file: an unread pipe would block it once full.
+    log = tempfile.NamedTemporaryFile(prefix="mlflow-ui-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-            raise RuntimeError(f"mlflow ui exited with code {proc.returncode}: {err}")
+            err = Path(log.name).read_text(errors="replace")[-2000:]
+            raise ConfigError(f"mlflow ui exited with code {proc.returncode} ({log.name}): {err}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2):
                 return proc, url

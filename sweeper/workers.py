@@ -8,6 +8,7 @@ fails (then retries) the trial a dead worker left running. Workers on other mach
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from sweeper.config import SweepConfig
 from sweeper.launch import RECYCLE_EXIT, failed_trials, finish_parent, make_tracker, parent_run
 from sweeper.space import Param
-from sweeper.study import DeadTrialHandler, finished_trials, open_study
+from sweeper.study import DeadTrialHandler, dead_on_this_host, fail_trials_of, finished_trials, open_study
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +60,15 @@ def visible_gpus() -> list[str]:
     return names[:count]
 
 
-def worker_command(args: Sequence[str], config_file: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "sweeper", "worker", *args, "--no-progress"]
+def worker_command(config_file: str | None) -> list[str]:
+    # Overrides travel in the environment (SWEEPER_OVERRIDES), not argv, where `ps` would show passwords.
+    cmd = [sys.executable, "-m", "sweeper", "worker", "--no-progress"]
     return cmd + (["--config", config_file] if config_file else [])
 
 
-def recover_dead_worker(study: optuna.Study, worker: str, handler: DeadTrialHandler) -> list[int]:
-    """Fail the trials a dead worker left running and hand them to the retry handler."""
-    recovered = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker") == worker:
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            handler(study, study._storage.get_trial(trial._trial_id))
-            recovered.append(trial.number)
-    return recovered
+def log_tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return "\n".join("    " + line for line in text[-lines:])
 
 
 def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str], config_file: str | None,
@@ -86,17 +83,19 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str
     logs = cfg.output_path / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     handler = DeadTrialHandler(cfg.workers.max_retry, cfg.tracking_uri)
+    fail_trials_of(study, dead_on_this_host, handler)  # left running by an earlier launch that was killed
     threads = max(1, (os.cpu_count() or 1) // count)
     print(f"{count} workers ({'GPUs ' + ','.join(gpus[:count]) if gpus else 'CPU'}); logs in {logs}")
 
     def start(slot: Slot) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWEEPER_OVERRIDES": json.dumps(list(args)),
+               "SWEEPER_WORKER_INDEX": str(slot.index), "SWEEPER_SUPERVISED": "1"}
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         else:
             env.setdefault("OMP_NUM_THREADS", str(threads))
         with open(logs / f"worker-{slot.index}.log", "ab") as out:
-            slot.proc = subprocess.Popen(worker_command(args, config_file), env=env, stdout=out,
+            slot.proc = subprocess.Popen(worker_command(config_file), env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     for slot in slots:
@@ -116,8 +115,9 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str
                     start(slot)
                 elif rc != 0:
                     slot.deaths += 1
-                    lost = recover_dead_worker(study, slot.worker, handler)
-                    log.warning("worker %d exited with %s; trials %s failed and enqueued again", slot.index, rc, lost)
+                    lost = fail_trials_of(study, slot.worker.__eq__, handler)
+                    log.warning("worker %d exited with %s; trials %s failed and enqueued again; its log ends:\n%s",
+                                slot.index, rc, lost, log_tail(logs / f"worker-{slot.index}.log"))
                     done = finished_trials(study) >= cfg.study.n_trials
                     if slot.deaths <= MAX_RESTARTS and not done:
                         start(slot)
@@ -130,16 +130,27 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str
         status = "FINISHED" if complete else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        for slot in slots:
-            if slot.proc is not None:
-                slot.proc.terminate()
         raise
     finally:
+        _stop(slots)
         bar.close()
         finish_parent(tracker, parent_id, study, cfg, status)
     if failed_trials(study):
         print(f"{failed_trials(study)} trials failed; see {logs}")
     return study
+
+
+def _stop(slots: Sequence[Slot]) -> None:
+    """End every worker still running (the launcher is stopping): politely, then by force."""
+    live = [s.proc for s in slots if s.proc is not None and s.proc.poll() is None]
+    for proc in live:
+        proc.terminate()
+    for proc in live:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _show(bar: tqdm, study: optuna.Study) -> None:

@@ -74,7 +74,7 @@ def test_files_in_both_layouts(tmp_path: Path, tokenizer, layout: str) -> None: 
 def test_bad_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"question": "q", "answer": "a"}))
-    with pytest.raises(ConfigError, match="row 0 of bad.jsonl has neither 'messages' nor 'instruction'"):
+    with pytest.raises(ConfigError, match="row 0 of bad.jsonl has neither 'messages'"):
         data.read_file(path)
     with pytest.raises(ConfigError, match="data.source: 'nope.txt' is not 'stdlib'"):
         data.load_examples(DataConfig(source="nope.txt"), tmp_path)
@@ -88,3 +88,16 @@ def test_batches_are_seeded_and_padded() -> None:
     batch = data.collate(rows[:3], pad_id=0)
     assert batch["attention_mask"].sum().item() == 1 + 2 + 3
     assert (batch["labels"][0, 1:] == data.IGNORE_INDEX).all()
+
+
+def test_malformed_and_tiny_data_are_clear_errors(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    with pytest.raises(ConfigError, match="broken.jsonl does not parse"):
+        data.read_file(broken)
+    with pytest.raises(ConfigError, match="fewer than train.micro_batch_size=4"):
+        next(data.train_batches([{"input_ids": [1], "labels": [1]}] * 3, 4, seed=0, pad_id=0))
+    long = tmp_path / "long.jsonl"
+    long.write_text("\n".join(json.dumps({"instruction": f"{i} " + "x " * 200, "output": "y"}) for i in range(20)))
+    with pytest.raises(ConfigError, match="keeps response tokens within data.max_length=16"):
+        data.prepare(DataConfig(source=str(long), max_length=16, eval_fraction=0.5), tokenizer, tmp_path)

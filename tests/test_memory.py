@@ -1,4 +1,4 @@
-"""The memory model: the seed's numbers, table tests, exact adapter counts against peft, saved activations
+"""The memory model: the worked 15.5B examples, table tests, exact adapter counts against peft, saved activations
 against autograd, monotonicity, and the GPU benchmark's pure parts (its GPU run is bench/memory_accuracy.py)."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ LLAMA_8B: dict[str, Any] = {
     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False}
 
 
-# --- the seed's worked numbers ----------------------------------------------------------------------
+# --- the worked 15.5B examples ----------------------------------------------------------------------
 
 def test_full_fine_tuning_of_the_seeds_15_5b_model_needs_248_gb() -> None:
     assert full_finetune_bytes(15.5e9) == pytest.approx(248e9)

@@ -70,3 +70,14 @@ def test_out_of_memory_at_the_floor_fails_and_the_next_trial_runs(setup) -> None
     assert "TrialOutOfMemory" in trial.user_attrs["state_reason"]
     assert objective(optuna.trial.FixedTrial({}, number=2)) > 0
     assert memory_in_use_mb(resources.base.device) - before < 64  # back near the resident base's level
+
+
+def test_splitting_a_step_into_micro_batches_keeps_the_objective(setup) -> None:  # type: ignore[no-untyped-def]
+    """4 x 1 and 2 x 2 see the same examples per step and weigh every response token alike."""
+    import dataclasses
+
+    cfg, resources = setup
+    split = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2, grad_accum=2))
+    whole = QLoRAObjective(cfg, [], resources.base, resources.data, None, show_progress=False)
+    halves = QLoRAObjective(split, [], resources.base, resources.data, None, show_progress=False)
+    assert halves(optuna.trial.FixedTrial({})) == pytest.approx(whole(optuna.trial.FixedTrial({})), rel=1e-6)

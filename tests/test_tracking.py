@@ -90,9 +90,9 @@ def test_child_runs_carry_sampled_and_fixed_params(sweep: Sweep) -> None:
         params = sweep.children[trial.number].data.params
         for name, value in trial.params.items():  # no conditions here: Optuna names are the config paths
             assert params[name] == str(value)
-        assert params["fixed.lora.targets"] == str(trial.params["lora.targets"])
-        assert params["fixed.model.quant_type"] == "nf4"
-        assert params["fixed.train.max_steps"] == "2"
+        assert params["config.lora.targets"] == str(trial.params["lora.targets"])
+        assert params["config.model.quant_type"] == "nf4"
+        assert params["config.train.max_steps"] == "2"
 
 
 def test_child_runs_have_their_config_as_an_artifact(sweep: Sweep, tmp_path: Path) -> None:
@@ -197,11 +197,11 @@ def test_secrets_never_reach_the_mlflow_store(tmp_path: Path) -> None:
     """Params, tags and dict artifacts written through a real Tracker come back without the password."""
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "secrets", tmp_path / "artifacts")
     run_id = tracker.start_run("run", params={"storage": PG_URL, "hf_token": "hf_abcdef",
-                                              "fixed": {"study": {"storage": PG_URL}}})
+                                              "config": {"study": {"storage": PG_URL}}})
     tracker.log_dict(run_id, {"study": {"storage": PG_URL}, "hf_token": "hf_abcdef"}, "sweep_config.yaml")
     tracker.end_run(run_id)
     run = tracker.client.get_run(run_id)
-    assert run.data.params["storage"] == run.data.params["fixed.study.storage"] == redact(PG_URL)
+    assert run.data.params["storage"] == run.data.params["config.study.storage"] == redact(PG_URL)
     assert run.data.params["hf_token"] == REDACTED
     local = tracker.client.download_artifacts(run_id, "sweep_config.yaml", str(tmp_path / "dl"))
     text = Path(local).read_text()
@@ -301,3 +301,10 @@ def test_a_tracking_server_over_http(tmp_path: Path) -> None:
         assert not (tmp_path / "local" / "mlflow.db").exists()  # nothing went to the local default store
     finally:
         stop_ui(proc)
+
+
+def test_ordinary_keys_that_mention_tokens_are_kept() -> None:
+    config = {"model": {"config_overrides": {"bos_token_id": 1, "eos_token_id": 0}}, "tokenizer": "x",
+              "num_tokens": 5, "hf_token": "hf_x", "db": {"password": 0}}
+    assert redact(config) == {"model": {"config_overrides": {"bos_token_id": 1, "eos_token_id": 0}},
+                              "tokenizer": "x", "num_tokens": 5, "hf_token": REDACTED, "db": {"password": REDACTED}}

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeper import compose
+from sweeper.config import ConfigError
 from sweeper.launch import parent_run, run_sweep
 from sweeper.study import open_study
 from sweeper.ui import free_port
@@ -217,3 +218,31 @@ def test_wrong_password_is_a_clear_error(postgres: str, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "study.storage: cannot open" in result.stderr and "password authentication failed" in result.stderr
     assert ":wrong@" not in result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_trials_left_running_by_a_dead_process_are_retried(tmp_path: Path) -> None:
+    """A launch killed outright leaves a RUNNING trial behind (no heartbeat on SQLite); a resume recovers it."""
+    import socket
+
+    args = [*TINY, *SPACE, "study.n_trials=2", f"output_dir={tmp_path}"]
+    cfg, params = compose.load(args)
+    study = open_study(cfg, params)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = study.ask()
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{gone.pid}")
+    study = run_sweep(cfg, params, show_progress=False)
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == TrialState.FAIL
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states.values()) == 2
+    assert any(t.user_attrs.get("retry_of") == orphan.number for t in study.trials)
+
+
+def test_joining_with_other_fixed_settings_is_refused(tmp_path: Path) -> None:
+    base = [*TINY, *SPACE, f"output_dir={tmp_path}"]
+    cfg, params = compose.load(base)
+    open_study(cfg, params)
+    other, _ = compose.load([*base, "train.max_steps=5", "data.max_length=32"])
+    with pytest.raises(ConfigError, match="these differ: data.max_length, train.max_steps"):
+        open_study(other, params, create=False)
