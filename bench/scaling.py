@@ -48,6 +48,7 @@ from bench.common import (
     steady_per_hour,
     write_report,
 )
+from sweeper.workers import visible_gpus
 
 ISSUE_SPEC = "1 vs 2 workers on two GPUs on one PostgreSQL-backed study; goal: at least 1.8x the trials per hour"
 
@@ -94,19 +95,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.cpu_smoke:
         args.trials, args.steps, args.batch = 2, 2, 2
     return args
-
-
-def visible_gpus() -> list[str]:
-    """CUDA devices as CUDA_VISIBLE_DEVICES names them (all of them when it is unset)."""
-    try:
-        import torch
-
-        count = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no CUDA runtime means no GPUs
-        return []
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = [n.strip() for n in listed.split(",") if n.strip()] if listed else [str(i) for i in range(count)]
-    return names[:count]
 
 
 def phase_overrides(args: argparse.Namespace, workdir: Path, workers: int) -> list[str]:

@@ -19,6 +19,15 @@ TINY = ["model=tiny_random", "train.max_steps=2", "train.eval_every=1", "train.m
         "data.max_length=64", "data.max_eval_examples=8"]
 
 
+# Architecture fields of two real models, for the memory model's tests (no weights needed).
+SMOLLM2: dict[str, object] = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+LLAMA_8B: dict[str, object] = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False}
+
+
 @pytest.fixture
 def tiny_args(tmp_path: Path) -> list[str]:
     return [*TINY, f"output_dir={tmp_path}"]

@@ -32,15 +32,10 @@ from sweeper.memory import (
     quantized_weight_bytes,
     unquantized_weight_bytes,
 )
+from tests.conftest import LLAMA_8B, SMOLLM2
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SMOLLM2: dict[str, Any] = {
-    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
-LLAMA_8B: dict[str, Any] = {
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False}
 
 
 # --- the worked 15.5B examples ----------------------------------------------------------------------

@@ -25,13 +25,8 @@ from sweeper.plan import (
     trial_seconds,
 )
 from sweeper.space import parse_space
+from tests.conftest import LLAMA_8B, SMOLLM2
 
-SMOLLM2: dict[str, Any] = {
-    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
-LLAMA_8B: dict[str, Any] = {
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False}
 CPU = cpu_device(2)
 
 
