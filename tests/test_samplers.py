@@ -30,7 +30,7 @@ FINAL_EVAL = "train.eval_every=2"
 SPACE = ["lora.r=choice(4, 8)", "optimizer.lr=tag(log, interval(1e-4, 1e-1))"]
 GRID_SPACE = ["lora.r=choice(4, 8)", "optimizer.lr=range(0.01, 0.02, step=0.01)"]
 # A learning rate that lowers the loss within a step, and one that barely moves it: a pruner's target.
-GOOD, BAD = {"lora.r": 4, "optimizer.lr": 1e-1}, {"lora.r": 4, "optimizer.lr": 1e-4}
+GOOD, BAD = {"lora.r": 4, "optimizer.lr": 1e-2}, {"lora.r": 4, "optimizer.lr": 1e-4}
 
 
 @pytest.fixture(scope="module")

@@ -120,15 +120,15 @@ def test_three_workers_finish_exactly_the_budget(postgres: str, tmp_path: Path) 
 @pytest.mark.postgres
 def test_a_killed_worker_is_recovered_by_heartbeat(postgres: str, tmp_path: Path) -> None:
     storage, tracking = f"{postgres}/optuna2", f"{postgres}/mlflow2"
-    args = [*TINY, *SPACE, *FAST_HEARTBEAT, "study.n_trials=4", "study/pruner=none", f"study.storage={storage}",
-            f"tracking.uri={tracking}", f"output_dir={tmp_path}"]
+    # Trials long enough (60 steps) for the victim to be killed in the middle of one.
+    args = [*TINY, *SPACE, *FAST_HEARTBEAT, "train.max_steps=60", "train.eval_every=20", "study.n_trials=3",
+            "study/pruner=none", f"study.storage={storage}", f"tracking.uri={tracking}", f"output_dir={tmp_path}"]
     cfg, params = compose.load(args)
     from sweeper.launch import make_tracker
 
     parent_run(make_tracker(cfg), open_study(cfg, params, tracking_uri=tracking), cfg, params)
 
-    slow = [*args, "train.max_steps=400"]  # the victim's trials are long enough to be killed mid-way
-    victim = subprocess.Popen([sys.executable, "-m", "sweeper", "worker", *slow, "--no-progress"], cwd=ROOT,
+    victim = subprocess.Popen([sys.executable, "-m", "sweeper", "worker", *args, "--no-progress"], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     study = optuna.load_study(study_name="qlora-default", storage=storage)
     deadline = time.monotonic() + 240
@@ -151,7 +151,7 @@ def test_a_killed_worker_is_recovered_by_heartbeat(postgres: str, tmp_path: Path
     retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
     assert retried and retried[0].params == killed.params
     assert "no heartbeat" in retried[0].user_attrs["retry_reason"]
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 4
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 3
     run = MlflowClient(tracking).get_run(killed.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
 
