@@ -244,7 +244,7 @@ class StudyConfig:
     """The Optuna study: name, storage, budget, objectives."""
 
     name: str = "qlora-default"
-    n_trials: int = 6
+    n_trials: int = 10
     """Total budget of finished (complete or pruned) trials; a resumed study runs only what is missing."""
     storage: str | None = None
     """Optuna storage URL; None keeps it beside MLflow under ``output_dir``."""
