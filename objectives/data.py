@@ -28,10 +28,6 @@ class TokenizedSplits:
     train: list[dict[str, list[int]]]
     eval: list[dict[str, list[int]]]
 
-    @property
-    def train_tokens(self) -> int:
-        return sum(len(e["input_ids"]) for e in self.train)
-
 
 def _bucket(key: str) -> float:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF

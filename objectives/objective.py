@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -211,7 +212,7 @@ class QLoRAObjective:
             "final_eval_loss": result.eval_loss, "trainable_params": result.trainable_params,
             "trial_seconds": seconds, "train_seconds": result.seconds})
         if self._keep_adapter(trial, values):
-            with self.tracker.scratch() as tmp:
+            with tempfile.TemporaryDirectory(prefix="qlora-sweep-") as tmp:
                 model.save_pretrained(tmp)
                 self.tracker.log_artifacts(run_id, Path(tmp), "adapter")
             trial.set_user_attr("adapter_uri", self.tracker.artifact_uri(run_id, "adapter"))

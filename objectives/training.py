@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +28,6 @@ class TrainResult:
     peak_memory_mb: float
     seconds: float
     """Wall time inside training and evaluation steps (excludes setup and logging)."""
-    eval_history: list[tuple[int, float]] = field(default_factory=list)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -107,7 +106,6 @@ def train_adapter(
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     busy = 0.0
-    history: list[tuple[int, float]] = []
     eval_loss = math.nan
     peak = 0.0
     for step in range(1, train.max_steps + 1):
@@ -140,8 +138,7 @@ def train_adapter(
             start = time.perf_counter()
             eval_loss = evaluate(model, data, train.micro_batch_size, pad_id, device)
             busy += time.perf_counter() - start
-            history.append((step, eval_loss))
             on_eval(step, eval_loss)
     return TrainResult(eval_loss=eval_loss, steps=train.max_steps,
                        trainable_params=sum(p.numel() for p in params), peak_memory_mb=peak,
-                       seconds=busy, eval_history=history)
+                       seconds=busy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def write_study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
 
 def log_study_plots(tracker: Tracker, run_id: str, study: optuna.Study) -> list[str]:
     """Redraw the plots and log them to the parent run under ``plots/``."""
-    with tracker.scratch() as tmp:
+    with tempfile.TemporaryDirectory(prefix="qlora-sweep-") as tmp:
         written = write_study_plots(study, Path(tmp))
         if written:
             tracker.log_artifacts(run_id, tmp, "plots")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -137,6 +136,3 @@ class Tracker:
     def artifact_uri(self, run_id: str, path: str = "") -> str:
         base = self.client.get_run(run_id).info.artifact_uri
         return f"{base}/{path}" if path else base
-
-    def scratch(self) -> tempfile.TemporaryDirectory[str]:
-        return tempfile.TemporaryDirectory(prefix="qlora-sweep-")
