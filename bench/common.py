@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,6 +309,8 @@ class TrialTiming:
     """Seconds the benchmark itself spent inside the trial (not charged to the method)."""
     worker: str = ""
     params: Mapping[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    """Optimizer steps the trial trained: its last reported step (None when it reported none)."""
 
 
 def from_frozen(trial: Any, excluded: float = 0.0) -> TrialTiming:
@@ -318,7 +320,8 @@ def from_frozen(trial: Any, excluded: float = 0.0) -> TrialTiming:
     busy = trial.user_attrs.get("train_seconds")
     return TrialTiming(number=trial.number, start=start, end=end, state=trial.state.name, value=trial.value,
                        busy=float(busy) if busy is not None else None, excluded=excluded,
-                       worker=str(trial.user_attrs.get("worker", "")), params=dict(trial.params))
+                       worker=str(trial.user_attrs.get("worker", "")), params=dict(trial.params),
+                       steps=max(trial.intermediate_values, default=None))
 
 
 def trial_walls(trials: Sequence[TrialTiming]) -> list[float]:
@@ -368,11 +371,13 @@ def assign_workers(trials: Sequence[TrialTiming], k: int) -> list[list[TrialTimi
     return [lane for lane in lanes if lane]
 
 
-def time_to_target(trials: Sequence[TrialTiming], threshold: float) -> float | None:
-    """GPU seconds (trial walls, in trial order) until a complete trial's value is at or under ``threshold``."""
+def time_to_target(trials: Sequence[TrialTiming], threshold: float,
+                   cost: Callable[[TrialTiming], float] = lambda t: t.end - t.start) -> float | None:
+    """Cost (by default GPU seconds: trial walls), summed in trial order until a complete trial's value is at or
+    under ``threshold``."""
     spent = 0.0
     for t in sorted(trials, key=lambda t: t.number):
-        spent += t.end - t.start
+        spent += cost(t)
         if t.state == "COMPLETE" and t.value is not None and t.value <= threshold:
             return spent
     return None
@@ -465,21 +470,14 @@ def model_path(model_cfg: Any) -> str:
     return str(random_model_dir(model_cfg, source)) if model_cfg.random_init else source
 
 
-def unpad(batch: Mapping[str, Any]) -> list[dict[str, list[int]]]:
-    """A right-padded micro-batch back into its rows."""
-    lengths = batch["attention_mask"].sum(1).tolist()
-    return [{"input_ids": batch["input_ids"][i, :n].tolist(), "labels": batch["labels"][i, :n].tolist()}
-            for i, n in enumerate(lengths)]
-
-
-def loop_batches(data: Any, train_cfg: Any, pad_id: int) -> list[dict[str, Any]]:
-    """The micro-batches our training loop feeds in one trial, in its order (same seed, same batches)."""
+def loop_rows(data: Any, train_cfg: Any) -> list[list[dict[str, list[int]]]]:
+    """The micro-batches (rows) our training loop feeds in one trial, in its order (same seed, same rows)."""
     from itertools import islice
 
-    from objectives.data import train_batches
+    from objectives.data import train_micro_batches
 
     count = train_cfg.max_steps * train_cfg.grad_accum
-    return list(islice(train_batches(data.train, train_cfg.micro_batch_size, train_cfg.seed, pad_id), count))
+    return list(islice(train_micro_batches(data.train, train_cfg.micro_batch_size, train_cfg.seed), count))
 
 
 def trainer_arguments(cfg: Any) -> dict[str, Any]:
@@ -489,7 +487,7 @@ def trainer_arguments(cfg: Any) -> dict[str, Any]:
     return {
         "learning_rate": float(o.lr),
         "weight_decay": float(o.weight_decay),
-        "optim": "sgd" if sgd else "adamw_torch",
+        "optim": "sgd" if sgd else "adamw_torch_fused",  # Trainer's default with torch >= 2.8
         # always a string: hyperparameter_search casts each value to the type of the field's last value
         "optim_args": f"momentum={o.momentum},nesterov={o.nesterov}" if sgd else "",
         "adam_beta1": float(o.betas[0]),

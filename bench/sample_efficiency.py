@@ -14,6 +14,7 @@ times, pruned ones included, in trial order) until its first complete trial at o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -78,6 +79,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--study-timeout", type=float, default=36.0,
                    help="stop starting trials in a study after this many seconds (equal GPU time at most)")
     p.add_argument("--weights", choices=["real", "random"], default="real")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the studies in this many processes at once, spread over the visible GPUs (trial "
+                        "times are then measured while GPUs are shared; steps to target are not affected)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a job's studies: "seed:strategy,..."
+    p.add_argument("--dump", default=None, help=argparse.SUPPRESS)  # where a job writes its runs (JSON)
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.seeds, args.trials, args.steps, args.eval_every, args.batch = "0", 2, 2, 1, 2
@@ -93,9 +99,67 @@ def common_overrides(args: argparse.Namespace, workdir: Path) -> list[str]:
     return out + (["data.max_length=64", "data.max_eval_examples=8"] if args.cpu_smoke else [])
 
 
+def all_studies(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(seed, strategy) pairs, seeds outermost: a run cut short still has every strategy for its first seeds."""
+    if args.only:
+        return [(int(seed), strategy) for seed, _, strategy in (x.partition(":") for x in args.only.split(","))]
+    return [(int(seed), strategy) for seed in args.seeds.split(",") if seed.strip() for strategy in STRATEGIES]
+
+
+def run_jobs(args: argparse.Namespace, argv: Sequence[str], workdir: Path) -> tuple[list[StudyRun], float]:
+    """The studies split over ``args.jobs`` processes of this script, round-robin over the visible GPUs."""
+    import json
+    import os
+    import subprocess
+
+    import torch
+
+    studies = all_studies(args)
+    gpus = [str(i) for i in range(torch.cuda.device_count())] or [""]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        gpus = [g.strip() for g in visible.split(",")]
+    procs = []
+    for job in range(args.jobs):
+        mine = studies[job::args.jobs]
+        if not mine:
+            continue
+        jobdir = workdir / f"job{job}"
+        cmd = [sys.executable, __file__, *strip_job_options(argv), "--workdir", str(jobdir),
+               "--only", ",".join(f"{seed}:{strategy}" for seed, strategy in mine),
+               "--dump", str(jobdir / "runs.json"), "--out", str(jobdir / "report.md")]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[job % len(gpus)]}
+        procs.append((jobdir, subprocess.Popen(cmd, env=env)))
+    runs: list[StudyRun] = []
+    warmups = []
+    for jobdir, proc in procs:
+        if proc.wait() != 0:
+            say(f"job in {jobdir} failed with exit status {proc.returncode}")
+            continue
+        saved = json.loads((jobdir / "runs.json").read_text())
+        warmups.append(saved["warmup_s"])
+        runs += [StudyRun(r["strategy"], r["seed"], [TrialTiming(**t) for t in r["trials"]], r["capped"])
+                 for r in saved["runs"]]
+    order = {study: i for i, study in enumerate(studies)}
+    runs.sort(key=lambda r: order[(r.seed, r.strategy)])
+    return runs, max(warmups, default=math.nan)
+
+
+def strip_job_options(argv: Sequence[str]) -> list[str]:
+    """The command line without the options a job gets its own values for."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--jobs", "--workdir", "--only", "--dump", "--out"):
+            skip = True
+        elif not a.startswith(("--jobs=", "--workdir=", "--only=", "--dump=", "--out=")):
+            out.append(a)
+    return out
+
+
 def run_studies(args: argparse.Namespace, workdir: Path) -> tuple[list[StudyRun], float]:
-    """Warm up once, then every (seed, strategy) study with the one resident base; seeds outermost, so a
-    run cut short still has every strategy for the seeds it finished."""
+    """Warm up once, then every (seed, strategy) study with the one resident base."""
     import optuna
 
     from objectives.objective import QLoRAObjective
@@ -111,19 +175,18 @@ def run_studies(args: argparse.Namespace, workdir: Path) -> tuple[list[StudyRun]
     QLoRAObjective(cfg, [], resources.base, resources.data, None, None, False)(optuna.trial.FixedTrial({}))
     warmup_s = time.perf_counter() - start
     runs = []
-    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
-        for strategy, overrides in STRATEGIES.items():
-            say(f"[{time.strftime('%H:%M:%S')}] seed {seed} {strategy} ...")
-            cfg, params = compose.load([*common, *overrides, f"study.sampler.seed={seed}",
-                                        f"study.name=efficiency-{strategy}-{seed}"])
-            study = open_study(cfg, params)
-            objective = QLoRAObjective(cfg, params, resources.base, resources.data, None, None, False)
-            began = time.perf_counter()
-            study.optimize(objective, n_trials=args.trials, timeout=args.study_timeout, catch=(Exception,),
-                           gc_after_trial=True)
-            trials = [from_frozen(t) for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
-            capped = len(trials) < args.trials and time.perf_counter() - began >= args.study_timeout
-            runs.append(StudyRun(strategy, seed, trials, capped))
+    for seed, strategy in all_studies(args):
+        say(f"[{time.strftime('%H:%M:%S')}] seed {seed} {strategy} ...")
+        cfg, params = compose.load([*common, *STRATEGIES[strategy], f"study.sampler.seed={seed}",
+                                    f"study.name=efficiency-{strategy}-{seed}"])
+        study = open_study(cfg, params)
+        objective = QLoRAObjective(cfg, params, resources.base, resources.data, None, None, False)
+        began = time.perf_counter()
+        study.optimize(objective, n_trials=args.trials, timeout=args.study_timeout, catch=(Exception,),
+                       gc_after_trial=True)
+        trials = [from_frozen(t) for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+        capped = len(trials) < args.trials and time.perf_counter() - began >= args.study_timeout
+        runs.append(StudyRun(strategy, seed, trials, capped))
     return runs, warmup_s
 
 
@@ -141,32 +204,44 @@ def median_time(times: Sequence[float | None]) -> float | None:
     return None if math.isinf(m) else m
 
 
+def steps_of(t: TrialTiming) -> float:
+    return float(t.steps or 0)
+
+
 def build_report(args: argparse.Namespace, runs: list[StudyRun], warmup_s: float, env: dict[str, str],
                  command: str) -> str:
     goal = target(runs)
     ttt = {id(r): time_to_target(r.trials, goal) if goal is not None else None for r in runs}
-    rows, medians = [], {}
+    stt = {id(r): time_to_target(r.trials, goal, steps_of) if goal is not None else None for r in runs}
+    rows, medians, step_medians = [], {}, {}
     for strategy in STRATEGIES:
         mine = [r for r in runs if r.strategy == strategy]
         times = [ttt[id(r)] for r in mine]
         medians[strategy] = median_time(times)
+        step_medians[strategy] = median_time([stt[id(r)] for r in mine])
         reached = [t for t in times if t is not None]
         rows.append([LABELS[strategy], f"{len(reached)} of {len(mine)}",
                      num(medians[strategy], 1) if medians[strategy] is not None else "not reached",
-                     spread(reached, 1), spread([r.gpu_s for r in mine], 1),
+                     spread(reached, 1),
+                     num(step_medians[strategy], 0) if step_medians[strategy] is not None else "not reached",
+                     spread([r.gpu_s for r in mine], 1),
                      spread([sum(t.state == "PRUNED" for t in r.trials) for r in mine], 0),
                      spread([r.best for r in mine], 4)])
     table = markdown_table(["strategy", "seeds reaching the target", "GPU s to target (median)",
-                            "GPU s to target, reached: median [min, max]", "GPU s per study", "pruned trials",
-                            "best eval loss"], rows)
-    sh, rnd = medians.get("tpe+sh"), medians.get("random")
-    verdict = (f"{sh / rnd:.2f}" if sh is not None and rnd else "n/a (a median did not reach the target)")
+                            "GPU s to target, reached: median [min, max]", "training steps to target (median)",
+                            "GPU s per study", "pruned trials", "best eval loss"], rows)
+
+    def verdict(m: dict[str, float | None]) -> str:
+        sh, rnd = m.get("tpe+sh"), m.get("random")
+        return f"{sh / rnd:.2f}" if sh is not None and rnd else "n/a (a median did not reach the target)"
+
     per_study = markdown_table(
-        ["strategy", "seed", "trials (complete / pruned / failed)", "GPU s", "GPU s to target", "best eval loss",
-         "stopped by timeout"],
+        ["strategy", "seed", "trials (complete / pruned / failed)", "GPU s", "GPU s to target", "steps to target",
+         "best eval loss", "stopped by timeout"],
         [[LABELS[r.strategy], r.seed,
           "/".join(str(sum(t.state == s for t in r.trials)) for s in ("COMPLETE", "PRUNED", "FAIL")),
-          num(r.gpu_s, 1), num(ttt[id(r)], 1), num(r.best, 4), "yes" if r.capped else "no"] for r in runs])
+          num(r.gpu_s, 1), num(ttt[id(r)], 1), num(stt[id(r)], 0), num(r.best, 4), "yes" if r.capped else "no"]
+         for r in runs])
     seeds = sorted({r.seed for r in runs})
     best = goal / (1 + TOLERANCE) if goal is not None else None
     ran = [
@@ -187,9 +262,13 @@ def build_report(args: argparse.Namespace, runs: list[StudyRun], warmup_s: float
         "evaluation. No MLflow logging in these studies (the same for all).",
         f"- Warm-up excluded: model load and one untimed trial of the default config ({warmup_s:.1f} s) before "
         "the first study.",
-    ]
-    results = (table + f"\n\n- TPE + successive halving / random search, median GPU time to target: {verdict} "
-               "(goal <= 0.33).")
+        "- Training steps to target: the same sum counting each trial's optimizer steps (a pruned trial's last "
+        "reported step) instead of its time: independent of how busy the GPU was.",
+    ] + ([f"- The studies ran in {args.jobs} processes at once, spread over the visible GPUs: trial times are "
+          "measured while each GPU was shared (the same for every strategy, which ran side by side)."]
+         if args.jobs > 1 else [])
+    results = (table + f"\n\n- TPE + successive halving / random search, median GPU time to target: "
+               f"{verdict(medians)} (goal <= 0.33); median training steps to target: {verdict(step_medians)}.")
     return render_report("Benchmark 3: sample efficiency", env, command,
                          [("What ran", "\n".join(ran)), ("Results", results), ("Per study", per_study)])
 
@@ -200,7 +279,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = make_workdir(args, "efficiency")
     env, command = environment(), command_line()
     say(f"workdir {workdir}")
-    runs, warmup_s = run_studies(args, workdir)
+    if args.jobs > 1 and not args.only:
+        runs, warmup_s = run_jobs(args, sys.argv[1:] if argv is None else argv, workdir)
+    else:
+        runs, warmup_s = run_studies(args, workdir)
+    if args.dump:
+        import json
+
+        Path(args.dump).write_text(json.dumps({"warmup_s": warmup_s, "runs": [
+            {"strategy": r.strategy, "seed": r.seed, "capped": r.capped,
+             "trials": [dataclasses.asdict(t) for t in r.trials]} for r in runs]}))
     write_report(args.out, build_report(args, runs, warmup_s, env, command))
     return 0
 

@@ -5,10 +5,12 @@ LoRA r=16 on all linear layers, gradient checkpointing, AdamW, cosine), the same
 and the same batches in the same order go through:
 
 - ours: ``objectives.training.train_adapter`` (pads each micro-batch to its longest row);
-- trainer: ``transformers.Trainer`` on the same peft model, computing like our loop (no autocast);
+- ours-packed: the same with ``train.packing=true`` (examples share rows, no padding between them);
+- trainer: ``transformers.Trainer`` (its default fused AdamW) on the same peft model, computing like our
+  loop (no autocast);
 - trainer-bf16: the same with ``bf16=True`` (autocast), as the usual QLoRA recipe sets it;
-- packed: an experiment kept in this file: our loop's step, but each micro-batch's rows concatenated into
-  one row without padding (position ids restart per example, so attention stays within an example).
+- ours-bf16, ours-bf16-packed: our loop on a base loaded with ``model.upcast_unquantized=false``
+  (embeddings, head and norms stay bf16, so activations are bf16), padded and packed.
 
 Tokens/s counts real (non-padding) tokens over the steps after the warm-up steps; peak memory is the
 most allocated CUDA memory during training (base weights included).
@@ -36,7 +38,7 @@ from bench.common import (
     command_line,
     environment,
     free_accelerator,
-    loop_batches,
+    loop_rows,
     make_workdir,
     markdown_table,
     model_overrides,
@@ -48,13 +50,14 @@ from bench.common import (
     say,
     trainer_arguments,
     trainer_fixed_arguments,
-    unpad,
     write_report,
 )
 
-METHODS = ("ours", "packed", "trainer", "trainer-bf16")
-LABELS = {"ours": "ours (padded per batch)", "packed": "ours + packing (experiment)",
-          "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast"}
+METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed")
+LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
+          "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
+          "ours-bf16": "ours, upcast_unquantized=false",
+          "ours-bf16-packed": "ours, upcast_unquantized=false + packing"}
 # micro-batch, steps per shape: the steps keep the 8B shape's share of the run affordable
 SIZES = {"tiny": (2, 4), "135m": (16, 30), "1b": (16, 30), "8b": (16, 20)}
 # tokens/s, peak GiB, median step seconds, mean train loss
@@ -130,9 +133,12 @@ def _peak_gib(device: Any) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int) -> Measured:
+def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, packing: bool) -> Measured:
+    import dataclasses
+
     from objectives.training import train_adapter
 
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=packing))
     stamps: list[float] = []
     losses: list[float] = []
 
@@ -144,56 +150,6 @@ def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int) -> 
         result = train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
                                on_step=on_step)
     peak = result.peak_memory_mb / 1024 if base.device.type == "cuda" else None
-    return (steady_tokens_per_s(stamps, tokens, warmup), peak, median_step(stamps, warmup),
-            statistics.fmean(losses))
-
-
-def packed_batches(batches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each padded micro-batch as one row of its examples back to back; position ids restart per example.
-
-    The first token of every example is a masked prompt token, so no loss crosses an example boundary.
-    """
-    import torch
-
-    out = []
-    for batch in batches:
-        rows = unpad(batch)
-        out.append({"input_ids": torch.tensor([[t for r in rows for t in r["input_ids"]]]),
-                    "labels": torch.tensor([[t for r in rows for t in r["labels"]]]),
-                    "position_ids": torch.cat([torch.arange(len(r["input_ids"])) for r in rows])[None]})
-    return out
-
-
-def run_packed(base: Any, cfg: Any, packed: list[dict[str, Any]], tokens: list[int],
-               warmup: int) -> Measured:
-    """Our loop's optimizer step (AdamW, warmup + cosine, clipping), fed packed rows (grad_accum 1)."""
-    import math
-
-    import torch
-
-    from objectives.training import build_optimizer, lr_lambda
-
-    device = base.device
-    stamps: list[float] = []
-    losses: list[float] = []
-    with base.adapter(cfg.lora, cfg.train.seed) as model:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, cfg.optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer, len(packed)))
-        _peak_reset(device)
-        model.train()
-        for batch in packed:
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            loss.backward()
-            losses.append(float(loss.detach()))
-            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
-            float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            stamps.append(time.perf_counter())
-        peak = _peak_gib(device)
-        del optimizer, scheduler, params
     return (steady_tokens_per_s(stamps, tokens, warmup), peak, median_step(stamps, warmup),
             statistics.fmean(losses))
 
@@ -234,6 +190,7 @@ def run_trainer(base: Any, data: Any, cfg: Any, rows: list[dict[str, list[int]]]
 
 
 def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir: Path) -> tuple[list[Run], str]:
+    """Every method on one shape; the bf16-stream methods get a second base, loaded after the first is gone."""
     from sweeper import compose
     from sweeper.launch import Resources
 
@@ -241,36 +198,47 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
     start = time.perf_counter()
     model_path(cfg.model)
     made = time.perf_counter() - start
-    start = time.perf_counter()
-    resources = Resources.load(cfg)
-    loaded = time.perf_counter() - start
-    base, data = resources.base, resources.data
-    pad_id = base.tokenizer.pad_token_id
-    batches = loop_batches(data, cfg.train, pad_id)
-    tokens = [int(b["attention_mask"].sum()) for b in batches]
-    padded = sum(b["attention_mask"].numel() for b in batches)
-    rows = [r for b in batches for r in unpad(b)]
-    info = (f"{SHAPE_NAMES[shape]}: random weights ready in {made:.1f} s (written once, then cached), data + load + "
-            f"quantize {loaded:.1f} s; {cfg.train.max_steps} steps of {cfg.train.micro_batch_size} examples, "
-            f"{statistics.fmean(tokens):.0f} real tokens per step on average, padding is "
-            f"{100 * (1 - sum(tokens) / padded):.0f}% of the padded batches")
-    runs = []
-    for method in methods:
-        say(f"[{time.strftime('%H:%M:%S')}] {shape} {method} ...")
-        if method == "trainer-bf16" and base.device.type != "cuda":
-            runs.append(Run(shape, method, None, None, None, None, "skipped: bf16 autocast is run on CUDA only"))
+    runs: list[Run] = []
+    loaded: list[str] = []
+    info = ""
+    for upcast in (True, False):
+        todo = [m for m in methods if m.startswith("ours-bf16") != upcast]
+        if not todo:
             continue
-        if method == "ours":
-            out = run_ours(base, data, cfg, tokens, args.warmup_steps)
-        elif method == "packed":
-            out = run_packed(base, cfg, packed_batches(batches), tokens, args.warmup_steps)
-        else:
-            out = run_trainer(base, data, cfg, rows, tokens, args.warmup_steps, method == "trainer-bf16", workdir)
-        runs.append(Run(shape, method, *out))
+        if not upcast:
+            cfg, _ = compose.load([*shape_overrides(args, shape), "model.upcast_unquantized=false"])
+        start = time.perf_counter()
+        resources = Resources.load(cfg)
+        loaded.append(f"{time.perf_counter() - start:.1f} s")
+        base, data = resources.base, resources.data
+        batches = loop_rows(data, cfg.train)
+        tokens = [sum(len(r["input_ids"]) for r in rows) for rows in batches]
+        padded = sum(len(rows) * max(len(r["input_ids"]) for r in rows) for rows in batches)
+        info = (f"{SHAPE_NAMES[shape]}: random weights ready in {made:.1f} s (written once, then cached), data + "
+                f"load + quantize {' and '.join(loaded)}; {cfg.train.max_steps} steps of {cfg.train.micro_batch_size} "
+                f"examples, {statistics.fmean(tokens):.0f} real tokens per step on average, padding is "
+                f"{100 * (1 - sum(tokens) / padded):.0f}% of the padded batches")
+        for method in todo:
+            say(f"[{time.strftime('%H:%M:%S')}] {shape} {method} ...")
+            if method == "trainer-bf16" and base.device.type != "cuda":
+                runs.append(Run(shape, method, None, None, None, None, "skipped: bf16 autocast is run on CUDA only"))
+                continue
+            if method.startswith("ours"):
+                out = run_ours(base, data, cfg, tokens, args.warmup_steps, packing=method.endswith("packed"))
+            else:
+                rows = [r for batch in batches for r in batch]
+                out = run_trainer(base, data, cfg, rows, tokens, args.warmup_steps, method == "trainer-bf16",
+                                  workdir)
+            runs.append(Run(shape, method, *out))
+            free_accelerator()
+        del base, data, resources
         free_accelerator()
-    del base, data, resources
-    free_accelerator()
     return runs, info
+
+
+def fastest_ours(by: dict[tuple[str, str], float | None], shape: str) -> float | None:
+    measured = [v for (s, m), v in by.items() if s == shape and m.startswith("ours") and v]
+    return max(measured, default=None)
 
 
 def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], env: dict[str, str],
@@ -286,7 +254,10 @@ def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], en
         f"{SHAPE_NAMES[s]} {ratio(by.get((s, 'ours')), by.get((s, 'trainer')))} (vs bf16 autocast "
         f"{ratio(by.get((s, 'ours')), by.get((s, 'trainer-bf16')))})" for s in shapes),
         "- packing / padded, our loop (goal >= 1.3x on real data): " + ", ".join(
-        f"{SHAPE_NAMES[s]} {ratio(by.get((s, 'packed')), by.get((s, 'ours')))}" for s in shapes)]
+        f"{SHAPE_NAMES[s]} {ratio(by.get((s, 'ours-packed')), by.get((s, 'ours')))} (bf16 stream "
+        f"{ratio(by.get((s, 'ours-bf16-packed')), by.get((s, 'ours-bf16')))})" for s in shapes),
+        "- fastest of ours / Trainer + peft: " + ", ".join(
+        f"{SHAPE_NAMES[s]} {ratio(fastest_ours(by, s), by.get((s, 'trainer')))}" for s in shapes)]
     ran = [f"- {i}" for i in infos] + [
         f"- Tokens/s leaves out the first {args.warmup_steps} steps of each run (warm-up) and counts real tokens "
         "only; every method sees the same examples in the same order (the batches our loop draws with seed 0), "
@@ -294,9 +265,10 @@ def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], en
         "cosine, clipping at 1.0).",
         "- The data are the stdlib pairs (short: most examples are under 100 tokens), so batches are far from the "
         f"{args.max_length}-token limit; tokens/s here is lower than with full-length synthetic batches.",
-        "- Packing is an experiment inside bench/ only: objectives/ is unchanged. It removes padding by putting a "
-        "micro-batch's examples into one row (sdpa with a block-diagonal mask built from the position ids). "
-        "Mean train loss next to ours' checks that it trains on the same thing.",
+        "- Packing (train.packing=true) puts a micro-batch's examples into rows as wide as its longest example "
+        "(first fit by decreasing length); position ids restart per example and transformers builds a "
+        "block-diagonal mask from them for sdpa. The same examples and loss per step: mean train loss next to "
+        "ours' checks that it trains on the same thing.",
         "- Trainer logs every step (logging_steps=1), as QLoRA recipes often do; a TrainerCallback stamps each "
         "step's end after a CUDA synchronisation (our loop synchronises every step when it reads the loss).",
         "- Peak memory: torch.cuda.max_memory_allocated during training, base weights included.",

@@ -40,7 +40,7 @@ from bench.common import (
     free_accelerator,
     from_frozen,
     log_tail,
-    loop_batches,
+    loop_rows,
     make_workdir,
     markdown_table,
     model_label,
@@ -59,7 +59,6 @@ from bench.common import (
     trainer_arguments,
     trainer_fixed_arguments,
     trial_walls,
-    unpad,
     value_overrides,
     write_report,
 )
@@ -226,7 +225,7 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
     pad_id = tokenizer.pad_token_id
     data = prepare(cfg.data, tokenizer, cfg.model.cache_path)
     # The batches our loop sees, in its order, read sequentially: both methods train on the same data.
-    rows = [r for b in loop_batches(data, cfg.train, pad_id) for r in unpad(b)]
+    rows = [r for batch in loop_rows(data, cfg.train) for r in batch]
     config = to_container(cfg)
 
     def trial_config(trial: Any) -> Any:

@@ -19,14 +19,15 @@ from sweeper.config import ConfigError, DataConfig
 
 IGNORE_INDEX = -100
 Example = dict[str, Any]
+Rows = list[dict[str, list[int]]]
 
 
 @dataclass
 class TokenizedSplits:
     """Token ids and labels (prompt tokens masked) for training and evaluation."""
 
-    train: list[dict[str, list[int]]]
-    eval: list[dict[str, list[int]]]
+    train: Rows
+    eval: Rows
 
 
 def _bucket(key: str) -> float:
@@ -159,7 +160,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> TokenizedSplits
     return TokenizedSplits(train, held)
 
 
-def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: Rows, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch to its longest row."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -173,9 +174,42 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def train_batches(rows: list[dict[str, list[int]]], batch_size: int, seed: int,
-                  pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless seeded shuffles of the training rows, one micro-batch at a time."""
+def pack(rows: Rows, pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch without padding between examples: examples share rows as wide as the longest one.
+
+    First-fit by decreasing length fills each row; position ids restart at every example, which is how
+    the model keeps attention within an example (no attention mask). The rest of a row is one padding
+    segment with its own positions. Each example's first label is masked: as in a padded batch, no
+    token is predicted from the end of the previous example, so the loss is that of :func:`collate`.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    lines: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"])):
+        n = len(rows[i]["input_ids"])
+        line = next((j for j, room in enumerate(free) if room >= n), len(lines))
+        if line == len(lines):
+            lines.append([])
+            free.append(width)
+        lines[line].append(i)
+        free[line] -= n
+    ids = torch.full((len(lines), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(lines), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.empty((len(lines), width), dtype=torch.long)
+    for j, members in enumerate(lines):
+        at = 0
+        for i in members:
+            n = len(rows[i]["input_ids"])
+            ids[j, at:at + n] = torch.tensor(rows[i]["input_ids"])
+            labels[j, at + 1:at + n] = torch.tensor(rows[i]["labels"][1:])
+            positions[j, at:at + n] = torch.arange(n)
+            at += n
+        positions[j, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def train_micro_batches(rows: Rows, batch_size: int, seed: int) -> Iterator[Rows]:
+    """Endless seeded shuffles of the training rows, one micro-batch of rows at a time."""
     if len(rows) < batch_size:
         raise ConfigError(f"data: {len(rows)} training examples, fewer than train.micro_batch_size={batch_size}")
     epoch = 0
@@ -183,11 +217,10 @@ def train_batches(rows: list[dict[str, list[int]]], batch_size: int, seed: int,
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(rows), generator=g).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([rows[i] for i in order[start:start + batch_size]], pad_id)
+            yield [rows[i] for i in order[start:start + batch_size]]
         epoch += 1
 
 
-def eval_batches(rows: list[dict[str, list[int]]], batch_size: int,
-                 pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def eval_micro_batches(rows: Rows, batch_size: int) -> Iterator[Rows]:
     for start in range(0, len(rows), batch_size):
-        yield collate(rows[start:start + batch_size], pad_id)
+        yield rows[start:start + batch_size]

@@ -229,7 +229,7 @@ class ResidentBase:
             # training step would get wrong gradients. Keep the trainable layout.
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
-        if quant is not None:
+        if quant is not None and cfg.upcast_unquantized:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from objectives.data import TokenizedSplits, eval_batches, train_batches
+from objectives.data import IGNORE_INDEX, Rows, TokenizedSplits, collate, eval_micro_batches, pack, train_micro_batches
 from sweeper.config import OptimizerConfig, TrainConfig
 
 
@@ -32,8 +32,10 @@ class TrainResult:
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "adamw":
+        # One kernel for all the small adapter tensors on CUDA (what Trainer's default optimizer does).
+        fused = all(p.device.type == "cuda" for p in params) or None
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=cfg.weight_decay)
 
@@ -63,24 +65,37 @@ def peak_memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def to_device(rows: Rows, packing: bool, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro-batch's tensors on the device; the copy does not wait for the device to be idle."""
+    batch = (pack if packing else collate)(rows, pad_id)
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def targets_in(rows: Rows) -> int:
+    """Tokens the loss predicts: every labelled token after an example's first."""
+    return sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)
+
+
 @torch.no_grad()
-def evaluate(model: Any, data: TokenizedSplits, batch_size: int, pad_id: int, device: torch.device) -> float:
+def evaluate(model: Any, data: TokenizedSplits, batch_size: int, pad_id: int, device: torch.device,
+             packing: bool = False) -> float:
     """Mean loss per response token over the held-out set (token-weighted across batches)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=device), 0
     try:
-        for batch in eval_batches(data.eval, batch_size, pad_id):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
+        for rows in eval_micro_batches(data.eval, batch_size):
+            n = targets_in(rows)
             if n:
-                total += float(model(**batch).loss) * n
+                total += model(**to_device(rows, packing, pad_id, device)).loss.float() * n
                 count += n
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError("the evaluation set has no response tokens")
-    return total / count
+    return float(total) / count
 
 
 def train_adapter(
@@ -95,13 +110,17 @@ def train_adapter(
 ) -> TrainResult:
     """Train the model's trainable parameters; ``on_eval`` may raise to stop (pruning).
 
+    The host waits for the device once per step (to read the loss and gradient norm), so the
+    micro-batches of a step are queued back to back.
+
     Raises:
-        LossNotFinite: the loss became NaN or infinite.
+        LossNotFinite: the loss became NaN or infinite (before that step's update).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
-    batches = train_batches(data.train, train.micro_batch_size, train.seed, pad_id)
+    micro_batches = train_micro_batches(data.train, train.micro_batch_size, train.seed)
+    max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -110,21 +129,19 @@ def train_adapter(
     peak = 0.0
     for step in range(1, train.max_steps + 1):
         start = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
-        window = [next(batches) for _ in range(train.grad_accum)]
+        window = [next(micro_batches) for _ in range(train.grad_accum)]
         # Every response token of the step weighs the same, however the step is split into micro-batches:
         # halving the micro-batch after an out-of-memory error leaves the objective unchanged.
-        targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-        for cpu_batch in window:
-            batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            loss = model(**batch, num_items_in_batch=targets).loss
-            if not torch.isfinite(loss):
-                raise LossNotFinite(f"loss is {float(loss)} at step {step}")
+        targets = sum(targets_in(rows) for rows in window)
+        loss_sum = torch.zeros((), device=device)
+        for rows in window:
+            loss = model(**to_device(rows, train.packing, pad_id, device), num_items_in_batch=targets).loss
             loss.backward()
-            loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
-        max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            loss_sum += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        train_loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
+        if not math.isfinite(train_loss):
+            raise LossNotFinite(f"loss is {train_loss} at step {step}")
         lr = float(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
@@ -132,11 +149,12 @@ def train_adapter(
         elapsed = time.perf_counter() - start
         busy += elapsed
         peak = max(peak, peak_memory_mb(device))
-        on_step(step, {"train_loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm,
+        tokens = sum(len(r["input_ids"]) for rows in window for r in rows)
+        on_step(step, {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm,
                        "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
         if step % train.eval_every == 0 or step == train.max_steps:
             start = time.perf_counter()
-            eval_loss = evaluate(model, data, train.micro_batch_size, pad_id, device)
+            eval_loss = evaluate(model, data, train.micro_batch_size, pad_id, device, train.packing)
             busy += time.perf_counter() - start
             on_eval(step, eval_loss)
     return TrainResult(eval_loss=eval_loss, steps=train.max_steps,

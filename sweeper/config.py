@@ -56,6 +56,9 @@ class ModelConfig:
     """Quantize the quantization constants too (saves ~0.37 bit per parameter)."""
     compute_dtype: str = "bfloat16"
     """Dtype of the forward/backward computation."""
+    upcast_unquantized: bool = True
+    """With a quantized base, cast embeddings, output head and norms to fp32 (peft's k-bit preparation):
+    activations are then fp32. Off: they stay in compute_dtype, about half the activation memory."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     attn_implementation: str = "sdpa"
@@ -189,6 +192,9 @@ class TrainConfig:
     """auto (CUDA when available), cpu, or cuda[:N]."""
     oom_retries: int = 3
     """After an out-of-memory error, retry with half the micro-batch and twice the accumulation this often."""
+    packing: bool = False
+    """Pack each micro-batch's examples into rows as wide as its longest example instead of padding every
+    example to it: the same examples and loss per step with less compute (attention stays within examples)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every"):

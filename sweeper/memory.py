@@ -6,7 +6,8 @@ Everything here is pure arithmetic on a config: no weights are loaded and nothin
 and whose ``total`` adds what the device needs beyond the allocator's count.
 
 The model follows the code path this project runs: ``objectives.model.ResidentBase`` (bitsandbytes 4-bit
-base, ``peft.prepare_model_for_kbit_training``, a fresh peft LoRA adapter per trial),
+base, ``peft.prepare_model_for_kbit_training`` unless ``model.upcast_unquantized`` is off, a fresh peft
+LoRA adapter per trial),
 ``objectives.training.train_adapter`` (no autocast, ``zero_grad(set_to_none=True)``), transformers'
 Llama modules with ``sdpa`` attention and non-reentrant gradient checkpointing per decoder layer.
 
@@ -31,11 +32,11 @@ Resident memory (alive for the whole trial)
       runs matrix products (the forward thread and the autograd thread), 32 MiB each on Hopper.
 
 Activations: tensors saved for backward
-    The embedding output and every later tensor are fp32 when the base is quantized, because the fp32
-    embedding feeds an fp32 residual stream: ``Linear4bit`` casts its input to the compute dtype and
-    its output back to the input's dtype, and LoRA layers compute in fp32. With ``quant_type=none``
-    they are bf16, except the RMSNorm's fp32 copy of its input. Call ``e`` that activation size
-    (4 or 2 bytes). Per token and decoder layer, without checkpointing, autograd keeps:
+    The embedding output and every later tensor are fp32 when the base is quantized and upcast, because
+    the fp32 embedding feeds an fp32 residual stream: ``Linear4bit`` casts its input to the compute dtype
+    and its output back to the input's dtype, and LoRA layers compute in fp32. With ``quant_type=none``
+    or ``upcast_unquantized=false`` they are bf16, except the RMSNorm's fp32 copy of its input.
+    Call ``e`` that activation size (4 or 2 bytes). Per token and decoder layer, without checkpointing, autograd keeps:
 
     * input and post-attention RMSNorm: the fp32 input (``pow`` and ``mul`` share it), ``4h`` each,
       plus one fp32 ``rsqrt`` per token; the normalized output is not kept because the norm weight is
@@ -238,6 +239,8 @@ class TrialSettings:
     micro_batch_size: int = 4
     seq_len: int = 256
     gradient_checkpointing: bool = True
+    upcast: bool = True
+    """model.upcast_unquantized: a quantized base's embeddings, head and norms are fp32."""
     padded: bool = True
     """Whether batches may hold padding (then sdpa gets a mask). A batch of one never does."""
     device: str = "cuda"
@@ -262,7 +265,8 @@ class TrialSettings:
                    compute_dtype=cfg.model.compute_dtype, r=cfg.lora.r, targets=cfg.lora.targets,
                    dropout=cfg.lora.dropout, optimizer=cfg.optimizer.name, momentum=cfg.optimizer.momentum,
                    micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-                   gradient_checkpointing=cfg.model.gradient_checkpointing, padded=padded, device=device)
+                   gradient_checkpointing=cfg.model.gradient_checkpointing,
+                   upcast=cfg.model.upcast_unquantized, padded=padded, device=device)
 
     @property
     def quantized(self) -> bool:
@@ -273,9 +277,14 @@ class TrialSettings:
         return self.micro_batch_size * self.seq_len
 
     @property
+    def fp32_unquantized(self) -> bool:
+        """Whether the k-bit preparation cast embeddings, head and norms (and so the activations) to fp32."""
+        return self.quantized and self.upcast
+
+    @property
     def act_bytes(self) -> int:
         """Bytes per activation value: fp32 after the kbit upcast, else the compute dtype."""
-        return 4 if self.quantized else DTYPE_BYTES[self.compute_dtype]
+        return 4 if self.fp32_unquantized else DTYPE_BYTES[self.compute_dtype]
 
     @property
     def has_mask(self) -> bool:
@@ -450,7 +459,7 @@ def quantized_weight_bytes(shape: ModelShape, s: TrialSettings) -> int:
 
 
 def unquantized_weight_bytes(shape: ModelShape, s: TrialSettings) -> int:
-    per = 4 if s.quantized else DTYPE_BYTES[s.compute_dtype]
+    per = 4 if s.fp32_unquantized else DTYPE_BYTES[s.compute_dtype]
     return shape.unquantized_params * per
 
 

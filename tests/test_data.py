@@ -82,9 +82,10 @@ def test_bad_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_batches_are_seeded_and_padded() -> None:
     rows = [{"input_ids": [1] * n, "labels": [5] * n} for n in range(1, 11)]
-    a = [b["input_ids"].tolist() for _, b in zip(range(4), data.train_batches(rows, 3, seed=7, pad_id=0), strict=False)]
-    b = [b["input_ids"].tolist() for _, b in zip(range(4), data.train_batches(rows, 3, seed=7, pad_id=0), strict=False)]
+    a = [b for _, b in zip(range(4), data.train_micro_batches(rows, 3, seed=7), strict=False)]
+    b = [b for _, b in zip(range(4), data.train_micro_batches(rows, 3, seed=7), strict=False)]
     assert a == b
+    assert a != [b for _, b in zip(range(4), data.train_micro_batches(rows, 3, seed=8), strict=False)]
     batch = data.collate(rows[:3], pad_id=0)
     assert batch["attention_mask"].sum().item() == 1 + 2 + 3
     assert (batch["labels"][0, 1:] == data.IGNORE_INDEX).all()
@@ -96,7 +97,7 @@ def test_malformed_and_tiny_data_are_clear_errors(tmp_path: Path, tokenizer) -> 
     with pytest.raises(ConfigError, match="broken.jsonl does not parse"):
         data.read_file(broken)
     with pytest.raises(ConfigError, match="fewer than train.micro_batch_size=4"):
-        next(data.train_batches([{"input_ids": [1], "labels": [1]}] * 3, 4, seed=0, pad_id=0))
+        next(data.train_micro_batches([{"input_ids": [1], "labels": [1]}] * 3, 4, seed=0))
     long = tmp_path / "long.jsonl"
     long.write_text("\n".join(json.dumps({"instruction": f"{i} " + "x " * 200, "output": "y"}) for i in range(20)))
     with pytest.raises(ConfigError, match="keeps response tokens within data.max_length=16"):
