@@ -80,6 +80,10 @@ class Phase:
         return len(done) / span * 3600 if done and span > 0 else None
 
 
+SPACES = {"equal": ["search_space=none", "optimizer.lr=tag(log, interval(1e-5, 1e-3))"],
+          "default": ["search_space=default"]}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = base_parser(__doc__ or "")
     p.add_argument("--workers", default="1,2", help="worker counts to compare, one phase each")
@@ -89,6 +93,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", choices=["real", "random"], default="real")
     p.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
                    help="shared study storage: Optuna's journal file (default) or an SQLite file")
+    p.add_argument("--space", choices=sorted(SPACES), default="equal",
+                   help="equal: only the learning rate is searched, so every trial does the same work and the "
+                        "phases differ only in workers; default: the default search space (trial costs vary "
+                        "with the sampled rank and targets)")
     p.add_argument("--worker-timeout", type=float, default=150.0,
                    help="each worker stops starting trials after this many seconds (keeps the run bounded)")
     args = p.parse_args(argv)
@@ -101,7 +109,7 @@ def phase_overrides(args: argparse.Namespace, workdir: Path, workers: int) -> li
     storage = (f"journal:{workdir / 'optuna.journal'}" if args.storage == "journal"
                else f"sqlite:///{workdir / 'optuna.db'}")
     out = [*model_overrides("tiny" if args.cpu_smoke else "135m", args.model_source, args.weights == "random"),
-           "search_space=default", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
+           *SPACES[args.space], f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
            f"train.micro_batch_size={args.batch}", "study/pruner=none", "study.sampler.constant_liar=true",
            f"study.name=scaling-{workers}w", f"study.n_trials={args.trials}", f"study.storage={storage}",
            f"study.timeout_s={args.worker_timeout}", f"output_dir={workdir}"]
@@ -184,7 +192,10 @@ def build_report(args: argparse.Namespace, phases: list[Phase], gpu: GpuSampler,
         f"- The issue asks for {ISSUE_SPEC}. Ran: study storage = Optuna JournalStorage file backend "
         f"({args.storage}; PostgreSQL is not installed on the GPU machine), one phase per worker count "
         f"({args.workers}), each a new study with a budget of {args.trials} trials of {args.steps} steps x "
-        f"{args.batch} examples, default search space, TPE with constant liar, pruning off.",
+        f"{args.batch} examples, search space {args.space!r} ("
+        + ("only the learning rate varies: every trial does the same work" if args.space == "equal" else
+           "the default space: trial costs vary with the sampled rank and targets")
+        + "), TPE with constant liar, pruning off.",
         f"- Workers: `python -m sweeper launch` processes, worker i with sampler seed i, pinned with "
         f"CUDA_VISIBLE_DEVICES to {pinned}; each stops starting trials after {args.worker_timeout:.0f} s.",
         f"- Model: {model_label(args.cpu_smoke, args.weights)}; the GGUF conversion is cached before the run "

@@ -5,12 +5,14 @@ LoRA r=16 on all linear layers, gradient checkpointing, AdamW, cosine), the same
 and the same batches in the same order go through:
 
 - ours: ``objectives.training.train_adapter`` (pads each micro-batch to its longest row);
-- ours-packed: the same with ``train.packing=true`` (examples share rows, no padding between them);
+- ours-packed: the same with ``train.packing=true`` (a step's examples share rows of data.max_length
+  tokens, at most micro-batch rows per pass: the same examples per step in fewer passes);
 - trainer: ``transformers.Trainer`` (its default fused AdamW) on the same peft model, computing like our
   loop (no autocast);
 - trainer-bf16: the same with ``bf16=True`` (autocast), as the usual QLoRA recipe sets it;
 - ours-bf16, ours-bf16-packed: our loop on a base loaded with ``model.upcast_unquantized=false``
-  (embeddings, head and norms stay bf16, so activations are bf16), padded and packed.
+  (embeddings, head and norms stay bf16, so activations are bf16), padded and packed (not in the
+  default --methods).
 
 Tokens/s counts real (non-padding) tokens over the steps after the warm-up steps; peak memory is the
 most allocated CUDA memory during training (base weights included).
@@ -59,7 +61,8 @@ LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing
           "ours-bf16": "ours, upcast_unquantized=false",
           "ours-bf16-packed": "ours, upcast_unquantized=false + packing"}
 # micro-batch, steps per shape: the steps keep the 8B shape's share of the run affordable
-SIZES = {"tiny": (2, 4), "135m": (16, 30), "1b": (16, 30), "8b": (16, 20)}
+SIZES = {"tiny": (2, 4), "135m": (16, 10), "1b": (16, 10), "8b": (16, 6)}
+DEFAULT_METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16")
 # tokens/s, peak GiB, median step seconds, mean train loss
 Measured = tuple[float | None, float | None, float | None, float | None]
 
@@ -80,16 +83,19 @@ class Run:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = base_parser(__doc__ or "")
     p.add_argument("--shapes", default="135m,1b,8b", help="comma-separated: 135m, 1b, 8b")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default per shape: 30, 30, 20)")
-    p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of tokens/s")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default per shape: 10, 10, 6)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of tokens/s")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size (default 16)")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, default=512, help="data.max_length: tokens per example at most")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="all-linear")
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.shapes, args.steps, args.warmup_steps, args.batch, args.max_length = "tiny", 4, 1, 2, 64
+        args.methods = ",".join(METHODS)
     return args
 
 
@@ -97,7 +103,8 @@ def shape_overrides(args: argparse.Namespace, shape: str) -> list[str]:
     batch, steps = SIZES[shape]
     batch, steps = args.batch or batch, args.steps or steps
     out = [*model_overrides(shape, args.model_source, True), "search_space=none", f"train.max_steps={steps}",
-           f"train.eval_every={steps}", f"train.micro_batch_size={batch}", f"data.max_length={args.max_length}",
+           f"train.eval_every={steps}", f"train.micro_batch_size={batch}",
+           f"train.grad_accum={args.grad_accum}", f"data.max_length={args.max_length}",
            f"lora.r={args.rank}", f"lora.targets={args.targets}", "optimizer.name=adamw", "optimizer.scheduler=cosine"]
     return out + (["data.max_eval_examples=8"] if shape == "tiny" else [])
 
@@ -212,11 +219,14 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
         loaded.append(f"{time.perf_counter() - start:.1f} s")
         base, data = resources.base, resources.data
         batches = loop_rows(data, cfg.train)
-        tokens = [sum(len(r["input_ids"]) for r in rows) for rows in batches]
+        accum = cfg.train.grad_accum
+        tokens = [sum(len(r["input_ids"]) for rows in batches[i:i + accum] for r in rows)
+                  for i in range(0, len(batches), accum)]
         padded = sum(len(rows) * max(len(r["input_ids"]) for r in rows) for rows in batches)
         info = (f"{SHAPE_NAMES[shape]}: random weights ready in {made:.1f} s (written once, then cached), data + "
-                f"load + quantize {' and '.join(loaded)}; {cfg.train.max_steps} steps of {cfg.train.micro_batch_size} "
-                f"examples, {statistics.fmean(tokens):.0f} real tokens per step on average, padding is "
+                f"load + quantize {' and '.join(loaded)}; {cfg.train.max_steps} steps of {accum} micro-batches of "
+                f"{cfg.train.micro_batch_size} examples, {statistics.fmean(tokens):.0f} real tokens per step on "
+                "average, padding is "
                 f"{100 * (1 - sum(tokens) / padded):.0f}% of the padded batches")
         for method in todo:
             say(f"[{time.strftime('%H:%M:%S')}] {shape} {method} ...")
@@ -265,10 +275,11 @@ def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], en
         "cosine, clipping at 1.0).",
         "- The data are the stdlib pairs (short: most examples are under 100 tokens), so batches are far from the "
         f"{args.max_length}-token limit; tokens/s here is lower than with full-length synthetic batches.",
-        "- Packing (train.packing=true) puts a micro-batch's examples into rows as wide as its longest example "
-        "(first fit by decreasing length); position ids restart per example and transformers builds a "
-        "block-diagonal mask from them for sdpa. The same examples and loss per step: mean train loss next to "
-        "ours' checks that it trains on the same thing.",
+        "- Packing (train.packing=true) puts a step's examples into rows of data.max_length tokens (first fit by "
+        "decreasing length), at most micro_batch_size rows per forward pass, so a pass never holds more tokens "
+        "than a padded micro-batch could; position ids restart per example and transformers builds a "
+        "block-diagonal mask from them for sdpa. The same examples and loss per step in fewer passes: mean "
+        "train loss next to ours' checks that it trains on the same thing.",
         "- Trainer logs every step (logging_steps=1), as QLoRA recipes often do; a TrainerCallback stamps each "
         "step's end after a CUDA synchronisation (our loop synchronises every step when it reads the loss).",
         "- Peak memory: torch.cuda.max_memory_allocated during training, base weights included.",

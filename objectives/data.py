@@ -28,6 +28,8 @@ class TokenizedSplits:
 
     train: Rows
     eval: Rows
+    max_length: int = 0
+    """data.max_length: no example is longer; packed rows are this wide."""
 
 
 def _bucket(key: str) -> float:
@@ -157,7 +159,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> TokenizedSplits
         if not rows:
             raise ConfigError(f"data: no {name} example keeps response tokens within data.max_length="
                               f"{cfg.max_length}")
-    return TokenizedSplits(train, held)
+    return TokenizedSplits(train, held, cfg.max_length)
 
 
 def collate(rows: Rows, pad_id: int) -> dict[str, torch.Tensor]:
@@ -174,38 +176,48 @@ def collate(rows: Rows, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def pack(rows: Rows, pad_id: int) -> dict[str, torch.Tensor]:
-    """A micro-batch without padding between examples: examples share rows as wide as the longest one.
+def pack(rows: Rows, pad_id: int, width: int, max_rows: int) -> list[dict[str, torch.Tensor]]:
+    """Forward passes without padding between examples: examples share rows of ``width`` tokens, at most
+    ``max_rows`` rows per pass, so a pass holds no more tokens than a padded micro-batch could.
 
-    First-fit by decreasing length fills each row; position ids restart at every example, which is how
-    the model keeps attention within an example (no attention mask). The rest of a row is one padding
-    segment with its own positions. Each example's first label is masked: as in a padded batch, no
-    token is predicted from the end of the previous example, so the loss is that of :func:`collate`.
+    First-fit by decreasing length fills the rows; position ids restart at every example, which is how the
+    model keeps attention within an example (no attention mask). The rest of a row is one padding segment
+    with its own positions, and a pass is trimmed to its fullest row. Each example's first label is
+    masked: as in a padded batch, no token is predicted from the end of the previous example.
     """
-    width = max(len(r["input_ids"]) for r in rows)
     lines: list[list[int]] = []
     free: list[int] = []
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"])):
         n = len(rows[i]["input_ids"])
-        line = next((j for j, room in enumerate(free) if room >= n), len(lines))
-        if line == len(lines):
+        slot = next((j for j, room in enumerate(free) if room >= n), len(lines))
+        if slot == len(lines):
             lines.append([])
-            free.append(width)
-        lines[line].append(i)
-        free[line] -= n
-    ids = torch.full((len(lines), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(lines), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.empty((len(lines), width), dtype=torch.long)
-    for j, members in enumerate(lines):
-        at = 0
-        for i in members:
-            n = len(rows[i]["input_ids"])
-            ids[j, at:at + n] = torch.tensor(rows[i]["input_ids"])
-            labels[j, at + 1:at + n] = torch.tensor(rows[i]["labels"][1:])
-            positions[j, at:at + n] = torch.arange(n)
-            at += n
-        positions[j, at:] = torch.arange(width - at)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+            free.append(max(width, n))
+        lines[slot].append(i)
+        free[slot] -= n
+    passes = []
+    for first in range(0, len(lines), max_rows):
+        chunk = lines[first:first + max_rows]
+        wide = max(sum(len(rows[i]["input_ids"]) for i in line) for line in chunk)
+        ids = torch.full((len(chunk), wide), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), wide), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.empty((len(chunk), wide), dtype=torch.long)
+        for j, line in enumerate(chunk):
+            at = 0
+            for i in line:
+                n = len(rows[i]["input_ids"])
+                ids[j, at:at + n] = torch.tensor(rows[i]["input_ids"])
+                labels[j, at + 1:at + n] = torch.tensor(rows[i]["labels"][1:])
+                positions[j, at:at + n] = torch.arange(n)
+                at += n
+            positions[j, at:] = torch.arange(wide - at)
+        passes.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return passes
+
+
+def targets_in(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss predicts in a padded or packed batch (the model shifts labels by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def train_micro_batches(rows: Rows, batch_size: int, seed: int) -> Iterator[Rows]:

@@ -10,7 +10,15 @@ from typing import Any
 
 import torch
 
-from objectives.data import IGNORE_INDEX, Rows, TokenizedSplits, collate, eval_micro_batches, pack, train_micro_batches
+from objectives.data import (
+    Rows,
+    TokenizedSplits,
+    collate,
+    eval_micro_batches,
+    pack,
+    targets_in,
+    train_micro_batches,
+)
 from sweeper.config import OptimizerConfig, TrainConfig
 
 
@@ -65,17 +73,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def to_device(rows: Rows, packing: bool, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """A micro-batch's tensors on the device; the copy does not wait for the device to be idle."""
-    batch = (pack if packing else collate)(rows, pad_id)
+def forward_passes(micro_batches: list[Rows], packing: bool, pad_id: int, width: int) -> list[dict[str, torch.Tensor]]:
+    """One step's micro-batches as padded batches, or with packing as few passes as fit the same rows."""
+    if not packing:
+        return [collate(rows, pad_id) for rows in micro_batches]
+    rows = [r for batch in micro_batches for r in batch]
+    return pack(rows, pad_id, max(width, *(len(r["input_ids"]) for r in rows)), len(micro_batches[0]))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The copy does not wait for the device to be idle."""
     if device.type != "cuda":
         return batch
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def targets_in(rows: Rows) -> int:
-    """Tokens the loss predicts: every labelled token after an example's first."""
-    return sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)
 
 
 @torch.no_grad()
@@ -86,10 +96,11 @@ def evaluate(model: Any, data: TokenizedSplits, batch_size: int, pad_id: int, de
     model.eval()
     total, count = torch.zeros((), device=device), 0
     try:
-        for rows in eval_micro_batches(data.eval, batch_size):
-            n = targets_in(rows)
+        for batch in forward_passes(list(eval_micro_batches(data.eval, batch_size)), packing, pad_id,
+                                    data.max_length):
+            n = targets_in(batch)
             if n:
-                total += model(**to_device(rows, packing, pad_id, device)).loss.float() * n
+                total += model(**to_device(batch, device)).loss.float() * n
                 count += n
     finally:
         model.train(was_training)
@@ -130,12 +141,13 @@ def train_adapter(
     for step in range(1, train.max_steps + 1):
         start = time.perf_counter()
         window = [next(micro_batches) for _ in range(train.grad_accum)]
-        # Every response token of the step weighs the same, however the step is split into micro-batches:
-        # halving the micro-batch after an out-of-memory error leaves the objective unchanged.
-        targets = sum(targets_in(rows) for rows in window)
+        passes = forward_passes(window, train.packing, pad_id, data.max_length)
+        # Every response token of the step weighs the same, however the step is split into passes:
+        # halving the micro-batch after an out-of-memory error, or packing, leaves the objective unchanged.
+        targets = sum(targets_in(batch) for batch in passes)
         loss_sum = torch.zeros((), device=device)
-        for rows in window:
-            loss = model(**to_device(rows, train.packing, pad_id, device), num_items_in_batch=targets).loss
+        for batch in passes:
+            loss = model(**to_device(batch, device), num_items_in_batch=targets).loss
             loss.backward()
             loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -193,8 +193,9 @@ class TrainConfig:
     oom_retries: int = 3
     """After an out-of-memory error, retry with half the micro-batch and twice the accumulation this often."""
     packing: bool = False
-    """Pack each micro-batch's examples into rows as wide as its longest example instead of padding every
-    example to it: the same examples and loss per step with less compute (attention stays within examples)."""
+    """Pack a step's examples (micro_batch_size * grad_accum) into rows of data.max_length tokens, at most
+    micro_batch_size rows per forward pass, instead of padding each micro-batch: the same examples and loss
+    per step in fewer passes (attention stays within each example)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every"):

@@ -11,7 +11,7 @@ import torch
 
 from objectives import data
 from objectives.objective import QLoRAObjective
-from objectives.training import targets_in, to_device
+from objectives.training import to_device
 from sweeper import compose
 from sweeper.config import LoraConfig
 from sweeper.launch import Resources
@@ -25,32 +25,34 @@ def _row(n: int, first: int, prompt: int = 1) -> dict[str, list[int]]:
     return {"input_ids": ids, "labels": [X] * prompt + ids[prompt:]}
 
 
-@pytest.mark.parametrize(("lengths", "rows"), [
-    ((5,), [[5]]),                      # one example: one row, no padding
-    ((5, 3, 2), [[5], [3, 2]]),         # 3 + 2 fill the second row exactly
-    ((5, 1, 1, 1), [[5], [1, 1, 1]]),
-    ((4, 4, 4), [[4], [4], [4]]),       # equal lengths: nothing to gain, nothing lost
-    ((2, 5, 3, 4, 1), [[5], [4, 1], [3, 2]]),  # first fit by decreasing length
+@pytest.mark.parametrize(("lengths", "width", "max_rows", "passes"), [
+    ((5,), 8, 4, [[[5]]]),                          # one example: one row, trimmed to it
+    ((5, 3, 2), 5, 4, [[[5], [3, 2]]]),             # 3 + 2 fill the second row exactly
+    ((5, 3, 2), 10, 4, [[[5, 3, 2]]]),              # all in one row of 10
+    ((4, 4, 4), 4, 2, [[[4], [4]], [[4]]]),         # at most 2 rows per pass
+    ((2, 5, 3, 4, 1), 6, 4, [[[5, 1], [4, 2], [3]]]),  # first fit by decreasing length
+    ((7, 2), 5, 4, [[[7], [2]]]),                   # an example longer than the width gets a row of its own
 ])
-def test_pack_fills_rows_as_wide_as_the_longest_example(lengths: tuple[int, ...], rows: list[list[int]]) -> None:
+def test_pack_fills_rows_and_passes(lengths: tuple[int, ...], width: int, max_rows: int,
+                                    passes: list[list[list[int]]]) -> None:
     examples = [_row(n, 100 * (i + 1)) for i, n in enumerate(lengths)]
-    batch = data.pack(examples, pad_id=0)
-    width = max(lengths)
-    assert batch["input_ids"].shape == (len(rows), width)
-    assert "attention_mask" not in batch
-    for j, members in enumerate(rows):
-        positions = batch["position_ids"][j].tolist()
-        expected = [p for n in members for p in range(n)]
-        assert positions == expected + list(range(width - len(expected)))
-    assert targets_in(examples) == int((batch["labels"][:, 1:] != X).sum())
+    out = data.pack(examples, 0, width, max_rows)
+    assert len(out) == len(passes)
+    for batch, rows in zip(out, passes, strict=True):
+        wide = max(sum(line) for line in rows)
+        assert batch["input_ids"].shape == (len(rows), wide)
+        assert "attention_mask" not in batch
+        for j, line in enumerate(rows):
+            expected = [p for n in line for p in range(n)]
+            assert batch["position_ids"][j].tolist() == expected + list(range(wide - len(expected)))
+    padded = data.collate(examples, 0)
+    assert sum(data.targets_in(b) for b in out) == data.targets_in(padded)
 
 
 def test_pack_masks_each_examples_first_label() -> None:
     """Nothing is predicted across an example boundary, even for an example whose first token is a target."""
-    batch = data.pack([_row(3, 10, prompt=0), _row(3, 20, prompt=0)], pad_id=0)
-    assert batch["labels"].tolist() == [[X, 11, 12], [X, 21, 22]]
-    both = data.pack([_row(4, 10, prompt=0), _row(2, 20, prompt=0), _row(2, 30, prompt=0)], pad_id=0)
-    assert both["labels"].tolist() == [[X, 11, 12, 13], [X, 21, X, 31]]
+    (batch,) = data.pack([_row(4, 10, prompt=0), _row(2, 20, prompt=0), _row(2, 30, prompt=0)], 0, 4, 4)
+    assert batch["labels"].tolist() == [[X, 11, 12, 13], [X, 21, X, 31]]
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +71,18 @@ def test_packed_loss_equals_padded_loss(resources) -> None:  # type: ignore[no-u
     pad = res.base.tokenizer.pad_token_id
     with torch.no_grad(), res.base.adapter(LoraConfig(r=4, targets="all-linear"), seed=0) as model:
         model.eval()
-        padded = model(**to_device(rows, False, pad, res.base.device)).loss
-        packed = model(**to_device(rows, True, pad, res.base.device)).loss
+        padded = model(**to_device(data.collate(rows, pad), res.base.device)).loss
+        (batch,) = data.pack(rows, pad, res.data.max_length, len(rows))
+        packed = model(**to_device(batch, res.base.device)).loss
         model.train()
-    assert data.pack(rows, pad)["input_ids"].numel() < data.collate(rows, pad)["input_ids"].numel()
+    assert batch["input_ids"].numel() < data.collate(rows, pad)["input_ids"].numel()
     assert float(packed) == pytest.approx(float(padded), rel=1e-5)
 
 
 def test_a_packed_trial_reaches_the_padded_trials_objective(resources) -> None:  # type: ignore[no-untyped-def]
+    """2 micro-batches of 4 per step, packed into fewer passes: the same examples and loss per step."""
     cfg, res = resources
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2, grad_accum=2))
     packed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=True))
     padded = QLoRAObjective(cfg, [], res.base, res.data, None, show_progress=False)
     packed = QLoRAObjective(packed_cfg, [], res.base, res.data, None, show_progress=False)
