@@ -217,7 +217,8 @@ def measure(base: Any, case: Case, explain: bool) -> tuple[int | None, int | Non
     set_checkpointing(base.model, case.checkpointing)
     vocab = FULL_SHAPES[case.shape]["vocab_size"]
     data = TokenizedSplits(train=rows_for(case, vocab, 0), eval=rows_for(replace(case, batch=1), vocab, 1))
-    train = TrainConfig(max_steps=STEPS, micro_batch_size=case.batch, eval_every=STEPS, seed=0)
+    # padded micro-batches: the cases name padded and unpadded batches themselves
+    train = TrainConfig(max_steps=STEPS, micro_batch_size=case.batch, eval_every=STEPS, seed=0, packing=False)
     optim = OptimizerConfig(name=case.optimizer, lr=1e-4 if case.optimizer == "adamw" else 1e-2)
     stamps: list[float] = []
     gc.collect()

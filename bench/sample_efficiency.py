@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", choices=["real", "random"], default="real")
     p.add_argument("--jobs", type=int, default=1,
                    help="run the studies in this many processes at once, spread over the visible GPUs (trial "
-                        "times are then measured while GPUs are shared; steps to target are not affected)")
+                        "times are then measured on shared GPUs, so fewer trials fit in --study-timeout)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a job's studies: "seed:strategy,..."
     p.add_argument("--dump", default=None, help=argparse.SUPPRESS)  # where a job writes its runs (JSON)
     args = p.parse_args(argv)
@@ -263,7 +263,7 @@ def build_report(args: argparse.Namespace, runs: list[StudyRun], warmup_s: float
         f"- Warm-up excluded: model load and one untimed trial of the default config ({warmup_s:.1f} s) before "
         "the first study.",
         "- Training steps to target: the same sum counting each trial's optimizer steps (a pruned trial's last "
-        "reported step) instead of its time: independent of how busy the GPU was.",
+        "reported step) instead of its time.",
     ] + ([f"- The studies ran in {args.jobs} processes at once, spread over the visible GPUs: trial times are "
           "measured while each GPU was shared (the same for every strategy, which ran side by side)."]
          if args.jobs > 1 else [])

@@ -250,6 +250,38 @@ class ResidentBase:
     def config(self) -> Any:
         return self.model.config
 
+    def check_packing(self) -> None:
+        """Packed examples must not see each other. transformers splits attention at restarted position ids
+        for most decoder models under sdpa and eager attention, but a model whose code builds its own mask,
+        or flash-attention with more than one row per pass, lets them attend across.
+
+        Compares the second of two packed examples, in a pass of two rows as training makes them, with the
+        same example alone, against the same rows with attention across the boundary (an all-ones mask
+        turns the split off).
+
+        Raises:
+            ConfigError: this model lets packed examples attend to each other.
+        """
+        n = 4
+        ids = (torch.arange(2 * n, device=self.device) * 7 + 100).repeat(2, 1) % self.model.config.vocab_size
+        positions = torch.arange(n, device=self.device).repeat(2, 2)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                alone = self.model(input_ids=ids[:, n:]).logits.float()
+                packed = self.model(input_ids=ids, position_ids=positions).logits[:, n:].float()
+                across = self.model(input_ids=ids, position_ids=positions,
+                                    attention_mask=torch.ones_like(ids)).logits[:, n:].float()
+        finally:
+            self.model.train(was_training)
+        mixed = float((packed - alone).abs().max())
+        noise = 1e-4 * float(alone.abs().max())
+        if mixed > max(noise, 0.5 * float((across - alone).abs().max())):
+            raise ConfigError(f"train.packing: {type(self.model).__name__} with attn_implementation="
+                              f"{self.cfg.attn_implementation} lets packed examples attend to each other; "
+                              "set train.packing=false")
+
     @contextmanager
     def adapter(self, lora: LoraConfig, seed: int) -> Iterator[Any]:
         """A freshly initialised LoRA adapter for one trial.

@@ -121,11 +121,11 @@ def train_adapter(
 ) -> TrainResult:
     """Train the model's trainable parameters; ``on_eval`` may raise to stop (pruning).
 
-    The host waits for the device once per step (to read the loss and gradient norm), so the
-    micro-batches of a step are queued back to back.
+    The loop reads from the device once per step (the loss and gradient norm, together), not once per
+    forward pass.
 
     Raises:
-        LossNotFinite: the loss became NaN or infinite (before that step's update).
+        LossNotFinite: the loss or the gradient norm became NaN or infinite (before that step's update).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)
@@ -154,6 +154,8 @@ def train_adapter(
         train_loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
         if not math.isfinite(train_loss):
             raise LossNotFinite(f"loss is {train_loss} at step {step}")
+        if not math.isfinite(norm):
+            raise LossNotFinite(f"gradient norm is {norm} at step {step} (loss {train_loss:.4f})")
         lr = float(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()

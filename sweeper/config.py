@@ -192,7 +192,7 @@ class TrainConfig:
     """auto (CUDA when available), cpu, or cuda[:N]."""
     oom_retries: int = 3
     """After an out-of-memory error, retry with half the micro-batch and twice the accumulation this often."""
-    packing: bool = False
+    packing: bool = True
     """Pack a step's examples (micro_batch_size * grad_accum) into rows of data.max_length tokens, at most
     micro_batch_size rows per forward pass, instead of padding each micro-batch: the same examples and loss
     per step in fewer passes (attention stays within each example)."""

@@ -36,6 +36,8 @@ class Resources:
 
         start = time.perf_counter()
         base = ResidentBase(cfg.model, pick_device(cfg.train.device))
+        if cfg.train.packing:
+            base.check_packing()
         data = prepare(cfg.data, base.tokenizer, cfg.model.cache_path)
         log.info("base and data ready in %.1fs: %d train / %d eval examples",
                  time.perf_counter() - start, len(data.train), len(data.eval))

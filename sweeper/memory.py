@@ -105,8 +105,8 @@ Runtime overhead (in ``total``, not in ``allocated``)
     peak (1-15% measured; up to 33% with the math kernel's quadratic blocks). On the CPU both are 0 and
     the prediction is for reference only.
 
-Sequence length is the upper bound ``data.max_length``: batches are padded to their longest row, so a
-real trial may use less.
+Sequence length is the upper bound ``data.max_length``: a padded batch reaches it when its longest row
+does, a packed pass (``train.packing``) when its rows are full.
 
 Example:
     >>> shape = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -241,6 +241,8 @@ class TrialSettings:
     gradient_checkpointing: bool = True
     upcast: bool = True
     """model.upcast_unquantized: a quantized base's embeddings, head and norms are fp32."""
+    packed: bool = False
+    """train.packing: rows of several examples, kept apart by a block-diagonal mask even in a batch of one."""
     padded: bool = True
     """Whether batches may hold padding (then sdpa gets a mask). A batch of one never does."""
     device: str = "cuda"
@@ -258,7 +260,8 @@ class TrialSettings:
     def from_config(cls, cfg: SweepConfig, *, padded: bool = True, device: str = "cuda") -> TrialSettings:
         """The settings of a (trial's) resolved config.
 
-        The sequence length is ``data.max_length``, an upper bound: a batch is padded to its longest row.
+        The sequence length is ``data.max_length``, an upper bound on a padded batch's longest row and on a
+        packed pass's rows.
         ``padded`` says whether batches hold padding (see :func:`estimate_worst` for both cases).
         """
         return cls(quant_type=cfg.model.quant_type, double_quant=cfg.model.double_quant,
@@ -266,7 +269,7 @@ class TrialSettings:
                    dropout=cfg.lora.dropout, optimizer=cfg.optimizer.name, momentum=cfg.optimizer.momentum,
                    micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
                    gradient_checkpointing=cfg.model.gradient_checkpointing,
-                   upcast=cfg.model.upcast_unquantized, padded=padded, device=device)
+                   upcast=cfg.model.upcast_unquantized, packed=cfg.train.packing, padded=padded, device=device)
 
     @property
     def quantized(self) -> bool:
@@ -288,7 +291,7 @@ class TrialSettings:
 
     @property
     def has_mask(self) -> bool:
-        return self.padded and self.micro_batch_size > 1
+        return self.padded and (self.micro_batch_size > 1 or self.packed)
 
     @property
     def mask_bytes(self) -> int:

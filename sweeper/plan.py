@@ -23,8 +23,9 @@ Time model (rough, upper bound on the sequence length)
     batch). These constants were fitted on an H200 (bench/memory_accuracy.py reports both). On the CPU
     the rate is :data:`CPU_FLOPS_PER_CORE` per thread, from SmolLM2-135M taking about 2 s for a
     4 x 128-token step on 2 cores (the CPU's rate is an effective one: no utilization factor). Evaluation
-    adds forward passes over ``data.max_eval_examples`` rows at every evaluation. Trials with rows shorter
-    than ``data.max_length`` (a batch is padded to its longest row) run faster.
+    adds forward passes over ``data.max_eval_examples`` rows at every evaluation. Every micro-batch is
+    taken as ``data.max_length`` tokens wide: padded batches with shorter rows run faster, and with
+    ``train.packing`` short examples need fewer passes than ``grad_accum`` per step.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def step_flops(config: Any, s: TrialSettings, train: bool = True) -> tuple[float
         head *= 2
         attention *= 1 + 2.5 + recompute
         adapter *= 3 + recompute
-    if s.quantized:
+    if s.fp32_unquantized:
         return base, head + attention + adapter
     return base + head + attention, adapter
 

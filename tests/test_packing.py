@@ -82,7 +82,8 @@ def test_packed_loss_equals_padded_loss(resources) -> None:  # type: ignore[no-u
 def test_a_packed_trial_reaches_the_padded_trials_objective(resources) -> None:  # type: ignore[no-untyped-def]
     """2 micro-batches of 4 per step, packed into fewer passes: the same examples and loss per step."""
     cfg, res = resources
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2, grad_accum=2))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2, grad_accum=2,
+                                                             packing=False))
     packed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=True))
     padded = QLoRAObjective(cfg, [], res.base, res.data, None, show_progress=False)
     packed = QLoRAObjective(packed_cfg, [], res.base, res.data, None, show_progress=False)
@@ -95,4 +96,22 @@ def test_without_the_upcast_activations_stay_bf16_and_a_trial_trains(tmp_path) -
     embeddings = res.base.model.get_input_embeddings()
     assert embeddings.weight.dtype == torch.bfloat16
     value = QLoRAObjective(cfg, [], res.base, res.data, None, show_progress=False)(optuna.trial.FixedTrial({}))
-    assert 0 < value < 20
+    assert isinstance(value, float) and 0 < value < 20
+
+
+def test_the_packing_check_passes_for_llama_and_catches_a_model_that_mixes_examples(resources) -> None:  # type: ignore[no-untyped-def]
+    from sweeper.config import ConfigError
+
+    _, res = resources
+    res.base.check_packing()
+    original = res.base.model.forward
+
+    def ignores_positions(*args, position_ids=None, **kwargs):  # type: ignore[no-untyped-def]
+        return original(*args, **kwargs)  # one causal row: the examples attend to each other
+
+    res.base.model.forward = ignores_positions
+    try:
+        with pytest.raises(ConfigError, match="train.packing: .* lets packed examples attend to each other"):
+            res.base.check_packing()
+    finally:
+        del res.base.model.forward
