@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -304,7 +305,10 @@ class ResidentBase:
                 r=lora.r, lora_alpha=lora.effective_alpha,  # type: ignore[arg-type]  # peft scales by any number
                 lora_dropout=lora.dropout, target_modules=targets, use_rslora=lora.use_rslora, bias="none",
                 task_type="CAUSAL_LM")
-            self._peft, self._shape = get_peft_model(self.model, peft_cfg), shape
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated alias once per injection: noise in every trial's output
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                self._peft, self._shape = get_peft_model(self.model, peft_cfg), shape
         self._initialise(lora, seed)
         try:
             yield self._peft
