@@ -28,7 +28,7 @@ class TokenizedSplits:
 
     train: Rows
     eval: Rows
-    max_length: int = 0
+    max_length: int
     """data.max_length: no example is longer; packed rows are this wide."""
 
 
@@ -101,8 +101,9 @@ def split(examples: list[Example], eval_fraction: float) -> tuple[list[Example],
     def key(e: Example) -> str:
         return str(e.get("module") or json.dumps(e, sort_keys=True))
 
-    train = [e for e in examples if _bucket(key(e)) >= eval_fraction]
-    held = [e for e in examples if _bucket(key(e)) < eval_fraction]
+    held_out = [_bucket(key(e)) < eval_fraction for e in examples]
+    train = [e for e, out in zip(examples, held_out, strict=True) if not out]
+    held = [e for e, out in zip(examples, held_out, strict=True) if out]
     if not train or not held:
         raise ConfigError(f"data.eval_fraction: {eval_fraction} leaves an empty split of {len(examples)} examples")
     return train, held

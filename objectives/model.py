@@ -17,44 +17,12 @@ from typing import Any
 
 import torch
 
+from objectives.targets import resolve_targets
 from sweeper.config import ConfigError, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-# Module-name suffixes per role, across the common decoder families (Llama/Mistral/Qwen, GPT-2, NeoX, Phi).
-ROLE_NAMES: dict[str, tuple[str, ...]] = {
-    "q": ("q_proj", "query", "c_attn", "query_key_value", "Wqkv", "qkv_proj"),
-    "k": ("k_proj", "key", "c_attn", "query_key_value", "Wqkv", "qkv_proj"),
-    "v": ("v_proj", "value", "c_attn", "query_key_value", "Wqkv", "qkv_proj"),
-    "o": ("o_proj", "attn.c_proj", "attention.dense", "self_attn.dense", "out_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj", "dense_h_to_4h", "dense_4h_to_h",
-            "fc1", "fc2", "gate_up_proj", "w1", "w2", "w3"),
-}
-PRESETS: dict[str, tuple[str, ...]] = {
-    "qk": ("q", "k"),
-    "qv": ("q", "v"),
-    "qkv": ("q", "k", "v"),
-    "qkvo": ("q", "k", "v", "o"),
-    "mlp": ("mlp",),
-    "all-linear": ("q", "k", "v", "o", "mlp"),
-}
-
-
-def target_names(targets: Any) -> list[str] | str:
-    """A preset name stays a name; a comma-separated string or a list becomes a list of module names."""
-    if isinstance(targets, str) and targets in PRESETS:
-        return targets
-    if isinstance(targets, str) and not any(c in targets for c in ",_."):
-        raise ConfigError(f"lora.targets: unknown preset {targets!r}; presets: {', '.join(PRESETS)}, "
-                          "or module names such as 'q_proj,v_proj'")
-    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t) for t in targets]
-    names = [n for n in names if n]
-    if not names:
-        raise ConfigError(f"lora.targets: empty; use a preset ({', '.join(PRESETS)}) or module names")
-    return names
-
 
 def linear_module_names(model: Any) -> list[str]:
     """Full names of the linear layers an adapter can wrap (the output head excluded)."""
@@ -66,22 +34,6 @@ def linear_module_names(model: Any) -> list[str]:
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
             names.append(name)
     return names
-
-
-def resolve_targets(targets: Any, linear_names: list[str]) -> list[str]:
-    """Preset or names -> the module-name suffixes present in this model.
-
-    Raises:
-        ConfigError: when nothing matches, listing the model's linear modules.
-    """
-    wanted = target_names(targets)
-    candidates = [n for role in PRESETS[wanted] for n in ROLE_NAMES[role]] if isinstance(wanted, str) else wanted
-    found = [c for c in dict.fromkeys(candidates) if any(n == c or n.endswith("." + c) for n in linear_names)]
-    if not found:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-        raise ConfigError(f"lora.targets: {targets!r} matches no linear module of this model; "
-                          f"its linear modules are: {', '.join(kinds)}")
-    return found
 
 
 def _package_file(spec: str) -> Path:
@@ -158,19 +110,31 @@ def resolve_source(cfg: ModelConfig) -> str:
     return src
 
 
-def random_model_dir(cfg: ModelConfig, source: str) -> Path:
-    """Random weights in the source's architecture (plus overrides), saved once under the cache."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def model_config(cfg: ModelConfig, source: str) -> Any:
+    """The source's architecture config with ``model.config_overrides`` applied (no weights are read).
 
-    key = json.dumps({"source": cfg.source, "overrides": dict(cfg.config_overrides)}, sort_keys=True)
-    final = cfg.cache_path / "random" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if (final / "config.json").is_file():
-        return final
+    Raises:
+        ConfigError: an override names a field the config does not have.
+    """
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     for k, v in cfg.config_overrides.items():
         if not hasattr(config, k):
             raise ConfigError(f"model.config_overrides.{k}: not a field of {type(config).__name__}")
         setattr(config, k, v)
+    return config
+
+
+def random_model_dir(cfg: ModelConfig, source: str) -> Path:
+    """Random weights in the source's architecture (plus overrides), saved once under the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = json.dumps({"source": cfg.source, "overrides": dict(cfg.config_overrides)}, sort_keys=True)
+    final = cfg.cache_path / "random" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (final / "config.json").is_file():
+        return final
+    config = model_config(cfg, source)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     tmp = _atomic_dir(final)
@@ -184,6 +148,18 @@ def random_model_dir(cfg: ModelConfig, source: str) -> Path:
     del model
     _publish(tmp, final)
     return final
+
+
+def weights_path(cfg: ModelConfig) -> str:
+    """What ``from_pretrained`` loads for this config: the source, or its random-weights copy (made once)."""
+    source = resolve_source(cfg)
+    return str(random_model_dir(cfg, source)) if cfg.random_init else source
+
+
+def free_accelerator_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def pick_device(name: str) -> torch.device:
@@ -206,8 +182,7 @@ class ResidentBase:
 
         self.cfg = cfg
         self.device = device
-        source = resolve_source(cfg)
-        path = str(random_model_dir(cfg, source)) if cfg.random_init else source
+        path = weights_path(cfg)
         dtype = TORCH_DTYPES[cfg.compute_dtype]
         quant = None
         if cfg.quant_type in ("nf4", "fp4"):
@@ -340,6 +315,4 @@ class ResidentBase:
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         self._peft, self._shape = None, None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_accelerator_memory(self.device)

@@ -77,8 +77,7 @@ def forward_passes(micro_batches: list[Rows], packing: bool, pad_id: int, width:
     """One step's micro-batches as padded batches, or with packing as few passes as fit the same rows."""
     if not packing:
         return [collate(rows, pad_id) for rows in micro_batches]
-    rows = [r for batch in micro_batches for r in batch]
-    return pack(rows, pad_id, max(width, *(len(r["input_ids"]) for r in rows)), len(micro_batches[0]))
+    return pack([r for rows in micro_batches for r in rows], pad_id, width, len(micro_batches[0]))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -88,16 +87,19 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def eval_passes(data: TokenizedSplits, batch_size: int, packing: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The held-out set as forward passes, built once per trial."""
+    return forward_passes(list(eval_micro_batches(data.eval, batch_size)), packing, pad_id, data.max_length)
+
+
 @torch.no_grad()
-def evaluate(model: Any, data: TokenizedSplits, batch_size: int, pad_id: int, device: torch.device,
-             packing: bool = False) -> float:
-    """Mean loss per response token over the held-out set (token-weighted across batches)."""
+def evaluate(model: Any, passes: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Mean loss per response token over the held-out passes (token-weighted across passes)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
     try:
-        for batch in forward_passes(list(eval_micro_batches(data.eval, batch_size)), packing, pad_id,
-                                    data.max_length):
+        for batch in passes:
             n = targets_in(batch)
             if n:
                 total += model(**to_device(batch, device)).loss.float() * n
@@ -131,6 +133,7 @@ def train_adapter(
     optimizer = build_optimizer(params, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
     micro_batches = train_micro_batches(data.train, train.micro_batch_size, train.seed)
+    held_out = eval_passes(data, train.micro_batch_size, train.packing, pad_id)
     max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -168,7 +171,7 @@ def train_adapter(
                        "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
         if step % train.eval_every == 0 or step == train.max_steps:
             start = time.perf_counter()
-            eval_loss = evaluate(model, data, train.micro_batch_size, pad_id, device, train.packing)
+            eval_loss = evaluate(model, held_out, device)
             busy += time.perf_counter() - start
             on_eval(step, eval_loss)
     return TrainResult(eval_loss=eval_loss, steps=train.max_steps,

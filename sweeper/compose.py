@@ -87,7 +87,7 @@ def _lookup(config: dict[str, Any], path: str) -> Any:
 
 def check_values(base: dict[str, Any], params: Sequence[Param]) -> None:
     """Every choice and both ends of every range must make a valid config (no unknown optimizer or preset)."""
-    from objectives.model import target_names
+    from objectives.targets import target_names
 
     for p in params:
         for value in corner_values(p):
@@ -105,7 +105,7 @@ def check_consistent(cfg: SweepConfig, params: Sequence[Param]) -> None:
     ``lora.alpha`` overrides ``lora.alpha_ratio``, so searching the ratio while alpha is set (fixed
     or searched in the same trials) would search a parameter with no effect.
     """
-    from objectives.model import target_names
+    from objectives.targets import target_names
 
     by_path: dict[str, list[Param]] = {}
     for p in params:

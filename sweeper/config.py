@@ -179,7 +179,7 @@ class TrainConfig:
     max_steps: int = 30
     """Optimizer steps per trial."""
     micro_batch_size: int = 4
-    """Examples per forward pass."""
+    """Examples per micro-batch; with packing, the most rows of data.max_length tokens per forward pass."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch_size * grad_accum)."""
     eval_every: int = 10

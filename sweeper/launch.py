@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -243,10 +244,9 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
         log_study_plots(tracker, run_id, study)
     except Exception as e:  # noqa: BLE001 - plots are a convenience; a failure must not hide the results
         log.warning("study plots skipped: %s", e)
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
-              for s in optuna.trial.TrialState}
-    tracker.set_tags(run_id, {**{f"trials_{k}": v for k, v in counts.items() if v},
-                              "budget_left": max(0, cfg.study.n_trials - finished_trials(study))})
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    tracker.set_tags(run_id, {**{f"trials_{s.name.lower()}": n for s, n in states.items() if n},
+                              "budget_left": max(0, cfg.study.n_trials - sum(states[s] for s in FINISHED))})
     tracker.end_run(run_id, status)  # a resume reopens it
 
 

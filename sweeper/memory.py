@@ -395,7 +395,7 @@ def adapter_modules(shape: ModelShape, targets: Any, linear_names: Sequence[str]
     Raises:
         ConfigError: the targets match nothing in this model.
     """
-    from objectives.model import resolve_targets
+    from objectives.targets import resolve_targets
 
     names = list(linear_names) if linear_names is not None else shape.linear_names()
     suffixes = resolve_targets(",".join(targets) if isinstance(targets, tuple) else targets, names)

@@ -166,17 +166,9 @@ def load_model_config(cfg: SweepConfig) -> Any:
     Raises:
         ConfigError: an override names a field the config does not have.
     """
-    from transformers import AutoConfig
+    from objectives.model import model_config, resolve_source
 
-    from objectives.model import resolve_source
-
-    config = AutoConfig.from_pretrained(resolve_source(cfg.model), revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
-    for key, value in cfg.model.config_overrides.items():
-        if not hasattr(config, key):
-            raise ConfigError(f"model.config_overrides.{key}: not a field of {type(config).__name__}")
-        setattr(config, key, value)
-    return config
+    return model_config(cfg.model, resolve_source(cfg.model))
 
 
 def fits(cfg: SweepConfig, model_config: Any, device_memory_bytes: int,

@@ -133,7 +133,7 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
                                           seed=None if sampler_cfg.seed is None else sampler_cfg.seed + offset)
     sampler = make_sampler(sampler_cfg, params)
     pruner = make_pruner(cfg.study.pruner, cfg.train.max_steps)
-    existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    existing = optuna.get_all_study_names(storage)
     name = cfg.study.name
     if name not in existing and not create:
         raise ConfigError(f"study.name: no study {name!r} in the storage; it holds: {', '.join(existing) or 'none'}")
@@ -249,7 +249,7 @@ def load_study(cfg: SweepConfig) -> optuna.Study:
         raise ConfigError(f"study.storage: no study store at {local} "
                           "(run `sweeper launch` first, or pass study.storage=... / output_dir=...)")
     storage = storage_for(url)
-    existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    existing = optuna.get_all_study_names(storage)
     if cfg.study.name not in existing:
         raise ConfigError(f"study.name: no study {cfg.study.name!r} in {cfg.storage_url}; "
                           f"it holds: {', '.join(existing) or 'none'}")

@@ -135,8 +135,9 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str
         _stop(slots)
         bar.close()
         finish_parent(tracker, parent_id, study, cfg, status)
-    if failed_trials(study):
-        print(f"{failed_trials(study)} trials failed; see {logs}")
+    failed = failed_trials(study)
+    if failed:
+        print(f"{failed} trials failed; see {logs}")
     return study
 
 

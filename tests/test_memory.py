@@ -225,7 +225,8 @@ def test_adapter_count_equals_peft_on_the_smollm2_config(r: int, targets: str) -
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from objectives.model import linear_module_names, resolve_targets
+    from objectives.model import linear_module_names
+    from objectives.targets import resolve_targets
 
     config = LlamaConfig(**SMOLLM2)
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
