@@ -462,14 +462,6 @@ def log_tail(path: Path, lines: int = 15) -> str:
 # Models and batches (torch is imported inside)
 
 
-def model_path(model_cfg: Any) -> str:
-    """The directory ``from_pretrained`` loads for a model config (converted or random weights made once)."""
-    from objectives.model import random_model_dir, resolve_source
-
-    source = resolve_source(model_cfg)
-    return str(random_model_dir(model_cfg, source)) if model_cfg.random_init else source
-
-
 def loop_rows(data: Any, train_cfg: Any) -> list[list[dict[str, list[int]]]]:
     """The micro-batches (rows) our training loop feeds in one trial, in its order (same seed, same rows)."""
     from itertools import islice
@@ -514,17 +506,13 @@ def trainer_fixed_arguments(output_dir: Path, cfg: Any, device: Any, bf16: bool)
 
 def free_accelerator() -> None:
     """Drop what the last method left behind before the next one is measured."""
-    import gc
+    import torch
 
-    gc.collect()
-    try:
-        import torch
+    from objectives.model import free_accelerator_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    free_accelerator_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -537,15 +525,13 @@ def prepare(shapes: Sequence[str], source: str | None, random_weights: bool) -> 
     Benchmarks started side by side would otherwise race to create the same cache directories.
     """
     from objectives.data import load_examples
-    from objectives.model import random_model_dir, resolve_source
+    from objectives.model import weights_path
     from sweeper import compose
 
     for shape in shapes:
         start = time.perf_counter()
         cfg, _ = compose.load([*model_overrides(shape, source, random_weights), "search_space=none"])
-        path = resolve_source(cfg.model)
-        if cfg.model.random_init:
-            path = str(random_model_dir(cfg.model, path))
+        path = weights_path(cfg.model)
         say(f"{shape}: {path} ready in {time.perf_counter() - start:.1f}s")
     load_examples(cfg.data, cfg.model.cache_path)
 

@@ -41,8 +41,10 @@ from bench.common import (
     base_parser,
     command_line,
     environment,
+    free_accelerator,
     make_workdir,
     markdown_table,
+    num,
     quiet_logs,
     render_report,
     say,
@@ -216,7 +218,8 @@ def measure(base: Any, case: Case, explain: bool) -> tuple[int | None, int | Non
     cuda = base.device.type == "cuda"
     set_checkpointing(base.model, case.checkpointing)
     vocab = FULL_SHAPES[case.shape]["vocab_size"]
-    data = TokenizedSplits(train=rows_for(case, vocab, 0), eval=rows_for(replace(case, batch=1), vocab, 1))
+    data = TokenizedSplits(train=rows_for(case, vocab, 0), eval=rows_for(replace(case, batch=1), vocab, 1),
+                           max_length=case.seq)
     # padded micro-batches: the cases name padded and unpadded batches themselves
     train = TrainConfig(max_steps=STEPS, micro_batch_size=case.batch, eval_every=STEPS, seed=0, packing=False)
     optim = OptimizerConfig(name=case.optimizer, lr=1e-4 if case.optimizer == "adamw" else 1e-2)
@@ -284,6 +287,7 @@ def run_cases(cases: Sequence[Case], args: argparse.Namespace, device_name: str)
         for i, case in enumerate(c for c in cases if c.shape == shape):
             res = predict(case, "cuda" if device.type == "cuda" else "cpu")
             start = time.perf_counter()
+            text = ""
             try:
                 res.measured, res.reserved, res.step_s, text = measure(base, case, args.explain and i == 0)
             except torch.cuda.OutOfMemoryError as e:
@@ -295,9 +299,7 @@ def run_cases(cases: Sequence[Case], args: argparse.Namespace, device_name: str)
                 f"error {fmt_pct(res.error_pct)} ({time.perf_counter() - start:.1f}s)")
         base.release_adapter()
         del base
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_accelerator()
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         outside = total - free - torch.cuda.memory_reserved(device)
@@ -335,8 +337,7 @@ def summary(results: Sequence[Result]) -> list[str]:
 
 def table(results: Sequence[Result]) -> str:
     rows = [(r.case.label(), gib(r.predicted), gib(r.measured), fmt_pct(r.error_pct), r.peak_at, gib(r.reserved),
-             "n/a" if r.step_s is None else f"{r.step_s:.3f}",
-             "n/a" if r.predicted_step_s is None else f"{r.predicted_step_s:.3f}", r.note)
+             num(r.step_s, 3), num(r.predicted_step_s, 3), r.note)
             for r in results]
     return markdown_table(["config", "predicted GiB", "measured GiB", "error %", "predicted peak at",
                            "reserved GiB", "s/step", "predicted s/step", "note"], rows)

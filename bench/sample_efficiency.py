@@ -112,13 +112,10 @@ def run_jobs(args: argparse.Namespace, argv: Sequence[str], workdir: Path) -> tu
     import os
     import subprocess
 
-    import torch
+    from sweeper.workers import visible_gpus
 
     studies = all_studies(args)
-    gpus = [str(i) for i in range(torch.cuda.device_count())] or [""]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        gpus = [g.strip() for g in visible.split(",")]
+    gpus = visible_gpus() or [""]
     procs = []
     for job in range(args.jobs):
         mine = studies[job::args.jobs]

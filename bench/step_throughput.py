@@ -44,7 +44,6 @@ from bench.common import (
     make_workdir,
     markdown_table,
     model_overrides,
-    model_path,
     num,
     quiet_logs,
     ratio,
@@ -161,7 +160,7 @@ def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, pac
             statistics.fmean(losses))
 
 
-def run_trainer(base: Any, data: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: list[int], warmup: int,
+def run_trainer(base: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: list[int], warmup: int,
                 bf16: bool, workdir: Path) -> Measured:
     """A plain Trainer on the same peft model (same initialisation), reading the same rows in order."""
     import torch
@@ -190,20 +189,20 @@ def run_trainer(base: Any, data: Any, cfg: Any, rows: list[dict[str, list[int]]]
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         del trainer
     # accelerate may have wrapped the peft model's forward (autocast): start the next method from a fresh adapter
-    if hasattr(base, "release_adapter"):
-        base.release_adapter()
+    base.release_adapter()
     return (steady_tokens_per_s(stamps, tokens, warmup), peak, median_step(stamps, warmup),
             statistics.fmean(losses) if losses else None)
 
 
 def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir: Path) -> tuple[list[Run], str]:
     """Every method on one shape; the bf16-stream methods get a second base, loaded after the first is gone."""
+    from objectives.model import weights_path
     from sweeper import compose
     from sweeper.launch import Resources
 
     cfg, _ = compose.load(shape_overrides(args, shape))
     start = time.perf_counter()
-    model_path(cfg.model)
+    weights_path(cfg.model)
     made = time.perf_counter() - start
     runs: list[Run] = []
     loaded: list[str] = []
@@ -237,7 +236,7 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
                 out = run_ours(base, data, cfg, tokens, args.warmup_steps, packing=method.endswith("packed"))
             else:
                 rows = [r for batch in batches for r in batch]
-                out = run_trainer(base, data, cfg, rows, tokens, args.warmup_steps, method == "trainer-bf16",
+                out = run_trainer(base, cfg, rows, tokens, args.warmup_steps, method == "trainer-bf16",
                                   workdir)
             runs.append(Run(shape, method, *out))
             free_accelerator()

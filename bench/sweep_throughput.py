@@ -45,7 +45,6 @@ from bench.common import (
     markdown_table,
     model_label,
     model_overrides,
-    model_path,
     num,
     overheads,
     percent,
@@ -116,7 +115,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def fixed_overrides(args: argparse.Namespace, workdir: Path) -> list[str]:
+def fixed_overrides(args: argparse.Namespace) -> list[str]:
     """Everything but the search space, identical for every method."""
     shape = "tiny" if args.cpu_smoke else "135m"
     out = [*model_overrides(shape, args.model_source, args.weights == "random"),
@@ -207,8 +206,9 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
     )
 
     from objectives.data import collate, prepare
-    from objectives.model import TORCH_DTYPES, linear_module_names, pick_device, resolve_targets
-    from objectives.training import evaluate
+    from objectives.model import TORCH_DTYPES, linear_module_names, pick_device, weights_path
+    from objectives.targets import resolve_targets
+    from objectives.training import eval_passes, evaluate
     from sweeper import compose
     from sweeper.config import to_container, to_schema
     from sweeper.space import apply_values, sample
@@ -216,7 +216,7 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
 
     began = time.time()
     cfg, params = compose.load([*overrides, *SPACE])
-    path = model_path(cfg.model)
+    path = weights_path(cfg.model)
     device = pick_device(cfg.train.device)
     dtype = TORCH_DTYPES[cfg.model.compute_dtype]
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -252,7 +252,8 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
         clock.number = trial.number
         return trainer_arguments(trial_config(trial))
 
-    clock = make_trial_clock(device, lambda model: evaluate(model, data, cfg.train.micro_batch_size, pad_id, device))
+    held_out = eval_passes(data, cfg.train.micro_batch_size, False, pad_id)  # padded, as A's Trainer evaluates
+    clock = make_trial_clock(device, lambda model: evaluate(model, held_out, device))
     fixed = trainer_fixed_arguments(workdir / "trainer", cfg, device, args.trainer_precision == "bf16")
     trainer = Trainer(model_init=model_init, args=TrainingArguments(**fixed, **trainer_arguments(cfg)),
                       train_dataset=rows, eval_dataset=data.eval, data_collator=partial(collate, pad_id=pad_id),
@@ -430,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = make_workdir(args, "sweep")
     env, command = environment(), command_line()
-    overrides = fixed_overrides(args, workdir)
+    overrides = fixed_overrides(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
     if unknown:
