@@ -189,7 +189,8 @@ class QLoRAObjective:
             raise LossNotFinite(f"eval loss is {loss} at step {step}")
         if len(self.cfg.study.objectives) == 1:  # Optuna prunes single-objective studies only
             trial.report(loss, step)
-            if trial.should_prune():
+            # At the last step the work is done: pruning would only throw the finished result away.
+            if step < self.cfg.train.max_steps and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}: eval_loss {loss:.4f}")
 
     def _log_result(self, trial: Any, run_id: str | None, result: TrainResult, seconds: float,

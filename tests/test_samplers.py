@@ -126,12 +126,22 @@ def test_pruner_runs_a_study(resources: Resources, case: str) -> None:
 
 def test_warmup_steps_hold_pruning_back(resources: Resources) -> None:
     # Optuna's warm-up: no pruning before step n_warmup_steps, so the bad rate goes on to step 2.
-    study = run_study(resources, [*SPACE, "study/sampler=random", "study/pruner=median",
+    study = run_study(resources, [*SPACE, "study/sampler=random", "study/pruner=median", "train.max_steps=3",
                                   "study.pruner.n_startup_trials=1", "study.pruner.n_warmup_steps=2"],
                       enqueue=[GOOD, BAD])
     good, bad = study.trials
     assert good.state == TrialState.COMPLETE
     assert bad.state == TrialState.PRUNED and sorted(bad.intermediate_values) == [1, 2]
+
+
+@pytest.mark.parametrize("case", sorted(PRUNES_BAD))
+def test_a_finished_trial_is_never_pruned(resources: Resources, case: str) -> None:
+    # Only the final evaluation: the pruner still hears of it, but the trained trial keeps its result.
+    study = run_study(resources, [*SPACE, "study/sampler=random", *PRUNER_CASES[case], FINAL_EVAL],
+                      enqueue=[GOOD, BAD])
+    good, bad = study.trials
+    assert [good.state, bad.state] == [TrialState.COMPLETE] * 2
+    assert list(bad.intermediate_values) == [2] and bad.value > good.value  # type: ignore[operator]
 
 
 # --- search paths end to end: alpha, its ratio, rsLoRA, module lists -------------------------------
