@@ -20,6 +20,7 @@ from bench.common import (
     time_to_target,
     trial_walls,
 )
+from bench.sample_efficiency import Median, median_to_target, ratio
 from bench.step_throughput import steady_tokens_per_s
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,24 @@ def test_time_to_target_sums_trial_times_in_order_until_a_complete_trial_reaches
               timing(2, 13, 23, value=1.005)]
     assert time_to_target(trials, 1.01) == 23
     assert time_to_target(trials, 0.5) is None
+
+
+@pytest.mark.parametrize(("to_target", "spent", "expected"), [
+    ([10.0, None, 30.0], [50.0, 60.0, 70.0], Median(30.0, True)),  # one never reached: counted as longest
+    ([10.0, None, None], [50.0, 60.0, 70.0], Median(60.0, False)),  # median never reached: what it spent bounds it
+    ([None, None, None], [50.0, 40.0, 70.0], Median(50.0, False)),
+    ([], [], None),
+])
+def test_median_to_target_is_exact_or_a_lower_bound(to_target: list[float | None], spent: list[float],
+                                                    expected: Median | None) -> None:
+    assert median_to_target(to_target, spent) == expected
+
+
+def test_ratio_to_a_baseline_that_never_reached_the_target_is_an_upper_bound() -> None:
+    assert ratio(Median(10.0, True), Median(40.0, True)) == "0.25"
+    assert ratio(Median(10.0, True), Median(50.0, False)).startswith("< 0.20 ")
+    assert ratio(Median(10.0, False), Median(40.0, True)).startswith("n/a")
+    assert str(Median(12.34, True)) == "12.3" and str(Median(500.0, False)) == "not reached (> 500.0)"
 
 
 def test_tokens_per_second_is_taken_after_the_warmup_steps() -> None:
