@@ -2,8 +2,9 @@
 
 Each phase is a fresh study with the same trial budget. Its workers are separate ``python -m sweeper
 launch`` processes with the same overrides, each pinned to one GPU with CUDA_VISIBLE_DEVICES; they share
-the study through Optuna's JournalStorage file backend (no PostgreSQL on the GPU machine), which keeps the
-budget the study's total. The study and the MLflow store are created here first, so the workers only join.
+the study through a PostgreSQL server started here on loopback (``--storage postgres``, the default; its
+programs from a system install or ``--pg-bin``) or a journal or SQLite file, which keeps the budget the
+study's total. The study and the MLflow store are created here first, so the workers only join.
 
 Trials per hour count, per worker, the trials after its first (warm-up) one from that trial's end to its
 last trial's end, summed over the workers; the end-to-end rate includes process start and model load.
@@ -16,6 +17,7 @@ last trial's end, summed over the workers; the end-to-end rate includes process 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,6 +50,7 @@ from bench.common import (
     steady_per_hour,
     write_report,
 )
+from bench.postgres import find_bindir, loopback_server
 from sweeper.workers import visible_gpus
 
 ISSUE_SPEC = "1 vs 2 workers on two GPUs on one PostgreSQL-backed study; goal: at least 1.8x the trials per hour"
@@ -91,8 +94,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per trial")
     p.add_argument("--batch", type=int, default=16, help="micro-batch size")
     p.add_argument("--weights", choices=["real", "random"], default="real")
-    p.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
-                   help="shared study storage: Optuna's journal file (default) or an SQLite file")
+    p.add_argument("--storage", choices=["postgres", "journal", "sqlite"], default="postgres",
+                   help="shared study storage: a PostgreSQL server started for the run on 127.0.0.1 (default), "
+                        "Optuna's journal file or an SQLite file")
+    p.add_argument("--pg-bin", default=None,
+                   help="folder with PostgreSQL's initdb and pg_ctl (default: the newest /usr/lib/postgresql/*/bin)")
     p.add_argument("--space", choices=sorted(SPACES), default="equal",
                    help="equal: only the learning rate is searched, so every trial does the same work and the "
                         "phases differ only in workers; default: the default search space (trial costs vary "
@@ -105,15 +111,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def phase_overrides(args: argparse.Namespace, workdir: Path, workers: int) -> list[str]:
-    storage = (f"journal:{workdir / 'optuna.journal'}" if args.storage == "journal"
-               else f"sqlite:///{workdir / 'optuna.db'}")
+def phase_overrides(args: argparse.Namespace, workdir: Path, storage: str, workers: int) -> list[str]:
     out = [*model_overrides("tiny" if args.cpu_smoke else "135m", args.model_source, args.weights == "random"),
            *SPACES[args.space], f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
            f"train.micro_batch_size={args.batch}", "study/pruner=none", "study.sampler.constant_liar=true",
            f"study.name=scaling-{workers}w", f"study.n_trials={args.trials}", f"study.storage={storage}",
            f"study.timeout_s={args.worker_timeout}", f"output_dir={workdir}"]
     return out + (["data.max_length=64", "data.max_eval_examples=8"] if args.cpu_smoke else [])
+
+
+STORAGE_LABELS = {"postgres": "one PostgreSQL server on 127.0.0.1 (started for the run)",
+                  "journal": "Optuna's JournalStorage file backend", "sqlite": "one SQLite file"}
+
+
+def study_storage(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> str:
+    """The storage URL every phase's study lives in (distinct study names); a PostgreSQL server lives in ``stack``."""
+    if args.storage == "journal":
+        return f"journal:{workdir / 'optuna.journal'}"
+    if args.storage == "sqlite":
+        return f"sqlite:///{workdir / 'optuna.db'}"
+    bindir = find_bindir(args.pg_bin)
+    if bindir is None:
+        raise SystemExit(f"--storage postgres: no initdb in {args.pg_bin or '/usr/lib/postgresql/*/bin'}; "
+                         "name PostgreSQL's programs with --pg-bin, or use --storage journal")
+    return stack.enter_context(loopback_server(bindir, ["optuna"])) + "/optuna"
 
 
 def create_study(overrides: list[str]) -> None:
@@ -127,7 +148,7 @@ def create_study(overrides: list[str]) -> None:
     parent_run(make_tracker(cfg), study, cfg, params)
 
 
-def run_phase(args: argparse.Namespace, workdir: Path, workers: int, gpus: list[str]) -> Phase:
+def run_phase(args: argparse.Namespace, workdir: Path, storage: str, workers: int, gpus: list[str]) -> Phase:
     from sweeper import compose
     from sweeper.study import load_study
 
@@ -135,7 +156,7 @@ def run_phase(args: argparse.Namespace, workdir: Path, workers: int, gpus: list[
     if gpus and len(gpus) < workers:
         phase.skipped = f"not run: {workers} workers need {workers} GPUs, {len(gpus)} visible"
         return phase
-    overrides = phase_overrides(args, workdir, workers)
+    overrides = phase_overrides(args, workdir, storage, workers)
     create_study(overrides)
     procs, logs = [], []
     phase.launched = time.time()
@@ -189,8 +210,8 @@ def build_report(args: argparse.Namespace, phases: list[Phase], gpu: GpuSampler,
     gpus = phases[-1].gpus if phases else []
     pinned = ", ".join(gpus) if gpus else "no GPU (CPU only: workers share the cores; the ratio says nothing of GPUs)"
     ran = [
-        f"- The issue asks for {ISSUE_SPEC}. Ran: study storage = Optuna JournalStorage file backend "
-        f"({args.storage}; PostgreSQL is not installed on the GPU machine), one phase per worker count "
+        f"- The issue asks for {ISSUE_SPEC}. Ran: study storage = {STORAGE_LABELS[args.storage]}, one phase "
+        "per worker count "
         f"({args.workers}), each a new study with a budget of {args.trials} trials of {args.steps} steps x "
         f"{args.batch} examples, search space {args.space!r} ("
         + ("only the learning rate varies: every trial does the same work" if args.space == "equal" else
@@ -221,10 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = [int(w) for w in args.workers.split(",") if w.strip()]
     say(f"workdir {workdir}; GPUs: {', '.join(gpus) or 'none'}")
     phases = []
-    with GpuSampler(gpus=gpus if all(g.isdigit() for g in gpus) else None) as gpu:
+    with contextlib.ExitStack() as stack:
+        storage = study_storage(args, workdir, stack)
+        gpu = stack.enter_context(GpuSampler(gpus=gpus if all(g.isdigit() for g in gpus) else None))
         for k in counts:
             say(f"[{time.strftime('%H:%M:%S')}] {k} worker(s) ...")
-            phases.append(run_phase(args, workdir, k, gpus))
+            phases.append(run_phase(args, workdir, storage, k, gpus))
             say(f"[{time.strftime('%H:%M:%S')}] {k} worker(s): {len(phases[-1].trials)} trials")
     write_report(args.out, build_report(args, phases, gpu, env, command))
     return 0

@@ -20,6 +20,7 @@ from bench.common import (
     time_to_target,
     trial_walls,
 )
+from bench.postgres import find_bindir
 from bench.sample_efficiency import Median, median_to_target, ratio
 from bench.step_throughput import steady_tokens_per_s
 
@@ -148,6 +149,8 @@ def test_sample_efficiency_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_scaling_smoke(tmp_path: Path) -> None:
-    text = run_bench("scaling.py", tmp_path)
+    storage = "postgres" if find_bindir() else "journal"
+    text = run_bench("scaling.py", tmp_path, "--storage", storage)
+    assert ("PostgreSQL server on 127.0.0.1" in text) == (storage == "postgres")
     rows = [ln for ln in text.splitlines() if re.match(r"\| [12] \| \d+ complete", ln)]
     assert len(rows) == 2

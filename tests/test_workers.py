@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +15,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from bench.postgres import find_bindir, loopback_server
 from sweeper import compose
 from sweeper.config import ConfigError
 from sweeper.launch import parent_run, run_sweep
 from sweeper.study import open_study
-from sweeper.ui import free_port
 from tests.conftest import ROOT, TINY, run_cli
 
 SPACE = ["search_space=none", "lora.r=choice(2,4)", "lora.targets=choice(qk,all-linear)",
@@ -45,51 +41,16 @@ def test_memory_stays_flat_over_many_trials(tmp_path: Path) -> None:
 # --- a real PostgreSQL server on loopback -----------------------------------------------------------------
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A private PostgreSQL server with password authentication; yields its base URL."""
-    bindir = _pg_bin()
+    bindir = find_bindir()
     if bindir is None:
         if os.environ.get("QLORA_SWEEP_SKIP_POSTGRES"):
             pytest.skip("PostgreSQL is not installed")
         pytest.fail("PostgreSQL is not installed: `make system` installs it")
-    root = Path(tempfile.mkdtemp(prefix="qlora-pg-"))
-    root.chmod(0o755)
-    data, pwfile = root / "data", root / "pw"
-    password = secrets.token_hex(8)
-    pwfile.write_text(password)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(pwfile, "postgres")
-    port = free_port("127.0.0.1")
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "sweeper", "--auth=scram-sha-256",
-                                 f"--pwfile={pwfile}"]), check=True, capture_output=True)
-    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
-                                 f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"]),
-                   check=True, capture_output=True)
-    base = f"postgresql://sweeper:{password}@127.0.0.1:{port}"
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            for db in ("optuna", "mlflow", "optuna2", "mlflow2"):
-                conn.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
-        engine.dispose()
+    with loopback_server(bindir, ["optuna", "mlflow", "optuna2", "mlflow2"]) as base:
         yield base
-    finally:
-        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _children(tracking_uri: str, experiment: str) -> list:  # type: ignore[type-arg]
