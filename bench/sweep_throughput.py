@@ -388,7 +388,10 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         "(conf/search_space/optimizer.yaml); cosine schedule; sampler TPE seed "
         f"{args.seed} for every method (same first random trials); pruning off.",
         f"- A computes {'like our loop (no autocast)' if args.trainer_precision == 'match' else 'with bf16 autocast'}"
-        "; it reads the same batches in the same order (sequential sampler over our loop's batches).",
+        "; it reads the same batches in the same order (sequential sampler over our loop's batches) and pads "
+        "each batch, as Trainer's collators do. Ours and B train with the project's defaults, among them "
+        "`train.packing=true` (a step's examples packed into rows of data.max_length: the same loss from fewer "
+        "tokens of compute; benchmark 2 measures that part alone).",
         "- Ours and B log every trial to MLflow (B's child runs `QLoRAObjective` on a fixed trial, so it also "
         "logs its adapter every trial: a lone trial cannot know whether it is the best; ours logs the adapter "
         "when a trial becomes the best). A logs nothing (report_to none).",
