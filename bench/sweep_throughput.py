@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    REPO_ROOT,
     RESULT_PREFIX,
     GpuSampler,
     TrialTiming,
+    assign_workers,
     base_parser,
     command_line,
     environment,
@@ -66,8 +69,9 @@ ISSUE_SPEC = "24+ trials of about 60 s of training each on the default model, pr
 ISSUE_TRIAL_S = 60.0
 # The space every method samples: rank, targets, optimizer with its own learning rate (cosine is fixed).
 SPACE = ["search_space=optimizer", "lora.r=choice(8,16,32)", "lora.targets=choice(qk,all-linear)"]
-METHODS = ("ours", "trainer", "processes")
+METHODS = ("ours", "shared", "trainer", "processes")
 LABELS = {"ours": "ours (one process, base loaded once)",
+          "shared": "ours, workers sharing the GPU (workers.per_gpu)",
           "trainer": "A: Trainer.hyperparameter_search + model_init",
           "processes": "B: fresh process per trial"}
 
@@ -82,22 +86,42 @@ class MethodResult:
     ended: float
     best_loss: float | None
     notes: list[str] = field(default_factory=list)
+    workers: int = 1
+
+    @property
+    def lanes(self) -> list[list[TrialTiming]]:
+        """The trials of each worker, in start order."""
+        if self.workers == 1:
+            return [sorted(self.trials, key=lambda t: t.start)]
+        return assign_workers(self.trials, self.workers)
 
     @property
     def measured(self) -> list[TrialTiming]:
-        """The trials after the warm-up (first) trial."""
-        return sorted(self.trials, key=lambda t: t.start)[1:]
+        """The trials after each worker's warm-up (first) trial."""
+        return sorted((t for lane in self.lanes for t in lane[1:]), key=lambda t: t.start)
+
+    @property
+    def per_hour(self) -> float | None:
+        """Steady completed trials per hour, summed over the workers."""
+        rates = [r for r in map(steady_per_hour, self.lanes) if r is not None]
+        return sum(rates) if rates else None
+
+    @property
+    def overheads(self) -> list[float]:
+        return [o for lane in self.lanes for o in overheads(lane)[1:]]
 
     @property
     def window(self) -> tuple[float, float] | None:
         m = self.measured
-        return (m[0].start, m[-1].end) if m else None
+        return (m[0].start, max(t.end for t in m)) if m else None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = base_parser(__doc__ or "")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--trials", type=int, default=24, help="trials for ours and A (the first is warm-up)")
+    p.add_argument("--shared-workers", type=int, default=4,
+                   help="workers sharing the GPU in the 'shared' method (workers.count = workers.per_gpu)")
     p.add_argument("--process-trials", type=int, default=6,
                    help="trials for B, whose every trial pays a fresh process (the first is warm-up)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per trial (eval once, at the end)")
@@ -111,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="match: A computes like our loop (no autocast); bf16: A adds bf16 autocast (bf16=True)")
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        args.trials, args.process_trials, args.steps, args.batch = 2, 1, 2, 2
+        args.trials, args.process_trials, args.steps, args.batch, args.shared_workers = 2, 1, 2, 2, 2
     return args
 
 
@@ -143,6 +167,29 @@ def run_ours(args: argparse.Namespace, overrides: list[str], workdir: Path) -> M
               if t.datetime_complete is not None and not t.user_attrs.get("surplus")]
     done = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
     return MethodResult("ours", trials, began, ended, min(done) if done else None)
+
+
+def run_shared(args: argparse.Namespace, overrides: list[str], workdir: Path) -> MethodResult:
+    """Ours as ``python -m sweeper launch workers.count=K workers.per_gpu=K``: K workers on the one GPU."""
+    from sweeper import compose
+    from sweeper.study import load_study
+
+    k = args.shared_workers
+    run = [*overrides, *SPACE, f"study.n_trials={args.trials}", "study.name=bench-shared",
+           f"study.timeout_s={args.method_timeout}", f"output_dir={workdir / 'shared'}",
+           f"study.storage=journal:{workdir / 'shared.journal'}", f"workers.count={k}", f"workers.per_gpu={k}"]
+    log = workdir / "shared.log"
+    began = time.time()
+    with log.open("w") as out:
+        code = subprocess.run([sys.executable, "-m", "sweeper", "launch", *run, "--no-progress"], cwd=REPO_ROOT,
+                              stdout=out, stderr=subprocess.STDOUT).returncode
+    ended = time.time()
+    cfg, _ = compose.load(run)
+    trials = [from_frozen(t) for t in load_study(cfg).get_trials(deepcopy=False)
+              if t.datetime_complete is not None and not t.user_attrs.get("surplus")]
+    done = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
+    notes = [] if code == 0 else [f"the launcher exited with {code}; {log}:\n{log_tail(log)}"]
+    return MethodResult("shared", trials, began, ended, min(done) if done else None, notes, workers=k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,7 +384,7 @@ def child_main(number: int, overrides: list[str]) -> int:
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, list[str], Path], MethodResult]] = {
-    "ours": run_ours, "trainer": run_trainer, "processes": run_processes}
+    "ours": run_ours, "shared": run_shared, "trainer": run_trainer, "processes": run_processes}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,32 +395,32 @@ def result_row(r: MethodResult, gpu: GpuSampler) -> list[str]:
     m = r.measured
     busy = [t.busy for t in m if t.busy is not None]
     window = r.window
-    return [LABELS[r.key], f"{len(m)} (+1 warm-up)", num(steady_per_hour(r.trials), 0),
-            spread(overheads(m)), spread(busy), percent(gpu.busy_fraction(*window) if window else None),
-            num(r.best_loss, 4)]
+    warmup = f"+{r.workers} warm-up" if r.workers > 1 else "+1 warm-up"
+    return [LABELS[r.key], f"{len(m)} ({warmup})", num(r.per_hour, 0), spread(r.overheads), spread(busy),
+            percent(gpu.busy_fraction(*window) if window else None), num(r.best_loss, 4)]
 
 
 def projected_per_hour(r: MethodResult) -> float | None:
     """Trials per hour if each trial trained for the issue's 60 s and kept its measured median overhead."""
-    over = overheads(r.measured)
-    return 3600 / (ISSUE_TRIAL_S + statistics.median(over)) if over else None
+    over = r.overheads
+    return r.workers * 3600 / (ISSUE_TRIAL_S + statistics.median(over)) if over else None
 
 
 def per_trial_rows(r: MethodResult) -> list[list[str]]:
-    ordered = sorted(r.trials, key=lambda t: t.start)
     rows = []
-    for i, (t, wall) in enumerate(zip(ordered, trial_walls(ordered), strict=True)):
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
-        over = wall - t.busy if t.busy is not None else None
-        rows.append([r.key, str(t.number) + (" (warm-up)" if i == 0 else ""), t.state.lower(), num(wall),
-                     num(t.busy), num(over), num(t.value, 4), params])
+    for lane in r.lanes:
+        for i, (t, wall) in enumerate(zip(lane, trial_walls(lane), strict=True)):
+            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+            over = wall - t.busy if t.busy is not None else None
+            rows.append([r.key, str(t.number) + (" (warm-up)" if i == 0 else ""), t.state.lower(), num(wall),
+                         num(t.busy), num(over), num(t.value, 4), params])
     return rows
 
 
 def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: GpuSampler, env: dict[str, str],
                  command: str) -> str:
     by = {r.key: r for r in results}
-    rates = {k: steady_per_hour(r.trials) for k, r in by.items()}
+    rates = {k: r.per_hour for k, r in by.items()}
     med_busy = {k: [t.busy for t in r.measured if t.busy is not None] for k, r in by.items()}
     ran = [f"- The issue asks for {ISSUE_SPEC}. Ran: " + "; ".join(
         f"{LABELS[r.key]}: {len(r.trials)} trial{'' if len(r.trials) == 1 else 's'}" for r in results) +
@@ -395,6 +442,10 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         "- Ours and B log every trial to MLflow (B's child runs `QLoRAObjective` on a fixed trial, so it also "
         "logs its adapter every trial: a lone trial cannot know whether it is the best; ours logs the adapter "
         "when a trial becomes the best). A logs nothing (report_to none).",
+        f"- The shared method is `python -m sweeper launch workers.count={args.shared_workers} "
+        f"workers.per_gpu={args.shared_workers}`: that many worker processes on the one GPU, each with the base "
+        "loaded once, on one study in a journal file (TPE with constant liar, worker i seeded i); its rate is "
+        "summed over the workers and its overheads are per worker (trial start to that worker's next start).",
         "- Warm-up excluded: each method's first trial and everything before it (imports, model conversion or "
         "load, tokenization). Rates count the trials after the first, from its end to the last trial's end.",
         "- Overhead per trial = wall time (trial start to next trial start) minus time in training and "
@@ -410,7 +461,12 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
     ours = rates.get("ours")
     goals = [f"- ours / A trials per hour: {ratio(ours, rates.get('trainer'))} (goal >= 1.3x); "
              f"ours / B: {ratio(ours, rates.get('processes'))} (goal >= 1.4x); median overhead of ours: "
-             f"{spread(overheads(by['ours'].measured)) if 'ours' in by else 'n/a'} s (goal < 1 s)."]
+             f"{spread(by['ours'].overheads) if 'ours' in by else 'n/a'} s (goal < 1 s)."]
+    if "shared" in by:
+        shared = rates["shared"]
+        goals.append(f"- ours with {args.shared_workers} workers sharing the GPU / A: "
+                     f"{ratio(shared, rates.get('trainer'))}; / B: {ratio(shared, rates.get('processes'))}; "
+                     f"/ ours with one process: {ratio(shared, ours)}.")
     proj = {k: projected_per_hour(r) for k, r in by.items()}
     goals.append("- Projection, not a measurement: with the issue's 60 s of training per trial and each method's "
                  "median overhead, trials per hour would be " + ", ".join(f"{k} {num(v, 1)}" for k, v in proj.items())

@@ -114,7 +114,8 @@ class QLoRAObjective:
         from sweeper.plan import fits
 
         on_gpu = self.base.device.type == "cuda"
-        capacity = torch.cuda.get_device_properties(self.base.device).total_memory if on_gpu else 2**62
+        capacity = (cfg.workers.memory_share(torch.cuda.get_device_properties(self.base.device).total_memory)
+                    if on_gpu else 2**62)
         try:
             ok, need = fits(cfg, self.base.config, capacity, self.base.linear_names)
         except ConfigError as e:  # an architecture the memory model does not know: train without a forecast
@@ -124,8 +125,8 @@ class QLoRAObjective:
         if self.tracker is not None and run_id is not None:
             self.tracker.log_metrics(run_id, 0, {"predicted_peak_memory_mb": need / 2**20})
         if not ok:
-            raise optuna.TrialPruned(f"predicted peak memory {need / 2**30:.1f} GiB exceeds the device's "
-                                     f"{capacity / 2**30:.1f} GiB")
+            raise optuna.TrialPruned(f"predicted peak memory {need / 2**30:.1f} GiB exceeds the "
+                                     f"{capacity / 2**30:.1f} GiB this trial may use of the device")
 
     def _train(self, trial: Any, cfg: SweepConfig, run_id: str | None, bar: Any, started: float) -> list[float]:
         """Train and evaluate; on out-of-memory, retry with half the micro-batch and twice the accumulation."""

@@ -60,6 +60,13 @@ def visible_gpus() -> list[str]:
     return names[:count]
 
 
+def gpu_slots(count: int, gpus: Sequence[str], per_gpu: int) -> list[str | None]:
+    """The device of each worker: round-robin over the GPUs, at most ``per_gpu`` on each; None on the CPU."""
+    if not gpus:
+        return [None] * count
+    return [gpus[i % len(gpus)] for i in range(min(count, len(gpus) * per_gpu))]
+
+
 def worker_command(config_file: str | None) -> list[str]:
     # Overrides travel in the environment (SWEEPER_OVERRIDES), not argv, where `ps` would show passwords.
     cmd = [sys.executable, "-m", "sweeper", "worker", "--no-progress"]
@@ -78,22 +85,21 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str
     study = open_study(cfg, params, tracking_uri=cfg.tracking_uri)
     parent_id = parent_run(tracker, study, cfg, params)
     gpus = visible_gpus()
-    count = min(cfg.workers.count, len(gpus)) if gpus else cfg.workers.count
-    slots = [Slot(i, gpus[i] if gpus else None) for i in range(count)]
+    slots = [Slot(i, gpu) for i, gpu in enumerate(gpu_slots(cfg.workers.count, gpus, cfg.workers.per_gpu))]
+    count = len(slots)
     logs = cfg.output_path / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     handler = DeadTrialHandler(cfg.workers.max_retry, cfg.tracking_uri)
     fail_trials_of(study, dead_on_this_host, handler)  # left running by an earlier launch that was killed
     threads = max(1, (os.cpu_count() or 1) // count)
-    print(f"{count} workers ({'GPUs ' + ','.join(gpus[:count]) if gpus else 'CPU'}); logs in {logs}")
+    print(f"{count} workers ({'GPUs ' + ','.join(s.gpu or '' for s in slots) if gpus else 'CPU'}); logs in {logs}")
 
     def start(slot: Slot) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWEEPER_OVERRIDES": json.dumps(list(args)),
                "SWEEPER_WORKER_INDEX": str(slot.index), "SWEEPER_SUPERVISED": "1"}
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
-        else:
-            env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("OMP_NUM_THREADS", str(threads))
         with open(logs / f"worker-{slot.index}.log", "ab") as out:
             slot.proc = subprocess.Popen(worker_command(config_file), env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -120,7 +120,8 @@ def run_bench(script: str, tmp_path: Path, *args: str) -> str:
 @pytest.mark.slow
 def test_sweep_throughput_smoke(tmp_path: Path) -> None:
     text = run_bench("sweep_throughput.py", tmp_path)
-    for label in ("ours (one process", "A: Trainer.hyperparameter_search", "B: fresh process per trial"):
+    for label in ("ours (one process", "ours, workers sharing the GPU", "A: Trainer.hyperparameter_search",
+                  "B: fresh process per trial"):
         assert label in text.split("## Results")[1].split("## Per trial")[0]
     assert "(warm-up)" in text
 

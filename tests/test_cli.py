@@ -24,6 +24,7 @@ def test_every_verb_has_help_with_an_example(verb: str) -> None:
     ("train.max_steps=0", "train.max_steps: must be > 0"),
     ("study/sampler=bayes", "study/sampler"),
     ("study.pruner.name=sometimes", "study.pruner.name: 'sometimes' is not allowed"),
+    ("workers.per_gpu=0", "workers.per_gpu: must be > 0"),
 ])
 def test_bad_input_exits_before_heavy_work(tmp_path: Path, override: str, message: str) -> None:
     result = run_cli("launch", override, f"output_dir={tmp_path}")

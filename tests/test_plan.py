@@ -67,6 +67,16 @@ def test_plan_of_the_default_space_lists_corners_and_marks_what_does_not_fit(
     assert "largest corner" in text and "logits" in text
 
 
+def test_workers_sharing_a_gpu_check_corners_against_their_share(
+        tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    cfg, params, config = tiny
+    largest = max(c.estimate.total for c in corners(cfg, params, config, CPU)[1])
+    shared = replace(cfg, workers=replace(cfg.workers, count=2, per_gpu=2))
+    assert "\n0 of " in plan(cfg, params, largest, model_config=config, device=CPU)
+    text = plan(shared, params, largest, model_config=config, device=CPU)
+    assert "per trial (workers.per_gpu=2 share a GPU)" in text and "\n0 of " not in text
+
+
 def test_without_a_device_memory_is_shown_for_reference(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
     cfg, params, config = tiny
     text = plan(cfg, params, None, model_config=config, device=CPU)

@@ -17,14 +17,33 @@ from optuna.trial import TrialState
 
 from bench.postgres import find_bindir, loopback_server
 from sweeper import compose
-from sweeper.config import ConfigError
+from sweeper.config import ConfigError, WorkersConfig
 from sweeper.launch import parent_run, run_sweep
 from sweeper.study import open_study
+from sweeper.workers import gpu_slots
 from tests.conftest import ROOT, TINY, run_cli
 
 SPACE = ["search_space=none", "lora.r=choice(2,4)", "lora.targets=choice(qk,all-linear)",
          "optimizer.lr=tag(log, interval(1e-4, 1e-2))"]
 FAST_HEARTBEAT = ["workers.heartbeat_s=1", "workers.grace_s=4", "workers.poll_s=0.5"]
+
+
+@pytest.mark.parametrize(("count", "gpus", "per_gpu", "expected"), [
+    (2, [], 4, [None, None]),  # the CPU: as many workers as asked
+    (3, ["0", "1"], 1, ["0", "1"]),  # one per GPU by default
+    (3, ["0", "1"], 4, ["0", "1", "0"]),  # round-robin: the GPUs fill evenly
+    (9, ["2", "5"], 4, ["2", "5"] * 4),  # at most per_gpu on each
+    (4, ["3"], 4, ["3"] * 4),
+])
+def test_workers_fill_the_gpus_round_robin(count: int, gpus: list[str], per_gpu: int,
+                                           expected: list[str | None]) -> None:
+    assert gpu_slots(count, gpus, per_gpu) == expected
+
+
+def test_workers_sharing_a_gpu_plan_for_their_share_of_its_memory() -> None:
+    assert WorkersConfig(count=4, per_gpu=4).memory_share(100) == 25
+    assert WorkersConfig(count=0, per_gpu=4).memory_share(100) == 100  # trials in this process: the whole device
+    assert WorkersConfig(count=2).memory_share(100) == 100
 
 
 def test_memory_stays_flat_over_many_trials(tmp_path: Path) -> None:
