@@ -229,6 +229,37 @@ def ratio(ours: Median | None, baseline: Median | None) -> str:
     return f"< {ours.value / baseline.value:.2f} (the median random-search study did not reach the target)"
 
 
+@dataclass(frozen=True)
+class PooledEstimate:
+    """Random search's median GPU time to target from all its trials pooled over seeds (95% interval)."""
+
+    hits: int
+    trials: int
+    median_s: float
+    low_s: float
+    high_s: float
+
+
+def pooled_estimate(trials: Sequence[TrialTiming], threshold: float) -> PooledEstimate | None:
+    """Random search draws its trials independently, so a study's trials to the first hit are geometric in the
+    share p of trials at or under the target: median ln 2 / -ln(1 - p) trials, times the mean trial time. p comes
+    from every random-search trial of every seed, with an exact (Clopper-Pearson) 95% interval."""
+    from scipy.stats import beta
+
+    if not trials:
+        return None
+    n = len(trials)
+    hits = sum(t.state == "COMPLETE" and t.value is not None and t.value <= threshold for t in trials)
+    mean_s = statistics.fmean(t.end - t.start for t in trials)
+
+    def median_s(p: float) -> float:
+        return math.inf if p <= 0 else mean_s if p >= 1 else mean_s * max(1.0, math.log(2) / -math.log1p(-p))
+
+    low_p = beta.ppf(0.025, hits, n - hits + 1) if hits else 0.0
+    high_p = beta.ppf(0.975, hits + 1, n - hits) if hits < n else 1.0
+    return PooledEstimate(hits, n, median_s(hits / n), median_s(high_p), median_s(low_p))
+
+
 def steps_of(t: TrialTiming) -> float:
     return float(t.steps or 0)
 
@@ -291,6 +322,17 @@ def build_report(args: argparse.Namespace, runs: list[StudyRun], warmup_s: float
     results = (table + "\n\n- TPE + successive halving / random search, median GPU time to target: "
                f"{ratio(medians['tpe+sh'], medians['random'])} (goal <= 0.33); median training steps to target: "
                f"{ratio(step_medians['tpe+sh'], step_medians['random'])}.")
+    pooled = pooled_estimate([t for r in runs if r.strategy == "random" for t in r.trials], goal) if goal else None
+    sh = medians.get("tpe+sh")
+    if pooled is not None and pooled.hits:
+        results += (f"\n- Random search pooled over its {pooled.trials} trials (independent draws, so one study's "
+                    f"trials to target are geometric): {pooled.hits} at or under the target; median GPU s to target "
+                    f"{pooled.median_s:.0f} [95% interval {pooled.low_s:.0f}, {pooled.high_s:.0f}]"
+                    + (f"; TPE + successive halving / random search {sh.value / pooled.median_s:.2f} "
+                       f"[{sh.value / pooled.high_s:.2f}, {sh.value / pooled.low_s:.2f}]." if sh and sh.exact else "."))
+    elif pooled is not None:
+        results += (f"\n- Random search pooled over its {pooled.trials} trials: none at or under the target; its "
+                    f"median GPU s to target is above {pooled.low_s:.0f} (95%).")
     return render_report("Benchmark 3: sample efficiency", env, command,
                          [("What ran", "\n".join(ran)), ("Results", results), ("Per study", per_study)])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ from bench.common import (
     trial_walls,
 )
 from bench.postgres import find_bindir
-from bench.sample_efficiency import Median, median_to_target, ratio
+from bench.sample_efficiency import Median, median_to_target, pooled_estimate, ratio
 from bench.step_throughput import steady_tokens_per_s
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,19 @@ def test_ratio_to_a_baseline_that_never_reached_the_target_is_an_upper_bound() -
     assert ratio(Median(10.0, True), Median(50.0, False)).startswith("< 0.20 ")
     assert ratio(Median(10.0, False), Median(40.0, True)).startswith("n/a")
     assert str(Median(12.34, True)) == "12.3" and str(Median(500.0, False)) == "not reached (> 500.0)"
+
+
+def test_pooled_random_search_estimate_is_geometric_with_an_exact_interval() -> None:
+    trials = [timing(i, 0, 2, value=1.0 if i % 10 == 0 else 3.0) for i in range(100)]  # p = 0.1, 2 s each
+    est = pooled_estimate(trials, 1.5)
+    assert est is not None and (est.hits, est.trials) == (10, 100)
+    assert est.median_s == pytest.approx(2 * math.log(2) / -math.log(0.9))  # 6.6 trials
+    assert est.low_s < est.median_s < est.high_s
+    none = pooled_estimate(trials, 0.5)
+    assert none is not None and none.hits == 0 and math.isinf(none.high_s)
+    upper_p = 1 - 0.025 ** (1 / 100)  # Clopper-Pearson with no hit in 100
+    assert none.low_s == pytest.approx(2 * math.log(2) / -math.log1p(-upper_p))
+    assert pooled_estimate([], 1.0) is None
 
 
 def test_tokens_per_second_is_taken_after_the_warmup_steps() -> None:
