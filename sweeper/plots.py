@@ -36,6 +36,9 @@ def write_study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    # Choice parameters such as lora.r=choice(8,16,32) are categories on purpose: not worth a log line per plot.
+    logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
     from optuna import visualization as vis
     from optuna.visualization import matplotlib as vis_mpl
 
