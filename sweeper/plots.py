@@ -36,11 +36,11 @@ def write_study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna import visualization as vis
+    from optuna.visualization import matplotlib as vis_mpl
 
     # Choice parameters such as lora.r=choice(8,16,32) are categories on purpose: not worth a log line per plot.
     logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
-    from optuna import visualization as vis
-    from optuna.visualization import matplotlib as vis_mpl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
