@@ -164,5 +164,5 @@ def load(args: Sequence[str], config_file: str | Path | None = None) -> tuple[Sw
     from sweeper.study import make_pruner, make_sampler
 
     make_sampler(cfg.study.sampler, params)
-    make_pruner(cfg.study.pruner, cfg.train.max_steps)
+    make_pruner(cfg.study.pruner, cfg.train)
     return cfg, params

@@ -241,7 +241,7 @@ class PrunerConfig:
     percentile: float = 25.0
     """Percentile pruner: keep trials in the best this percent."""
     min_resource: Any = "auto"
-    """Successive halving / hyperband: first rung in steps, or auto."""
+    """Successive halving / hyperband: first rung in steps; auto: the first evaluation (train.eval_every)."""
     reduction_factor: int = 3
     """Successive halving / hyperband: keep 1/reduction_factor of trials per rung."""
 

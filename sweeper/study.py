@@ -14,7 +14,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from sweeper.config import ConfigError, PrunerConfig, SamplerConfig, SweepConfig, WorkersConfig, to_container
+from sweeper.config import (
+    ConfigError,
+    PrunerConfig,
+    SamplerConfig,
+    SweepConfig,
+    TrainConfig,
+    WorkersConfig,
+    to_container,
+)
 from sweeper.space import Param, grid_values
 from sweeper.tracking import redact
 
@@ -68,8 +76,13 @@ def make_sampler(cfg: SamplerConfig, params: Sequence[Param]) -> optuna.samplers
     raise ConfigError(f"study.sampler.name: {name!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
 
 
-def make_pruner(cfg: PrunerConfig, max_steps: int) -> optuna.pruners.BasePruner:
-    """Pruner by name; asked at every evaluation of a trial.
+def make_pruner(cfg: PrunerConfig, train: TrainConfig) -> optuna.pruners.BasePruner:
+    """Pruner by name; asked at every evaluation of a trial but the last.
+
+    Successive halving and hyperband with ``min_resource: auto`` put their first rung at the first evaluation
+    (``train.eval_every``), so rungs fall on evaluations: Optuna's own estimate (a hundredth of a finished
+    trial's steps) assumes a report every step and, with evaluations every few steps, stacks several rungs on
+    the first one (keeping 1/9 of the trials there instead of 1/3).
 
     Raises:
         ConfigError: an unknown name or a setting the pruner rejects.
@@ -86,12 +99,12 @@ def make_pruner(cfg: PrunerConfig, max_steps: int) -> optuna.pruners.BasePruner:
         if name == "percentile":
             return p.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials,
                                       n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps)
+        first_rung = min(train.eval_every, train.max_steps) if cfg.min_resource == "auto" else cfg.min_resource
         if name in ("successive_halving", "asha"):
-            return p.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
-                                             reduction_factor=cfg.reduction_factor)
+            return p.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=cfg.reduction_factor)
         if name == "hyperband":
-            return p.HyperbandPruner(min_resource=1 if cfg.min_resource == "auto" else cfg.min_resource,
-                                     max_resource=max_steps, reduction_factor=cfg.reduction_factor)
+            return p.HyperbandPruner(min_resource=first_rung, max_resource=train.max_steps,
+                                     reduction_factor=cfg.reduction_factor)
         if name == "none":
             return p.NopPruner()
     except (ValueError, TypeError) as e:  # Optuna's own checks of the settings
@@ -132,7 +145,7 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
         sampler_cfg = dataclasses.replace(sampler_cfg, constant_liar=True,
                                           seed=None if sampler_cfg.seed is None else sampler_cfg.seed + offset)
     sampler = make_sampler(sampler_cfg, params)
-    pruner = make_pruner(cfg.study.pruner, cfg.train.max_steps)
+    pruner = make_pruner(cfg.study.pruner, cfg.train)
     existing = optuna.get_all_study_names(storage)
     name = cfg.study.name
     if name not in existing and not create:
