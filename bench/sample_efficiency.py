@@ -310,7 +310,8 @@ def build_report(args: argparse.Namespace, runs: list[StudyRun], warmup_s: float
         "swap) in trial order until the first complete trial at or under the target; pruned trials count "
         "for the time they ran. A study that never reaches it counts as infinitely long in the median; when the "
         'median study never reached it, the report gives what that study spent as a lower bound (shown as "> x").',
-        "- Successive halving: the project's default (min_resource auto, reduction factor 3), asked at every "
+        "- Successive halving: the project's default (first rung at the first evaluation, reduction factor 3), "
+        "asked at every "
         "evaluation but the last. No MLflow logging in these studies (the same for all).",
         f"- Warm-up excluded: model load and one untimed trial of the default config ({warmup_s:.1f} s) before "
         "the first study.",
