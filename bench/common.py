@@ -324,6 +324,17 @@ def from_frozen(trial: Any, excluded: float = 0.0) -> TrialTiming:
                        steps=max(trial.intermediate_values, default=None))
 
 
+def finished_timings(study: Any) -> list[TrialTiming]:
+    """The study's finished trials, less the surplus ones a budget guard dropped without running them."""
+    return [from_frozen(t) for t in study.get_trials(deepcopy=False)
+            if t.datetime_complete is not None and not t.user_attrs.get("surplus")]
+
+
+def best_value(trials: Iterable[TrialTiming]) -> float | None:
+    """The lowest value of a complete trial, or None."""
+    return min((t.value for t in trials if t.state == "COMPLETE" and t.value is not None), default=None)
+
+
 def trial_walls(trials: Sequence[TrialTiming]) -> list[float]:
     """Each trial's wall time: from its start to the next trial's start, so the work between trials is
     charged to the trial before it; the last one runs to its own end. Benchmark-only time is removed."""

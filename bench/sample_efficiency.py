@@ -26,9 +26,10 @@ from pathlib import Path
 from bench.common import (
     TrialTiming,
     base_parser,
+    best_value,
     command_line,
     environment,
-    from_frozen,
+    finished_timings,
     make_workdir,
     markdown_table,
     model_label,
@@ -65,8 +66,7 @@ class StudyRun:
 
     @property
     def best(self) -> float | None:
-        done = [t.value for t in self.trials if t.state == "COMPLETE" and t.value is not None]
-        return min(done) if done else None
+        return best_value(self.trials)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -183,7 +183,7 @@ def run_studies(args: argparse.Namespace, workdir: Path) -> tuple[list[StudyRun]
         began = time.perf_counter()
         study.optimize(objective, n_trials=args.trials, timeout=args.study_timeout, catch=(Exception,),
                        gc_after_trial=True)
-        trials = [from_frozen(t) for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+        trials = finished_timings(study)
         capped = len(trials) < args.trials and time.perf_counter() - began >= args.study_timeout
         runs.append(StudyRun(strategy, seed, trials, capped))
     return runs, warmup_s

@@ -34,7 +34,7 @@ from bench.common import (
     base_parser,
     command_line,
     environment,
-    from_frozen,
+    finished_timings,
     log_tail,
     make_workdir,
     markdown_table,
@@ -176,8 +176,7 @@ def run_phase(args: argparse.Namespace, workdir: Path, storage: str, workers: in
             phase.notes.append(f"a worker exited with {code}; {log}:\n{log_tail(log)}")
     cfg, _ = compose.load(overrides)
     study = load_study(cfg)
-    phase.trials = [from_frozen(t) for t in study.get_trials(deepcopy=False)
-                    if t.datetime_complete is not None and not t.user_attrs.get("surplus")]
+    phase.trials = finished_timings(study)
     return phase
 
 

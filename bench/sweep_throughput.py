@@ -38,8 +38,10 @@ from bench.common import (
     TrialTiming,
     assign_workers,
     base_parser,
+    best_value,
     command_line,
     environment,
+    finished_timings,
     free_accelerator,
     from_frozen,
     log_tail,
@@ -84,9 +86,12 @@ class MethodResult:
     trials: list[TrialTiming]
     began: float
     ended: float
-    best_loss: float | None
     notes: list[str] = field(default_factory=list)
     workers: int = 1
+
+    @property
+    def best_loss(self) -> float | None:
+        return best_value(self.trials)
 
     @property
     def lanes(self) -> list[list[TrialTiming]]:
@@ -163,10 +168,7 @@ def run_ours(args: argparse.Namespace, overrides: list[str], workdir: Path) -> M
                                 f"study.timeout_s={args.method_timeout}", f"output_dir={workdir / 'ours'}"])
     study = run_sweep(cfg, params, show_progress=False)
     ended = time.time()
-    trials = [from_frozen(t) for t in study.get_trials(deepcopy=False)
-              if t.datetime_complete is not None and not t.user_attrs.get("surplus")]
-    done = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
-    return MethodResult("ours", trials, began, ended, min(done) if done else None)
+    return MethodResult("ours", finished_timings(study), began, ended)
 
 
 def run_shared(args: argparse.Namespace, overrides: list[str], workdir: Path) -> MethodResult:
@@ -185,11 +187,8 @@ def run_shared(args: argparse.Namespace, overrides: list[str], workdir: Path) ->
                               stdout=out, stderr=subprocess.STDOUT).returncode
     ended = time.time()
     cfg, _ = compose.load(run)
-    trials = [from_frozen(t) for t in load_study(cfg).get_trials(deepcopy=False)
-              if t.datetime_complete is not None and not t.user_attrs.get("surplus")]
-    done = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
     notes = [] if code == 0 else [f"the launcher exited with {code}; {log}:\n{log_tail(log)}"]
-    return MethodResult("shared", trials, began, ended, min(done) if done else None, notes, workers=k)
+    return MethodResult("shared", finished_timings(load_study(cfg)), began, ended, notes, workers=k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,13 +319,12 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
         rec = clock.records.get(t.number, {})
         trials.append(dataclasses.replace(from_frozen(t, excluded=rec.get("extra", 0.0)), busy=rec.get("busy"),
                                           value=rec.get("token_loss", t.value)))
-    losses = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
     own = [t.value for t in study.get_trials(deepcopy=False) if t.value is not None]
     notes = [f"A's own objective (Trainer.evaluate: per-batch mean losses averaged over examples): best "
              f"{num(min(own) if own else None, 4)}; the table shows the token-weighted loss that ours and B "
              "report, measured after Trainer.evaluate with our evaluation (its time is taken out of A's)."]
     del trainer
-    return MethodResult("trainer", trials, began, ended, min(losses) if losses else None, notes)
+    return MethodResult("trainer", trials, began, ended, notes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,9 +359,7 @@ def run_processes(args: argparse.Namespace, overrides: list[str], workdir: Path)
         trial.set_user_attr("train_seconds", result["train_seconds"])
         study.tell(trial, result["value"])
     ended = time.time()
-    trials = [from_frozen(t) for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
-    done = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
-    return MethodResult("processes", trials, began, ended, min(done) if done else None, notes)
+    return MethodResult("processes", finished_timings(study), began, ended, notes)
 
 
 def child_main(number: int, overrides: list[str]) -> int:
