@@ -208,16 +208,18 @@ class ResidentBase:
         if quant is not None and cfg.upcast_unquantized:
             from peft import prepare_model_for_kbit_training
 
+            # Prepared with checkpointing when a trial may use it ("auto" decides per trial).
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                model, use_gradient_checkpointing=cfg.gradient_checkpointing is not False,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
-            if cfg.gradient_checkpointing:
+            if cfg.gradient_checkpointing is not False:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
         self.model = model
+        self.checkpointing = cfg.gradient_checkpointing is not False
         self.linear_names = linear_module_names(model)
         self._peft: Any = None
         self._shape: tuple[Any, ...] | None = None
@@ -225,6 +227,18 @@ class ResidentBase:
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def use_checkpointing(self, on: bool) -> None:
+        """Switch gradient checkpointing for the next trial (``model.gradient_checkpointing: auto``)."""
+        if on == self.checkpointing:
+            return
+        with warnings.catch_warnings():  # transformers 5.2x renamed these to activation_checkpointing_*
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing_", category=FutureWarning)
+            if on:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_disable()
+        self.checkpointing = on
 
     def check_packing(self) -> None:
         """Packed examples must not see each other. transformers splits attention at restarted position ids

@@ -19,6 +19,7 @@ from objectives.data import TokenizedSplits
 from objectives.model import ResidentBase, free_accelerator_memory
 from objectives.training import LossNotFinite, TrainResult, train_adapter
 from sweeper.config import ConfigError, SweepConfig, TrainConfig, to_container, to_schema
+from sweeper.plan import fits, resolve_checkpointing, trial_memory_bytes
 from sweeper.space import Param, apply_values, sample
 from sweeper.tracking import RUN_STATUS, Tracker
 
@@ -75,10 +76,13 @@ class QLoRAObjective:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self.show_progress = show_progress
+        self.memory_bytes = trial_memory_bytes(cfg, base.device)
 
     def trial_config(self, trial: optuna.Trial | optuna.trial.FixedTrial) -> tuple[SweepConfig, dict[str, Any]]:
+        """The sampled values applied, and checkpointing ``auto`` decided for this trial's memory."""
         values = sample(trial, self.params)
-        return to_schema(apply_values(self.config, values)), values
+        cfg = to_schema(apply_values(self.config, values))
+        return resolve_checkpointing(cfg, self.base.config, self.memory_bytes, self.base.linear_names), values
 
     def __call__(self, trial: optuna.Trial | optuna.trial.FixedTrial) -> float | list[float]:
         cfg, sampled = self.trial_config(trial)
@@ -111,11 +115,8 @@ class QLoRAObjective:
 
     def _preflight(self, trial: Any, cfg: SweepConfig, run_id: str | None) -> None:
         """Log the predicted peak memory; on a GPU, prune a configuration predicted not to fit, before it loads."""
-        from sweeper.plan import fits
-
         on_gpu = self.base.device.type == "cuda"
-        capacity = (cfg.workers.memory_share(torch.cuda.get_device_properties(self.base.device).total_memory)
-                    if on_gpu else 2**62)
+        capacity = self.memory_bytes if on_gpu else 2**62
         try:
             ok, need = fits(cfg, self.base.config, capacity, self.base.linear_names)
         except ConfigError as e:  # an architecture the memory model does not know: train without a forecast
@@ -131,6 +132,7 @@ class QLoRAObjective:
     def _train(self, trial: Any, cfg: SweepConfig, run_id: str | None, bar: Any, started: float) -> list[float]:
         """Train and evaluate; on out-of-memory, retry with half the micro-batch and twice the accumulation."""
         self._preflight(trial, cfg, run_id)
+        self.base.use_checkpointing(cfg.model.gradient_checkpointing)
         train_cfg = cfg.train
         for retry in range(cfg.train.oom_retries + 1):
             try:

@@ -59,8 +59,9 @@ class ModelConfig:
     upcast_unquantized: bool = True
     """With a quantized base, cast embeddings, output head and norms to fp32 (peft's k-bit preparation):
     activations are then fp32. Off: they stay in compute_dtype, about half the activation memory."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    gradient_checkpointing: Any = "auto"
+    """Recompute activations in the backward pass: less memory, ~30% more compute. ``auto``: per trial, only
+    when the memory model predicts the trial would not fit its share of the device without it."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
     cache_dir: str | None = None
@@ -74,6 +75,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice("model.quant_type", self.quant_type, QUANT_TYPES)
         _check_choice("model.compute_dtype", self.compute_dtype, DTYPES)
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ConfigError(f"model.gradient_checkpointing: {self.gradient_checkpointing!r} is not allowed; "
+                              "choose one of true, false, auto")
         _check_choice("model.attn_implementation", self.attn_implementation,
                       ("sdpa", "eager", "flash_attention_2"))
 

@@ -268,7 +268,8 @@ class TrialSettings:
                    compute_dtype=cfg.model.compute_dtype, r=cfg.lora.r, targets=cfg.lora.targets,
                    dropout=cfg.lora.dropout, optimizer=cfg.optimizer.name, momentum=cfg.optimizer.momentum,
                    micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-                   gradient_checkpointing=cfg.model.gradient_checkpointing,
+                   # "auto" before a trial decides (sweeper.plan.resolve_checkpointing) counts as on
+                   gradient_checkpointing=cfg.model.gradient_checkpointing is not False,
                    upcast=cfg.model.upcast_unquantized, packed=cfg.train.packing, padded=padded, device=device)
 
     @property

@@ -30,6 +30,7 @@ Time model (rough, upper bound on the sequence length)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -181,6 +182,36 @@ def fits(cfg: SweepConfig, model_config: Any, device_memory_bytes: int,
     return total <= device_memory_bytes, total
 
 
+def with_checkpointing(cfg: SweepConfig, on: bool) -> SweepConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=on))
+
+
+def resolve_checkpointing(cfg: SweepConfig, model_config: Any, memory_bytes: int,
+                          linear_names: Sequence[str] | None = None) -> SweepConfig:
+    """A trial's config with ``model.gradient_checkpointing: auto`` decided: off when the trial is predicted to
+    fit in ``memory_bytes`` without it (no recomputed forward: faster steps), on otherwise. ``true`` and
+    ``false`` are kept. A model the memory model does not know keeps checkpointing on."""
+    if cfg.model.gradient_checkpointing != "auto":
+        return cfg
+    try:
+        fits_without = fits(with_checkpointing(cfg, False), model_config, memory_bytes, linear_names)[0]
+    except ConfigError:
+        fits_without = False
+    return with_checkpointing(cfg, not fits_without)
+
+
+def trial_memory_bytes(cfg: SweepConfig, device: Any) -> int:
+    """The memory one trial may plan for: its share of the GPU, or of the host's memory on the CPU."""
+    import psutil
+    import torch
+
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = psutil.virtual_memory().total
+    return cfg.workers.memory_share(total)
+
+
 # --- corners --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -191,13 +222,17 @@ class Corner:
     """(parameter name, value) pairs."""
     estimate: MemoryEstimate
     seconds: float
+    checkpointing: bool
 
 
-def _trial_config(base: Mapping[str, Any], params: Sequence[Param], values: Mapping[str, Any]) -> SweepConfig:
+def _trial_config(base: Mapping[str, Any], params: Sequence[Param], values: Mapping[str, Any], model_config: Any,
+                  memory_bytes: int | None) -> SweepConfig:
+    """A corner's config; with ``memory_bytes``, checkpointing ``auto`` decided as a trial would decide it."""
     from sweeper.space import apply_values
 
     by_name = {p.name: p for p in params}
-    return to_schema(apply_values(base, {by_name[n].path: v for n, v in values.items()}))
+    cfg = to_schema(apply_values(base, {by_name[n].path: v for n, v in values.items()}))
+    return cfg if memory_bytes is None else resolve_checkpointing(cfg, model_config, memory_bytes)
 
 
 def _cost(model_config: Any, cfg: SweepConfig, device: Device) -> tuple[int, float]:
@@ -206,7 +241,7 @@ def _cost(model_config: Any, cfg: SweepConfig, device: Device) -> tuple[int, flo
 
 
 def corner_choices(cfg: SweepConfig, params: Sequence[Param], model_config: Any, device: Device,
-                   max_corners: int = MAX_CORNERS) -> dict[str, list[Any]]:
+                   max_corners: int = MAX_CORNERS, memory_bytes: int | None = None) -> dict[str, list[Any]]:
     """Parameter name -> the corner values worth showing, most important parameter first.
 
     A value is dropped when it costs the same memory and time as an earlier one; a parameter left with
@@ -223,7 +258,8 @@ def corner_choices(cfg: SweepConfig, params: Sequence[Param], model_config: Any,
     for p in relevant:
         by_cost: dict[tuple[int, float], Any] = {}
         for value in corner_values(p):
-            total, seconds = _cost(model_config, _trial_config(base, params, {p.name: value}), device)
+            trial = _trial_config(base, params, {p.name: value}, model_config, memory_bytes)
+            total, seconds = _cost(model_config, trial, device)
             by_cost.setdefault((total, round(seconds, 3)), value)
         if len(by_cost) > 1:
             choices[p.name] = list(by_cost.values())
@@ -249,18 +285,20 @@ def combinations(params: Sequence[Param], choices: Mapping[str, list[Any]]) -> l
 
 
 def corners(cfg: SweepConfig, params: Sequence[Param], model_config: Any, device: Device,
-            max_corners: int = MAX_CORNERS) -> tuple[list[str], list[Corner]]:
-    """The corner parameters' names and every corner, with memory and time."""
-    choices = corner_choices(cfg, params, model_config, device, max_corners)
+            max_corners: int = MAX_CORNERS, memory_bytes: int | None = None) -> tuple[list[str], list[Corner]]:
+    """The corner parameters' names and every corner, with memory and time; with ``memory_bytes``, each
+    corner decides checkpointing ``auto`` as a trial with that much memory would."""
+    choices = corner_choices(cfg, params, model_config, device, max_corners, memory_bytes)
     base = to_container(cfg)
     out = []
     for combo in combinations(params, choices):
         try:
-            trial = _trial_config(base, params, combo)
+            trial = _trial_config(base, params, combo, model_config, memory_bytes)
         except ConfigError:
             continue  # e.g. nesterov with momentum 0: Optuna would never run it either
         est = estimate_worst(model_config, TrialSettings.from_config(trial))
-        out.append(Corner(tuple(combo.items()), est, trial_seconds(model_config, trial, device)))
+        out.append(Corner(tuple(combo.items()), est, trial_seconds(model_config, trial, device),
+                          trial.model.gradient_checkpointing is not False))
     return list(choices), out
 
 
@@ -319,10 +357,13 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         memory_text += f"; {gib(memory)} per trial (workers.per_gpu={cfg.workers.per_gpu} share a GPU)"
     size = volume(params)
     m = cfg.model
+    auto = m.gradient_checkpointing == "auto"
+    checkpointing = ("auto (per trial: on only where the trial would not fit without it)" if auto
+                     else "on" if m.gradient_checkpointing else "off")
     lines = [f"plan for study {cfg.study.name!r} ({cfg.study.n_trials} trials); nothing is trained",
              f"model: {_describe_model(cfg, model_config)}",
              f"base: {m.quant_type}{' (double quant)' if m.double_quant and m.quant_type in ('nf4', 'fp4') else ''}, "
-             f"compute {m.compute_dtype}, gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}; "
+             f"compute {m.compute_dtype}, gradient checkpointing {checkpointing}; "
              f"sequence length up to data.max_length={cfg.data.max_length}",
              f"search space: {len(params)} parameters, "
              f"{'continuous' if math.isinf(size) else f'{int(size)} configurations'}"]
@@ -330,7 +371,13 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         cond = f"   when {p.describe_condition()}" if p.when else ""
         lines.append(f"  {p.name:<24} {p.path:<24} {p.describe()}{cond}")
     lines.append(f"device memory: {memory_text}")
-    names, rows = corners(cfg, params, model_config, device)
+    if memory is None:
+        import torch
+
+        budget = trial_memory_bytes(cfg, torch.device("cpu"))
+    else:
+        budget = memory
+    names, rows = corners(cfg, params, model_config, device, memory_bytes=budget)
     if not rows:
         lines.append("no corner makes a valid config")
         return "\n".join(lines)
@@ -341,8 +388,9 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         values = dict(c.values)
         fit = "-" if memory is None else ("yes" if c.estimate.total <= memory else "NO")
         table_rows.append([str(i), *(str(values.get(n, "")) for n in names), f"{c.estimate.adapter_params:,}",
+                           *(["on" if c.checkpointing else "off"] if auto else []),
                            gib(c.estimate.total), _duration(c.seconds), fit])
-    lines += _table(["#", *names, "adapter", "peak", "time/trial", "fits"], table_rows)
+    lines += _table(["#", *names, "adapter", *(["ckpt"] if auto else []), "peak", "time/trial", "fits"], table_rows)
     worst = max(range(len(rows)), key=lambda i: rows[i].estimate.total)
     lines.append(f"largest corner (#{worst + 1}), by component:")
     lines.append(rows[worst].estimate.format())

@@ -25,6 +25,8 @@ def test_every_verb_has_help_with_an_example(verb: str) -> None:
     ("study/sampler=bayes", "study/sampler"),
     ("study.pruner.name=sometimes", "study.pruner.name: 'sometimes' is not allowed"),
     ("workers.per_gpu=0", "workers.per_gpu: must be > 0"),
+    ("model.gradient_checkpointing=sometimes",
+     "model.gradient_checkpointing: 'sometimes' is not allowed; choose one of true, false, auto"),
 ])
 def test_bad_input_exits_before_heavy_work(tmp_path: Path, override: str, message: str) -> None:
     result = run_cli("launch", override, f"output_dir={tmp_path}")

@@ -21,6 +21,7 @@ from sweeper.plan import (
     fits,
     load_model_config,
     plan,
+    resolve_checkpointing,
     step_seconds,
     trial_seconds,
 )
@@ -153,3 +154,26 @@ def test_this_machine_without_cuda_plans_time_for_the_cpu(tiny: tuple[SweepConfi
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     assert detect_device(tiny[0]).kind == "cpu"
+
+
+def test_checkpointing_auto_is_off_where_the_trial_fits_without_it(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    cfg, _, config = tiny
+    on = fits(replace(cfg, model=replace(cfg.model, gradient_checkpointing=True)), config, 0)[1]
+    off = fits(replace(cfg, model=replace(cfg.model, gradient_checkpointing=False)), config, 0)[1]
+    assert on < off
+    for setting, memory, expected in [("auto", off, False), ("auto", off - 1, True), ("auto", 1, True),
+                                      (True, 2**50, True), (False, 1, False)]:
+        trial = replace(cfg, model=replace(cfg.model, gradient_checkpointing=setting))
+        assert resolve_checkpointing(trial, config, memory).model.gradient_checkpointing is expected, (setting, memory)
+
+
+def test_the_plan_shows_where_auto_checkpointing_is_on(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    cfg, params, config = tiny
+    assert cfg.model.gradient_checkpointing == "auto"
+    rows = corners(cfg, params, config, CPU, memory_bytes=2**50)[1]
+    memory = sorted(c.estimate.total for c in rows)[len(rows) // 2]  # the larger corners need checkpointing
+    text = plan(cfg, params, memory, model_config=config, device=CPU)
+    assert "gradient checkpointing auto (per trial: on only where the trial would not fit without it)" in text
+    column = next(ln.split() for ln in text.splitlines() if ln.strip().startswith("#")).index("ckpt")
+    table = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit() and ln.strip().endswith(("yes", "NO"))]
+    assert {row[column] for row in table} == {"on", "off"}  # the columns before it hold no spaces

@@ -30,3 +30,26 @@ def test_a_non_finite_gradient_stops_before_the_update(tmp_path: Path, scale: fl
         finally:
             handle.remove()
         assert all(torch.equal(a, p.detach()) for a, p in zip(before, params, strict=True))
+
+
+def test_checkpointing_auto_turns_it_off_when_the_trial_fits_and_changes_no_result(tmp_path: Path) -> None:
+    """Non-reentrant checkpointing replays dropout's random state: the same loss with it on or off."""
+    import dataclasses
+
+    import optuna
+
+    from objectives.objective import QLoRAObjective
+
+    cfg, _ = compose.load([*TINY, "search_space=none", "lora.dropout=0.1", f"output_dir={tmp_path}"])
+    assert cfg.model.gradient_checkpointing == "auto"
+    res = Resources.load(cfg)
+    values = {}
+    for setting in (True, "auto", False):
+        trial_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=setting))
+        trial = optuna.trial.FixedTrial({})
+        values[setting] = QLoRAObjective(trial_cfg, [], res.base, res.data, None, show_progress=False)(trial)
+        ran = trial.user_attrs["config"]["model"]["gradient_checkpointing"]
+        assert ran is (setting if setting != "auto" else False)  # the tiny model fits: auto runs without it
+        assert res.base.checkpointing is ran
+    assert values[False] == pytest.approx(values[True], rel=1e-5)
+    assert values["auto"] == values[False]
