@@ -311,6 +311,8 @@ class TrialTiming:
     params: Mapping[str, Any] = field(default_factory=dict)
     steps: int | None = None
     """Optimizer steps the trial trained: its last reported step (None when it reported none)."""
+    checkpointing: bool | None = None
+    """Whether the trial ran with gradient checkpointing (None when its config was not recorded)."""
 
 
 def from_frozen(trial: Any, excluded: float = 0.0) -> TrialTiming:
@@ -318,10 +320,12 @@ def from_frozen(trial: Any, excluded: float = 0.0) -> TrialTiming:
     start = trial.datetime_start.timestamp() if trial.datetime_start else float("nan")
     end = trial.datetime_complete.timestamp() if trial.datetime_complete else start
     busy = trial.user_attrs.get("train_seconds")
+    model = (trial.user_attrs.get("config") or {}).get("model", {})
     return TrialTiming(number=trial.number, start=start, end=end, state=trial.state.name, value=trial.value,
                        busy=float(busy) if busy is not None else None, excluded=excluded,
                        worker=str(trial.user_attrs.get("worker", "")), params=dict(trial.params),
-                       steps=max(trial.intermediate_values, default=None))
+                       steps=max(trial.intermediate_values, default=None),
+                       checkpointing=model.get("gradient_checkpointing"))
 
 
 def finished_timings(study: Any) -> list[TrialTiming]:

@@ -181,8 +181,7 @@ def run_studies(args: argparse.Namespace, workdir: Path) -> tuple[list[StudyRun]
         study = open_study(cfg, params)
         objective = QLoRAObjective(cfg, params, resources.base, resources.data, None, None, False)
         began = time.perf_counter()
-        study.optimize(objective, n_trials=args.trials, timeout=args.study_timeout, catch=(Exception,),
-                       gc_after_trial=True)
+        study.optimize(objective, n_trials=args.trials, timeout=args.study_timeout, catch=(Exception,))
         trials = finished_timings(study)
         capped = len(trials) < args.trials and time.perf_counter() - began >= args.study_timeout
         runs.append(StudyRun(strategy, seed, trials, capped))

@@ -104,7 +104,8 @@ def shape_overrides(args: argparse.Namespace, shape: str) -> list[str]:
     out = [*model_overrides(shape, args.model_source, True), "search_space=none", f"train.max_steps={steps}",
            f"train.eval_every={steps}", f"train.micro_batch_size={batch}",
            f"train.grad_accum={args.grad_accum}", f"data.max_length={args.max_length}",
-           f"lora.r={args.rank}", f"lora.targets={args.targets}", "optimizer.name=adamw", "optimizer.scheduler=cosine"]
+           f"lora.r={args.rank}", f"lora.targets={args.targets}", "optimizer.name=adamw", "optimizer.scheduler=cosine",
+           "model.gradient_checkpointing=true"]  # Trainer + peft's recipe checkpoints: the identical configuration
     return out + (["data.max_eval_examples=8"] if shape == "tiny" else [])
 
 

@@ -71,8 +71,9 @@ ISSUE_SPEC = "24+ trials of about 60 s of training each on the default model, pr
 ISSUE_TRIAL_S = 60.0
 # The space every method samples: rank, targets, optimizer with its own learning rate (cosine is fixed).
 SPACE = ["search_space=optimizer", "lora.r=choice(8,16,32)", "lora.targets=choice(qk,all-linear)"]
-METHODS = ("ours", "shared", "trainer", "processes")
+METHODS = ("ours", "ours-ckpt", "shared", "trainer", "processes")
 LABELS = {"ours": "ours (one process, base loaded once)",
+          "ours-ckpt": "ours, checkpointing always on (as A)",
           "shared": "ours, workers sharing the GPU (workers.per_gpu)",
           "trainer": "A: Trainer.hyperparameter_search + model_init",
           "processes": "B: fresh process per trial"}
@@ -159,16 +160,17 @@ def fixed_overrides(args: argparse.Namespace) -> list[str]:
 # ours
 
 
-def run_ours(args: argparse.Namespace, overrides: list[str], workdir: Path) -> MethodResult:
+def run_ours(args: argparse.Namespace, overrides: list[str], workdir: Path, key: str = "ours",
+             extra: Sequence[str] = ()) -> MethodResult:
     from sweeper import compose
     from sweeper.launch import run_sweep
 
     began = time.time()
-    cfg, params = compose.load([*overrides, *SPACE, f"study.n_trials={args.trials}", "study.name=bench-ours",
-                                f"study.timeout_s={args.method_timeout}", f"output_dir={workdir / 'ours'}"])
+    cfg, params = compose.load([*overrides, *SPACE, *extra, f"study.n_trials={args.trials}", f"study.name=bench-{key}",
+                                f"study.timeout_s={args.method_timeout}", f"output_dir={workdir / key}"])
     study = run_sweep(cfg, params, show_progress=False)
     ended = time.time()
-    return MethodResult("ours", finished_timings(study), began, ended)
+    return MethodResult(key, finished_timings(study), began, ended)
 
 
 def run_shared(args: argparse.Namespace, overrides: list[str], workdir: Path) -> MethodResult:
@@ -286,7 +288,7 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
                                                      device_map={"": str(device)},
                                                      attn_implementation=cfg.model.attn_implementation)
         model.config.use_cache = False
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,  # the recipe's default
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = resolve_targets(lora.targets, linear_module_names(model))
         torch.manual_seed(cfg.train.seed)  # seeded like ours
@@ -380,7 +382,8 @@ def child_main(number: int, overrides: list[str]) -> int:
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, list[str], Path], MethodResult]] = {
-    "ours": run_ours, "shared": run_shared, "trainer": run_trainer, "processes": run_processes}
+    "ours": run_ours, "shared": run_shared, "trainer": run_trainer, "processes": run_processes,
+    "ours-ckpt": partial(run_ours, key="ours-ckpt", extra=["model.gradient_checkpointing=true"])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,10 +399,51 @@ def result_row(r: MethodResult, gpu: GpuSampler) -> list[str]:
             percent(gpu.busy_fraction(*window) if window else None), num(r.best_loss, 4)]
 
 
-def projected_per_hour(r: MethodResult) -> float | None:
-    """Trials per hour if each trial trained for the issue's 60 s and kept its measured median overhead."""
-    over = r.overheads
-    return r.workers * 3600 / (ISSUE_TRIAL_S + statistics.median(over)) if over else None
+def median_busy(r: MethodResult) -> float | None:
+    busy = [t.busy for t in r.measured if t.busy is not None]
+    return statistics.median(busy) if busy else None
+
+
+def projected_per_hour(r: MethodResult, reference: MethodResult) -> float | None:
+    """Trials per hour if the reference's trials trained for the issue's 60 s: every method's training and
+    evaluation time scaled by the same factor, its median overhead kept."""
+    busy, ref = median_busy(r), median_busy(reference)
+    if not r.overheads or not busy or not ref:
+        return None
+    return r.workers * 3600 / (busy * ISSUE_TRIAL_S / ref + statistics.median(r.overheads))
+
+
+def best_of_first(trials: Sequence[TrialTiming], k: int) -> float | None:
+    """The best complete value among the first ``k`` trials the sampler asked for (by trial number)."""
+    return best_value(sorted(trials, key=lambda t: t.number)[:k])
+
+
+def paired_differences(ours: Sequence[TrialTiming], theirs: Sequence[TrialTiming]) -> list[float]:
+    """ours - theirs for every pair of complete trials with the same sampled parameters."""
+    def complete(trials: Sequence[TrialTiming]) -> dict[str, float]:
+        return {json.dumps(t.params, sort_keys=True): t.value for t in trials
+                if t.state == "COMPLETE" and t.value is not None}
+
+    mine, other = complete(ours), complete(theirs)
+    return [mine[k] - other[k] for k in mine if k in other]
+
+
+def checkpointing_note(r: MethodResult) -> str:
+    ran = [t.checkpointing for t in r.trials if t.checkpointing is not None]
+    return f"{r.key}: {sum(ran)} of {len(ran)} trials with checkpointing" if ran else f"{r.key}: not recorded"
+
+
+def loss_lines(by: dict[str, MethodResult]) -> list[str]:
+    """Best eval loss of ours against A at an equal number of trials, and the loops' noise at equal parameters."""
+    if "ours" not in by or "trainer" not in by:
+        return []
+    ours, a = by["ours"].trials, by["trainer"].trials
+    k = min(len(ours), len(a))
+    diffs = paired_differences(ours, a)
+    return [f"- Best eval loss over the first {k} trials of each (equal trials): ours "
+            f"{num(best_of_first(ours, k), 4)}, A {num(best_of_first(a, k), 4)} (goal: the same or better). "
+            "Trials with the same sampled parameters in "
+            f"both ({len(diffs)}): ours - A = {spread(diffs, 4)}; ours lower in {sum(d < 0 for d in diffs)}."]
 
 
 def per_trial_rows(r: MethodResult) -> list[list[str]]:
@@ -417,16 +461,18 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
                  command: str) -> str:
     by = {r.key: r for r in results}
     rates = {k: r.per_hour for k, r in by.items()}
-    med_busy = {k: [t.busy for t in r.measured if t.busy is not None] for k, r in by.items()}
     ran = [f"- The issue asks for {ISSUE_SPEC}. Ran: " + "; ".join(
         f"{LABELS[r.key]}: {len(r.trials)} trial{'' if len(r.trials) == 1 else 's'}" for r in results) +
         f", each of {args.steps} steps x {args.batch} examples (median training + evaluation "
-        + ", ".join(f"{k} {num(statistics.median(v) if v else None, 1)} s" for k, v in med_busy.items())
-        + " per trial). Trials were shortened, and"
-        " B runs fewer trials because each costs a fresh process, to fit the GPU time of this run.",
-        f"- Model: {model_label(args.cpu_smoke, args.weights)}, NF4 base, gradient checkpointing; data: the "
-        "stdlib pairs, tokenized once by "
+        + ", ".join(f"{k} {num(median_busy(r), 1)} s" for k, r in by.items())
+        + " per trial). Trials were shortened" + (", and B runs fewer trials because each costs a fresh process,"
+                                                  if "processes" in by else "") + " to fit the GPU time of this run.",
+        f"- Model: {model_label(args.cpu_smoke, args.weights)}, NF4 base; data: the stdlib pairs, tokenized once by "
         "objectives.data.prepare; eval once at the end of each trial on the same held-out set.",
+        "- Gradient checkpointing: A always (peft's `prepare_model_for_kbit_training` default, the usual recipe), "
+        "and so does `ours-ckpt` (`model.gradient_checkpointing=true`); the other methods use the project's default "
+        "`auto` (off for a trial the memory model predicts to fit without it): "
+        + "; ".join(checkpointing_note(r) for r in results if r.key != "trainer") + ".",
         f"- Search space: {' '.join(SPACE[1:])} plus optimizer adamw/sgd with each its learning rate "
         "(conf/search_space/optimizer.yaml); cosine schedule; sampler TPE seed "
         f"{args.seed} for every method (same first random trials); pruning off.",
@@ -438,10 +484,6 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         "- Ours and B log every trial to MLflow (B's child runs `QLoRAObjective` on a fixed trial, so it also "
         "logs its adapter every trial: a lone trial cannot know whether it is the best; ours logs the adapter "
         "when a trial becomes the best). A logs nothing (report_to none).",
-        f"- The shared method is `python -m sweeper launch workers.count={args.shared_workers} "
-        f"workers.per_gpu={args.shared_workers}`: that many worker processes on the one GPU, each with the base "
-        "loaded once, on one study in a journal file (TPE with constant liar, worker i seeded i); its rate is "
-        "summed over the workers and its overheads are per worker (trial start to that worker's next start).",
         "- Warm-up excluded: each method's first trial and everything before it (imports, model conversion or "
         "load, tokenization). Rates count the trials after the first, from its end to the last trial's end.",
         "- Overhead per trial = wall time (trial start to next trial start) minus time in training and "
@@ -451,6 +493,12 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         "- GPU busy: mean nvidia-smi utilization.gpu (sampled every 0.2 s) over the measured window. "
         + (gpu.note or "Other processes on the same GPU would show here too."),
         ]
+    if "shared" in by:
+        ran.append(f"- The shared method is `python -m sweeper launch workers.count={args.shared_workers} "
+                   f"workers.per_gpu={args.shared_workers}`: that many worker processes on the one GPU, each with the "
+                   "base loaded once, on one study in a journal file (TPE with constant liar, worker i seeded i); its "
+                   "rate is summed over the workers and its overheads are per worker (trial start to that worker's "
+                   "next start).")
     headers = ["method", "trials measured", "trials / GPU-hour", "overhead s/trial: median [min, max]",
                "train+eval s/trial: median [min, max]", "GPU busy", "best eval loss"]
     table = markdown_table(headers, [result_row(r, gpu) for r in results])
@@ -463,9 +511,15 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         goals.append(f"- ours with {args.shared_workers} workers sharing the GPU / A: "
                      f"{ratio(shared, rates.get('trainer'))}; / B: {ratio(shared, rates.get('processes'))}; "
                      f"/ ours with one process: {ratio(shared, ours)}.")
-    proj = {k: projected_per_hour(r) for k, r in by.items()}
-    goals.append("- Projection, not a measurement: with the issue's 60 s of training per trial and each method's "
-                 "median overhead, trials per hour would be " + ", ".join(f"{k} {num(v, 1)}" for k, v in proj.items())
+    if "ours-ckpt" in by:
+        goals.append(f"- ours with checkpointing always on / A: {ratio(rates['ours-ckpt'], rates.get('trainer'))}; "
+                     f"ours (auto) / ours with checkpointing always on: {ratio(ours, rates['ours-ckpt'])}.")
+    goals += loss_lines(by)
+    reference = by.get("trainer", results[0])
+    proj = {k: projected_per_hour(r, reference) for k, r in by.items()}
+    goals.append(f"- Projection, not a measurement: with trials {ISSUE_TRIAL_S:.0f} s long in {reference.key} "
+                 "(training and evaluation; the other methods' scaled by the same factor) and each method's median "
+                 "overhead, trials per hour would be " + ", ".join(f"{k} {num(v, 1)}" for k, v in proj.items())
                  + f"; ours / A {ratio(proj.get('ours'), proj.get('trainer'))}, ours / B "
                  f"{ratio(proj.get('ours'), proj.get('processes'))}.")
     notes = [n for r in results for n in r.notes]

@@ -24,6 +24,7 @@ from bench.common import (
 from bench.postgres import find_bindir
 from bench.sample_efficiency import Median, median_to_target, pooled_estimate, ratio
 from bench.step_throughput import steady_tokens_per_s
+from bench.sweep_throughput import best_of_first, paired_differences
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +93,16 @@ def test_pooled_random_search_estimate_is_geometric_with_an_exact_interval() -> 
     assert pooled_estimate([], 1.0) is None
 
 
+def test_best_loss_at_equal_trials_and_differences_at_equal_parameters() -> None:
+    def trial(number: int, value: float, state: str = "COMPLETE", **params: object) -> TrialTiming:
+        return TrialTiming(number, 0.0, 1.0, state, value=value, params=params)
+
+    ours = [trial(2, 1.0, r=8), trial(0, 3.0, r=4), trial(1, 2.0, r=16), trial(3, 0.5, "PRUNED", r=32)]
+    theirs = [trial(0, 3.5, r=4), trial(1, 1.5, r=16), trial(2, 9.0, "FAIL", r=8)]
+    assert best_of_first(ours, 2) == 2.0 and best_of_first(ours, 4) == 1.0 and best_of_first(theirs, 1) == 3.5
+    assert sorted(paired_differences(ours, theirs)) == [-0.5, 0.5]  # r=8 failed in theirs, r=32 pruned in ours
+
+
 def test_tokens_per_second_is_taken_after_the_warmup_steps() -> None:
     stamps = [1.0, 2.0, 2.5, 3.0]
     assert steady_tokens_per_s(stamps, [100, 100, 50, 50], warmup=1) == pytest.approx(200 / 2.0)
@@ -134,8 +145,8 @@ def run_bench(script: str, tmp_path: Path, *args: str) -> str:
 @pytest.mark.slow
 def test_sweep_throughput_smoke(tmp_path: Path) -> None:
     text = run_bench("sweep_throughput.py", tmp_path)
-    for label in ("ours (one process", "ours, workers sharing the GPU", "A: Trainer.hyperparameter_search",
-                  "B: fresh process per trial"):
+    for label in ("ours (one process", "ours, checkpointing always on", "ours, workers sharing the GPU",
+                  "A: Trainer.hyperparameter_search", "B: fresh process per trial"):
         assert label in text.split("## Results")[1].split("## Per trial")[0]
     assert "(warm-up)" in text
 
