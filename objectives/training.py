@@ -49,12 +49,15 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> t
 
 
 def lr_lambda(cfg: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup from 0, then cosine, linear or constant down to the end of training."""
-    warmup = int(round(cfg.warmup_ratio * total_steps))
+    """Linear warmup from 0, then cosine, linear or constant down to the end of training, as transformers'
+    ``get_*_schedule_with_warmup`` with a Trainer's ``warmup_ratio``: a recipe's settings mean the same here.
+    The first step's rate is 0, a gentler start than ``lr / (warmup + 1)``, which reached a higher eval loss at
+    large learning rates (BENCHMARKS.md, benchmark 1)."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return step / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         if cfg.scheduler == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -53,3 +53,25 @@ def test_checkpointing_auto_turns_it_off_when_the_trial_fits_and_changes_no_resu
         assert res.base.checkpointing is ran
     assert values[False] == pytest.approx(values[True], rel=1e-5)
     assert values["auto"] == values[False]
+
+
+@pytest.mark.parametrize(("scheduler", "reference"), [("cosine", "cosine"), ("linear", "linear"),
+                                                      ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize(("warmup_ratio", "steps"), [(0.1, 20), (0.1, 12), (0.0, 8), (0.2, 24), (0.15, 7)])
+def test_the_schedule_is_transformers_schedule_with_a_trainers_warmup_ratio(
+        scheduler: str, reference: str, warmup_ratio: float, steps: int) -> None:
+    from transformers import get_scheduler
+
+    from objectives.training import lr_lambda
+    from sweeper.config import OptimizerConfig
+
+    warmup = math.ceil(warmup_ratio * steps)  # TrainingArguments.get_warmup_steps
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_scheduler(reference, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(theirs.get_last_lr()[0])
+        optimizer.step()
+        theirs.step()
+    ours = lr_lambda(OptimizerConfig(scheduler=scheduler, warmup_ratio=warmup_ratio), steps)
+    assert [ours(step) for step in range(steps)] == pytest.approx(expected, abs=1e-12)
