@@ -242,7 +242,6 @@ def make_trial_clock(device: Any, measure: Callable[[Any], float]) -> Any:
 
 def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -> MethodResult:
     import optuna
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
@@ -254,7 +253,7 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
     )
 
     from objectives.data import collate, prepare
-    from objectives.model import TORCH_DTYPES, linear_module_names, pick_device, weights_path
+    from objectives.model import TORCH_DTYPES, initialise_lora, linear_module_names, pick_device, weights_path
     from objectives.targets import resolve_targets
     from objectives.training import eval_passes, evaluate
     from sweeper import compose
@@ -291,10 +290,13 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,  # the recipe's default
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = resolve_targets(lora.targets, linear_module_names(model))
-        torch.manual_seed(cfg.train.seed)  # seeded like ours
-        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
+        peft = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
                                                 target_modules=targets, use_rslora=lora.use_rslora, bias="none",
                                                 task_type="CAUSAL_LM"))
+        # peft draws the initial weights on the CPU, ours on the GPU they live on: the same distribution, other
+        # values. Starting both loops from the same weights and random state leaves only the loops to compare.
+        initialise_lora(peft, lora, cfg.train.seed)
+        return peft
 
     def hp_space(trial: Any) -> dict[str, Any]:
         clock.number = trial.number

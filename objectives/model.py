@@ -168,6 +168,25 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def initialise_lora(model: Any, lora: LoraConfig, seed: int) -> None:
+    """(Re)initialise every LoRA slot of a peft model in module order from ``seed``, on the device the
+    weights live on: a fresh injection and an in-place reuse start from the same weights and leave the
+    random state (dropout's next masks) in the same place."""
+    from peft.tuners.lora import LoraLayer
+
+    scaling = lora.effective_alpha / (lora.r ** 0.5 if lora.use_rslora else lora.r)
+    peft_cfg = model.peft_config["default"]
+    peft_cfg.lora_alpha, peft_cfg.lora_dropout = lora.effective_alpha, lora.dropout
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.reset_lora_parameters("default", True)
+            module.scaling["default"] = scaling
+            dropout = module.lora_dropout["default"]
+            if isinstance(dropout, torch.nn.Dropout):
+                dropout.p = lora.dropout
+
+
 class ResidentBase:
     """The quantized base model and tokenizer, loaded once per process and shared by every trial.
 
@@ -298,28 +317,13 @@ class ResidentBase:
                 # peft reads transformers' deprecated alias once per injection: noise in every trial's output
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 self._peft, self._shape = get_peft_model(self.model, peft_cfg), shape
-        self._initialise(lora, seed)
+        initialise_lora(self._peft, lora, seed)
         try:
             yield self._peft
         finally:
             # Tensors go by reference counting; a full gc.collect() here costs ~0.1-1 s per trial.
             for p in self._peft.parameters():
                 p.grad = None
-
-    def _initialise(self, lora: LoraConfig, seed: int) -> None:
-        from peft.tuners.lora import LoraLayer
-
-        scaling = lora.effective_alpha / (lora.r ** 0.5 if lora.use_rslora else lora.r)
-        peft_cfg = self._peft.peft_config["default"]
-        peft_cfg.lora_alpha, peft_cfg.lora_dropout = lora.effective_alpha, lora.dropout
-        torch.manual_seed(seed)
-        for module in self._peft.modules():
-            if isinstance(module, LoraLayer):
-                module.reset_lora_parameters("default", True)
-                module.scaling["default"] = scaling
-                dropout = module.lora_dropout["default"]
-                if isinstance(dropout, torch.nn.Dropout):
-                    dropout.p = lora.dropout
 
     def release_adapter(self) -> None:
         """Remove the adapter and restore the bare base."""

@@ -75,3 +75,16 @@ def test_the_schedule_is_transformers_schedule_with_a_trainers_warmup_ratio(
         theirs.step()
     ours = lr_lambda(OptimizerConfig(scheduler=scheduler, warmup_ratio=warmup_ratio), steps)
     assert [ours(step) for step in range(steps)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_adapter_reused_in_place_trains_like_a_freshly_injected_one(tmp_path: Path) -> None:
+    import optuna
+
+    from objectives.objective import QLoRAObjective
+
+    cfg, _ = compose.load([*TINY, "search_space=none", "lora.dropout=0.1", f"output_dir={tmp_path}"])
+    res = Resources.load(cfg)
+    objective = QLoRAObjective(cfg, [], res.base, res.data, None, show_progress=False)
+    fresh = objective(optuna.trial.FixedTrial({}))  # the first trial injects the adapter
+    reused = objective(optuna.trial.FixedTrial({}))  # the same shape: re-initialised in place
+    assert reused == fresh
