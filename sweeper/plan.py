@@ -200,12 +200,13 @@ def resolve_checkpointing(cfg: SweepConfig, model_config: Any, memory_bytes: int
     return with_checkpointing(cfg, not fits_without)
 
 
-def trial_memory_bytes(cfg: SweepConfig, device: Any) -> int:
-    """The memory one trial may plan for: its share of the GPU, or of the host's memory on the CPU."""
+def trial_memory_bytes(cfg: SweepConfig, device: Any = None) -> int:
+    """The memory one trial may plan for: its share of the GPU, or of the host's memory on the CPU (or
+    when ``device`` is None)."""
     import psutil
     import torch
 
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
         total = psutil.virtual_memory().total
@@ -371,12 +372,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         cond = f"   when {p.describe_condition()}" if p.when else ""
         lines.append(f"  {p.name:<24} {p.path:<24} {p.describe()}{cond}")
     lines.append(f"device memory: {memory_text}")
-    if memory is None:
-        import torch
-
-        budget = trial_memory_bytes(cfg, torch.device("cpu"))
-    else:
-        budget = memory
+    budget = memory if memory is not None else trial_memory_bytes(cfg)
     names, rows = corners(cfg, params, model_config, device, memory_bytes=budget)
     if not rows:
         lines.append("no corner makes a valid config")
