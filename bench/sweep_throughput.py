@@ -71,9 +71,10 @@ ISSUE_SPEC = "24+ trials of about 60 s of training each on the default model, pr
 ISSUE_TRIAL_S = 60.0
 # The space every method samples: rank, targets, optimizer with its own learning rate (cosine is fixed).
 SPACE = ["search_space=optimizer", "lora.r=choice(8,16,32)", "lora.targets=choice(qk,all-linear)"]
-METHODS = ("ours", "ours-ckpt", "shared", "trainer", "processes")
+METHODS = ("ours", "ours-ckpt", "ours-padded", "shared", "trainer", "processes")
 LABELS = {"ours": "ours (one process, base loaded once)",
           "ours-ckpt": "ours, checkpointing always on (as A)",
+          "ours-padded": "ours, padded batches (as A)",
           "shared": "ours, workers sharing the GPU (workers.per_gpu)",
           "trainer": "A: Trainer.hyperparameter_search + model_init",
           "processes": "B: fresh process per trial"}
@@ -124,7 +125,8 @@ class MethodResult:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = base_parser(__doc__ or "")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default="ours,ours-ckpt,shared,trainer,processes",
+                   help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--trials", type=int, default=24, help="trials for ours and A (the first is warm-up)")
     p.add_argument("--shared-workers", type=int, default=4,
                    help="workers sharing the GPU in the 'shared' method (workers.count = workers.per_gpu)")
@@ -385,7 +387,8 @@ def child_main(number: int, overrides: list[str]) -> int:
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, list[str], Path], MethodResult]] = {
     "ours": run_ours, "shared": run_shared, "trainer": run_trainer, "processes": run_processes,
-    "ours-ckpt": partial(run_ours, key="ours-ckpt", extra=["model.gradient_checkpointing=true"])}
+    "ours-ckpt": partial(run_ours, key="ours-ckpt", extra=["model.gradient_checkpointing=true"]),
+    "ours-padded": partial(run_ours, key="ours-padded", extra=["train.packing=false"])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,6 +520,10 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         goals.append(f"- ours with checkpointing always on / A: {ratio(rates['ours-ckpt'], rates.get('trainer'))}; "
                      f"ours (auto) / ours with checkpointing always on: {ratio(ours, rates['ours-ckpt'])}.")
     goals += loss_lines(by)
+    if "ours-padded" in by:
+        diffs = paired_differences(by["ours"].trials, by["ours-padded"].trials)
+        goals.append(f"- Packed - padded batches in our loop, trials with the same parameters ({len(diffs)}): "
+                     f"{spread(diffs, 4)}.")
     reference = by.get("trainer", results[0])
     proj = {k: projected_per_hour(r, reference) for k, r in by.items()}
     goals.append(f"- Projection, not a measurement: with trials {ISSUE_TRIAL_S:.0f} s long in {reference.key} "
