@@ -520,7 +520,7 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         goals.append(f"- ours with checkpointing always on / A: {ratio(rates['ours-ckpt'], rates.get('trainer'))}; "
                      f"ours (auto) / ours with checkpointing always on: {ratio(ours, rates['ours-ckpt'])}.")
     goals += loss_lines(by)
-    if "ours-padded" in by:
+    if "ours" in by and "ours-padded" in by:
         diffs = paired_differences(by["ours"].trials, by["ours-padded"].trials)
         goals.append(f"- Packed - padded batches in our loop, trials with the same parameters ({len(diffs)}): "
                      f"{spread(diffs, 4)}.")

@@ -254,6 +254,8 @@ class ResidentBase:
         with warnings.catch_warnings():  # transformers 5.2x renamed these to activation_checkpointing_*
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing_", category=FutureWarning)
             if on:
+                if hasattr(self.model, "_require_grads_hook"):  # newer transformers add one per enable
+                    self.model.disable_input_require_grads()
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_disable()

@@ -152,6 +152,16 @@ class QLoRAObjective:
                     raise
             # Out of memory. Freed here, outside the except block, where no traceback pins the step's tensors.
             free_accelerator_memory(self.base.device)
+            if (retry < cfg.train.oom_retries and self.cfg.model.gradient_checkpointing == "auto"
+                    and not self.base.checkpointing):
+                # The forecast said it fits without checkpointing and it did not: first the same batch with it.
+                log.warning("trial %d: out of memory without gradient checkpointing; retrying with it", trial.number)
+                self.base.use_checkpointing(True)
+                config = dict(trial.user_attrs.get("config") or {})
+                config["model"] = {**config.get("model", {}), "gradient_checkpointing": True}
+                trial.set_user_attr("config", config)
+                self._record_retry(trial, run_id, retry, {"gradient_checkpointing": True})
+                continue
             smaller = halve_micro_batch(train_cfg)
             if smaller is None or retry == cfg.train.oom_retries:
                 raise TrialOutOfMemory(f"out of memory at micro_batch_size={train_cfg.micro_batch_size}, "
@@ -159,12 +169,14 @@ class QLoRAObjective:
             log.warning("trial %d: out of memory at micro_batch_size=%d; retrying with %d x %d accumulation",
                         trial.number, train_cfg.micro_batch_size, smaller.micro_batch_size, smaller.grad_accum)
             train_cfg = smaller
-            trial.set_user_attr("oom_retries", retry + 1)
-            if self.tracker is not None and run_id is not None:
-                self.tracker.set_tags(run_id, {"oom_retries": retry + 1,
-                                               "micro_batch_size": smaller.micro_batch_size,
-                                               "grad_accum": smaller.grad_accum})
+            self._record_retry(trial, run_id, retry, {"micro_batch_size": smaller.micro_batch_size,
+                                                      "grad_accum": smaller.grad_accum})
         raise AssertionError("unreachable")
+
+    def _record_retry(self, trial: Any, run_id: str | None, retry: int, changes: dict[str, Any]) -> None:
+        trial.set_user_attr("oom_retries", retry + 1)
+        if self.tracker is not None and run_id is not None:
+            self.tracker.set_tags(run_id, {"oom_retries": retry + 1, **changes})
 
     def _start_run(self, trial: Any, cfg: SweepConfig, resolved: dict[str, Any],
                    sampled: dict[str, Any]) -> str | None:

@@ -75,7 +75,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice("model.quant_type", self.quant_type, QUANT_TYPES)
         _check_choice("model.compute_dtype", self.compute_dtype, DTYPES)
-        if self.gradient_checkpointing not in (True, False, "auto"):
+        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
             raise ConfigError(f"model.gradient_checkpointing: {self.gradient_checkpointing!r} is not allowed; "
                               "choose one of true, false, auto")
         _check_choice("model.attn_implementation", self.attn_implementation,

@@ -118,6 +118,10 @@ def space_fingerprint(params: Sequence[Param]) -> str:
                         [[n, list(v)] for n, v in p.when]] for p in params], sort_keys=True)
 
 
+# Settings a worker may choose for its own device: they change where and how fast a trial runs, not its result.
+PER_DEVICE = ("train.device", "model.gradient_checkpointing")
+
+
 def fixed_setup(cfg: SweepConfig, params: Sequence[Param]) -> dict[str, Any]:
     """What every trial of a study shares (model, data, unsearched training settings), flat and redacted."""
     from sweeper.tracking import flatten
@@ -125,7 +129,7 @@ def fixed_setup(cfg: SweepConfig, params: Sequence[Param]) -> dict[str, Any]:
     config = to_container(cfg)
     searched = {p.path for p in params}
     flat = flatten({k: config[k] for k in ("model", "data", "lora", "optimizer", "train")})
-    return redact({k: v for k, v in flat.items() if k not in searched and k != "train.device"})
+    return redact({k: v for k, v in flat.items() if k not in searched and k not in PER_DEVICE})
 
 
 def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True,
@@ -160,6 +164,8 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     setup = fixed_setup(cfg, params)
     stored = study.user_attrs.get("search_space")
     stored_setup = study.user_attrs.get("fixed_setup")
+    if stored_setup is not None:  # studies from before a setting became per-device still store it
+        stored_setup = {k: v for k, v in stored_setup.items() if k not in PER_DEVICE}
     if stored_setup is not None and stored_setup != setup:
         differ = sorted(k for k in set(setup) | set(stored_setup) if setup.get(k) != stored_setup.get(k))
         raise ConfigError(f"study {name!r} was started with other fixed settings; these differ: {', '.join(differ)}. "

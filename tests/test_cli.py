@@ -27,6 +27,7 @@ def test_every_verb_has_help_with_an_example(verb: str) -> None:
     ("workers.per_gpu=0", "workers.per_gpu: must be > 0"),
     ("model.gradient_checkpointing=sometimes",
      "model.gradient_checkpointing: 'sometimes' is not allowed; choose one of true, false, auto"),
+    ("model.gradient_checkpointing=0", "model.gradient_checkpointing: 0 is not allowed"),
 ])
 def test_bad_input_exits_before_heavy_work(tmp_path: Path, override: str, message: str) -> None:
     result = run_cli("launch", override, f"output_dir={tmp_path}")

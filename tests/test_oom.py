@@ -52,7 +52,8 @@ def test_out_of_memory_retries_with_smaller_micro_batches(setup) -> None:  # typ
     finally:
         handle.remove()
     assert value > 0
-    assert trial.user_attrs["oom_retries"] == 2  # 4 -> 2 -> 1
+    assert trial.user_attrs["oom_retries"] == 3  # without checkpointing, with it, then 4 -> 2 -> 1
+    assert trial.user_attrs["config"]["model"]["gradient_checkpointing"] is True
 
 
 def test_out_of_memory_at_the_floor_fails_and_the_next_trial_runs(setup) -> None:  # type: ignore[no-untyped-def]

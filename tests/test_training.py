@@ -43,16 +43,16 @@ def test_checkpointing_auto_turns_it_off_when_the_trial_fits_and_changes_no_resu
     cfg, _ = compose.load([*TINY, "search_space=none", "lora.dropout=0.1", f"output_dir={tmp_path}"])
     assert cfg.model.gradient_checkpointing == "auto"
     res = Resources.load(cfg)
-    values = {}
-    for setting in (True, "auto", False):
+    values = []
+    for setting in (True, "auto", False, True):  # on as loaded, off, off, on again
         trial_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=setting))
         trial = optuna.trial.FixedTrial({})
-        values[setting] = QLoRAObjective(trial_cfg, [], res.base, res.data, None, show_progress=False)(trial)
+        values.append(QLoRAObjective(trial_cfg, [], res.base, res.data, None, show_progress=False)(trial))
         ran = trial.user_attrs["config"]["model"]["gradient_checkpointing"]
         assert ran is (setting if setting != "auto" else False)  # the tiny model fits: auto runs without it
         assert res.base.checkpointing is ran
-    assert values[False] == pytest.approx(values[True], rel=1e-5)
-    assert values["auto"] == values[False]
+    assert values[1] == values[2] == pytest.approx(values[0], rel=1e-5)
+    assert values[3] == values[0]
 
 
 @pytest.mark.parametrize(("scheduler", "reference"), [("cosine", "cosine"), ("linear", "linear"),

@@ -226,3 +226,13 @@ def test_joining_with_other_fixed_settings_is_refused(tmp_path: Path) -> None:
     other, _ = compose.load([*base, "train.max_steps=5", "data.max_length=32"])
     with pytest.raises(ConfigError, match="these differ: data.max_length, train.max_steps"):
         open_study(other, params, create=False)
+
+
+def test_per_device_settings_may_differ_between_workers_and_from_older_studies(tmp_path: Path) -> None:
+    base = [*TINY, *SPACE, f"output_dir={tmp_path}"]
+    cfg, params = compose.load(base)
+    study = open_study(cfg, params)
+    older = {**study.user_attrs["fixed_setup"], "model.gradient_checkpointing": True, "train.device": "cuda"}
+    study.set_user_attr("fixed_setup", older)  # as a study started before checkpointing became per-trial stores it
+    other, _ = compose.load([*base, "model.gradient_checkpointing=false", "train.device=cpu"])
+    assert open_study(other, params, create=False).study_name == study.study_name
