@@ -81,4 +81,4 @@ def test_splitting_a_step_into_micro_batches_keeps_the_objective(setup) -> None:
     split = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2, grad_accum=2))
     whole = QLoRAObjective(cfg, [], resources.base, resources.data, None, show_progress=False)
     halves = QLoRAObjective(split, [], resources.base, resources.data, None, show_progress=False)
-    assert halves(optuna.trial.FixedTrial({})) == pytest.approx(whole(optuna.trial.FixedTrial({})), rel=1e-6)
+    assert halves(optuna.trial.FixedTrial({})) == pytest.approx(whole(optuna.trial.FixedTrial({})), rel=1e-5)

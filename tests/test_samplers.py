@@ -24,7 +24,9 @@ from tests.conftest import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
-BASE = [*TINY, "search_space=none", "data.max_train_examples=32", "data.max_eval_examples=4", "study/pruner=none"]
+# No warmup: with it, the first of these two steps would train at a learning rate of 0 for every trial.
+BASE = [*TINY, "search_space=none", "data.max_train_examples=32", "data.max_eval_examples=4", "study/pruner=none",
+        "optimizer.warmup_ratio=0"]
 # Samplers need only the final evaluation; pruners get one at each of the two steps.
 FINAL_EVAL = "train.eval_every=2"
 SPACE = ["lora.r=choice(4, 8)", "optimizer.lr=tag(log, interval(1e-4, 1e-1))"]

@@ -100,8 +100,8 @@ def test_three_workers_finish_exactly_the_budget(postgres: str, tmp_path: Path) 
 @pytest.mark.postgres
 def test_a_killed_worker_is_recovered_by_heartbeat(postgres: str, tmp_path: Path) -> None:
     storage, tracking = f"{postgres}/optuna2", f"{postgres}/mlflow2"
-    # Trials long enough (60 steps) for the victim to be killed in the middle of one.
-    args = [*TINY, *SPACE, *FAST_HEARTBEAT, "train.max_steps=60", "train.eval_every=20", "study.n_trials=3",
+    # Trials long enough (200 steps) for the victim to be killed in the middle of one.
+    args = [*TINY, *SPACE, *FAST_HEARTBEAT, "train.max_steps=200", "train.eval_every=50", "study.n_trials=3",
             "study/pruner=none", f"study.storage={storage}", f"tracking.uri={tracking}", f"output_dir={tmp_path}"]
     cfg, params = compose.load(args)
     from sweeper.launch import make_tracker
