@@ -161,7 +161,7 @@ class OptimizerConfig:
     scheduler: str = "cosine"
     """Learning-rate decay after warmup: cosine, linear or constant."""
     warmup_ratio: float = 0.1
-    """Share of steps with a linear warmup from 0."""
+    """Share of steps (rounded up, as a Trainer's ``warmup_ratio``) with a linear warmup from 0."""
 
     def __post_init__(self) -> None:
         _check_choice("optimizer.name", self.name, OPTIMIZERS)
