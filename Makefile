@@ -1,4 +1,4 @@
-# make sweep   set up, then run the default sweep (about 10 min on 2 CPU cores)
+# make sweep   set up, then run the default sweep (about 10 min on 2 CPU cores, set-up included)
 # make test    set up (Python packages, Chromium, PostgreSQL), then run the whole test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
