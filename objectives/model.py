@@ -224,21 +224,21 @@ class ResidentBase:
             # training step would get wrong gradients. Keep the trainable layout.
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
+        # Loaded with checkpointing when a trial may use it ("auto" decides per trial).
+        self.checkpointing = cfg.gradient_checkpointing is not False
         if quant is not None and cfg.upcast_unquantized:
             from peft import prepare_model_for_kbit_training
 
-            # Prepared with checkpointing when a trial may use it ("auto" decides per trial).
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.gradient_checkpointing is not False,
+                model, use_gradient_checkpointing=self.checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
-            if cfg.gradient_checkpointing is not False:
+            if self.checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
         self.model = model
-        self.checkpointing = cfg.gradient_checkpointing is not False
         self.linear_names = linear_module_names(model)
         self._peft: Any = None
         self._shape: tuple[Any, ...] | None = None

@@ -19,7 +19,7 @@ from objectives.data import TokenizedSplits
 from objectives.model import ResidentBase, free_accelerator_memory
 from objectives.training import LossNotFinite, TrainResult, train_adapter
 from sweeper.config import ConfigError, SweepConfig, TrainConfig, to_container, to_schema
-from sweeper.plan import fits, resolve_checkpointing, trial_memory_bytes
+from sweeper.plan import fits, resolve_checkpointing, trial_memory_bytes, with_checkpointing
 from sweeper.space import Param, apply_values, sample
 from sweeper.tracking import RUN_STATUS, Tracker
 
@@ -46,6 +46,11 @@ def halve_micro_batch(train: TrainConfig) -> TrainConfig | None:
     if size % 2:  # odd: one example at a time keeps the effective batch exact
         return dataclasses.replace(train, micro_batch_size=1, grad_accum=train.grad_accum * size)
     return dataclasses.replace(train, micro_batch_size=size // 2, grad_accum=train.grad_accum * 2)
+
+
+def trial_record(cfg: SweepConfig) -> dict[str, Any]:
+    """The parts of a trial's config that describe its training (logged, and what an export reproduces)."""
+    return {k: v for k, v in to_container(cfg).items() if k in TRIAL_KEYS}
 
 
 def objective_values(cfg: SweepConfig, result: TrainResult, seconds: float) -> list[float]:
@@ -86,7 +91,7 @@ class QLoRAObjective:
 
     def __call__(self, trial: optuna.Trial | optuna.trial.FixedTrial) -> float | list[float]:
         cfg, sampled = self.trial_config(trial)
-        resolved = {k: v for k, v in to_container(cfg).items() if k in TRIAL_KEYS}
+        resolved = trial_record(cfg)
         trial.set_user_attr("config", resolved)
         run_id = self._start_run(trial, cfg, resolved, sampled)
         state, reason = "failed", ""
@@ -157,9 +162,7 @@ class QLoRAObjective:
                 # The forecast said it fits without checkpointing and it did not: first the same batch with it.
                 log.warning("trial %d: out of memory without gradient checkpointing; retrying with it", trial.number)
                 self.base.use_checkpointing(True)
-                config = dict(trial.user_attrs.get("config") or {})
-                config["model"] = {**config.get("model", {}), "gradient_checkpointing": True}
-                trial.set_user_attr("config", config)
+                trial.set_user_attr("config", trial_record(with_checkpointing(cfg, True)))
                 self._record_retry(trial, run_id, retry, {"gradient_checkpointing": True})
                 continue
             smaller = halve_micro_batch(train_cfg)
