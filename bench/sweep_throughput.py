@@ -137,6 +137,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", choices=["real", "random"], default="real",
                    help="the default model's weights, or random ones in its shape (same speed)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed, the same for every method")
+    p.add_argument("--train-seed", type=int, default=0,
+                   help="train.seed of every trial (adapter init, data order, dropout), the same for every method")
     p.add_argument("--method-timeout", type=float, default=150.0,
                    help="stop starting trials of a method after this many seconds (keeps the run bounded)")
     p.add_argument("--trainer-precision", choices=["match", "bf16"], default="match",
@@ -152,7 +154,8 @@ def fixed_overrides(args: argparse.Namespace) -> list[str]:
     shape = "tiny" if args.cpu_smoke else "135m"
     out = [*model_overrides(shape, args.model_source, args.weights == "random"),
            f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", f"train.micro_batch_size={args.batch}",
-           "optimizer.scheduler=cosine", "study/sampler=tpe", f"study.sampler.seed={args.seed}", "study/pruner=none"]
+           "optimizer.scheduler=cosine", "study/sampler=tpe", f"study.sampler.seed={args.seed}", "study/pruner=none",
+           f"train.seed={args.train_seed}"]
     if args.cpu_smoke:
         out += ["data.max_length=64", "data.max_eval_examples=8"]
     return out
@@ -480,7 +483,9 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         + "; ".join(checkpointing_note(r) for r in results if r.key != "trainer") + ".",
         f"- Search space: {' '.join(SPACE[1:])} plus optimizer adamw/sgd with each its learning rate "
         "(conf/search_space/optimizer.yaml); cosine schedule; sampler TPE seed "
-        f"{args.seed} for every method (same first random trials); pruning off.",
+        f"{args.seed} for every method (same first random trials); pruning off; train.seed {args.train_seed} in "
+        "every trial (adapter init, data order, dropout masks: with packing, a different draw of the masks than "
+        "padded batches get, the same draw in every trial; bench/packing_parity.py varies it).",
         f"- A computes {'like our loop (no autocast)' if args.trainer_precision == 'match' else 'with bf16 autocast'}"
         "; it reads the same batches in the same order (sequential sampler over our loop's batches) and pads "
         "each batch, as Trainer's collators do. Ours and B train with the project's defaults, among them "

@@ -21,6 +21,7 @@ from bench.common import (
     time_to_target,
     trial_walls,
 )
+from bench.packing_parity import mean_interval
 from bench.postgres import find_bindir
 from bench.sample_efficiency import Median, median_to_target, pooled_estimate, ratio
 from bench.step_throughput import steady_tokens_per_s
@@ -103,6 +104,15 @@ def test_best_loss_at_equal_trials_and_differences_at_equal_parameters() -> None
     assert sorted(paired_differences(ours, theirs)) == [-0.5, 0.5]  # r=8 failed in theirs, r=32 pruned in ours
 
 
+@pytest.mark.parametrize(("values", "expected"), [
+    ([2.0], (2.0, 2.0, 2.0)),
+    ([1.0, 2.0, 3.0], (2.0, 2.0 - 4.30 / math.sqrt(3), 2.0 + 4.30 / math.sqrt(3))),
+    ([0.0] * 40, (0.0, 0.0, 0.0)),  # beyond the table: the nearest smaller degrees of freedom
+])
+def test_mean_over_seeds_has_a_t_interval(values: list[float], expected: tuple[float, float, float]) -> None:
+    assert mean_interval(values) == pytest.approx(expected)
+
+
 def test_tokens_per_second_is_taken_after_the_warmup_steps() -> None:
     stamps = [1.0, 2.0, 2.5, 3.0]
     assert steady_tokens_per_s(stamps, [100, 100, 50, 50], warmup=1) == pytest.approx(200 / 2.0)
@@ -163,6 +173,18 @@ def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path)
     assert losses["ours (padded per batch)"] == pytest.approx(losses["ours, train.packing=true"], abs=2e-3)
     bf16 = "ours, upcast_unquantized=false"
     assert losses[bf16] == pytest.approx(losses[bf16 + " + packing"], abs=2e-2)
+
+
+@pytest.mark.slow
+def test_packing_parity_smoke_without_dropout_the_layouts_agree(tmp_path: Path) -> None:
+    text = run_bench("packing_parity.py", tmp_path)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.split("## Per seed")[1].splitlines()
+            if line.startswith("| AdamW") or line.startswith("| SGD")]
+    assert len(rows) == 6
+    without_dropout = [(float(r[3]), float(r[4])) for r in rows if float(r[1]) == 0]
+    assert len(without_dropout) == 2
+    for packed, padded in without_dropout:
+        assert packed == pytest.approx(padded, abs=2e-3)
 
 
 @pytest.mark.slow
