@@ -48,9 +48,6 @@ CONFIGS = {
                                                       "optimizer.momentum=0.802", "lora.r=16",
                                                       "lora.targets=all-linear"],
 }
-# t quantiles (0.975) for a 95% interval of a mean over n seeds, by degrees of freedom n - 1
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
-        12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 19: 2.09, 24: 2.06, 29: 2.05}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -72,12 +69,12 @@ def seeds(text: str) -> list[int]:
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
     """Mean with a 95% t interval (the interval is the mean itself for one value)."""
+    from scipy.stats import t
+
     m = statistics.fmean(values)
     if len(values) < 2:
         return m, m, m
-    df = len(values) - 1
-    t = T975.get(df) or T975[max(k for k in T975 if k <= df)]
-    half = t * statistics.stdev(values) / math.sqrt(len(values))
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return m, m - half, m + half
 
 

@@ -353,8 +353,8 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     model_config = model_config if model_config is not None else load_model_config(cfg)
     device = device or detect_device(cfg)
     memory, memory_text = _device_memory(device_memory_bytes)
-    if memory is not None and cfg.workers.memory_share(memory) < memory:
-        memory = cfg.workers.memory_share(memory)
+    if memory is not None and (share := cfg.workers.memory_share(memory)) < memory:
+        memory = share
         memory_text += f"; {gib(memory)} per trial (workers.per_gpu={cfg.workers.per_gpu} share a GPU)"
     size = volume(params)
     m = cfg.model
