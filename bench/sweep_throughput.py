@@ -412,13 +412,28 @@ def median_busy(r: MethodResult) -> float | None:
     return statistics.median(busy) if busy else None
 
 
-def projected_per_hour(r: MethodResult, reference: MethodResult) -> float | None:
-    """Trials per hour if the reference's trials trained for the issue's 60 s: every method's training and
-    evaluation time scaled by the same factor, its median overhead kept."""
-    busy, ref = median_busy(r), median_busy(reference)
-    if not r.overheads or not busy or not ref:
+def measured_walls(r: MethodResult) -> dict[str, tuple[float, float]]:
+    """(wall, train+eval) seconds of each measured complete trial, keyed by its sampled parameters."""
+    return {json.dumps(t.params, sort_keys=True): (wall, t.busy)
+            for lane in r.lanes for t, wall in list(zip(lane, trial_walls(lane), strict=True))[1:]
+            if t.state == "COMPLETE" and t.busy is not None}
+
+
+def paired_speedup(r: MethodResult, reference: MethodResult,
+                   reference_trial_s: float | None = None) -> tuple[int, float] | None:
+    """(pairs, r's trials per hour over the reference's) on the measured trials both ran with the same
+    parameters, so a different mix of trials cannot tilt it. With ``reference_trial_s``, each pair's training
+    and evaluation is scaled by the factor that makes the reference's take that long; overheads stay as
+    measured. None for several workers (their walls overlap) or without a pair."""
+    mine, theirs = measured_walls(r), measured_walls(reference)
+    pairs = [(mine[k], theirs[k]) for k in mine if k in theirs]
+    if r.workers > 1 or reference.workers > 1 or not pairs:
         return None
-    return r.workers * 3600 / (busy * ISSUE_TRIAL_S / ref + statistics.median(r.overheads))
+    if reference_trial_s is None:
+        return len(pairs), sum(w for _, (w, _) in pairs) / sum(w for (w, _), _ in pairs)
+    scaled = [(busy * reference_trial_s / ref_busy + wall - busy, reference_trial_s + ref_wall - ref_busy)
+              for (wall, busy), (ref_wall, ref_busy) in pairs]
+    return len(pairs), sum(ref for _, ref in scaled) / sum(mine for mine, _ in scaled)
 
 
 def best_of_first(trials: Sequence[TrialTiming], k: int) -> float | None:
@@ -434,6 +449,17 @@ def paired_differences(ours: Sequence[TrialTiming], theirs: Sequence[TrialTiming
 
     mine, other = complete(ours), complete(theirs)
     return [mine[k] - other[k] for k in mine if k in other]
+
+
+def paired_line(ours: MethodResult, reference: MethodResult, label: str) -> str:
+    """The measured and the projected paired speedup of ours over a baseline, as a report line."""
+    measured, projected = paired_speedup(ours, reference), paired_speedup(ours, reference, ISSUE_TRIAL_S)
+    if measured is None or projected is None:
+        return f"- Trials both ours and {label} ran with the same parameters: none (warm-up excluded)."
+    return (f"- Trials both ours and {label} ran with the same parameters ({measured[0]}, warm-up excluded): ours / "
+            f"{label} trials per hour on that same work {measured[1]:.2f}x. Projection, not a measurement: with each "
+            f"pair's training and evaluation scaled so that {label}'s takes {ISSUE_TRIAL_S:.0f} s, overheads as "
+            f"measured: {projected[1]:.2f}x.")
 
 
 def checkpointing_note(r: MethodResult) -> str:
@@ -529,13 +555,9 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
         diffs = paired_differences(by["ours"].trials, by["ours-padded"].trials)
         goals.append(f"- Packed - padded batches in our loop, trials with the same parameters ({len(diffs)}): "
                      f"{spread(diffs, 4)}.")
-    reference = by.get("trainer", results[0])
-    proj = {k: projected_per_hour(r, reference) for k, r in by.items()}
-    goals.append(f"- Projection, not a measurement: with trials {ISSUE_TRIAL_S:.0f} s long in {reference.key} "
-                 "(training and evaluation; the other methods' scaled by the same factor) and each method's median "
-                 "overhead, trials per hour would be " + ", ".join(f"{k} {num(v, 1)}" for k, v in proj.items())
-                 + f"; ours / A {ratio(proj.get('ours'), proj.get('trainer'))}, ours / B "
-                 f"{ratio(proj.get('ours'), proj.get('processes'))}.")
+    if "ours" in by:
+        goals += [paired_line(by["ours"], by[k], label) for k, label in (("trainer", "A"), ("processes", "B"))
+                  if k in by]
     notes = [n for r in results for n in r.notes]
     per_trial = markdown_table(["method", "trial", "state", "wall s", "train+eval s", "overhead s", "eval loss",
                                 "params"], [row for r in results for row in per_trial_rows(r)])

@@ -25,7 +25,7 @@ from bench.packing_parity import mean_interval
 from bench.postgres import find_bindir
 from bench.sample_efficiency import Median, median_to_target, pooled_estimate, ratio
 from bench.step_throughput import steady_tokens_per_s
-from bench.sweep_throughput import best_of_first, paired_differences
+from bench.sweep_throughput import MethodResult, best_of_first, paired_differences, paired_speedup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +104,34 @@ def test_best_loss_at_equal_trials_and_differences_at_equal_parameters() -> None
     assert sorted(paired_differences(ours, theirs)) == [-0.5, 0.5]  # r=8 failed in theirs, r=32 pruned in ours
 
 
+def sweep(key: str, *trials: tuple[int, float, float, str]) -> MethodResult:
+    """A method's trials back to back: (rank, wall, train+eval, state) each, the first one the warm-up."""
+    timings, start = [], 0.0
+    for number, (r, wall, busy, state) in enumerate(trials):
+        timings.append(TrialTiming(number, start, start + wall, state, busy=busy, params={"lora.r": r}))
+        start += wall
+    return MethodResult(key, timings, 0.0, start)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "trial_s", "expected"), [
+    # One pair (r=4): 2 s of wall against 4 s. The warm-ups (r=8) and unpaired trials (r=16, r=32) do not count.
+    ([(8, 9, 8, "COMPLETE"), (4, 2, 1.5, "COMPLETE"), (16, 1, 1, "COMPLETE")],
+     [(8, 9, 8, "COMPLETE"), (4, 4, 2, "COMPLETE"), (32, 1, 1, "COMPLETE")], None, (1, 2.0)),
+    # Scaled so theirs trains 6 s (x3): ours 1.5 * 3 + 0.5 of overhead = 5 s against 6 + 2 = 8 s.
+    ([(8, 9, 8, "COMPLETE"), (4, 2, 1.5, "COMPLETE")], [(8, 9, 8, "COMPLETE"), (4, 4, 2, "COMPLETE")], 6.0, (1, 1.6)),
+    # Sums over pairs, not a mean of ratios: (4 + 6) / (2 + 3).
+    ([(8, 1, 1, "COMPLETE"), (4, 2, 2, "COMPLETE"), (16, 3, 3, "COMPLETE")],
+     [(8, 1, 1, "COMPLETE"), (16, 6, 6, "COMPLETE"), (4, 4, 4, "COMPLETE")], None, (2, 2.0)),
+    # A pruned trial is not the same work; no pair left.
+    ([(8, 1, 1, "COMPLETE"), (4, 2, 2, "PRUNED")], [(8, 1, 1, "COMPLETE"), (4, 4, 4, "COMPLETE")], None, None),
+])
+def test_paired_speedup_compares_only_the_same_trials_after_warm_up(
+        ours: list[tuple[int, float, float, str]], theirs: list[tuple[int, float, float, str]],
+        trial_s: float | None, expected: tuple[int, float] | None) -> None:
+    got = paired_speedup(sweep("ours", *ours), sweep("trainer", *theirs), trial_s)
+    assert got == (pytest.approx(expected) if expected else None)
+
+
 @pytest.mark.parametrize(("values", "expected"), [
     ([2.0], (2.0, 2.0, 2.0)),
     ([1.0, 2.0, 3.0], (2.0, 2.0 - 4.3027 / math.sqrt(3), 2.0 + 4.3027 / math.sqrt(3))),  # t(0.975, 2 df)
@@ -159,6 +187,8 @@ def test_sweep_throughput_smoke(tmp_path: Path) -> None:
                   "A: Trainer.hyperparameter_search", "B: fresh process per trial"):
         assert label in text.split("## Results")[1].split("## Per trial")[0]
     assert "(warm-up)" in text
+    assert re.search(r"Trials both ours and A ran with the same parameters \(\d+, warm-up excluded\): ours / A "
+                     r"trials per hour on that same work \d+\.\d\dx", text)
 
 
 @pytest.mark.slow
