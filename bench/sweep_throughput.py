@@ -412,9 +412,14 @@ def median_busy(r: MethodResult) -> float | None:
     return statistics.median(busy) if busy else None
 
 
+def params_key(t: TrialTiming) -> str:
+    """A trial's sampled parameters as a key: the same in every method that sampled them."""
+    return json.dumps(t.params, sort_keys=True)
+
+
 def measured_walls(r: MethodResult) -> dict[str, tuple[float, float]]:
     """(wall, train+eval) seconds of each measured complete trial, keyed by its sampled parameters."""
-    return {json.dumps(t.params, sort_keys=True): (wall, t.busy)
+    return {params_key(t): (wall, t.busy)
             for lane in r.lanes for t, wall in list(zip(lane, trial_walls(lane), strict=True))[1:]
             if t.state == "COMPLETE" and t.busy is not None}
 
@@ -444,7 +449,7 @@ def best_of_first(trials: Sequence[TrialTiming], k: int) -> float | None:
 def paired_differences(ours: Sequence[TrialTiming], theirs: Sequence[TrialTiming]) -> list[float]:
     """ours - theirs for every pair of complete trials with the same sampled parameters."""
     def complete(trials: Sequence[TrialTiming]) -> dict[str, float]:
-        return {json.dumps(t.params, sort_keys=True): t.value for t in trials
+        return {params_key(t): t.value for t in trials
                 if t.state == "COMPLETE" and t.value is not None}
 
     mine, other = complete(ours), complete(theirs)
