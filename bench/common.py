@@ -523,7 +523,7 @@ def free_accelerator() -> None:
     """Drop what the last method left behind before the next one is measured."""
     import torch
 
-    from objectives.model import free_accelerator_memory
+    from objectives.base import free_accelerator_memory
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -540,7 +540,7 @@ def prepare(shapes: Sequence[str], source: str | None, random_weights: bool) -> 
     Benchmarks started side by side would otherwise race to create the same cache directories.
     """
     from objectives.data import load_examples
-    from objectives.model import weights_path
+    from objectives.sources import weights_path
     from sweeper import compose
 
     for shape in shapes:

@@ -1,11 +1,11 @@
-"""Benchmark: predicted peak memory (``sweeper.memory``) against the measured peak of real QLoRA steps.
+"""Benchmark: predicted peak memory (``objectives.memory``) against the measured peak of real QLoRA steps.
 
 For 24 configurations over three model shapes with random weights (SmolLM2-135M, Llama-3.2-1B,
 Llama-3-8B), varying rank, target modules, sequence length, micro-batch, dropout, optimizer, padding and
 gradient checkpointing, each configuration trains a fresh adapter for a few steps through the project's
-own path (``objectives.model.ResidentBase`` with an NF4 base, ``objectives.training.train_adapter``) on
+own path (``objectives.base.ResidentBase`` with an NF4 base, ``objectives.training.train_adapter``) on
 synthetic token rows of exactly the given length, and ``torch.cuda.max_memory_allocated`` over those
-steps is compared with ``sweeper.memory.estimate(...).allocated``. Each shape's base is loaded once and
+steps is compared with ``objectives.memory.estimate(...).allocated``. Each shape's base is loaded once and
 shared by its configurations; gradient checkpointing is switched on the loaded base.
 
 The goal: median absolute error under 10%, and no configuration under-predicted by more than 15%.
@@ -141,7 +141,7 @@ class Result:
 
 
 def settings_for(case: Case, device: str = "cuda") -> Any:
-    from sweeper.memory import TrialSettings
+    from objectives.shape import TrialSettings
 
     return TrialSettings(quant_type="nf4", double_quant=True, r=case.r, targets=case.targets, dropout=case.dropout,
                          optimizer=case.optimizer, micro_batch_size=case.batch, seq_len=case.seq,
@@ -149,8 +149,8 @@ def settings_for(case: Case, device: str = "cuda") -> Any:
 
 
 def predict(case: Case, device: str = "cuda") -> Result:
-    from sweeper.memory import estimate
-    from sweeper.plan import step_seconds
+    from objectives.memory import estimate
+    from objectives.timing import step_seconds
 
     settings = settings_for(case, device)
     est = estimate(FULL_SHAPES[case.shape], settings)
@@ -192,8 +192,8 @@ def write_source(path: Path) -> Path:
 
 
 def load_base(shape: str, source: str, cache: Path, device: Any) -> Any:
-    from objectives.model import ResidentBase
-    from sweeper.config import ModelConfig
+    from objectives.base import ResidentBase
+    from objectives.config import ModelConfig
 
     cfg = ModelConfig(source=source, random_init=True, config_overrides=dict(FULL_SHAPES[shape]), quant_type="nf4",
                       double_quant=True, gradient_checkpointing=True, cache_dir=str(cache))
@@ -211,9 +211,9 @@ def measure(base: Any, case: Case, explain: bool) -> tuple[int | None, int | Non
     """Train ``STEPS`` steps; returns (peak allocated, peak reserved, median step seconds, explanation)."""
     import torch
 
+    from objectives.config import LoraConfig, OptimizerConfig, TrainConfig
     from objectives.data import TokenizedSplits
     from objectives.training import train_adapter
-    from sweeper.config import LoraConfig, OptimizerConfig, TrainConfig
 
     cuda = base.device.type == "cuda"
     set_checkpointing(base.model, case.checkpointing)

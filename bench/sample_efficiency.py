@@ -161,9 +161,9 @@ def run_studies(args: argparse.Namespace, workdir: Path) -> tuple[list[StudyRun]
     """Warm up once, then every (seed, strategy) study with the one resident base."""
     import optuna
 
-    from objectives.objective import QLoRAObjective
     from sweeper import compose
     from sweeper.launch import Resources
+    from sweeper.objective import QLoRAObjective
     from sweeper.study import open_study
 
     common = common_overrides(args, workdir)

@@ -197,7 +197,7 @@ def run_trainer(base: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: l
 
 def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir: Path) -> tuple[list[Run], str]:
     """Every method on one shape; the bf16-stream methods get a second base, loaded after the first is gone."""
-    from objectives.model import weights_path
+    from objectives.sources import weights_path
     from sweeper import compose
     from sweeper.launch import Resources
 
@@ -283,7 +283,7 @@ def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], en
         "- Trainer logs every step (logging_steps=1), as QLoRA recipes often do; a TrainerCallback stamps each "
         "step's end after a CUDA synchronisation (our loop synchronises every step when it reads the loss).",
         "- Peak memory: torch.cuda.max_memory_allocated during training, base weights included.",
-        "- Random weights: objectives.model.random_model_dir writes each shape once (16 GB for 8B) before loading.",
+        "- Random weights: objectives.sources.random_model_dir writes each shape once (16 GB for 8B) before loading.",
     ]
     return render_report("Benchmark 2: step throughput of one trial", env, command,
                          [("What ran", "\n".join(ran)), ("Results", table + "\n\n" + "\n".join(goals))])

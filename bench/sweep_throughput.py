@@ -257,8 +257,9 @@ def run_trainer(args: argparse.Namespace, overrides: list[str], workdir: Path) -
         TrainingArguments,
     )
 
+    from objectives.base import TORCH_DTYPES, initialise_lora, linear_module_names, pick_device
     from objectives.data import collate, prepare
-    from objectives.model import TORCH_DTYPES, initialise_lora, linear_module_names, pick_device, weights_path
+    from objectives.sources import weights_path
     from objectives.targets import resolve_targets
     from objectives.training import eval_passes, evaluate
     from sweeper import compose
@@ -375,9 +376,9 @@ def child_main(number: int, overrides: list[str]) -> int:
     """One trial in this fresh process: compose, load, train, evaluate, log to MLflow, report, exit."""
     import optuna
 
-    from objectives.objective import QLoRAObjective
     from sweeper import compose
     from sweeper.launch import Resources, make_tracker
+    from sweeper.objective import QLoRAObjective
 
     cfg, params = compose.load(overrides)
     resources = Resources.load(cfg)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sweeper.config import ConfigError, DataConfig
+from objectives.config import ConfigError, DataConfig
 
 IGNORE_INDEX = -100
 Example = dict[str, Any]

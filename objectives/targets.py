@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sweeper.config import ConfigError
+from objectives.config import ConfigError
 
 # Module-name suffixes per role, across the common decoder families (Llama/Mistral/Qwen, GPT-2, NeoX, Phi).
 ROLE_NAMES: dict[str, tuple[str, ...]] = {

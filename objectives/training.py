@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from objectives.config import OptimizerConfig, TrainConfig
 from objectives.data import (
     Rows,
     TokenizedSplits,
@@ -19,7 +20,6 @@ from objectives.data import (
     targets_in,
     train_micro_batches,
 )
-from sweeper.config import OptimizerConfig, TrainConfig
 
 
 class LossNotFinite(RuntimeError):
@@ -130,7 +130,8 @@ def train_adapter(
     forward pass.
 
     Raises:
-        LossNotFinite: the loss or the gradient norm became NaN or infinite (before that step's update).
+        LossNotFinite: the loss or the gradient norm became NaN or infinite (before that step's update), or an
+            evaluation did (after ``on_eval`` saw it).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)
@@ -177,6 +178,8 @@ def train_adapter(
             eval_loss = evaluate(model, held_out, device)
             busy += time.perf_counter() - start
             on_eval(step, eval_loss)
+            if not math.isfinite(eval_loss):
+                raise LossNotFinite(f"eval loss is {eval_loss} at step {step}")
     return TrainResult(eval_loss=eval_loss, steps=train.max_steps,
                        trainable_params=sum(p.numel() for p in params), peak_memory_mb=peak,
                        seconds=busy)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sweeper.config import ConfigError
+from objectives.config import ConfigError
 from sweeper.tracking import redact
 
 EXAMPLES = {

@@ -9,15 +9,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sweeper.config import (
-    CONF_DIR,
-    ConfigError,
-    LoraConfig,
-    OptimizerConfig,
-    SweepConfig,
-    TrainConfig,
-    to_schema,
-)
+from objectives.config import ConfigError, LoraConfig, OptimizerConfig, TrainConfig
+from sweeper.config import CONF_DIR, SweepConfig, to_schema
 from sweeper.space import (
     Param,
     apply_values,

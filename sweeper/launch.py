@@ -32,8 +32,8 @@ class Resources:
 
     @classmethod
     def load(cls, cfg: SweepConfig) -> Resources:
+        from objectives.base import ResidentBase, pick_device
         from objectives.data import prepare
-        from objectives.model import ResidentBase, pick_device
 
         start = time.perf_counter()
         base = ResidentBase(cfg.model, pick_device(cfg.train.device))
@@ -185,7 +185,7 @@ RECYCLE_EXIT = 75  # EX_TEMPFAIL: the supervisor starts a fresh worker
 
 def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
                 join: bool) -> tuple[optuna.Study, bool]:
-    from objectives.objective import QLoRAObjective
+    from sweeper.objective import QLoRAObjective
 
     tracker = make_tracker(cfg)
     study = open_study(cfg, params, create=not join, tracking_uri=cfg.tracking_uri)
@@ -252,7 +252,7 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
 
 def run_single(cfg: SweepConfig, show_progress: bool = True) -> float | list[float]:
     """One training run of a fixed config (no study), logged as its own MLflow run."""
-    from objectives.objective import QLoRAObjective
+    from sweeper.objective import QLoRAObjective
 
     tracker = make_tracker(cfg)
     resources = Resources.load(cfg)

@@ -1,51 +1,30 @@
 """Dry run of a sweep: the resolved space, and memory and time per trial at the corners of the space.
 
 Nothing is trained and no weights are loaded: the model's config is read with ``AutoConfig`` (with
-``model.config_overrides`` applied) and every number comes from :mod:`sweeper.memory` and the time model
-below.
+``model.config_overrides`` applied) and every number comes from the recipe's memory and time models
+(:mod:`objectives.memory`, :mod:`objectives.timing`) and its per-trial decisions (:mod:`objectives.decisions`).
 
 Corners are all combinations of the extreme values (every choice of a categorical, both ends of a range)
 of the searched parameters that change memory or time. Values that change neither are folded
 together, and when there are more than :data:`MAX_CORNERS` combinations the least important parameters
 are pinned to their most expensive value.
-
-Time model (rough, upper bound on the sequence length)
-    A training micro-step costs, per token: ``2N`` FLOPs forward through the base's linear layers
-    (``N`` their weights), ``2N`` for the gradient of their input (the frozen base needs no weight
-    gradient) and ``2N`` more when gradient checkpointing recomputes the forward; the output head,
-    attention (``2 * s * heads * head_dim`` per layer forward, 2.5x that backward) and the adapter
-    (6 FLOPs per adapter weight) come on top. The base's products run in bf16; with a quantized base the
-    head, attention and adapter run in fp32 (the kbit upcast leaves an fp32 residual stream). FLOPs are
-    divided by the device's peak rate for each dtype times :data:`UTILIZATION`. On a GPU the host's
-    work (Python and kernel launches: :data:`LAYER_OVERHEAD_S` per decoder layer and pass, plus
-    :data:`ADAPTER_OVERHEAD_S` per wrapped module) runs ahead of the device, so a step takes the larger of
-    the two: small models are host-bound (SmolLM2-135M takes ~0.3 s per step on an H200 whatever the
-    batch). These constants were fitted on an H200 (bench/memory_accuracy.py reports both). On the CPU
-    the rate is :data:`CPU_FLOPS_PER_CORE` per thread, from SmolLM2-135M taking about 2 s for a
-    4 x 128-token step on 2 cores (the CPU's rate is an effective one: no utilization factor). Evaluation
-    adds forward passes over ``data.max_eval_examples`` rows at every evaluation. Every micro-batch is
-    taken as ``data.max_length`` tokens wide: padded batches with shorter rows run faster, and with
-    ``train.packing`` short examples need fewer passes than ``grad_accum`` per step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sweeper.config import ConfigError, SweepConfig, to_container, to_schema
-from sweeper.memory import (
-    MemoryEstimate,
-    ModelShape,
-    TrialSettings,
-    adapter_modules,
-    adapter_param_count,
-    estimate_worst,
-    gib,
-)
+from objectives.config import ConfigError
+from objectives.decisions import device_memory_bytes as total_device_memory
+from objectives.decisions import resolve_checkpointing
+from objectives.memory import MemoryEstimate, estimate_worst
+from objectives.shape import ModelShape, TrialSettings, gib
+from objectives.sources import load_model_config
+from objectives.timing import CPU_FLOPS_PER_CORE, UTILIZATION, Device, detect_device, trial_seconds
+from sweeper.config import SweepConfig, to_container, to_schema
 
 if TYPE_CHECKING:
     from sweeper.space import Param
@@ -55,163 +34,6 @@ MAX_CORNERS = 64
 MEMORY_PATHS = ("lora.targets", "lora.r", "train.micro_batch_size", "data.max_length", "optimizer.name",
                 "lora.dropout", "optimizer.momentum")
 TIME_PATHS = ("train.max_steps", "train.grad_accum", "train.eval_every")
-
-# Dense peak FLOP/s (bf16 tensor cores, plain fp32) by a substring of the device name.
-PEAK_FLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40": (181e12, 90e12),
-    "L4": (121e12, 30e12), "A10": (125e12, 31e12), "4090": (165e12, 83e12), "V100": (125e12, 15.7e12),
-    "T4": (65e12, 8.1e12),
-}
-DEFAULT_PEAK_FLOPS = (100e12, 20e12)
-UTILIZATION = 0.35
-"""Share of the peak rate sustained by the products of a training step (dequantization, small matrices)."""
-LAYER_OVERHEAD_S = 3e-3
-"""Host time per decoder layer per pass (forward, backward, recompute) on a GPU: Python and kernel launches."""
-ADAPTER_OVERHEAD_S = 0.6e-3
-"""Host time per wrapped module per layer per pass (peft's LoRA forward adds a handful of kernels)."""
-CPU_FLOPS_PER_CORE = 100e9
-"""Sustained FLOP/s per CPU thread for this loop (measured: SmolLM2-135M, 4 x 128 tokens, ~2 s on 2 cores)."""
-
-
-@dataclass(frozen=True)
-class Device:
-    """Where the time estimate applies."""
-
-    kind: str
-    """cuda or cpu."""
-    name: str
-    bf16_flops: float
-    fp32_flops: float
-
-
-def detect_device(cfg: SweepConfig | None = None) -> Device:
-    """The device a trial of this config would train on (``train.device``), with its assumed rates."""
-    import torch
-
-    wanted = cfg.train.device if cfg is not None else "auto"
-    if wanted != "cpu" and torch.cuda.is_available():
-        index = torch.device(wanted).index if wanted.startswith("cuda") else None
-        name = torch.cuda.get_device_name(index or 0)
-        bf16, fp32 = next((v for k, v in PEAK_FLOPS.items() if k in name), DEFAULT_PEAK_FLOPS)
-        return Device("cuda", name, bf16, fp32)
-    rate = CPU_FLOPS_PER_CORE * torch.get_num_threads()
-    return Device("cpu", f"CPU ({torch.get_num_threads()} threads)", rate, rate)
-
-
-def cpu_device(threads: int = 2) -> Device:
-    """A CPU with ``threads`` threads at the assumed rate (for planning without detecting)."""
-    rate = CPU_FLOPS_PER_CORE * threads
-    return Device("cpu", f"CPU ({threads} threads)", rate, rate)
-
-
-def step_flops(config: Any, s: TrialSettings, train: bool = True) -> tuple[float, float]:
-    """(bf16 FLOPs, fp32 FLOPs) of one micro-step: forward, and backward (+ recompute) when ``train``."""
-    shape = ModelShape.from_config(config)
-    t = s.tokens
-    base = 2.0 * shape.linear_params * t
-    head = 2.0 * shape.vocab_size * shape.hidden_size * t
-    attention = 2.0 * s.seq_len * shape.num_heads * shape.head_dim * shape.num_layers * t
-    adapter = 2.0 * adapter_param_count(shape, s.r, s.targets) * t
-    if train:
-        recompute = 1.0 if s.gradient_checkpointing else 0.0
-        base *= 2 + recompute
-        head *= 2
-        attention *= 1 + 2.5 + recompute
-        adapter *= 3 + recompute
-    if s.fp32_unquantized:
-        return base, head + attention + adapter
-    return base + head + attention, adapter
-
-
-def step_seconds(config: Any, s: TrialSettings, device: Device | str = "cuda", train: bool = True) -> float:
-    """Rough seconds of one micro-step (see the module docstring for the assumptions)."""
-    dev = _device(device)
-    bf16, fp32 = step_flops(config, s, train)
-    if dev.kind != "cuda":
-        return (bf16 + fp32) / dev.bf16_flops
-    compute = bf16 / (dev.bf16_flops * UTILIZATION) + fp32 / (dev.fp32_flops * UTILIZATION)
-    shape = ModelShape.from_config(config)
-    wrapped = len(adapter_modules(shape, s.targets)) / shape.num_layers
-    passes = (2 + (1 if s.gradient_checkpointing else 0)) if train else 1
-    # The host issues kernels while the GPU runs earlier ones: the slower of the two sets the pace.
-    launches = shape.num_layers * passes * (LAYER_OVERHEAD_S + ADAPTER_OVERHEAD_S * wrapped)
-    return max(compute, launches)
-
-
-def _device(device: Device | str) -> Device:
-    if isinstance(device, Device):
-        return device
-    if device == "cpu":
-        return cpu_device()
-    bf16, fp32 = PEAK_FLOPS["H100"]
-    return Device("cuda", "H100-class GPU", bf16, fp32)
-
-
-def evaluations(max_steps: int, eval_every: int) -> int:
-    """How many times ``train_adapter`` evaluates: every ``eval_every`` steps and at the end."""
-    return len({s for s in range(1, max_steps + 1) if s % eval_every == 0 or s == max_steps})
-
-
-def trial_seconds(config: Any, cfg: SweepConfig, device: Device | str = "cuda") -> float:
-    """Rough seconds of one trial: its optimizer steps and its evaluations."""
-    s = TrialSettings.from_config(cfg)
-    train = cfg.train.max_steps * cfg.train.grad_accum * step_seconds(config, s, device)
-    eval_batches = math.ceil(cfg.data.max_eval_examples / cfg.train.micro_batch_size)
-    evals = evaluations(cfg.train.max_steps, cfg.train.eval_every) * eval_batches
-    return train + evals * step_seconds(config, s, device, train=False)
-
-
-def load_model_config(cfg: SweepConfig) -> Any:
-    """The model's transformers config without its weights, with ``model.config_overrides`` applied.
-
-    Raises:
-        ConfigError: an override names a field the config does not have.
-    """
-    from objectives.model import model_config, resolve_source
-
-    return model_config(cfg.model, resolve_source(cfg.model))
-
-
-def fits(cfg: SweepConfig, model_config: Any, device_memory_bytes: int,
-         linear_names: Sequence[str] | None = None) -> tuple[bool, int]:
-    """Pre-flight check for one trial: (predicted total <= device memory, predicted total in bytes).
-
-    ``linear_names`` (``ResidentBase.linear_names``) resolves the targets against the loaded model.
-    """
-    total = estimate_worst(model_config, TrialSettings.from_config(cfg), linear_names).total
-    return total <= device_memory_bytes, total
-
-
-def with_checkpointing(cfg: SweepConfig, on: bool) -> SweepConfig:
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=on))
-
-
-def resolve_checkpointing(cfg: SweepConfig, model_config: Any, memory_bytes: int,
-                          linear_names: Sequence[str] | None = None) -> SweepConfig:
-    """A trial's config with ``model.gradient_checkpointing: auto`` decided: off when the trial is predicted to
-    fit in ``memory_bytes`` without it (no recomputed forward: faster steps), on otherwise. ``true`` and
-    ``false`` are kept. A model the memory model does not know keeps checkpointing on."""
-    if cfg.model.gradient_checkpointing != "auto":
-        return cfg
-    try:
-        fits_without = fits(with_checkpointing(cfg, False), model_config, memory_bytes, linear_names)[0]
-    except ConfigError:
-        fits_without = False
-    return with_checkpointing(cfg, not fits_without)
-
-
-def trial_memory_bytes(cfg: SweepConfig, device: Any = None) -> int:
-    """The memory one trial may plan for: its share of the GPU, or of the host's memory on the CPU (or
-    when ``device`` is None)."""
-    import psutil
-    import torch
-
-    if device is not None and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = psutil.virtual_memory().total
-    return cfg.workers.memory_share(total)
-
 
 # --- corners --------------------------------------------------------------------------------------
 
@@ -350,7 +172,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     """
     from sweeper.space import volume
 
-    model_config = model_config if model_config is not None else load_model_config(cfg)
+    model_config = model_config if model_config is not None else load_model_config(cfg.model)
     device = device or detect_device(cfg)
     memory, memory_text = _device_memory(device_memory_bytes)
     if memory is not None and (share := cfg.workers.memory_share(memory)) < memory:
@@ -372,7 +194,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         cond = f"   when {p.describe_condition()}" if p.when else ""
         lines.append(f"  {p.name:<24} {p.path:<24} {p.describe()}{cond}")
     lines.append(f"device memory: {memory_text}")
-    budget = memory if memory is not None else trial_memory_bytes(cfg)
+    budget = memory if memory is not None else cfg.workers.memory_share(total_device_memory())
     names, rows = corners(cfg, params, model_config, device, memory_bytes=budget)
     if not rows:
         lines.append("no corner makes a valid config")

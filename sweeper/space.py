@@ -36,7 +36,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from sweeper.config import ConfigError
+from objectives.config import ConfigError
 
 MAPPING_KEYS = ("path", "type", "low", "high", "step", "log", "choices", "when")
 TYPES = ("float", "int", "categorical")

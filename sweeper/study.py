@@ -14,15 +14,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from sweeper.config import (
-    ConfigError,
-    PrunerConfig,
-    SamplerConfig,
-    SweepConfig,
-    TrainConfig,
-    WorkersConfig,
-    to_container,
-)
+from objectives.config import RECIPE_SECTIONS, ConfigError, TrainConfig
+from sweeper.config import PrunerConfig, SamplerConfig, SweepConfig, WorkersConfig, to_container
 from sweeper.space import Param, grid_values
 from sweeper.tracking import redact
 
@@ -128,7 +121,7 @@ def fixed_setup(cfg: SweepConfig, params: Sequence[Param]) -> dict[str, Any]:
 
     config = to_container(cfg)
     searched = {p.path for p in params}
-    flat = flatten({k: config[k] for k in ("model", "data", "lora", "optimizer", "train")})
+    flat = flatten({k: config[k] for k in RECIPE_SECTIONS})
     return redact({k: v for k, v in flat.items() if k not in searched and k not in PER_DEVICE})
 
 

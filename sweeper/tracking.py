@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sweeper.config import ConfigError
+from objectives.config import ConfigError
 
 # Whole words at the end of a key (hf_token, db.password, api-key), not bos_token_id or tokenizer.
 SECRET_KEY = re.compile(r"(?:^|[._-])(?:token|secret|password|passwd|api[_-]?key|private[_-]?key|credentials?)$",

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sweeper.config import ConfigError
+from objectives.config import ConfigError
 
 
 def free_port(host: str) -> int:

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from objectives import data
-from sweeper.config import ConfigError, DataConfig
+from objectives.config import ConfigError, DataConfig
 
 
 @pytest.fixture(scope="module")
 def tokenizer():  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
-    from objectives.model import resolve_source
-    from sweeper.config import ModelConfig
+    from objectives.config import ModelConfig
+    from objectives.sources import resolve_source
 
     return AutoTokenizer.from_pretrained(resolve_source(ModelConfig()))
 

@@ -32,7 +32,7 @@ def test_sweep_on_cuda_keeps_memory_flat(tmp_path: Path) -> None:
 
 
 def test_base_is_4bit_on_the_gpu(tmp_path: Path) -> None:
-    from objectives.model import ResidentBase
+    from objectives.base import ResidentBase
 
     cfg, _ = compose.load([*TINY, *SOURCE, "train.device=cuda", f"output_dir={tmp_path}"])
     base = ResidentBase(cfg.model, torch.device("cuda"))

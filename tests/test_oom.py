@@ -8,10 +8,11 @@ import optuna
 import pytest
 import torch
 
-from objectives.objective import QLoRAObjective, TrialOutOfMemory, halve_micro_batch
+from objectives.config import TrainConfig
+from objectives.objective import TrialOutOfMemory, halve_micro_batch
 from sweeper import compose
-from sweeper.config import TrainConfig
 from sweeper.launch import Resources, memory_in_use_mb
+from sweeper.objective import QLoRAObjective
 from tests.conftest import TINY
 
 

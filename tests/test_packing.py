@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from objectives import data
-from objectives.objective import QLoRAObjective
+from objectives.config import LoraConfig
 from objectives.training import to_device
 from sweeper import compose
-from sweeper.config import LoraConfig
 from sweeper.launch import Resources
+from sweeper.objective import QLoRAObjective
 from tests.conftest import TINY
 
 X = data.IGNORE_INDEX
@@ -100,7 +100,7 @@ def test_without_the_upcast_activations_stay_bf16_and_a_trial_trains(tmp_path) -
 
 
 def test_the_packing_check_passes_for_llama_and_catches_a_model_that_mixes_examples(resources) -> None:  # type: ignore[no-untyped-def]
-    from sweeper.config import ConfigError
+    from objectives.config import ConfigError
 
     _, res = resources
     res.base.check_packing()

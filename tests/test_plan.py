@@ -7,24 +7,15 @@ from typing import Any
 
 import pytest
 
+from objectives.config import ConfigError
+from objectives.decisions import fits, resolve_checkpointing
+from objectives.memory import estimate_worst
+from objectives.shape import ModelShape, TrialSettings
+from objectives.sources import load_model_config as load_model_config_of
+from objectives.timing import LAYER_OVERHEAD_S, cpu_device, detect_device, evaluations, step_seconds, trial_seconds
 from sweeper import compose
-from sweeper.config import ConfigError, SweepConfig
-from sweeper.memory import ModelShape, TrialSettings, estimate_worst
-from sweeper.plan import (
-    LAYER_OVERHEAD_S,
-    MAX_CORNERS,
-    combinations,
-    corners,
-    cpu_device,
-    detect_device,
-    evaluations,
-    fits,
-    load_model_config,
-    plan,
-    resolve_checkpointing,
-    step_seconds,
-    trial_seconds,
-)
+from sweeper.config import SweepConfig
+from sweeper.plan import MAX_CORNERS, combinations, corners, plan
 from sweeper.space import parse_space
 from tests.conftest import LLAMA_8B, SMOLLM2
 
@@ -35,7 +26,7 @@ CPU = cpu_device(2)
 def tiny() -> tuple[SweepConfig, list[Any], Any]:
     """The default config and space on the tiny random model, with the model's config (no weights)."""
     cfg, params = compose.load(["model=tiny_random"])
-    return cfg, params, load_model_config(cfg)
+    return cfg, params, load_model_config_of(cfg.model)
 
 
 def test_model_config_comes_without_weights_and_with_the_overrides(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
@@ -44,7 +35,7 @@ def test_model_config_comes_without_weights_and_with_the_overrides(tiny: tuple[S
     assert (shape.hidden_size, shape.num_layers, shape.head_dim) == (64, 2, 16)
     bad = replace(cfg, model=replace(cfg.model, config_overrides={"no_such_field": 1}))
     with pytest.raises(ConfigError, match="no_such_field"):
-        load_model_config(bad)
+        load_model_config_of(bad.model)
 
 
 def test_plan_of_the_default_space_lists_corners_and_marks_what_does_not_fit(
@@ -88,7 +79,7 @@ def test_without_a_device_memory_is_shown_for_reference(tiny: tuple[SweepConfig,
 def test_a_batch_size_sweep_splits_the_corners_by_memory() -> None:
     cfg, params = compose.load(["model=tiny_random", "search_space=none", "train.micro_batch_size=choice(1,16)",
                                 "lora.r=choice(4,8)"])
-    config = load_model_config(cfg)
+    config = load_model_config_of(cfg.model)
     names, rows = corners(cfg, params, config, CPU)
     assert names == ["lora.r", "train.micro_batch_size"] and len(rows) == 4
     total = {tuple(dict(c.values).values()): c.estimate.total for c in rows}
@@ -100,7 +91,7 @@ def test_corners_stay_bounded_by_pinning_the_least_important_parameters() -> Non
     cfg, params = compose.load(["model=tiny_random", "search_space=none", "lora.r=choice(4,8,16,32,64)",
                                 "lora.targets=choice(qk,qkv,qkvo,all-linear,mlp)",
                                 "train.micro_batch_size=choice(1,2,4,8)", "optimizer.name=choice(adamw,sgd)"])
-    config = load_model_config(cfg)
+    config = load_model_config_of(cfg.model)
     names, rows = corners(cfg, params, config, CPU)
     assert len(rows) <= MAX_CORNERS
     assert names[:2] == ["lora.targets", "lora.r"]

@@ -14,10 +14,11 @@ import optuna
 import pytest
 from optuna.trial import FixedTrial, TrialState
 
-from objectives.objective import QLoRAObjective
+from objectives.config import ConfigError
 from sweeper import compose
-from sweeper.config import ConfigError, SamplerConfig
+from sweeper.config import SamplerConfig
 from sweeper.launch import Resources, summary
+from sweeper.objective import QLoRAObjective
 from sweeper.space import parse_space, sample
 from sweeper.study import SAMPLERS, make_pruner, make_sampler
 from tests.conftest import TINY

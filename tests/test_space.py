@@ -21,8 +21,9 @@ from optuna.distributions import (
 )
 from optuna.trial import FixedTrial
 
+from objectives.config import ConfigError
 from sweeper import compose
-from sweeper.config import CONF_DIR, ConfigError
+from sweeper.config import CONF_DIR
 from sweeper.space import (
     Param,
     apply_values,

@@ -73,7 +73,7 @@ def test_best_adapter_is_a_folder_peft_loads(tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from objectives.model import random_model_dir, resolve_source
+    from objectives.sources import random_model_dir, resolve_source
 
     cfg, params = compose.load([*TINY, *SPACE, f"output_dir={tmp_path}", "study.n_trials=2"])
     study = run_sweep(cfg, params, show_progress=False)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from objectives.config import LoraConfig
 from objectives.training import LossNotFinite, train_adapter
 from sweeper import compose
-from sweeper.config import LoraConfig
 from sweeper.launch import Resources
 from tests.conftest import TINY
 
@@ -38,7 +38,7 @@ def test_checkpointing_auto_turns_it_off_when_the_trial_fits_and_changes_no_resu
 
     import optuna
 
-    from objectives.objective import QLoRAObjective
+    from sweeper.objective import QLoRAObjective
 
     cfg, _ = compose.load([*TINY, "search_space=none", "lora.dropout=0.1", f"output_dir={tmp_path}"])
     assert cfg.model.gradient_checkpointing == "auto"
@@ -62,8 +62,8 @@ def test_the_schedule_is_transformers_schedule_with_a_trainers_warmup_ratio(
         scheduler: str, reference: str, warmup_ratio: float, steps: int) -> None:
     from transformers import get_scheduler
 
+    from objectives.config import OptimizerConfig
     from objectives.training import lr_lambda
-    from sweeper.config import OptimizerConfig
 
     warmup = math.ceil(warmup_ratio * steps)  # TrainingArguments.get_warmup_steps
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -80,7 +80,7 @@ def test_the_schedule_is_transformers_schedule_with_a_trainers_warmup_ratio(
 def test_an_adapter_reused_in_place_trains_like_a_freshly_injected_one(tmp_path: Path) -> None:
     import optuna
 
-    from objectives.objective import QLoRAObjective
+    from sweeper.objective import QLoRAObjective
 
     cfg, _ = compose.load([*TINY, "search_space=none", "lora.dropout=0.1", f"output_dir={tmp_path}"])
     res = Resources.load(cfg)
@@ -98,7 +98,7 @@ def test_a_released_adapter_is_freed_without_a_garbage_collection(tmp_path: Path
 
     import optuna
 
-    from objectives.objective import QLoRAObjective
+    from sweeper.objective import QLoRAObjective
 
     cfg, _ = compose.load([*TINY, "search_space=none", f"output_dir={tmp_path}"])
     res = Resources.load(cfg)

@@ -16,8 +16,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from bench.postgres import find_bindir, loopback_server
+from objectives.config import ConfigError
 from sweeper import compose
-from sweeper.config import ConfigError, WorkersConfig
+from sweeper.config import WorkersConfig
 from sweeper.launch import parent_run, run_sweep
 from sweeper.study import open_study
 from sweeper.workers import gpu_slots

@@ -5,7 +5,7 @@ Everything here is pure arithmetic on a config: no weights are loaded and nothin
 ``torch.cuda.max_memory_allocated`` over a trial (what ``train_adapter`` reports as ``peak_memory_mb``)
 and whose ``total`` adds what the device needs beyond the allocator's count.
 
-The model follows the code path this project runs: ``objectives.model.ResidentBase`` (bitsandbytes 4-bit
+The model follows the code path this project runs: ``objectives.base.ResidentBase`` (bitsandbytes 4-bit
 base, ``peft.prepare_model_for_kbit_training`` unless ``model.upcast_unquantized`` is off, a fresh peft
 LoRA adapter per trial),
 ``objectives.training.train_adapter`` (no autocast, ``zero_grad(set_to_none=True)``), transformers'
@@ -26,8 +26,7 @@ Resident memory (alive for the whole trial)
       ``set_to_none`` frees them between steps (a small over-estimate, at most 4 bytes per adapter
       parameter).
     * Optimizer state (created by the first step, alive from then on): AdamW 8 bytes per parameter
-      (two fp32 moments); bitsandbytes 8-bit AdamW 2 bytes (plus an fp32 absmax per 256 values) for
-      tensors of 4096 values or more and 8 bytes below; SGD with momentum 4 bytes, without 0.
+      (two fp32 moments); SGD with momentum 4 bytes, without 0.
     * cuBLAS workspaces, which torch allocates through its caching allocator: one per thread that
       runs matrix products (the forward thread and the autograd thread), 32 MiB each on Hopper.
 
@@ -120,184 +119,26 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from sweeper.config import ConfigError
+from objectives.shape import (
+    DTYPE_BYTES,
+    MiB,
+    ModelShape,
+    TrialSettings,
+    adapter_modules,
+    adapter_tensor_sizes,
+    gib,
+)
 
-if TYPE_CHECKING:
-    from sweeper.config import SweepConfig
-
-GiB = 2**30
-MiB = 2**20
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 NF4_BLOCK = 64
 NESTED_BLOCK = 256
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 CUBLAS_THREADS = 2
 CUDA_CONTEXT_BYTES = 768 * MiB
 ALLOCATOR_SLACK = 0.10
-BNB_8BIT_MIN_SIZE = 4096
-BNB_8BIT_BLOCK = 256
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
-
-# Llama-style module suffixes: where each sits under model.layers.N.
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of a Llama-style decoder that memory depends on."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        """From a transformers ``PretrainedConfig``, a plain mapping, or a ``ModelShape``.
-
-        Raises:
-            ConfigError: a field the model needs is missing.
-        """
-        if isinstance(config, ModelShape):
-            return config
-
-        def get(name: str, default: Any = None) -> Any:
-            value = config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
-            return default if value is None else value
-
-        missing = [n for n in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "vocab_size") if get(n) is None]
-        if missing:
-            raise ConfigError(f"model config: missing {', '.join(missing)} (a Llama-style decoder is expected)")
-        heads = int(get("num_attention_heads"))
-        return cls(
-            hidden_size=int(get("hidden_size")),
-            intermediate_size=int(get("intermediate_size")),
-            num_layers=int(get("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=int(get("num_key_value_heads", heads)),
-            head_dim=int(get("head_dim", int(get("hidden_size")) // heads)),
-            vocab_size=int(get("vocab_size")),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        )
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """Module suffix -> (in_features, out_features) of every linear layer in a decoder layer."""
-        h, inter = self.hidden_size, self.intermediate_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-
-    def linear_names(self) -> list[str]:
-        """Full module names as transformers' Llama names them (the output head excluded)."""
-        return [f"model.layers.{i}.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}"
-                for i in range(self.num_layers) for m in ATTENTION_MODULES + MLP_MODULES]
-
-    @property
-    def linear_params(self) -> int:
-        """Weights in the decoder layers' linear modules (what bitsandbytes quantizes)."""
-        return self.num_layers * sum(i * o for i, o in self.linear_shapes().values())
-
-    @property
-    def unquantized_params(self) -> int:
-        """Embeddings, output head (unless tied) and RMSNorm weights: the layers kept in 16/32 bit."""
-        embed = self.vocab_size * self.hidden_size
-        return embed * (1 if self.tie_word_embeddings else 2) + (2 * self.num_layers + 1) * self.hidden_size
-
-    @property
-    def n_params(self) -> int:
-        """All weights of the base model."""
-        return self.linear_params + self.unquantized_params
-
-
-@dataclass(frozen=True)
-class TrialSettings:
-    """What one trial chooses that changes its memory."""
-
-    quant_type: str = "nf4"
-    """nf4, fp4, int8 or none."""
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"
-    r: int = 8
-    targets: Any = "qkvo"
-    """Preset name, comma-separated module names, or a tuple of names."""
-    dropout: float = 0.05
-    optimizer: str = "adamw"
-    """adamw, adamw_8bit, paged_adamw_8bit or sgd."""
-    momentum: float = 0.9
-    """SGD momentum: a buffer per parameter when > 0."""
-    micro_batch_size: int = 4
-    seq_len: int = 256
-    gradient_checkpointing: bool = True
-    upcast: bool = True
-    """model.upcast_unquantized: a quantized base's embeddings, head and norms are fp32."""
-    packed: bool = False
-    """train.packing: rows of several examples, kept apart by a block-diagonal mask even in a batch of one."""
-    padded: bool = True
-    """Whether batches may hold padding (then sdpa gets a mask). A batch of one never does."""
-    device: str = "cuda"
-    """cuda or cpu: the CPU saves dropout masks as fp32 and has no CUDA context or cuBLAS workspace."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.quant_type not in ("nf4", "fp4", "int8", "none"):
-            raise ConfigError(f"model.quant_type: {self.quant_type!r} is not nf4, fp4, int8 or none")
-
-    @classmethod
-    def from_config(cls, cfg: SweepConfig, *, padded: bool = True, device: str = "cuda") -> TrialSettings:
-        """The settings of a (trial's) resolved config.
-
-        The sequence length is ``data.max_length``, an upper bound on a padded batch's longest row and on a
-        packed pass's rows.
-        ``padded`` says whether batches hold padding (see :func:`estimate_worst` for both cases).
-        """
-        return cls(quant_type=cfg.model.quant_type, double_quant=cfg.model.double_quant,
-                   compute_dtype=cfg.model.compute_dtype, r=cfg.lora.r, targets=cfg.lora.targets,
-                   dropout=cfg.lora.dropout, optimizer=cfg.optimizer.name, momentum=cfg.optimizer.momentum,
-                   micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-                   # "auto" before a trial decides (sweeper.plan.resolve_checkpointing) counts as on
-                   gradient_checkpointing=cfg.model.gradient_checkpointing is not False,
-                   upcast=cfg.model.upcast_unquantized, packed=cfg.train.packing, padded=padded, device=device)
-
-    @property
-    def quantized(self) -> bool:
-        return self.quant_type != "none"
-
-    @property
-    def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
-
-    @property
-    def fp32_unquantized(self) -> bool:
-        """Whether the k-bit preparation cast embeddings, head and norms (and so the activations) to fp32."""
-        return self.quantized and self.upcast
-
-    @property
-    def act_bytes(self) -> int:
-        """Bytes per activation value: fp32 after the kbit upcast, else the compute dtype."""
-        return 4 if self.fp32_unquantized else DTYPE_BYTES[self.compute_dtype]
-
-    @property
-    def has_mask(self) -> bool:
-        return self.padded and (self.micro_batch_size > 1 or self.packed)
-
-    @property
-    def mask_bytes(self) -> int:
-        return 1 if self.device == "cuda" else 4
-
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -357,86 +198,12 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def gib(n: float) -> str:
-    """Bytes as GiB with two decimals (MiB below one GiB)."""
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
-
-
-# --- the classic back-of-the-envelope numbers ---------------------------------------------------------
-
-def full_finetune_bytes(n_params: float, bytes_per_param: float = 16) -> float:
-    """Weights + gradients + Adam state in mixed precision: 2 + 2 + (4 + 4 + 4) = 16 bytes per parameter.
-
-    Activations are not included. 15.5B parameters need 248 GB.
-    """
-    return n_params * bytes_per_param
-
-
-def qlora_seed_components(frozen_params: float, trainable_params: float, base_bytes: float = 0.5,
-                          adapter_bytes: float = 2, grad_bytes: float = 2,
-                          optimizer_bytes: float = 12) -> dict[str, float]:
-    """The classic QLoRA tally (15.5B example): 4-bit frozen base, 16-bit adapter and gradients, Adam at 3 x 4 bytes.
-
-    The seed prints 0.12 GB for the gradients of 0.11B parameters at 2 bytes; the product is 0.22 GB.
-    """
-    return {"base": frozen_params * base_bytes, "adapter": trainable_params * adapter_bytes,
-            "gradients": trainable_params * grad_bytes, "optimizer": trainable_params * optimizer_bytes}
-
-
-def qlora_seed_bytes(frozen_params: float = 15.51e9, trainable_params: float = 0.11e9, **per_param: float) -> float:
-    """Sum of :func:`qlora_seed_components` (about 9.5 GB, 'around 10 GB', for the 15.5B example)."""
-    return sum(qlora_seed_components(frozen_params, trainable_params, **per_param).values())
-
-
-# --- the adapter ------------------------------------------------------------------------------------
-
-def adapter_modules(shape: ModelShape, targets: Any, linear_names: Sequence[str] | None = None) -> list[str]:
-    """Full names of the linear modules LoRA wraps, matched the way peft matches ``target_modules``.
-
-    Raises:
-        ConfigError: the targets match nothing in this model.
-    """
-    from objectives.targets import resolve_targets
-
-    names = list(linear_names) if linear_names is not None else shape.linear_names()
-    suffixes = resolve_targets(",".join(targets) if isinstance(targets, tuple) else targets, names)
-    return [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
-
-
-def _module_dims(shape: ModelShape, name: str) -> tuple[int, int]:
-    suffix = name.rsplit(".", 1)[-1]
-    dims = shape.linear_shapes().get(suffix)
-    if dims is None:
-        raise ConfigError(f"lora.targets: cannot size module {name!r}: only Llama-style "
-                          f"{', '.join(shape.linear_shapes())} are known")
-    return dims
-
-
-def adapter_tensor_sizes(shape: ModelShape, r: int, targets: Any,
-                         linear_names: Sequence[str] | None = None) -> list[int]:
-    """Element counts of every adapter tensor: ``lora_A`` (r x in) and ``lora_B`` (out x r) per module."""
-    sizes = []
-    for name in adapter_modules(shape, targets, linear_names):
-        d_in, d_out = _module_dims(shape, name)
-        sizes += [r * d_in, d_out * r]
-    return sizes
-
-
-def adapter_param_count(config: Any, r: int, targets: Any, linear_names: Sequence[str] | None = None) -> int:
-    """Trainable parameters of a LoRA adapter (``bias='none'``): r * (in + out) per wrapped module."""
-    return sum(adapter_tensor_sizes(ModelShape.from_config(config), r, targets, linear_names))
-
-
 def optimizer_state_bytes(name: str, tensor_sizes: Sequence[int], momentum: float = 0.9) -> int:
     """Persistent optimizer state for fp32 parameters of these sizes."""
     n = sum(tensor_sizes)
     if name == "adamw":
         return 8 * n
-    if name == "sgd":
-        return 4 * n if momentum > 0 else 0
-    # bitsandbytes 8-bit Adam: uint8 moments with an fp32 absmax per block; small tensors stay fp32.
-    return sum(2 * k + 2 * 4 * math.ceil(k / BNB_8BIT_BLOCK) if k >= BNB_8BIT_MIN_SIZE else 8 * k
-               for k in tensor_sizes)
+    return 4 * n if momentum > 0 else 0
 
 
 def optimizer_step_scratch(name: str, n: int) -> int:
@@ -642,8 +409,6 @@ def estimate(config: Any, settings: TrialSettings, linear_names: Sequence[str] |
     allocated = sum(static.values()) + activations + logits + transient
     runtime = int(CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * allocated) if cuda else 0
     notes = []
-    if s.optimizer == "paged_adamw_8bit":
-        notes.append("paged optimizer state lives in managed memory, outside max_memory_allocated")
     if s.quant_type == "int8":
         notes.append("int8 activations are approximate (not benchmarked)")
     return MemoryEstimate(**static, activations=activations, logits=logits, transient=transient, runtime=runtime,
