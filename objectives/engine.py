@@ -1,0 +1,358 @@
+"""Many runs at once on one resident base: every forward and backward pass carries rows of several runs.
+
+A :class:`SlotEngine` owns the base's linear layers wrapped with ``slots`` adapters (:mod:`objectives.slots`)
+and trains whatever runs are admitted, one step of each per pass, in a thread of its own. A run is submitted
+with its config and hooks (as :func:`objectives.objective.run_recipe` takes them) and gets a future; a run
+that finishes, fails or is stopped by a hook frees its slot, and the next submitted run takes it at the next
+step: no barrier.
+
+Each run trains as it would alone: its loss is normalised over its own tokens, its gradient is clipped by its
+own norm, its optimizer, schedule, data order and dropout masks are its own (:mod:`objectives.slot_optim`).
+A NaN or infinite loss stops that run only. Runs due for evaluation are evaluated together.
+
+Settings that cannot differ within a pass are the engine's: the base (model.*), data.*, train.packing and
+gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from objectives.base import ResidentBase, free_accelerator_memory
+from objectives.config import ConfigError, RecipeConfig
+from objectives.data import IGNORE_INDEX, Rows, TokenizedSplits, targets_in, train_micro_batches
+from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, is_out_of_memory
+from objectives.slot_optim import SlotOptimizer
+from objectives.slots import PassRows, SlotAdapter, initialise_slot, inject_slots, remove_slots, slot_parameter_count
+from objectives.targets import resolve_targets
+from objectives.training import LossNotFinite, TrainResult, eval_passes, forward_passes, peak_memory_mb, to_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """A submitted run and where its result goes."""
+
+    cfg: RecipeConfig
+    hooks: RunHooks
+    future: Future[RunResult] = field(default_factory=Future)
+    started: bool = False
+    attempts: int = 0
+
+
+@dataclass
+class Running:
+    """A run in a slot: its progress and its data stream."""
+
+    job: Job
+    slot: int
+    batches: Iterator[Rows]
+    params: int
+    step: int = 0
+    busy: float = 0.0
+    eval_loss: float = math.nan
+    since: float = field(default_factory=time.perf_counter)
+
+
+Span = tuple[int, int, int, int]
+
+
+def merge_passes(parts: list[tuple[int, dict[str, torch.Tensor], int]],
+                 pad_id: int) -> tuple[dict[str, torch.Tensor], list[Span]]:
+    """Several slots' passes as one batch, padded to the widest, and each slot's rows with its dropout key."""
+    width = max(batch["input_ids"].shape[1] for _, batch, _ in parts)
+    out: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+    spans, at = [], 0
+    for slot, batch, key in parts:
+        rows, extra = batch["input_ids"].shape[0], width - batch["input_ids"].shape[1]
+        pad = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+        for name, t in batch.items():
+            if extra:
+                if name == "position_ids":  # the padding is one more segment of its own
+                    t = torch.cat([t, torch.arange(extra).expand(rows, extra)], dim=1)
+                else:
+                    t = torch.nn.functional.pad(t, (0, extra), value=pad[name])
+            out[name].append(t)
+        spans.append((slot, at, at + rows, key))
+        at += rows
+    return {k: torch.cat(v) for k, v in out.items()}, spans
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of each row over the tokens it predicts (labels shifted by one, as the model's loss)."""
+    vocab = logits.shape[-1]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.view(labels.shape[0], -1).sum(1)
+
+
+class SlotEngine:
+    """Up to ``slots`` runs trained together on ``base`` (its linear layers are wrapped until :meth:`close`).
+
+    Example:
+        >>> engine = SlotEngine(base, data, slots=8, r_max=64)  # doctest: +SKIP
+        >>> futures = [engine.submit(cfg, RunHooks()) for cfg in configs]  # doctest: +SKIP
+        >>> results = [f.result() for f in futures]  # doctest: +SKIP
+        >>> engine.close()  # doctest: +SKIP
+    """
+
+    def __init__(self, base: ResidentBase, data: TokenizedSplits, slots: int, r_max: int,
+                 eval_batch_size: int = 4, packing: bool = True, start: bool = True) -> None:
+        base.release_adapter()
+        self.base = base
+        self.data = data
+        self.slots = slots
+        self.capacity = slots
+        self.r_max = r_max
+        self.packing = packing
+        self.pad_id = base.tokenizer.pad_token_id
+        self.ctx, self.wrapped = inject_slots(base.model, list(base.linear_names), slots, r_max, base.device)
+        params = [p for layer in self.wrapped.values() for p in (layer.lora_A, layer.lora_B)]
+        self.optimizer = SlotOptimizer(params, slots)
+        self.held_out = eval_passes(data, eval_batch_size, packing, self.pad_id)
+        self.eval_targets = sum(targets_in(b) for b in self.held_out)
+        self.pending: collections.deque[Job] = collections.deque()
+        self.running: dict[int, Running] = {}
+        self._tokens: dict[int, int] = {}
+        self.lock = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="slot-engine", daemon=True)
+        if start:
+            self.thread.start()
+
+    # --- the caller's side -------------------------------------------------------------------------
+
+    def submit(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> Future[RunResult]:
+        """Queue a run; its future holds the :class:`RunResult` or the exception that ended it."""
+        job = Job(cfg, hooks or RunHooks())
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.pending.append(job)
+            self.lock.notify_all()
+        return job.future
+
+    def run(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> RunResult:
+        """Submit a run and wait for it (from any thread but the engine's)."""
+        return self.submit(cfg, hooks).result()
+
+    def close(self) -> None:
+        """Stop after the current step; unfinished runs fail; the base gets its bare linear layers back."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        if self.thread.is_alive():
+            self.thread.join()
+        for job in [*self.pending, *(r.job for r in self.running.values())]:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the engine stopped before this run finished"))
+        self.pending.clear()
+        self.running.clear()
+        remove_slots(self.base.model, self.wrapped)
+
+    # --- the engine's thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.closed and not self.pending and not self.running:
+                    self.lock.wait(timeout=1.0)
+                if self.closed:
+                    return
+                admitted: list[Job] = []
+                while self.pending and len(self.running) + len(admitted) < self.capacity:
+                    admitted.append(self.pending.popleft())
+            for job in admitted:
+                self._admit(job)
+            if self.running:
+                self.tick()
+
+    def _admit(self, job: Job) -> None:
+        slot = next(s for s in range(self.slots) if s not in self.running)
+        cfg = job.cfg
+        try:
+            if cfg.lora.r > self.r_max:
+                raise ConfigError(f"lora.r: {cfg.lora.r} exceeds the engine's widest rank {self.r_max}")
+            suffixes = resolve_targets(cfg.lora.targets, list(self.wrapped))
+            modules = [n for n in self.wrapped if any(n == s or n.endswith("." + s) for s in suffixes)]
+            if not job.started:
+                job.started = True
+                job.hooks.on_start(cfg)
+            initialise_slot(self.wrapped, slot, modules, cfg.lora, cfg.train.seed)
+            self.ctx.dropout[slot] = cfg.lora.dropout
+            self.optimizer.reset(slot, cfg.optimizer, cfg.train.max_steps)
+            batches = train_micro_batches(self.data.train, cfg.train.micro_batch_size, cfg.train.seed)
+            self.running[slot] = Running(job, slot, batches, slot_parameter_count(self.wrapped, slot, cfg.lora.r))
+        except BaseException as e:  # noqa: B036 - the run's caller gets every failure through its future
+            self._finish(slot, error=e, job=job)
+
+    def tick(self) -> None:
+        """One optimizer step of every running run; then evaluations that are due; then finished runs."""
+        start = time.perf_counter()
+        try:
+            losses, norms = self._train_step()
+        except Exception as e:
+            self._fail_step(e)
+            return
+        elapsed = time.perf_counter() - start
+        stepped = []
+        for slot, run in list(self.running.items()):
+            loss, norm = losses[slot], norms[slot]
+            run.busy += elapsed
+            if not math.isfinite(loss) or not math.isfinite(norm):
+                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4f})"
+                self._finish(slot, error=LossNotFinite(f"{what} at step {run.step + 1}"))
+                continue
+            stepped.append(slot)
+        lrs = {slot: self.optimizer.lr(slot) for slot in stepped}
+        self.optimizer.step(stepped)
+        for p in self.optimizer.params:
+            p.grad = None
+        peak = peak_memory_mb(self.base.device)
+        for slot in stepped:
+            run = self.running[slot]
+            run.step += 1
+            metrics = {"train_loss": losses[slot], "learning_rate": lrs[slot], "grad_norm": norms[slot],
+                       "tokens_per_s": self._tokens.get(slot, 0) / elapsed, "peak_memory_mb": peak}
+            self._call(slot, run.job.hooks.on_step, run.step, metrics)
+        due = [s for s, r in self.running.items()
+               if r.step % r.job.cfg.train.eval_every == 0 or r.step == r.job.cfg.train.max_steps]
+        if due:
+            self._evaluate(due)
+        for slot, run in list(self.running.items()):
+            if run.step >= run.job.cfg.train.max_steps:
+                self._complete(slot)
+
+    def _train_step(self) -> tuple[dict[int, float], dict[int, float]]:
+        """Forward and backward over every running run's step; (loss, gradient norm) per slot, read once."""
+        device = self.base.device
+        self.base.model.train()
+        passes: dict[int, list[dict[str, torch.Tensor]]] = {}
+        scale = torch.zeros(self.slots)
+        self._tokens = {}
+        for slot, run in self.running.items():
+            train = run.job.cfg.train
+            window = [next(run.batches) for _ in range(train.grad_accum)]
+            passes[slot] = forward_passes(window, self.packing, self.pad_id, self.data.max_length)
+            scale[slot] = 1.0 / max(1, sum(targets_in(b) for b in passes[slot]))
+            self._tokens[slot] = sum(len(r["input_ids"]) for rows in window for r in rows)
+        scale = scale.to(device)
+        loss_sum = torch.zeros(self.slots, device=device)
+        for j in range(max(len(p) for p in passes.values())):
+            parts = [(slot, p[j], hash((self.running[slot].job.cfg.train.seed, self.running[slot].step, j)))
+                     for slot, p in passes.items() if j < len(p)]
+            batch, spans = merge_passes(parts, self.pad_id)
+            labels = batch.pop("labels")
+            rows = torch.cat([torch.full((hi - lo,), slot) for slot, lo, hi, _ in spans]).to(device)
+            self.ctx.rows = PassRows(rows, spans)
+            try:
+                logits = self.base.model(**to_device(batch, device)).logits
+                per_slot = torch.zeros(self.slots, device=device).index_add(
+                    0, rows, row_losses(logits, labels.to(device))) * scale
+                del logits
+                per_slot.sum().backward()
+            finally:
+                self.ctx.rows = None
+            loss_sum += per_slot.detach()
+        norms = self.optimizer.grad_norms()
+        limits = [math.inf] * self.slots
+        for slot, run in self.running.items():
+            limit = run.job.cfg.train.max_grad_norm
+            limits[slot] = limit if limit > 0 else math.inf
+        values = torch.stack([loss_sum, norms]).tolist()
+        self.optimizer.clip(norms, limits)
+        return dict(enumerate(values[0])), dict(enumerate(values[1]))
+
+    @torch.no_grad()
+    def _evaluate(self, due: list[int]) -> None:
+        """Held-out loss of the due runs, several runs' copies of each held-out pass in one forward."""
+        device = self.base.device
+        self.base.model.eval()
+        # At most about as many rows per pass as training uses: the memory the slots were sized for.
+        train_rows = sum(r.job.cfg.train.micro_batch_size for r in self.running.values())
+        per_group = max(1, train_rows // self.held_out[0]["input_ids"].shape[0])
+        totals = torch.zeros(self.slots, device=device)
+        try:
+            for first in range(0, len(due), per_group):
+                group = due[first:first + per_group]
+                for batch in self.held_out:
+                    merged, spans = merge_passes([(s, batch, 0) for s in group], self.pad_id)
+                    labels = merged.pop("labels")
+                    rows = torch.cat([torch.full((hi - lo,), s) for s, lo, hi, _ in spans]).to(device)
+                    self.ctx.rows = PassRows(rows, spans)
+                    logits = self.base.model(**to_device(merged, device)).logits
+                    totals.index_add_(0, rows, row_losses(logits, labels.to(device)))
+                    del logits
+        finally:
+            self.ctx.rows = None
+            self.base.model.train()
+        losses = (totals / max(1, self.eval_targets)).tolist()
+        for slot in due:
+            run = self.running[slot]
+            run.eval_loss = losses[slot]
+            if self._call(slot, run.job.hooks.on_eval, run.step, run.eval_loss) and not math.isfinite(run.eval_loss):
+                self._finish(slot, error=LossNotFinite(f"eval loss is {run.eval_loss} at step {run.step}"))
+
+    def _call(self, slot: int, hook: Any, *args: Any) -> bool:
+        """Run a hook; an exception from it ends the slot's run (a pruner stops a trial this way)."""
+        try:
+            hook(*args)
+            return True
+        except BaseException as e:  # noqa: B036 - handed to the run's caller through its future
+            self._finish(slot, error=e)
+            return False
+
+    def _complete(self, slot: int) -> None:
+        run = self.running[slot]
+        cfg = run.job.cfg
+        result = TrainResult(eval_loss=run.eval_loss, steps=run.step, trainable_params=run.params,
+                             peak_memory_mb=peak_memory_mb(self.base.device), seconds=run.busy)
+        targets = sorted({n.rsplit(".", 1)[-1] for n, layer in self.wrapped.items() if layer.used[slot]})
+        adapter = SlotAdapter(self.wrapped, slot, cfg.lora, targets, self.base.cfg.source)
+        if self._call(slot, run.job.hooks.on_finish, result, adapter):
+            self._finish(slot, result=RunResult(result, cfg, time.perf_counter() - run.since))
+
+    def _finish(self, slot: int, result: RunResult | None = None, error: BaseException | None = None,
+                job: Job | None = None) -> None:
+        run = self.running.pop(slot, None)
+        job = job or (run.job if run is not None else None)
+        for layer in self.wrapped.values():
+            layer.used[slot] = False
+        if job is None or job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)  # type: ignore[arg-type]
+
+    def _fail_step(self, error: Exception) -> None:
+        """A step failed for every running run: out of memory halves the slots and restarts the runs, the
+        ones beyond the new capacity first in line; anything else fails them all."""
+        for p in self.optimizer.params:
+            p.grad = None
+        if not is_out_of_memory(error) or self.capacity == 1:
+            if is_out_of_memory(error):
+                error = TrialOutOfMemory(f"out of memory with one run per pass: {error}")
+            for slot in list(self.running):
+                self._finish(slot, error=error)
+            return
+        free_accelerator_memory(self.base.device)
+        self.capacity = max(1, self.capacity // 2)
+        log.warning("out of memory with %d runs per pass; continuing with %d", len(self.running), self.capacity)
+        restart = [self.running.pop(slot).job for slot in sorted(self.running)]
+        for job in restart:
+            job.attempts += 1
+            job.hooks.on_retry(job.cfg, job.attempts - 1, {"slots": self.capacity})
+        with self.lock:
+            self.pending.extendleft(reversed(restart))

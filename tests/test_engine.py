@@ -1,0 +1,214 @@
+"""Many runs in one pass: each trains exactly as it would alone (tiny real 4-bit model on the CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from objectives.base import ResidentBase
+from objectives.config import LoraConfig, OptimizerConfig, RecipeConfig, TrainConfig
+from objectives.data import TokenizedSplits, prepare
+from objectives.engine import SlotEngine
+from objectives.objective import RunHooks, RunResult, run_recipe
+from objectives.slot_optim import SlotOptimizer
+from objectives.training import LossNotFinite
+from sweeper import compose
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RecipeConfig, ResidentBase, TokenizedSplits]]:
+    cfg, _ = compose.load([*TINY, "search_space=none", f"output_dir={tmp_path_factory.mktemp('out')}"])
+    base = ResidentBase(cfg.model, torch.device("cpu"))
+    base.use_checkpointing(False)
+    data = prepare(cfg.data, base.tokenizer, cfg.model.cache_path)
+    yield cfg, base, data
+
+
+class Recorder(RunHooks):
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.evals: list[tuple[int, float]] = []
+        self.adapter: dict[str, torch.Tensor] = {}
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.steps.append(metrics)
+
+    def on_eval(self, step: int, loss: float) -> None:
+        self.evals.append((step, loss))
+
+    def on_finish(self, result: Any, adapter: Any) -> None:
+        self.adapter = adapter.state_dict()
+
+
+def trial(cfg: RecipeConfig, steps: int = 3, **changes: Any) -> RecipeConfig:
+    lora = dataclasses.replace(cfg.lora, **{k: v for k, v in changes.items() if k in ("r", "targets", "dropout",
+                                                                                      "alpha", "use_rslora")})
+    optim = dataclasses.replace(cfg.optimizer, **{k: v for k, v in changes.items()
+                                                 if k in ("name", "lr", "momentum", "nesterov", "weight_decay")})
+    train = dataclasses.replace(cfg.train, max_steps=steps, eval_every=2, seed=changes.get("seed", 0),
+                                micro_batch_size=changes.get("micro_batch_size", 2))
+    return RecipeConfig(cfg.model, cfg.data, lora, optim, train)
+
+
+TRIALS = [
+    {"r": 4, "targets": "qk", "name": "adamw", "lr": 1e-3, "dropout": 0.1, "seed": 1},
+    {"r": 8, "targets": "all-linear", "name": "sgd", "lr": 5e-2, "momentum": 0.9, "nesterov": True, "seed": 2,
+     "dropout": 0.0},
+    {"r": 2, "targets": "qkvo", "name": "adamw", "lr": 3e-3, "weight_decay": 0.05, "seed": 3, "dropout": 0.05,
+     "micro_batch_size": 3},
+]
+
+
+def run_alone(setup: Any, cfg: RecipeConfig) -> tuple[Recorder, RunResult]:
+    _, base, data = setup
+    engine = SlotEngine(base, data, slots=1, r_max=8)
+    try:
+        hooks = Recorder()
+        return hooks, engine.run(cfg, hooks)
+    finally:
+        engine.close()
+
+
+def test_runs_trained_together_match_each_run_alone(setup: Any) -> None:
+    cfg, base, data = setup
+    configs = [trial(cfg, **t) for t in TRIALS]
+    alone = [run_alone(setup, c) for c in configs]
+    engine = SlotEngine(base, data, slots=3, r_max=8)
+    try:
+        hooks = [Recorder() for _ in configs]
+        futures = [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]
+        together = [f.result(timeout=600) for f in futures]
+    finally:
+        engine.close()
+    for (ref_hooks, ref), hook, got in zip(alone, hooks, together, strict=True):
+        assert [s["train_loss"] for s in hook.steps] == pytest.approx([s["train_loss"] for s in ref_hooks.steps],
+                                                                     rel=1e-5)
+        assert [s["grad_norm"] for s in hook.steps] == pytest.approx([s["grad_norm"] for s in ref_hooks.steps],
+                                                                    rel=1e-4)
+        assert got.train.eval_loss == pytest.approx(ref.train.eval_loss, rel=1e-5)
+        assert got.train.trainable_params == ref.train.trainable_params
+        assert hook.adapter.keys() == ref_hooks.adapter.keys()
+        for name, tensor in hook.adapter.items():
+            torch.testing.assert_close(tensor, ref_hooks.adapter[name], rtol=1e-4, atol=1e-6)
+
+
+def test_one_slot_trains_like_the_peft_recipe_without_dropout(setup: Any) -> None:
+    """Same init, same data, same loss and optimizer: the slot path and peft's adapter agree."""
+    cfg, base, data = setup
+    one = trial(cfg, r=4, targets="qkvo", name="adamw", lr=2e-3, dropout=0.0, seed=5)
+    hooks, result = run_alone(setup, one)
+    peft = Recorder()
+    reference = run_recipe(one, base, data, 2**40, peft)
+    base.release_adapter()
+    assert [s["train_loss"] for s in hooks.steps] == pytest.approx([s["train_loss"] for s in peft.steps], rel=1e-4)
+    assert result.train.eval_loss == pytest.approx(reference.train.eval_loss, rel=1e-4)
+    assert result.train.trainable_params == reference.train.trainable_params
+
+
+def test_a_nan_run_stops_alone_and_its_neighbours_are_unchanged(setup: Any) -> None:
+    cfg, base, data = setup
+    healthy = trial(cfg, **TRIALS[0])
+    exploding = trial(cfg, r=4, targets="qk", name="sgd", lr=1e30, momentum=0.0, seed=9)
+    ref_hooks, ref = run_alone(setup, healthy)
+    engine = SlotEngine(base, data, slots=2, r_max=8)
+    try:
+        hooks = Recorder()
+        bad = engine.submit(exploding)
+        good = engine.submit(healthy, hooks)
+        with pytest.raises(LossNotFinite):
+            bad.result(timeout=600)
+        got = good.result(timeout=600)
+    finally:
+        engine.close()
+    assert got.train.eval_loss == pytest.approx(ref.train.eval_loss, rel=1e-5)
+    for name, tensor in hooks.adapter.items():
+        torch.testing.assert_close(tensor, ref_hooks.adapter[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_freed_slot_is_refilled_and_a_hook_can_stop_its_run(setup: Any) -> None:
+    cfg, base, data = setup
+
+    class StopAtFirstEval(RunHooks):
+        def on_eval(self, step: int, loss: float) -> None:
+            raise KeyboardInterrupt("pruned")  # any exception a caller raises ends that run only
+
+    engine = SlotEngine(base, data, slots=2, r_max=8)
+    try:
+        stopped = engine.submit(trial(cfg, steps=4, **TRIALS[0]), StopAtFirstEval())
+        long = engine.submit(trial(cfg, steps=6, **TRIALS[1]))
+        waiting = engine.submit(trial(cfg, steps=2, **TRIALS[2]))  # takes the stopped run's slot
+        with pytest.raises(KeyboardInterrupt):
+            stopped.result(timeout=600)
+        assert math.isfinite(waiting.result(timeout=600).train.eval_loss)
+        assert math.isfinite(long.result(timeout=600).train.eval_loss)
+    finally:
+        engine.close()
+
+
+def test_the_slot_adapter_loads_in_peft_and_gives_the_slots_output(setup: Any, tmp_path: Any) -> None:
+    from peft import PeftModel
+
+    cfg, base, data = setup
+    one = trial(cfg, r=4, targets="qkvo", dropout=0.0, seed=4)
+    engine = SlotEngine(base, data, slots=2, r_max=8)
+    saved: dict[str, Any] = {}
+
+    class Save(RunHooks):
+        def on_finish(self, result: Any, adapter: Any) -> None:
+            adapter.save_pretrained(tmp_path)
+            ids = torch.tensor([[1, 2, 3, 4, 5]])
+            base.model.eval()
+            engine.ctx.rows = __import__("objectives.slots", fromlist=["PassRows"]).PassRows(
+                torch.tensor([adapter.slot]), [(adapter.slot, 0, 1, 0)])
+            with torch.no_grad():
+                saved["logits"] = base.model(input_ids=ids).logits
+            engine.ctx.rows = None
+            base.model.train()
+
+    try:
+        engine.run(one, Save())
+    finally:
+        engine.close()
+    model = PeftModel.from_pretrained(base.model, str(tmp_path))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4, 5]])).logits
+    base.model = model.unload()
+    torch.testing.assert_close(logits, saved["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("opt", [
+    OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0, scheduler="constant"),
+    OptimizerConfig(name="sgd", lr=1e-1, momentum=0.9, nesterov=True, weight_decay=0.01, warmup_ratio=0.0,
+                    scheduler="constant"),
+    OptimizerConfig(name="sgd", lr=1e-1, momentum=0.0, warmup_ratio=0.0, scheduler="constant"),
+])
+def test_the_slot_optimizer_is_torchs_per_slot(opt: OptimizerConfig) -> None:
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(3, 5, 4))
+    alone = torch.nn.Parameter(stacked.detach()[1].clone())
+    slots = SlotOptimizer([stacked], 3)
+    slots.reset(1, opt, total_steps=10)
+    if opt.name == "adamw":
+        reference: torch.optim.Optimizer = torch.optim.AdamW([alone], lr=opt.lr, weight_decay=opt.weight_decay,
+                                                             foreach=False)
+    else:
+        reference = torch.optim.SGD([alone], lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+                                    weight_decay=opt.weight_decay, foreach=False)
+    untouched = stacked.detach()[0].clone()
+    for _ in range(4):
+        grad = torch.randn(5, 4)
+        stacked.grad = torch.zeros(3, 5, 4)
+        stacked.grad[1] = grad
+        alone.grad = grad.clone()
+        slots.step([1])
+        reference.step()
+    torch.testing.assert_close(stacked.detach()[1], alone.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(stacked.detach()[0], untouched)
+    assert TrainConfig().max_steps > 0 and LoraConfig().r > 0
