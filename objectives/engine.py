@@ -65,28 +65,40 @@ class Running:
     since: float = field(default_factory=time.perf_counter)
 
 
-Span = tuple[int, int, int, int]
-
-
 def merge_passes(parts: list[tuple[int, dict[str, torch.Tensor], int]],
-                 pad_id: int) -> tuple[dict[str, torch.Tensor], list[Span]]:
-    """Several slots' passes as one batch, padded to the widest, and each slot's rows with its dropout key."""
+                 pad_id: int) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """Several slots' passes as one batch: each padded to the widest pass and to the most rows of any slot
+    (a padding row is one padding token's own sequence: no loss, no effect on other rows), slot after slot;
+    and each slot's dropout key."""
     width = max(batch["input_ids"].shape[1] for _, batch, _ in parts)
+    rows = max(batch["input_ids"].shape[0] for _, batch, _ in parts)
     out: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
-    spans, at = [], 0
-    for slot, batch, key in parts:
-        rows, extra = batch["input_ids"].shape[0], width - batch["input_ids"].shape[1]
-        pad = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    for _, batch, _ in parts:
+        n, extra = batch["input_ids"].shape
+        extra = width - extra
         for name, t in batch.items():
             if extra:
                 if name == "position_ids":  # the padding is one more segment of its own
-                    t = torch.cat([t, torch.arange(extra).expand(rows, extra)], dim=1)
+                    t = torch.cat([t, torch.arange(extra).expand(n, extra)], dim=1)
                 else:
-                    t = torch.nn.functional.pad(t, (0, extra), value=pad[name])
+                    t = torch.nn.functional.pad(t, (0, extra), value=PAD_VALUES[name](pad_id))
+            if rows > n:
+                t = torch.cat([t, padding_rows(name, rows - n, width, pad_id)])
             out[name].append(t)
-        spans.append((slot, at, at + rows, key))
-        at += rows
-    return {k: torch.cat(v) for k, v in out.items()}, spans
+    return {k: torch.cat(v) for k, v in out.items()}, [(slot, key) for slot, _, key in parts]
+
+
+PAD_VALUES = {"input_ids": lambda pad: pad, "labels": lambda pad: IGNORE_INDEX, "attention_mask": lambda pad: 0}
+
+
+def padding_rows(name: str, n: int, width: int, pad_id: int) -> torch.Tensor:
+    if name == "position_ids":
+        return torch.arange(width).expand(n, width).clone()
+    if name == "attention_mask":  # one visible token: a fully masked row would give NaN attention
+        mask = torch.zeros(n, width, dtype=torch.long)
+        mask[:, 0] = 1
+        return mask
+    return torch.full((n, width), PAD_VALUES[name](pad_id), dtype=torch.long)
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -194,7 +206,7 @@ class SlotEngine:
             self.optimizer.reset(slot, cfg.optimizer, cfg.train.max_steps)
             batches = train_micro_batches(self.data.train, cfg.train.micro_batch_size, cfg.train.seed)
             self.running[slot] = Running(job, slot, batches, slot_parameter_count(self.wrapped, slot, cfg.lora.r))
-        except BaseException as e:  # noqa: B036 - the run's caller gets every failure through its future
+        except BaseException as e:  # the run's caller gets every failure through its future
             self._finish(slot, error=e, job=job)
 
     def tick(self) -> None:
@@ -252,10 +264,10 @@ class SlotEngine:
         for j in range(max(len(p) for p in passes.values())):
             parts = [(slot, p[j], hash((self.running[slot].job.cfg.train.seed, self.running[slot].step, j)))
                      for slot, p in passes.items() if j < len(p)]
-            batch, spans = merge_passes(parts, self.pad_id)
+            batch, keys = merge_passes(parts, self.pad_id)
             labels = batch.pop("labels")
-            rows = torch.cat([torch.full((hi - lo,), slot) for slot, lo, hi, _ in spans]).to(device)
-            self.ctx.rows = PassRows(rows, spans)
+            rows = self._row_slots(keys, labels.shape[0])
+            self.ctx.rows = PassRows.of(keys, device)
             try:
                 logits = self.base.model(**to_device(batch, device)).logits
                 per_slot = torch.zeros(self.slots, device=device).index_add(
@@ -287,10 +299,10 @@ class SlotEngine:
             for first in range(0, len(due), per_group):
                 group = due[first:first + per_group]
                 for batch in self.held_out:
-                    merged, spans = merge_passes([(s, batch, 0) for s in group], self.pad_id)
+                    merged, keys = merge_passes([(s, batch, 0) for s in group], self.pad_id)
                     labels = merged.pop("labels")
-                    rows = torch.cat([torch.full((hi - lo,), s) for s, lo, hi, _ in spans]).to(device)
-                    self.ctx.rows = PassRows(rows, spans)
+                    rows = self._row_slots(keys, labels.shape[0])
+                    self.ctx.rows = PassRows.of(keys, device)
                     logits = self.base.model(**to_device(merged, device)).logits
                     totals.index_add_(0, rows, row_losses(logits, labels.to(device)))
                     del logits
@@ -304,12 +316,16 @@ class SlotEngine:
             if self._call(slot, run.job.hooks.on_eval, run.step, run.eval_loss) and not math.isfinite(run.eval_loss):
                 self._finish(slot, error=LossNotFinite(f"eval loss is {run.eval_loss} at step {run.step}"))
 
+    def _row_slots(self, keys: list[tuple[int, int]], n_rows: int) -> torch.Tensor:
+        per_slot = n_rows // len(keys)
+        return torch.tensor([slot for slot, _ in keys], device=self.base.device).repeat_interleave(per_slot)
+
     def _call(self, slot: int, hook: Any, *args: Any) -> bool:
         """Run a hook; an exception from it ends the slot's run (a pruner stops a trial this way)."""
         try:
             hook(*args)
             return True
-        except BaseException as e:  # noqa: B036 - handed to the run's caller through its future
+        except BaseException as e:  # handed to the run's caller through its future
             self._finish(slot, error=e)
             return False
 

@@ -27,13 +27,17 @@ from objectives.config import LoraConfig
 
 @dataclass
 class PassRows:
-    """Which rows of the current pass belong to which slot (rows of one slot are contiguous)."""
+    """How the current pass is laid out: the same number of rows for every slot in it, slot after slot."""
 
-    row_slots: torch.Tensor
-    """Slot index per row, on the device."""
-    spans: list[tuple[int, int, int, int]] = field(default_factory=list)
-    """(slot, first row, end row, dropout key) for every slot in the pass; the key (the slot's seed, step and
-    pass) seeds that slot's dropout masks in this pass together with the layer's index."""
+    slots: torch.Tensor
+    """The slots in the pass, in row order, on the device."""
+    keys: list[tuple[int, int]] = field(default_factory=list)
+    """(slot, dropout key) in row order; the key (the run's seed, step and pass) seeds that slot's dropout
+    masks in this pass together with the layer's index."""
+
+    @classmethod
+    def of(cls, keys: list[tuple[int, int]], device: torch.device) -> PassRows:
+        return cls(torch.tensor([slot for slot, _ in keys], device=device), keys)
 
 
 class SlotContext:
@@ -65,29 +69,30 @@ class SlotLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         rows = self.ctx.rows
-        if rows is None or not any(self.used[s] for s, _, _, _ in rows.spans):
+        if rows is None or not any(self.used[slot] for slot, _ in rows.keys):
             return result
-        x = x.to(self.lora_A.dtype)
+        # One batched product per pass: (slots, rows x tokens, in) against each slot's own weights, so no
+        # weight is copied per row and the host's work does not grow with the number of slots.
+        x = x.to(self.lora_A.dtype).reshape(len(rows.keys), -1, self.in_features)
         if self.training:
             x = self._dropout(x, rows)
-        index = rows.row_slots
         scaling: torch.Tensor = self.scaling  # type: ignore[assignment]
-        hidden = torch.bmm(x, self.lora_A[index].transpose(1, 2))
-        update = torch.bmm(hidden, self.lora_B[index].transpose(1, 2)) * scaling[index].view(-1, 1, 1)
-        return (result + update).to(result.dtype)
+        hidden = torch.bmm(x, self.lora_A[rows.slots].transpose(1, 2))
+        update = torch.bmm(hidden, self.lora_B[rows.slots].transpose(1, 2)) * scaling[rows.slots].view(-1, 1, 1)
+        return (result + update.view(result.shape)).to(result.dtype)
 
     def _dropout(self, x: torch.Tensor, rows: PassRows) -> torch.Tensor:
         parts = []
-        for slot, lo, hi, key in rows.spans:
+        for i, (slot, key) in enumerate(rows.keys):
             p = self.ctx.dropout[slot]
-            part = x[lo:hi]
+            part = x[i]
             if p > 0 and self.used[slot]:
                 gen = self.ctx.generator
                 gen.manual_seed(hash((key, self.index)) & 0x7FFF_FFFF_FFFF_FFFF)
                 keep = torch.rand(part.shape, generator=gen, device=part.device, dtype=part.dtype) >= p
                 part = part * keep / (1 - p)
             parts.append(part)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return torch.stack(parts)
 
 
 def is_linear(module: torch.nn.Module) -> bool:

@@ -16,6 +16,7 @@ from objectives.data import TokenizedSplits, prepare
 from objectives.engine import SlotEngine
 from objectives.objective import RunHooks, RunResult, run_recipe
 from objectives.slot_optim import SlotOptimizer
+from objectives.slots import PassRows
 from objectives.training import LossNotFinite
 from sweeper import compose
 from tests.conftest import TINY
@@ -164,8 +165,7 @@ def test_the_slot_adapter_loads_in_peft_and_gives_the_slots_output(setup: Any, t
             adapter.save_pretrained(tmp_path)
             ids = torch.tensor([[1, 2, 3, 4, 5]])
             base.model.eval()
-            engine.ctx.rows = __import__("objectives.slots", fromlist=["PassRows"]).PassRows(
-                torch.tensor([adapter.slot]), [(adapter.slot, 0, 1, 0)])
+            engine.ctx.rows = PassRows.of([(adapter.slot, 0)], torch.device("cpu"))
             with torch.no_grad():
                 saved["logits"] = base.model(input_ids=ids).logits
             engine.ctx.rows = None

@@ -1,0 +1,181 @@
+"""Benchmark 5: many trials in one pass (``workers.slots``) against one trial at a time and against worker processes.
+
+Every method is the user's own command, ``python -m sweeper launch``, on the default search space and trial
+length, run for ``--seconds`` (``study.timeout_s``: no trial starts after it); nvidia-smi samples the GPU
+meanwhile. Trials per hour count the finished trials (complete or pruned) from the first trial's end to
+the timeout. A second part runs the same random-sampler trials (pruning off) one at a time and in slots and
+pairs them by parameters: the per-trial difference of the eval loss says whether sharing a pass changes
+results.
+
+    PYTHONPATH=$PWD python bench/slots_throughput.py --model-source $M --out $R/slots.md
+    PYTHONPATH=$PWD python bench/slots_throughput.py --shape 1b --weights random --methods 1,16 --out $R/slots_1b.md
+    PYTHONPATH=$PWD python bench/slots_throughput.py --cpu-smoke --out /tmp/slots.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import REPO_ROOT, base_parser, command_line, environment, log_tail, make_workdir
+from bench.gpu import GpuSampler
+from bench.models import SHAPE_NAMES, model_overrides
+from bench.report import markdown_table, num, percent, ratio, render_report, say, write_report
+from bench.timing import TrialTiming, best_value, finished_timings
+
+
+@dataclass
+class Method:
+    """One launch: a label and its overrides."""
+
+    label: str
+    overrides: list[str]
+    trials: list[TrialTiming] = field(default_factory=list)
+    started: float = 0.0
+    deadline: float = 0.0
+    exit_code: int | None = None
+    log: str = ""
+
+    @property
+    def steady(self) -> float | None:
+        """Finished trials per hour between the first trial's end and the timeout."""
+        ends = sorted(t.end for t in self.trials)
+        if len(ends) < 2:
+            return None
+        window = [e for e in ends if e <= self.deadline]
+        if len(window) < 2 or window[-1] <= window[0]:
+            return None
+        return (len(window) - 1) / (self.deadline - window[0]) * 3600
+
+
+def methods_from(spec: str) -> list[Method]:
+    """``1,8,16,auto,w8``: slots per process (``1`` one at a time), ``wN`` N worker processes on one GPU."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item.startswith("w"):
+            n = int(item[1:])
+            out.append(Method(f"{n} workers", [f"workers.count={n}", f"workers.per_gpu={n}", "workers.slots=1"]))
+        elif item == "1":
+            out.append(Method("one at a time", ["workers.slots=1"]))
+        else:
+            out.append(Method(f"slots={item}", [f"workers.slots={item}"]))
+    return out
+
+
+def launch(args: argparse.Namespace, method: Method, common: list[str], workdir: Path, name: str,
+           seconds: float, n_trials: int) -> None:
+    out = workdir / name
+    cmd = [sys.executable, "-m", "sweeper", "launch", "--no-progress", *common, *method.overrides,
+           f"output_dir={out}", f"study.name={name}", f"study.n_trials={n_trials}", f"study.timeout_s={seconds}"]
+    say(f"{method.label}: {' '.join(cmd[2:])}")
+    log = workdir / f"{name}.log"
+    method.started = time.time()
+    method.deadline = method.started + seconds
+    with open(log, "w") as fh:
+        method.exit_code = subprocess.run(cmd, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                          timeout=seconds + args.grace).returncode
+    method.log = log_tail(log)
+    method.trials = load_trials(out, name)
+    say(f"  exit {method.exit_code}; {len(method.trials)} finished trials")
+
+
+def load_trials(out: Path, name: str) -> list[TrialTiming]:
+    import optuna
+
+    journal, sqlite = out / "optuna.journal", out / "optuna.db"
+    if journal.is_file():
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        storage: object = JournalStorage(JournalFileBackend(str(journal)))
+    elif sqlite.is_file():
+        storage = f"sqlite:///{sqlite}"
+    else:
+        return []
+    return finished_timings(optuna.load_study(study_name=name, storage=storage))  # type: ignore[arg-type]
+
+
+def paired(one: Method, many: Method) -> tuple[int, float | None, float | None]:
+    """(pairs, mean difference many - one of the eval loss, its standard error) over trials with equal params."""
+    by_params = {repr(sorted(t.params.items())): t.value for t in one.trials if t.state == "COMPLETE"}
+    diffs = [t.value - by_params[key] for t in many.trials if t.state == "COMPLETE"
+             and (key := repr(sorted(t.params.items()))) in by_params
+             and t.value is not None and by_params[key] is not None]  # type: ignore[operator]
+    if not diffs:
+        return 0, None, None
+    sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return len(diffs), statistics.fmean(diffs), sem
+
+
+def best_after(trials: Sequence[TrialTiming], k: int) -> float | None:
+    return best_value(sorted(trials, key=lambda t: t.end)[:k])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = base_parser(__doc__ or "")
+    p.add_argument("--shape", default="135m", choices=["135m", "1b", "8b"])
+    p.add_argument("--weights", choices=["real", "random"], default="real")
+    p.add_argument("--methods", default="1,w8,8,16,32", help="1: one at a time; K: slots; wN: N workers")
+    p.add_argument("--seconds", type=float, default=80.0, help="study.timeout_s of every method")
+    p.add_argument("--paired", default="16", help="slots for the paired part ('' skips it)")
+    p.add_argument("--paired-trials", type=int, default=16)
+    p.add_argument("--extra", default="", help="more overrides for every launch, space-separated")
+    p.add_argument("--grace", type=float, default=240.0, help="seconds a launch may run past its timeout")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = make_workdir(args, "slots")
+    if args.cpu_smoke:
+        common = [*model_overrides("tiny", None, True), "train.max_steps=4", "train.eval_every=2",
+                  "data.max_length=64", "data.max_eval_examples=8"]
+        args.seconds, args.methods, args.paired, args.paired_trials = 15.0, "1,2", "2", 3
+    else:
+        common = model_overrides(args.shape, args.model_source, args.weights == "random")
+    common += args.extra.split()
+    methods = methods_from(args.methods)
+    env = environment()
+    with GpuSampler() as gpu:
+        for i, m in enumerate(methods):
+            launch(args, m, common, workdir, f"m{i}", args.seconds, 100_000)
+        pairs: list[Method] = []
+        if args.paired:
+            pairs = [Method("one at a time", ["workers.slots=1"]), Method(f"slots={args.paired}",
+                                                                          [f"workers.slots={args.paired}"])]
+            for i, m in enumerate(pairs):
+                launch(args, m, [*common, "study/sampler=random", "study/pruner=none"], workdir, f"p{i}",
+                       args.seconds * 4, args.paired_trials)
+    base = methods[0].steady
+    rows = [[m.label, str(len(m.trials)), num(m.steady, 0), ratio(m.steady, base),
+             percent(gpu.busy_fraction(m.started, m.deadline)), num(best_value(m.trials), 4), str(m.exit_code)]
+            for m in methods]
+    k = min((len(m.trials) for m in methods), default=0)
+    lines = [f"Model: {SHAPE_NAMES[args.shape] if not args.cpu_smoke else 'tiny'} ({args.weights} weights); "
+             f"each method ran `python -m sweeper launch` for {args.seconds:.0f} s (study.timeout_s).", "",
+             markdown_table(["method", "finished trials", "trials/h (steady)", "vs one at a time", "GPU busy",
+                             "best eval loss", "exit"], rows), "",
+             f"Best eval loss after the first {k} finished trials of each: "
+             + ", ".join(f"{m.label} {num(best_after(m.trials, k), 4)}" for m in methods)]
+    if pairs:
+        n, mean, sem = paired(pairs[0], pairs[1])
+        lines += ["", f"Paired ({args.paired_trials} random-sampler trials, pruning off, the same parameters both "
+                  f"ways): {n} pairs; eval loss {pairs[1].label} - one at a time: mean {num(mean, 5)}"
+                  f" (standard error {num(sem, 5)})"]
+    for m in [*methods, *pairs]:
+        if m.exit_code:
+            lines += ["", f"{m.label} exited {m.exit_code}; its log ends:", "```", m.log, "```"]
+    write_report(args.out, render_report("Benchmark 5: trials in slots", env, command_line(argv),
+                                         [("Trials per hour", "\n".join(lines))]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
