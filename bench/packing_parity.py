@@ -27,18 +27,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import (
-    base_parser,
-    command_line,
-    environment,
-    markdown_table,
-    model_label,
-    model_overrides,
-    quiet_logs,
-    render_report,
-    say,
-    write_report,
-)
+from bench.common import base_parser, command_line, environment, quiet_logs
+from bench.models import model_label, model_overrides
+from bench.report import markdown_table, render_report, say, write_report
 
 # The two best kinds of trial in benchmark 1's sweep: its best AdamW configuration and a typical SGD one.
 CONFIGS = {

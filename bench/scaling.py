@@ -26,31 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import (
-    REPO_ROOT,
-    GpuSampler,
-    TrialTiming,
-    assign_workers,
-    base_parser,
-    command_line,
-    environment,
-    finished_timings,
-    log_tail,
-    make_workdir,
-    markdown_table,
-    model_label,
-    model_overrides,
-    num,
-    percent,
-    quiet_logs,
-    ratio,
-    render_report,
-    say,
-    spread,
-    steady_per_hour,
-    write_report,
-)
+from bench.common import REPO_ROOT, base_parser, command_line, environment, log_tail, make_workdir, quiet_logs
+from bench.gpu import GpuSampler
+from bench.models import model_label, model_overrides
 from bench.postgres import find_bindir, loopback_server
+from bench.report import markdown_table, num, percent, ratio, render_report, say, spread, write_report
+from bench.timing import TrialTiming, assign_workers, finished_timings, steady_per_hour
 from sweeper.workers import visible_gpus
 
 ISSUE_SPEC = "1 vs 2 workers on two GPUs on one PostgreSQL-backed study; goal: at least 1.8x the trials per hour"
@@ -140,8 +121,8 @@ def study_storage(args: argparse.Namespace, workdir: Path, stack: contextlib.Exi
 def create_study(overrides: list[str]) -> None:
     """The study, its MLflow parent run and the MLflow store exist before any worker starts (no create races)."""
     from sweeper import compose
-    from sweeper.launch import make_tracker, parent_run
     from sweeper.study import open_study
+    from sweeper.tracking import make_tracker, parent_run
 
     cfg, params = compose.load(overrides)
     study = open_study(cfg, params)

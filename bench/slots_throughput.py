@@ -104,10 +104,13 @@ def load_trials(out: Path, name: str) -> list[TrialTiming]:
 
 def paired(one: Method, many: Method) -> tuple[int, float | None, float | None]:
     """(pairs, mean difference many - one of the eval loss, its standard error) over trials with equal params."""
-    by_params = {repr(sorted(t.params.items())): t.value for t in one.trials if t.state == "COMPLETE"}
-    diffs = [t.value - by_params[key] for t in many.trials if t.state == "COMPLETE"
-             and (key := repr(sorted(t.params.items()))) in by_params
-             and t.value is not None and by_params[key] is not None]  # type: ignore[operator]
+    by_params = {repr(sorted(t.params.items())): t.value for t in one.trials
+                 if t.state == "COMPLETE" and t.value is not None}
+    diffs = []
+    for t in many.trials:
+        reference = by_params.get(repr(sorted(t.params.items())))
+        if t.state == "COMPLETE" and t.value is not None and reference is not None:
+            diffs.append(t.value - reference)
     if not diffs:
         return 0, None, None
     sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None

@@ -34,25 +34,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    SHAPE_NAMES,
-    base_parser,
-    command_line,
-    environment,
-    free_accelerator,
-    loop_rows,
-    make_workdir,
-    markdown_table,
-    model_overrides,
-    num,
-    quiet_logs,
-    ratio,
-    render_report,
-    say,
-    trainer_arguments,
-    trainer_fixed_arguments,
-    write_report,
-)
+from bench.common import base_parser, command_line, environment, make_workdir, quiet_logs
+from bench.gpu import free_accelerator
+from bench.models import SHAPE_NAMES, model_overrides
+from bench.report import markdown_table, num, ratio, render_report, say, write_report
+from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 
 METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",

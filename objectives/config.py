@@ -81,9 +81,11 @@ class DataConfig:
     """Instruction/response pairs, templated with the model's chat template."""
 
     source: str = "stdlib"
-    """``stdlib`` (Python's own docs), a JSONL/JSON/CSV file (alpaca or chat layout), or ``hf:<name>``."""
+    """``stdlib`` (Python's own docs), a JSONL/JSON/CSV file of instruction/input/output (alpaca) or messages
+    (chat) rows, or ``hf:<dataset>[:split]``."""
     max_length: int = 192
-    """Tokens per example after templating; longer examples are truncated."""
+    """Tokens per example after templating; longer examples are truncated. Longer: fewer truncated answers,
+    slower steps."""
     eval_fraction: float = 0.1
     """Share held out for evaluation (by module for ``stdlib``, by example hash otherwise)."""
     max_train_examples: int | None = None
@@ -117,7 +119,7 @@ class LoraConfig:
     targets: Any = "qkvo"
     """Preset (qk, qv, qkv, qkvo, mlp, all-linear) or an explicit list of module names."""
     use_rslora: bool = False
-    """Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r."""
+    """Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r: keeps updates stable at large ranks."""
 
     @property
     def effective_alpha(self) -> float:
@@ -141,7 +143,7 @@ class OptimizerConfig:
     """AdamW, or SGD with momentum; both follow the learning-rate schedule."""
 
     name: str = "adamw"
-    """adamw or sgd."""
+    """adamw or sgd (SGD keeps no moments, saving two values per trainable parameter, but needs larger rates)."""
     lr: float = 2e-4
     """Peak learning rate (SGD typically needs 10-100x AdamW's)."""
     weight_decay: float = 0.0
@@ -175,13 +177,14 @@ class TrainConfig:
     """The training loop of one trial."""
 
     max_steps: int = 24
-    """Optimizer steps per trial."""
+    """Optimizer steps per trial: more give a better estimate of each config and a proportionally slower sweep."""
     micro_batch_size: int = 4
     """Examples per micro-batch; with packing, the most rows of data.max_length tokens per forward pass."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch_size * grad_accum)."""
     eval_every: int = 8
-    """Evaluate (and let the pruner decide) every this many steps, and at the end."""
+    """Evaluate (and let the pruner decide) every this many steps, and at the end: more often prunes earlier and
+    spends more time evaluating."""
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 disables it."""
     seed: int = 0

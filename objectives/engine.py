@@ -17,6 +17,7 @@ gradient checkpointing.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import threading
@@ -31,7 +32,7 @@ import torch
 from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig
 from objectives.data import IGNORE_INDEX, Rows, TokenizedSplits, targets_in, train_micro_batches
-from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, is_out_of_memory
+from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
 from objectives.slot_optim import SlotOptimizer
 from objectives.slots import PassRows, SlotAdapter, initialise_slot, inject_slots, remove_slots, slot_parameter_count
 from objectives.targets import resolve_targets
@@ -129,7 +130,8 @@ class SlotEngine:
         self.r_max = r_max
         self.packing = packing
         self.pad_id = base.tokenizer.pad_token_id
-        self.ctx, self.wrapped = inject_slots(base.model, list(base.linear_names), slots, r_max, base.device)
+        self.ctx, self.wrapped = inject_slots(base.model, list(base.linear_names), slots, r_max, base.device,
+                                             data.max_length)
         params = [p for layer in self.wrapped.values() for p in (layer.lora_A, layer.lora_B)]
         self.optimizer = SlotOptimizer(params, slots)
         self.held_out = eval_passes(data, eval_batch_size, packing, self.pad_id)
@@ -191,6 +193,8 @@ class SlotEngine:
                 self.tick()
 
     def _admit(self, job: Job) -> None:
+        if job.future.done():
+            return
         slot = next(s for s in range(self.slots) if s not in self.running)
         cfg = job.cfg
         try:
@@ -267,7 +271,7 @@ class SlotEngine:
             batch, keys = merge_passes(parts, self.pad_id)
             labels = batch.pop("labels")
             rows = self._row_slots(keys, labels.shape[0])
-            self.ctx.rows = PassRows.of(keys, device)
+            self.ctx.rows = PassRows.of(keys, labels.shape[0] // len(keys), device)
             try:
                 logits = self.base.model(**to_device(batch, device)).logits
                 per_slot = torch.zeros(self.slots, device=device).index_add(
@@ -302,7 +306,7 @@ class SlotEngine:
                     merged, keys = merge_passes([(s, batch, 0) for s in group], self.pad_id)
                     labels = merged.pop("labels")
                     rows = self._row_slots(keys, labels.shape[0])
-                    self.ctx.rows = PassRows.of(keys, device)
+                    self.ctx.rows = PassRows.of(keys, labels.shape[0] // len(keys), device)
                     logits = self.base.model(**to_device(merged, device)).logits
                     totals.index_add_(0, rows, row_losses(logits, labels.to(device)))
                     del logits
@@ -353,22 +357,42 @@ class SlotEngine:
             job.future.set_result(result)  # type: ignore[arg-type]
 
     def _fail_step(self, error: Exception) -> None:
-        """A step failed for every running run: out of memory halves the slots and restarts the runs, the
-        ones beyond the new capacity first in line; anything else fails them all."""
+        """A step failed for every running run. Out of memory: half the slots, then (one slot left) half the
+        micro-batch with twice the accumulation, up to each run's ``train.oom_retries``; the runs start over,
+        those beyond the new capacity first in line. Anything else fails them all."""
         for p in self.optimizer.params:
             p.grad = None
-        if not is_out_of_memory(error) or self.capacity == 1:
-            if is_out_of_memory(error):
-                error = TrialOutOfMemory(f"out of memory with one run per pass: {error}")
+        if not is_out_of_memory(error):
             for slot in list(self.running):
                 self._finish(slot, error=error)
             return
         free_accelerator_memory(self.base.device)
-        self.capacity = max(1, self.capacity // 2)
-        log.warning("out of memory with %d runs per pass; continuing with %d", len(self.running), self.capacity)
-        restart = [self.running.pop(slot).job for slot in sorted(self.running)]
-        for job in restart:
+        halve_slots = self.capacity > 1
+        if halve_slots:
+            self.capacity //= 2
+            log.warning("out of memory with %d runs per pass; continuing with %d", len(self.running), self.capacity)
+        restart = []
+        for slot in sorted(self.running):
+            job = self.running[slot].job
+            smaller = None if halve_slots else halve_micro_batch(job.cfg.train)
+            if not halve_slots and (smaller is None or job.attempts >= job.cfg.train.oom_retries):
+                self._finish(slot, error=TrialOutOfMemory(
+                    f"out of memory at one run per pass, micro_batch_size={job.cfg.train.micro_batch_size}, "
+                    f"grad_accum={job.cfg.train.grad_accum} after {job.attempts} retries"))
+                continue
+            self.running.pop(slot)
             job.attempts += 1
-            job.hooks.on_retry(job.cfg, job.attempts - 1, {"slots": self.capacity})
+            changes: dict[str, Any] = {"slots": self.capacity}
+            if smaller is not None:
+                job.cfg = dataclasses.replace(job.cfg, train=smaller)
+                changes = {"micro_batch_size": smaller.micro_batch_size, "grad_accum": smaller.grad_accum}
+            self._call_retry(job, changes)
+            restart.append(job)
         with self.lock:
             self.pending.extendleft(reversed(restart))
+
+    def _call_retry(self, job: Job, changes: dict[str, Any]) -> None:
+        try:
+            job.hooks.on_retry(job.cfg, job.attempts - 1, changes)
+        except BaseException as e:  # handed to the run's caller through its future
+            job.future.set_exception(e)

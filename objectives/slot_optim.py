@@ -51,74 +51,93 @@ class SlotOptimizer:
 
     def grad_norms(self) -> torch.Tensor:
         """Each slot's gradient norm over all its weights (as ``clip_grad_norm_`` computes one adapter's)."""
-        total = torch.zeros(self.slots, device=self.device)
-        for p in self.params:
-            if p.grad is not None:
-                total += p.grad.float().pow(2).flatten(1).sum(1)
-        return total.sqrt()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros(self.slots, device=self.device)
+        squares = torch._foreach_mul(grads, grads)
+        return torch.stack([s.flatten(1).sum(1) for s in squares]).sum(0).sqrt()
 
     def clip(self, norms: torch.Tensor, max_norms: list[float]) -> None:
         """Scale each slot's gradient to at most its ``max_grad_norm`` (``inf``: unclipped)."""
         limit = torch.tensor(max_norms, device=self.device)
-        coef = torch.clamp(limit / (norms + 1e-6), max=1.0)
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
+        coef = torch.clamp(limit / (norms + 1e-6), max=1.0).view(-1, 1, 1)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, [coef] * len(grads))
 
     @torch.no_grad()
     def step(self, active: list[int]) -> None:
-        """One optimizer step for the ``active`` slots; the others' weights and state do not change."""
+        """One optimizer step for the ``active`` slots; the others' weights and state do not change.
+
+        Every operation runs over all slots and all tensors at once (``torch._foreach_*``), with per-slot
+        coefficients that leave a slot untouched where its optimizer does not apply (multiply by 1, add 0).
+        AdamW's moments and SGD's momentum buffer share ``exp_avg``: a slot uses one optimizer.
+        """
         for slot in active:
             self.steps[slot] += 1
-        adam = [s for s in active if self._cfg(s).name == "adamw"]
-        sgd = [s for s in active if self._cfg(s).name == "sgd"]
-        for group, update in ((adam, self._adamw), (sgd, self._sgd)):
-            if group:
-                index = torch.tensor(group, device=self.device)
-                for i, p in enumerate(self.params):
-                    if p.grad is not None:
-                        update(group, index, i, p)
+        # A layer no running slot adapts got no gradient: as torch's optimizers, leave it out.
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not with_grad or not active:
+            return
+        grads = [self.params[i].grad for i in with_grad]
+        params = [self.params[i].data for i in with_grad]
+        exp_avg = [self.exp_avg[i] for i in with_grad]
+        exp_avg_sq = [self.exp_avg_sq[i] for i in with_grad]
+        c = self._coefficients(active)
+        n = len(params)
+
+        def col(name: str) -> list[torch.Tensor]:
+            return [c[name]] * n
+
+        # AdamW: decoupled decay, moments, bias-corrected step (multiplied before the division, so a slot whose
+        # step is 0 adds an exact 0 whatever its buffer holds).
+        torch._foreach_mul_(params, col("decay"))
+        torch._foreach_mul_(exp_avg, col("beta1"))
+        torch._foreach_add_(exp_avg, torch._foreach_mul(grads, col("one_minus_beta1")))  # type: ignore[arg-type]
+        torch._foreach_mul_(exp_avg_sq, col("beta2"))
+        squared = torch._foreach_mul(grads, grads)  # type: ignore[arg-type]
+        torch._foreach_add_(exp_avg_sq, torch._foreach_mul(squared, col("one_minus_beta2")))
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, col("bias2_sqrt"))
+        torch._foreach_add_(denom, self.EPS)
+        torch._foreach_sub_(params, torch._foreach_div(torch._foreach_mul(exp_avg, col("adam_step")), denom))
+        # SGD: L2 decay into the gradient, momentum (the first step's buffer is the gradient itself, as torch's).
+        d_p = torch._foreach_add(grads, torch._foreach_mul(params, col("sgd_decay")))  # type: ignore[arg-type]
+        torch._foreach_mul_(exp_avg, col("momentum"))
+        torch._foreach_add_(exp_avg, torch._foreach_mul(d_p, col("into_buffer")))
+        direction = torch._foreach_add(torch._foreach_mul(d_p, col("from_grad")),
+                                       torch._foreach_mul(exp_avg, col("from_buffer")))
+        torch._foreach_sub_(params, torch._foreach_mul(direction, col("sgd_lr")))
+
+    def _coefficients(self, active: list[int]) -> dict[str, torch.Tensor]:
+        """Per-slot columns (slots, 1, 1) of every coefficient; neutral (1 or 0) where a slot does not step."""
+        values = {"decay": 1.0, "beta1": 1.0, "one_minus_beta1": 0.0, "beta2": 1.0, "one_minus_beta2": 0.0,
+                  "bias2_sqrt": 1.0, "adam_step": 0.0, "sgd_decay": 0.0, "momentum": 1.0, "into_buffer": 0.0,
+                  "from_grad": 0.0, "from_buffer": 0.0, "sgd_lr": 0.0}
+        table = {name: [v] * self.slots for name, v in values.items()}
+        for slot in active:
+            cfg = self._cfg(slot)
+            t = self.steps[slot]
+            lr = cfg.lr * self.schedules[slot](t - 1)
+            if cfg.name == "adamw":
+                b1, b2 = cfg.betas
+                for name, v in (("decay", 1 - lr * cfg.weight_decay), ("beta1", b1), ("one_minus_beta1", 1 - b1),
+                                ("beta2", b2), ("one_minus_beta2", 1 - b2),
+                                ("bias2_sqrt", math.sqrt(1 - b2 ** t)), ("adam_step", lr / (1 - b1 ** t))):
+                    table[name][slot] = v
+            else:
+                m = cfg.momentum
+                # direction = from_grad * d_p + from_buffer * buffer: nesterov d_p + m * buf, plain buf, none d_p
+                from_grad, from_buffer = (1.0, m) if cfg.nesterov else (0.0, 1.0) if m != 0 else (1.0, 0.0)
+                for name, v in (("sgd_decay", cfg.weight_decay), ("momentum", m if m != 0 else 1.0),
+                                ("into_buffer", 1.0 if m != 0 else 0.0), ("from_grad", from_grad),
+                                ("from_buffer", from_buffer), ("sgd_lr", lr)):
+                    table[name][slot] = v
+        stacked = torch.tensor(list(table.values()), dtype=self.params[0].dtype)
+        columns = stacked.to(self.device).view(len(table), self.slots, 1, 1)
+        return {name: columns[i] for i, name in enumerate(table)}
 
     def _cfg(self, slot: int) -> OptimizerConfig:
         cfg = self.configs[slot]
         assert cfg is not None, f"slot {slot} has no trial"
         return cfg
-
-    def _column(self, values: list[float], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, device=self.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-    def _adamw(self, group: list[int], index: torch.Tensor, i: int, p: torch.Tensor) -> None:
-        cfgs = [self._cfg(s) for s in group]
-        lrs = [c.lr * self.schedules[s](self.steps[s] - 1) for s, c in zip(group, cfgs, strict=True)]
-        param, grad = p.data[index], p.grad[index]  # type: ignore[index]
-        exp_avg, exp_avg_sq = self.exp_avg[i][index], self.exp_avg_sq[i][index]
-        lr = self._column(lrs, param)
-        beta1 = self._column([c.betas[0] for c in cfgs], param)
-        beta2 = self._column([c.betas[1] for c in cfgs], param)
-        param.mul_(1 - lr * self._column([c.weight_decay for c in cfgs], param))
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad * (1 - beta2))
-        step_size = self._column([lr_ / (1 - c.betas[0] ** self.steps[s])
-                                  for lr_, c, s in zip(lrs, cfgs, group, strict=True)], param)
-        bias2_sqrt = self._column([math.sqrt(1 - c.betas[1] ** self.steps[s])
-                                   for c, s in zip(cfgs, group, strict=True)], param)
-        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(self.EPS)
-        param.sub_(exp_avg / denom * step_size)
-        p.data[index] = param
-        self.exp_avg[i][index] = exp_avg
-        self.exp_avg_sq[i][index] = exp_avg_sq
-
-    def _sgd(self, group: list[int], index: torch.Tensor, i: int, p: torch.Tensor) -> None:
-        cfgs = [self._cfg(s) for s in group]
-        lrs = [c.lr * self.schedules[s](self.steps[s] - 1) for s, c in zip(group, cfgs, strict=True)]
-        param, grad = p.data[index], p.grad[index]  # type: ignore[index]
-        d_p = grad + param * self._column([c.weight_decay for c in cfgs], param)
-        momentum = self._column([c.momentum for c in cfgs], param)
-        buf = self.exp_avg[i][index] * momentum + d_p  # the first step's buffer is d_p itself, as torch's
-        nesterov = self._column([float(c.nesterov) for c in cfgs], param)
-        has_momentum = self._column([float(c.momentum != 0) for c in cfgs], param)
-        direction = torch.where(nesterov.bool(), d_p + momentum * buf, buf)
-        direction = torch.where(has_momentum.bool(), direction, d_p)
-        param.sub_(direction * self._column(lrs, param))
-        p.data[index] = param
-        self.exp_avg[i][index] = buf

@@ -7,9 +7,9 @@ slot trains as the unpadded adapter would. A slot without an adapter on a layer 
 scaling there: it contributes nothing and receives nothing. The scaling comes from the trial's true rank
 (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
 
-Dropout masks come from each trial's own generator, re-seeded for every (step, pass, layer), so a trial draws
-the same masks whichever trials share its passes, and gradient checkpointing's recomputation redraws the
-same ones.
+Dropout masks are a hash of (the trial's key for this step and pass, the layer, the element's row, token and
+feature), computed on the device for all slots at once: a trial draws the same masks whichever trials share
+its passes and however wide the pass is, and gradient checkpointing's recomputation redraws the same ones.
 """
 
 from __future__ import annotations
@@ -32,21 +32,50 @@ class PassRows:
     slots: torch.Tensor
     """The slots in the pass, in row order, on the device."""
     keys: list[tuple[int, int]] = field(default_factory=list)
-    """(slot, dropout key) in row order; the key (the run's seed, step and pass) seeds that slot's dropout
-    masks in this pass together with the layer's index."""
+    """(slot, dropout key) in row order; the key stands for the run's seed, step and pass."""
+    rows: int = 1
+    """Rows per slot."""
+    key_tensor: torch.Tensor | None = None
+    """The keys as int32 on the device, shaped to broadcast over (slots, rows, tokens, features)."""
 
     @classmethod
-    def of(cls, keys: list[tuple[int, int]], device: torch.device) -> PassRows:
-        return cls(torch.tensor([slot for slot, _ in keys], device=device), keys)
+    def of(cls, keys: list[tuple[int, int]], rows: int, device: torch.device) -> PassRows:
+        key_tensor = torch.tensor([k & 0x7FFF_FFFF for _, k in keys], dtype=torch.int32).view(-1, 1, 1, 1)
+        return cls(torch.tensor([slot for slot, _ in keys], device=device), keys, rows, key_tensor.to(device))
+
+
+# lowbias32 (a 32-bit integer hash with good avalanche), in int32 arithmetic: products wrap, and a logical
+# right shift is an arithmetic one masked to the bits it keeps.
+HASH_MUL = (0x7FEB352D, 0x846CA68B - 2**32)
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * HASH_MUL[0]
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * HASH_MUL[1]
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 class SlotContext:
     """State every slot layer of a model reads during a pass: the row layout and the slots' dropout."""
 
-    def __init__(self, slots: int, device: torch.device) -> None:
+    def __init__(self, slots: int, max_length: int) -> None:
         self.rows: PassRows | None = None
         self.dropout = [0.0] * slots
-        self.generator = torch.Generator(device=device)
+        self.max_length = max_length
+        self._index: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def element_index(self, rows: int, tokens: int, features: int, device: torch.device) -> torch.Tensor:
+        """(row * max_length + token) * features + feature, int32 (rows, tokens, features): an element's
+        place in its slot's part of a pass, independent of the pass's width."""
+        key = (rows, tokens, features)
+        if key not in self._index:
+            r = torch.arange(rows, device=device, dtype=torch.int32).view(-1, 1, 1)
+            t = torch.arange(tokens, device=device, dtype=torch.int32).view(1, -1, 1)
+            f = torch.arange(features, device=device, dtype=torch.int32).view(1, 1, -1)
+            self._index[key] = (r * self.max_length + t) * features + f
+        return self._index[key]
 
 
 class SlotLinear(torch.nn.Module):
@@ -82,27 +111,28 @@ class SlotLinear(torch.nn.Module):
         return (result + update.view(result.shape)).to(result.dtype)
 
     def _dropout(self, x: torch.Tensor, rows: PassRows) -> torch.Tensor:
-        parts = []
-        for i, (slot, key) in enumerate(rows.keys):
-            p = self.ctx.dropout[slot]
-            part = x[i]
-            if p > 0 and self.used[slot]:
-                gen = self.ctx.generator
-                gen.manual_seed(hash((key, self.index)) & 0x7FFF_FFFF_FFFF_FFFF)
-                keep = torch.rand(part.shape, generator=gen, device=part.device, dtype=part.dtype) >= p
-                part = part * keep / (1 - p)
-            parts.append(part)
-        return torch.stack(parts)
+        """Each slot's dropout, drawn for all slots in a few operations (see the module docstring)."""
+        p = [self.ctx.dropout[slot] if self.used[slot] else 0.0 for slot, _ in rows.keys]
+        if not any(p) or rows.key_tensor is None:
+            return x
+        n = len(rows.keys)
+        index = self.ctx.element_index(rows.rows, x.shape[1] // rows.rows, self.in_features, x.device)
+        salt = hash((self.index, 0x5EED)) & 0x7FFF_FFFF
+        bits = hash32(index.unsqueeze(0) ^ (rows.key_tensor ^ salt)) & 0xFF_FFFF
+        threshold = torch.tensor([round(q * 2**24) for q in p], device=x.device, dtype=torch.int32)
+        scale = torch.tensor([1 / (1 - q) for q in p], device=x.device, dtype=x.dtype)
+        keep = bits >= threshold.view(-1, 1, 1, 1)
+        return (x.view(n, rows.rows, -1, self.in_features) * keep * scale.view(-1, 1, 1, 1)).view(x.shape)
 
 
 def is_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
-def inject_slots(model: torch.nn.Module, names: list[str], slots: int, r_max: int,
-                 device: torch.device) -> tuple[SlotContext, dict[str, SlotLinear]]:
+def inject_slots(model: torch.nn.Module, names: list[str], slots: int, r_max: int, device: torch.device,
+                 max_length: int) -> tuple[SlotContext, dict[str, SlotLinear]]:
     """Wrap the named linear layers of ``model`` in place; returns the shared context and the wrappers by name."""
-    ctx = SlotContext(slots, device)
+    ctx = SlotContext(slots, max_length)
     wrapped: dict[str, SlotLinear] = {}
     for index, name in enumerate(names):
         parent_name, _, child = name.rpartition(".")

@@ -75,7 +75,7 @@ def main(out_path: str) -> None:
             continue
         try:
             rows.extend(pairs(name))
-        except Exception:  # noqa: BLE001 - modules that cannot import on this platform are skipped
+        except Exception:  # modules that cannot import on this platform are skipped
             continue
     with open(out_path, "w", encoding="utf-8") as f:
         for row in rows:

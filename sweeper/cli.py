@@ -41,7 +41,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if cfg.workers.count > 0:
         from sweeper.workers import launch_workers
 
-        study = launch_workers(cfg, params, args.overrides, args.config, show_progress=not args.no_progress)
+        study = launch_workers(cfg, params, show_progress=not args.no_progress)
     else:
         study = run_sweep(cfg, params, show_progress=not args.no_progress)
     print(summary(study))
@@ -51,13 +51,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import json
-
     from sweeper import compose
 
-    # Started by `launch workers.count=N`: the launch's overrides come through the environment.
-    inherited = json.loads(os.environ.get("SWEEPER_OVERRIDES", "[]"))
-    cfg, params = compose.load([*inherited, *args.overrides], args.config)
+    # Started by `launch workers.count=N`, --config is the launch's composed config (see sweeper.workers).
+    cfg, params = compose.load(args.overrides, args.config)
     from sweeper.launch import run_worker
 
     return run_worker(cfg, params, show_progress=not args.no_progress)
@@ -122,7 +119,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_space(args: argparse.Namespace) -> int:
     from sweeper import compose
     from sweeper.compose import SEARCHABLE_PATHS
-    from sweeper.space import volume
+    from sweeper.values import volume
 
     cfg, params = compose.load(args.overrides, args.config)
     print(f"search space ({len(params)} parameters, {volume(params):g} configurations):")

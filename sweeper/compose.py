@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from objectives.config import ConfigError, LoraConfig, OptimizerConfig, TrainConfig
-from sweeper.config import CONF_DIR, SweepConfig, to_schema
-from sweeper.space import (
-    Param,
-    apply_values,
-    check_paths,
-    corner_values,
-    exclusive,
-    fix_params,
-    merge_sweeps,
-    order_params,
-    parse_entries,
-    split_fixed,
-    split_overrides,
-    unknown_path_hint,
-)
+from sweeper.config import CONF_DIR, SweepConfig, schema_message, to_schema
+from sweeper.overrides import fix_params, merge_sweeps, split_fixed, split_overrides
+from sweeper.samplers import make_pruner, make_sampler
+from sweeper.space import Param, check_paths, exclusive, order_params, parse_entries, unknown_path_hint
+from sweeper.values import apply_values, corner_values
 
 # Only what an adapter swap can change is searchable: the resident base and the data stay put.
 SEARCHABLE_PATHS = tuple(
@@ -52,6 +43,23 @@ def hydra_message(text: str) -> str:
     return message
 
 
+def force_values(overrides: Sequence[str], is_group: Callable[[str], bool]) -> list[str]:
+    """Plain ``key=value`` overrides as Hydra's ``++key=value``: set the value, adding the key where it is absent.
+
+    The YAML files hold only what differs from the schema's defaults, so most keys are absent from the composed
+    config and Hydra would refuse a plain override of them; the schema (``to_schema``) checks every key instead,
+    naming an unknown one. Group choices (``model=hub``), Hydra's own settings (``hydra.*``), additions,
+    deletions and package overrides pass as is.
+    """
+    out = []
+    for arg in overrides:
+        key = arg.split("=", 1)[0]
+        plain = "=" in arg and not arg.startswith(("+", "~")) and "@" not in key
+        ours = key.split(".")[0].split("/")[0] != "hydra" and not is_group(key)
+        out.append(f"++{arg}" if plain and ours else arg)
+    return out
+
+
 def hydra_compose(overrides: Sequence[str], config_file: str | Path | None = None) -> dict[str, Any]:
     """Compose ``conf/config.yaml`` (or a given file, e.g. an exported one) with Hydra overrides."""
     from hydra import compose, initialize_config_dir
@@ -62,11 +70,16 @@ def hydra_compose(overrides: Sequence[str], config_file: str | Path | None = Non
         raise ConfigError(f"--config: {path} does not exist")
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-            cfg = compose(config_name=path.stem, overrides=list(overrides))
+            cfg = compose(config_name=path.stem,
+                          overrides=force_values(overrides, lambda key: (path.parent / key).is_dir()))
     except HydraException as e:
         msg = hydra_message(str(e) or str(e.__cause__))
         raise ConfigError(msg or type(e).__name__) from None
-    out = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        # A mandatory ``???`` left unset would otherwise be dropped by the schema merge, leaving its default.
+        out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(schema_message(e)) from None
     assert isinstance(out, dict)
     return out  # type: ignore[return-value]
 
@@ -139,7 +152,7 @@ def load(args: Sequence[str], config_file: str | Path | None = None) -> tuple[Sw
     """Overrides (plain and sweep) -> typed config and ordered search space, fully validated.
 
     A plain override of a searched path fixes it (removing it from the space); a sweep override
-    (``lora.r=choice(8,16)``) adds or replaces a search-space entry (see ``space.merge_sweeps``).
+    (``lora.r=choice(8,16)``) adds or replaces a search-space entry (see ``overrides.merge_sweeps``).
 
     Raises:
         ConfigError: naming the field or entry, the problem and what is allowed.
@@ -154,8 +167,6 @@ def load(args: Sequence[str], config_file: str | Path | None = None) -> tuple[Sw
     check_values(config, params)
     params = order_params(params)
     check_consistent(cfg, params)
-    from sweeper.study import make_pruner, make_sampler
-
     make_sampler(cfg.study.sampler, params)
     make_pruner(cfg.study.pruner, cfg.train)
     return cfg, params

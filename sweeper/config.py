@@ -1,62 +1,33 @@
 """The sweep's typed config: the recipe's (objectives.config) plus study, tracking and workers.
 
 The YAML files in ``conf/`` are merged onto these dataclasses, so an unknown key or a value of the
-wrong type fails with the field's dotted name before anything heavy runs.
+wrong type fails with the field's dotted name before anything heavy runs. Each field's default is the
+default the CLI runs; ``conf/`` holds only what a choice changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from objectives.config import ConfigError, RecipeConfig, check_choice, check_positive
+from sweeper.samplers import (
+    MedianPrunerConfig,
+    PrunerConfig,
+    SamplerConfig,
+    TpeSamplerConfig,
+    pruner_schema,
+    sampler_schema,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-@dataclass
-class SamplerConfig:
-    """Optuna sampler; fields a sampler does not use are ignored by it."""
-
-    name: str = "tpe"
-    seed: int | None = 0
-    """Seeds the sampler: same seed, same suggestions."""
-    n_startup_trials: int = 4
-    """Random trials before the model-based samplers (TPE, GP, CMA-ES) take over."""
-    multivariate: bool = True
-    """TPE: model parameters jointly."""
-    group: bool = True
-    """TPE: model conditional parameters per branch."""
-    constant_liar: bool = False
-    """TPE: avoid duplicate suggestions when several workers run at once."""
-    population_size: int = 8
-    """NSGA-II population."""
-    qmc_type: str = "sobol"
-    """QMC sequence: sobol or halton."""
-
-
-@dataclass
-class PrunerConfig:
-    """Optuna pruner, asked at every evaluation."""
-
-    name: str = "median"
-    n_startup_trials: int = 2
-    """Trials that finish unpruned before median/percentile pruning starts."""
-    n_warmup_steps: int = 0
-    """Steps inside a trial before it may be pruned."""
-    interval_steps: int = 1
-    """Check every this many reports."""
-    percentile: float = 25.0
-    """Percentile pruner: keep trials in the best this percent."""
-    min_resource: Any = "auto"
-    """Successive halving / hyperband: first rung in steps; auto: the first evaluation (train.eval_every)."""
-    reduction_factor: int = 3
-    """Successive halving / hyperband: keep 1/reduction_factor of trials per rung."""
 
 
 @dataclass
@@ -67,15 +38,18 @@ class StudyConfig:
     n_trials: int = 10
     """Total budget of finished (complete or pruned) trials; a resumed study runs only what is missing."""
     storage: str | None = None
-    """Optuna storage URL; None keeps it beside MLflow under ``output_dir``."""
+    """Optuna storage: an RDB URL (postgresql://..., sqlite:///...) or ``journal:/path/file``; None keeps it beside
+    MLflow under ``output_dir`` (SQLite, or a journal file when several workers share it)."""
     directions: list[str] = field(default_factory=lambda: ["minimize"])
     """One per objective."""
     objectives: list[str] = field(default_factory=lambda: ["eval_loss"])
     """eval_loss, trainable_params, peak_memory_mb, trial_seconds."""
     timeout_s: float | None = None
     """Stop starting new trials after this many seconds."""
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    sampler: SamplerConfig = field(default_factory=TpeSamplerConfig)
+    """Which sampler suggests the trials' parameters, and its options (conf/study/sampler/)."""
+    pruner: PrunerConfig = field(default_factory=MedianPrunerConfig)
+    """Which pruner stops unpromising trials early, and its options (conf/study/pruner/)."""
 
     def __post_init__(self) -> None:
         check_positive("study.n_trials", self.n_trials)
@@ -113,9 +87,23 @@ class WorkersConfig:
     """A worker whose memory grew this much above its level after loading the base is recycled."""
     poll_s: float = 2.0
     """How often a worker waiting for the budget's last trials checks the study."""
+    slots: Any = "auto"
+    """Trials trained together in every pass over this worker's base, each row through its own trial's adapter:
+    a small model leaves a GPU idle at one trial's batch. ``auto``: on CUDA the most that fit the worker's
+    share of the device (at most 32), on the CPU 1. 1: one trial at a time (peft's adapter)."""
+    index: int | None = None
+    """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
+    None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""
+    supervised: bool = False
+    """A launcher owns the study's parent MLflow run and closes it: this worker leaves it open when it is done."""
 
     def __post_init__(self) -> None:
         check_positive("workers.count", self.count, zero_ok=True)
+        if self.index is not None:
+            check_positive("workers.index", self.index, zero_ok=True)
+        if self.slots != "auto" and (isinstance(self.slots, bool) or not isinstance(self.slots, int)
+                                     or self.slots < 1):
+            raise ConfigError(f"workers.slots: {self.slots!r} is not allowed; use auto or a whole number >= 1")
         check_positive("workers.per_gpu", self.per_gpu)
         check_positive("workers.heartbeat_s", self.heartbeat_s)
         if self.grace_s <= self.heartbeat_s:
@@ -132,7 +120,7 @@ class TrackingConfig:
     """Where runs are logged."""
 
     uri: str | None = None
-    """MLflow tracking URI; None is an SQLite store under ``output_dir``."""
+    """MLflow tracking URI (http://host:5000, postgresql://...); None is an SQLite store under ``output_dir``."""
     experiment: str | None = None
     """Experiment name; None is the study name."""
     log_adapter: str = "best"
@@ -192,17 +180,42 @@ class SweepConfig(RecipeConfig):
 def to_schema(cfg: DictConfig | dict[str, Any]) -> SweepConfig:
     """Validate a composed config against the schema and build the typed object.
 
+    ``study.sampler`` and ``study.pruner`` are checked against the schema of the sampler and pruner they name,
+    so an option the chosen one does not take is an error (see ``samplers.sampler_schema``).
+
     Raises:
         ConfigError: naming the offending field.
     """
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), cfg)
+        schema = OmegaConf.structured(SweepConfig)
+        raw = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+        study = raw.get("study") if isinstance(raw, Mapping) else None
+        if isinstance(study, Mapping):
+            for kind, schema_of in (("sampler", sampler_schema), ("pruner", pruner_schema)):
+                options = study.get(kind)
+                if isinstance(options, Mapping):
+                    # The field holds the named kind's schema, so the merge checks its options' types too.
+                    schema.study[kind] = OmegaConf.structured(schema_of(options))
+        merged = OmegaConf.merge(schema, cfg)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}".strip(": ")) from None
+        raise ConfigError(schema_message(e)) from None
     assert isinstance(obj, SweepConfig)
     return obj
+
+
+def schema_message(e: OmegaConfBaseException) -> str:
+    """OmegaConf's error in one line after the field's dotted name; an unknown key lists its section's fields."""
+    key = getattr(e, "full_key", None) or ""
+    object_type = getattr(e, "object_type", None)
+    if isinstance(e, ConfigKeyError) and isinstance(object_type, type) and dataclasses.is_dataclass(object_type):
+        section = key.rpartition(".")[0] or "the config"
+        names = ", ".join(f.name for f in dataclasses.fields(object_type))
+        return f"{key}: not a field of {section}; it has: {names}"
+    if isinstance(e, MissingMandatoryValue):
+        return f"{key}: needs a value here, e.g. {key}=..."
+    text = str(getattr(e, "msg", e)).strip()
+    return f"{key}: {text.splitlines()[0] if text else type(e).__name__}".strip(": ")
 
 
 def to_container(cfg: RecipeConfig) -> dict[str, Any]:

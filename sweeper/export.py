@@ -10,6 +10,7 @@ import yaml
 
 from objectives.config import ConfigError
 from sweeper.config import SweepConfig, to_container
+from sweeper.records import StudyRecord, TrialRecord
 from sweeper.tracking import redact
 
 
@@ -36,18 +37,25 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
 
 
 def exported_config(cfg: SweepConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """The trial's resolved config, the sweep's bookkeeping sections, and a provenance block."""
-    out = dict(study.user_attrs.get("sweep_config") or to_container(cfg))
-    out.update(trial.user_attrs["config"])
+    """The trial's resolved config, the sweep's bookkeeping sections, and a provenance block.
+
+    Raises:
+        ConfigError: the trial has no recorded config (a study the sweeper did not run).
+    """
+    study_record, trial_record = StudyRecord.of(study), TrialRecord.of(trial)
+    if trial_record.config is None:
+        raise ConfigError(f"--trial: trial {trial.number} of study {study.study_name!r} has no recorded config")
+    out = dict(study_record.sweep_config or to_container(cfg))
+    out.update(trial_record.config)
     out["search_space"] = {}
     out["provenance"] = {
         "study": study.study_name,
         "storage": cfg.storage_url,
         "trial_number": trial.number,
         "values": list(trial.values),
-        "mlflow_parent_run_id": study.user_attrs.get("mlflow_parent_run_id"),
-        "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
-        "adapter_uri": trial.user_attrs.get("adapter_uri"),
+        "mlflow_parent_run_id": study_record.mlflow_parent_run_id,
+        "mlflow_run_id": trial_record.mlflow_run_id,
+        "adapter_uri": trial_record.adapter_uri,
     }
     return redact(out)
 

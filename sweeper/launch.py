@@ -6,19 +6,26 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from sweeper.config import SweepConfig, to_container
+from objectives.config import RecipeConfig
+from objectives.decisions import with_checkpointing
+from objectives.objective import RunHooks, RunResult
+from sweeper.budget import BudgetGuard, BudgetReached, fail_dead_trials, failed_trials
+from sweeper.config import SweepConfig
+from sweeper.objective import Runner
+from sweeper.records import record
+from sweeper.slots import SlotPlan, plan_slots
 from sweeper.space import Param
-from sweeper.study import FINISHED, DeadTrialHandler, dead_on_this_host, fail_trials_of, finished_trials, open_study
-from sweeper.tracking import Tracker
+from sweeper.study import FINISHED, DeadTrialHandler, finished_trials, open_study
+from sweeper.tracking import finish_parent, make_tracker, parent_run, update_parent
 
 log = logging.getLogger(__name__)
 
@@ -44,81 +51,33 @@ class Resources:
                  time.perf_counter() - start, len(data.train), len(data.eval))
         return cls(base, data)
 
+    def slot_plan(self, cfg: SweepConfig, params: Sequence[Param]) -> SlotPlan:
+        """How many trials this worker trains per pass (``workers.slots``)."""
+        from objectives.decisions import device_memory_bytes
 
-def make_tracker(cfg: SweepConfig) -> Tracker:
-    return Tracker(cfg.tracking_uri, cfg.experiment_name, cfg.output_path / "artifacts")
+        memory = cfg.workers.memory_share(device_memory_bytes(self.base.device))
+        return plan_slots(cfg, params, self.base.device.type, self.base.config, memory, self.base.linear_names)
 
+    def engine(self, cfg: SweepConfig, plan: SlotPlan, slots: int | None = None) -> Any:
+        """A slot engine on this base for the plan (None for one trial at a time on peft's adapter)."""
+        if plan.slots == 1 and slots is None:
+            return None
+        from objectives.engine import SlotEngine
 
-def parent_run(tracker: Tracker, study: optuna.Study, cfg: SweepConfig, params: Sequence[Param]) -> str:
-    """The study's MLflow run: created on the first launch, reopened on a resume."""
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id:
-        tracker.reopen(run_id)
-        return str(run_id)
-    run_id = tracker.start_run(
-        cfg.study.name, tags={"kind": "study", "study": cfg.study.name},
-        params={"sampler": cfg.study.sampler.name, "pruner": cfg.study.pruner.name,
-                "n_trials": cfg.study.n_trials, "objectives": ",".join(cfg.study.objectives),
-                "storage": cfg.storage_url, "sampler_seed": cfg.study.sampler.seed})
-    tracker.log_dict(run_id, dict(cfg.search_space), "search_space.yaml")
-    tracker.log_text(run_id, "\n".join(f"{p.name}: {p.describe()}"
-                                       + (f"  when {p.describe_condition()}" if p.when else "")
-                                       for p in params), "search_space_resolved.txt")
-    tracker.log_dict(run_id, to_container(cfg), "sweep_config.yaml")
-    study.set_user_attr("mlflow_parent_run_id", run_id)
-    return run_id
+        self.base.use_checkpointing(plan.checkpointing)
+        return SlotEngine(self.base, self.data, slots or plan.slots, plan.r_max,
+                          eval_batch_size=cfg.train.micro_batch_size, packing=cfg.train.packing)
 
 
-def update_parent(tracker: Tracker, run_id: str, study: optuna.Study) -> None:
-    """Keep the best value and trial on the parent run current."""
-    if len(study.directions) > 1:
-        tracker.set_tags(run_id, {"pareto_trials": ",".join(str(t.number) for t in study.best_trials)})
-        return
-    try:
-        best = study.best_trial
-    except ValueError:
-        return
-    tracker.log_metrics(run_id, best.number, {"best_value": float(best.value or 0.0)})
-    tracker.set_tags(run_id, {"best_trial": str(best.number), "best_value": f"{best.value:.6f}"})
-    tracker.flush(run_id)
+def engine_runner(engine: Any, base: Any) -> Runner | None:
+    """A trial's run in the engine's shared passes, with the worker's checkpointing recorded as its own."""
+    if engine is None:
+        return None
 
+    def run(cfg: RecipeConfig, hooks: RunHooks) -> RunResult:
+        return engine.run(with_checkpointing(cfg, base.checkpointing), hooks)  # type: ignore[no-any-return]
 
-class BudgetReached(Exception):
-    """Trials ahead of this one already cover the study's budget."""
-
-
-class BudgetGuard:
-    """Keeps the study's total budget exact when several workers share it.
-
-    Before a trial runs it counts the trials ahead of it (lower numbers) that finished or are running.
-    If they cover the budget, the trial waits: should one of them fail, it runs in its place; once the
-    budget is finished it is dropped (marked failed as surplus, never run).
-    """
-
-    def __init__(self, budget: int, poll_s: float, handler: DeadTrialHandler, timeout_s: float | None) -> None:
-        self.budget = budget
-        self.poll_s = poll_s
-        self.handler = handler
-        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
-
-    def wait_turn(self, study: optuna.Study, number: int) -> bool:
-        while True:
-            trials = study.get_trials(deepcopy=False)
-            if sum(t.state in FINISHED for t in trials) >= self.budget:
-                return False
-            ahead = sum(t.number < number and t.state in (*FINISHED, TrialState.RUNNING) for t in trials)
-            if ahead < self.budget:
-                return True
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                return False
-            fail_dead_trials(study, self.handler)
-            time.sleep(self.poll_s)
-
-
-def fail_dead_trials(study: optuna.Study, handler: DeadTrialHandler) -> None:
-    """Fail, then retry, trials whose worker died: no heartbeat (RDB storages), or a gone process on this host."""
-    optuna.storages.fail_stale_trials(study)
-    fail_trials_of(study, dead_on_this_host, handler)
+    return run
 
 
 class GuardedObjective:
@@ -132,17 +91,16 @@ class GuardedObjective:
         self.memory_mb = memory_in_use_mb(device)
 
     def __call__(self, trial: optuna.Trial) -> Any:
-        trial.set_user_attr("worker", self.worker)
+        record(trial, worker=self.worker)
         if not self.guard.wait_turn(trial.study, trial.number):
-            trial.set_user_attr("surplus", True)
-            trial.set_user_attr("state_reason", "budget reached before this trial started")
+            record(trial, surplus=True, state_reason="budget reached before this trial started")
             trial.study.stop()
             raise BudgetReached(f"trial {trial.number}: budget of {self.guard.budget} already finished")
         try:
             return self.objective(trial)
         finally:
             self.memory_mb = memory_in_use_mb(self.device)  # after the trial let go of what it held
-            trial.set_user_attr("worker_memory_mb", self.memory_mb)
+            record(trial, worker_memory_mb=self.memory_mb)
 
 
 def worker_id() -> str:
@@ -158,11 +116,6 @@ def memory_in_use_mb(device: Any) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def failed_trials(study: optuna.Study) -> int:
-    return sum(t.state == TrialState.FAIL and not t.user_attrs.get("surplus")
-               for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
 
 
 def run_sweep(cfg: SweepConfig, params: Sequence[Param], show_progress: bool = True) -> optuna.Study:
@@ -196,9 +149,13 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         print(f"study {cfg.study.name!r} already has {done} finished trials (budget {cfg.study.n_trials})")
         return study, False
     resources = Resources.load(cfg)  # bad data or device settings fail here, before the parent run exists
+    plan = resources.slot_plan(cfg, params)
+    log.info("%d trial(s) per pass: %s", plan.slots, plan.reason)
     parent_id = parent_run(tracker, study, cfg, params)
+    engine = resources.engine(cfg, plan)
     objective = GuardedObjective(
-        QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id, show_progress),
+        QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id,
+                       show_progress and plan.slots == 1, runner=engine_runner(engine, resources.base)),
         BudgetGuard(cfg.study.n_trials, cfg.workers.poll_s, handler, cfg.study.timeout_s), worker_id(),
         resources.base.device)
     baseline = objective.memory_mb
@@ -215,7 +172,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         if len(study.directions) == 1 and trial.state == TrialState.COMPLETE:
             bar.set_postfix(best=f"{study.best_value:.4f}", refresh=True)
         drift = objective.memory_mb - baseline
-        if bar.n >= cfg.study.n_trials or failed_trials(study) >= max_failures:
+        if failed_trials(study) >= max_failures:
             study.stop()
         elif join and drift > cfg.workers.max_drift_mb:
             log.warning("memory grew %.0f MB above the resident base: recycling this worker", drift)
@@ -224,30 +181,21 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
 
     status = "FAILED"
     try:
-        study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), callbacks=[after_trial])
+        # With slots, one Optuna thread per slot asks a trial and waits for the engine to train it.
+        study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), n_jobs=plan.slots,
+                       callbacks=[MaxTrialsCallback(cfg.study.n_trials, states=FINISHED), after_trial])
         status = "FINISHED" if finished_trials(study) >= cfg.study.n_trials else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        if engine is not None:
+            engine.close()
         bar.close()
         # A lone worker closes the parent run when it finished the budget; supervised ones leave it to the launcher.
-        if not join or (status == "FINISHED" and not os.environ.get("SWEEPER_SUPERVISED")):
+        if not join or (status == "FINISHED" and not cfg.workers.supervised):
             finish_parent(tracker, parent_id, study, cfg, status)
     return study, recycle
-
-
-def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: SweepConfig, status: str) -> None:
-    try:
-        from sweeper.plots import log_study_plots
-
-        log_study_plots(tracker, run_id, study)
-    except Exception as e:  # noqa: BLE001 - plots are a convenience; a failure must not hide the results
-        log.warning("study plots skipped: %s", e)
-    states = Counter(t.state for t in study.get_trials(deepcopy=False))
-    tracker.set_tags(run_id, {**{f"trials_{s.name.lower()}": n for s, n in states.items() if n},
-                              "budget_left": max(0, cfg.study.n_trials - sum(states[s] for s in FINISHED))})
-    tracker.end_run(run_id, status)  # a resume reopens it
 
 
 def run_single(cfg: SweepConfig, show_progress: bool = True) -> float | list[float]:
@@ -256,8 +204,16 @@ def run_single(cfg: SweepConfig, show_progress: bool = True) -> float | list[flo
 
     tracker = make_tracker(cfg)
     resources = Resources.load(cfg)
-    objective = QLoRAObjective(cfg, [], resources.base, resources.data, tracker, None, show_progress)
-    return objective(optuna.trial.FixedTrial({}, number=0))
+    # Where a sweep on this device trains in slots, the reproduction does too (one slot): the same arithmetic.
+    plan = resources.slot_plan(cfg, [])
+    engine = resources.engine(cfg, plan, slots=1) if plan.slots > 1 else None
+    try:
+        objective = QLoRAObjective(cfg, [], resources.base, resources.data, tracker, None, show_progress,
+                                   runner=engine_runner(engine, resources.base))
+        return objective(optuna.trial.FixedTrial({}, number=0))
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 def summary(study: optuna.Study) -> str:

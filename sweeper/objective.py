@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,17 @@ from objectives.base import ResidentBase
 from objectives.config import RECIPE_SECTIONS, RecipeConfig
 from objectives.data import TokenizedSplits
 from objectives.decisions import device_memory_bytes
-from objectives.objective import DoesNotFit, RunHooks, run_recipe
+from objectives.objective import DoesNotFit, RunHooks, RunResult, run_recipe
 from objectives.training import LossNotFinite, TrainResult
 from sweeper.config import SweepConfig, to_container, to_schema
 from sweeper.records import record
-from sweeper.space import Param, apply_values, sample
+from sweeper.space import Param
 from sweeper.tracking import RUN_STATUS, Tracker
+from sweeper.values import apply_values, sample
 
 AnyTrial = optuna.Trial | optuna.trial.FixedTrial
+Runner = Callable[[RecipeConfig, RunHooks], RunResult]
+"""Runs one trial's recipe: alone on the base (``run_recipe``), or in a slot engine's shared passes."""
 
 
 def recipe_record(cfg: RecipeConfig) -> dict[str, Any]:
@@ -125,7 +128,8 @@ class QLoRAObjective:
     """
 
     def __init__(self, cfg: SweepConfig, params: Sequence[Param], base: ResidentBase, data: TokenizedSplits,
-                 tracker: Tracker | None, parent_run_id: str | None = None, show_progress: bool = True) -> None:
+                 tracker: Tracker | None, parent_run_id: str | None = None, show_progress: bool = True,
+                 runner: Runner | None = None) -> None:
         self.cfg = cfg
         self.config = to_container(cfg)
         self.params = list(params)
@@ -135,6 +139,7 @@ class QLoRAObjective:
         self.parent_run_id = parent_run_id
         self.show_progress = show_progress
         self.memory_bytes = cfg.workers.memory_share(device_memory_bytes(base.device))
+        self.runner: Runner = runner or (lambda cfg, hooks: run_recipe(cfg, base, data, self.memory_bytes, hooks))
 
     def trial_config(self, trial: AnyTrial) -> tuple[SweepConfig, dict[str, Any]]:
         """The sampled values applied to the sweep's config, and the values."""
@@ -148,7 +153,7 @@ class QLoRAObjective:
         state, reason = "failed", ""
         try:
             try:
-                run = run_recipe(cfg, self.base, self.data, self.memory_bytes, hooks)
+                run = self.runner(cfg, hooks)
             except (LossNotFinite, DoesNotFit) as e:
                 raise optuna.TrialPruned(f"non-finite loss: {e}" if isinstance(e, LossNotFinite) else str(e)) from e
             values = objective_values(cfg.study.objectives, run.train, run.seconds)

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from objectives.config import ConfigError
 from objectives.decisions import device_memory_bytes as total_device_memory
-from objectives.decisions import resolve_checkpointing
+from objectives.decisions import resolve_checkpointing, slots_memory_bytes
 from objectives.memory import MemoryEstimate, estimate_worst
 from objectives.shape import ModelShape, TrialSettings, gib
 from objectives.sources import load_model_config
 from objectives.timing import CPU_FLOPS_PER_CORE, UTILIZATION, Device, detect_device, trial_seconds
 from sweeper.config import SweepConfig, to_container, to_schema
+from sweeper.slots import plan_slots
 
 if TYPE_CHECKING:
     from sweeper.space import Param
@@ -51,7 +52,7 @@ class Corner:
 def _trial_config(base: Mapping[str, Any], params: Sequence[Param], values: Mapping[str, Any], model_config: Any,
                   memory_bytes: int | None) -> SweepConfig:
     """A corner's config; with ``memory_bytes``, checkpointing ``auto`` decided as a trial would decide it."""
-    from sweeper.space import apply_values
+    from sweeper.values import apply_values
 
     by_name = {p.name: p for p in params}
     cfg = to_schema(apply_values(base, {by_name[n].path: v for n, v in values.items()}))
@@ -71,7 +72,7 @@ def corner_choices(cfg: SweepConfig, params: Sequence[Param], model_config: Any,
     one value is not a corner parameter. Over ``max_corners`` combinations, the least important
     parameters are pinned to their most expensive value.
     """
-    from sweeper.space import corner_values
+    from sweeper.values import corner_values
 
     base = to_container(cfg)
     order = MEMORY_PATHS + TIME_PATHS
@@ -170,7 +171,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         model_config: the model's config (default: read with :func:`load_model_config`).
         device: where the time estimate applies (default: :func:`detect_device`).
     """
-    from sweeper.space import volume
+    from sweeper.values import volume
 
     model_config = model_config if model_config is not None else load_model_config(cfg.model)
     device = device or detect_device(cfg)
@@ -195,6 +196,12 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         lines.append(f"  {p.name:<24} {p.path:<24} {p.describe()}{cond}")
     lines.append(f"device memory: {memory_text}")
     budget = memory if memory is not None else cfg.workers.memory_share(total_device_memory())
+    slots = plan_slots(cfg, params, device.kind, model_config, budget)
+    lines.append(f"trials per pass (workers.slots={cfg.workers.slots}): {slots.slots} ({slots.reason})"
+                 + (f"; each slot rank {slots.r_max} on every linear layer, checkpointing "
+                    f"{'on' if slots.checkpointing else 'off'}, predicted peak "
+                    f"{gib(slots_memory_bytes(cfg, model_config, slots.slots, slots.r_max, slots.checkpointing))}"
+                    if slots.slots > 1 else ""))
     names, rows = corners(cfg, params, model_config, device, memory_bytes=budget)
     if not rows:
         lines.append("no corner makes a valid config")

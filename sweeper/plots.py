@@ -6,11 +6,12 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from sweeper.tracking import Tracker
+if TYPE_CHECKING:
+    from sweeper.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def write_study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
                 path = out_dir / f"{name}.html"
                 fig.write_html(str(path), include_plotlyjs="directory")
                 written.append(path)
-            except Exception as e:  # noqa: BLE001 - too few trials for a plot is normal early on
+            except Exception as e:  # too few trials for a plot is normal early on
                 log.debug("%s.html skipped: %s", name, e)
         for name in plot_names(study):
             try:
@@ -64,7 +65,7 @@ def write_study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
                 fig.savefig(path, dpi=100)
                 plt.close(fig)
                 written.append(path)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.debug("%s.png skipped: %s", name, e)
     return written
 

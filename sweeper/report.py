@@ -13,7 +13,6 @@ Example (``python -m sweeper report`` prints this for a sweep's study):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -25,6 +24,9 @@ from typing import Any, TextIO
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.records import StudyRecord, TrialRecord
+from sweeper.study import stored_space
 
 MARK = "*"
 MISSING = "-"
@@ -57,7 +59,7 @@ def use_color(stream: TextIO | None = None) -> bool:
 def objective_names(study: optuna.Study) -> list[str]:
     """Names of the study's values: Optuna's metric names, else the sweep's objectives, else value/valueN."""
     n = len(study.directions)
-    for names in (study.metric_names, study.user_attrs.get("objectives")):
+    for names in (study.metric_names, StudyRecord.of(study).objectives):
         if names and len(names) == n:
             return [str(x) for x in names]
     return ["value"] if n == 1 else [f"value{i}" for i in range(n)]
@@ -80,11 +82,7 @@ def param_paths(study: optuna.Study) -> dict[str, str]:
     them as one column keeps the learning rate in view whatever the optimizer. Studies made outside
     the sweeper have no stored space: each name is its own path.
     """
-    try:
-        entries = json.loads(study.user_attrs.get("search_space") or "[]")
-        return {str(e[0]): str(e[1]) for e in entries}
-    except (TypeError, ValueError, IndexError, KeyError):
-        return {}
+    return {p.name: p.path for p in stored_space(study)}
 
 
 def sampled_values(trial: FrozenTrial, paths: Mapping[str, str]) -> dict[str, tuple[Any, BaseDistribution | None]]:
@@ -177,7 +175,7 @@ def fmt_reason(trial: FrozenTrial) -> str:
     """Why a trial was pruned or failed (first line of ``state_reason``); empty for the others."""
     if trial.state not in (TrialState.PRUNED, TrialState.FAIL):
         return ""
-    reason = str(trial.user_attrs.get("state_reason") or "").strip()
+    reason = str(TrialRecord.of(trial).state_reason or "").strip()
     return _cut(reason.splitlines()[0], MAX_REASON) if reason else MISSING
 
 

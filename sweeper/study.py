@@ -1,114 +1,46 @@
-"""The Optuna side: samplers, pruners, opening or resuming a study, counting its budget."""
+"""The Optuna side: opening or resuming a study, failing and retrying dead trials, counting its budget."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
 import os
 import socket
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from objectives.config import RECIPE_SECTIONS, ConfigError, TrainConfig
-from sweeper.config import PrunerConfig, SamplerConfig, SweepConfig, WorkersConfig, to_container
-from sweeper.space import Param, grid_values
+from objectives.config import RECIPE_SECTIONS, ConfigError
+from sweeper.config import SweepConfig, WorkersConfig, to_container
+from sweeper.records import StudyRecord, TrialRecord, record_study
+from sweeper.samplers import counting_running, for_worker, make_pruner, make_sampler
+from sweeper.space import Param
 from sweeper.tracking import redact
 
-# group=True, QMC and friends are stable in use; the per-call notice is noise in every sweep's output.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2")
-PRUNERS = ("median", "percentile", "successive_halving", "asha", "hyperband", "none")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def make_sampler(cfg: SamplerConfig, params: Sequence[Param]) -> optuna.samplers.BaseSampler:
-    """Sampler by name; every one is seeded by ``cfg.seed``.
-
-    Raises:
-        ConfigError: an unknown name, a setting the sampler rejects, or a grid over a space it
-            cannot enumerate (continuous or conditional parameters).
-    """
-    s = optuna.samplers
-    name = cfg.name
-    # Parameters a sampler cannot model (categoricals for CMA-ES, QMC) are drawn at random, seeded too.
-    fallback: dict[str, Any] = {"independent_sampler": s.RandomSampler(seed=cfg.seed),
-                                "warn_independent_sampling": False}
-    try:
-        if name == "tpe":
-            return s.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
-                                multivariate=cfg.multivariate, group=cfg.group,
-                                constant_liar=cfg.constant_liar)
-        if name == "random":
-            return s.RandomSampler(seed=cfg.seed)
-        if name == "grid":
-            # A grid fixes every parameter of every trial; a branch that is not sampled breaks its count.
-            conditional = [p.name for p in params if p.when]
-            if conditional:
-                raise ConfigError(f"study.sampler.name: grid cannot sample conditional parameters "
-                                  f"({', '.join(conditional)}); fix their condition "
-                                  "(e.g. optimizer.name=sgd) or use tpe or random")
-            return s.GridSampler({p.name: grid_values(p) for p in params}, seed=cfg.seed)
-        if name == "cmaes":
-            return s.CmaEsSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, **fallback)
-        if name == "gp":
-            return s.GPSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, **fallback)
-        if name == "qmc":
-            return s.QMCSampler(qmc_type=cfg.qmc_type, seed=cfg.seed, scramble=True, **fallback)
-        if name == "nsga2":
-            return s.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:  # Optuna's own checks of the settings
-        raise ConfigError(f"study.sampler: {name} rejects its settings: {e}") from None
-    raise ConfigError(f"study.sampler.name: {name!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
-
-
-def make_pruner(cfg: PrunerConfig, train: TrainConfig) -> optuna.pruners.BasePruner:
-    """Pruner by name; asked at every evaluation of a trial but the last.
-
-    Successive halving and hyperband with ``min_resource: auto`` put their first rung at the first evaluation
-    (``train.eval_every``), so rungs fall on evaluations: Optuna's own estimate (a hundredth of a finished
-    trial's steps) assumes a report every step and, with evaluations every few steps, stacks several rungs on
-    the first one (keeping 1/9 of the trials there instead of 1/3).
-
-    Raises:
-        ConfigError: an unknown name or a setting the pruner rejects.
-    """
-    p = optuna.pruners
-    name = cfg.name
-    # Hyperband checks its rungs only when a trial first reports; fail here, before anything runs.
-    if name in ("successive_halving", "asha", "hyperband") and cfg.reduction_factor < 2:
-        raise ConfigError(f"study.pruner.reduction_factor: must be >= 2 for {name}, got {cfg.reduction_factor}")
-    try:
-        if name == "median":
-            return p.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
-                                  interval_steps=cfg.interval_steps)
-        if name == "percentile":
-            return p.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials,
-                                      n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps)
-        first_rung = min(train.eval_every, train.max_steps) if cfg.min_resource == "auto" else cfg.min_resource
-        if name in ("successive_halving", "asha"):
-            return p.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=cfg.reduction_factor)
-        if name == "hyperband":
-            return p.HyperbandPruner(min_resource=first_rung, max_resource=train.max_steps,
-                                     reduction_factor=cfg.reduction_factor)
-        if name == "none":
-            return p.NopPruner()
-    except (ValueError, TypeError) as e:  # Optuna's own checks of the settings
-        raise ConfigError(f"study.pruner: {name} rejects its settings: {e}") from None
-    raise ConfigError(f"study.pruner.name: {name!r} is not allowed; choose one of {', '.join(PRUNERS)}")
 
 
 def space_fingerprint(params: Sequence[Param]) -> str:
     """A stable text of the space, stored on the study so joining workers can check they agree."""
     return json.dumps([[p.name, p.path, optuna.distributions.distribution_to_json(p.distribution),
                         [[n, list(v)] for n, v in p.when]] for p in params], sort_keys=True)
+
+
+def stored_space(study: optuna.Study) -> list[Param]:
+    """The search space stored on the study (the inverse of :func:`space_fingerprint`).
+
+    Empty for a study the sweeper did not create: it stores no space, or something else under the name.
+    """
+    try:
+        entries = json.loads(StudyRecord.of(study).search_space or "[]")
+        return [Param(str(name), str(path), optuna.distributions.json_to_distribution(dist),
+                      tuple((str(n), tuple(v)) for n, v in when)) for name, path, dist, when in entries]
+    except (TypeError, ValueError, KeyError):
+        return []
 
 
 # Settings a worker may choose for its own device: they change where and how fast a trial runs, not its result.
@@ -138,9 +70,11 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     sampler_cfg = cfg.study.sampler
     if not create:
         # Workers sharing a study must not draw the same suggestions from the same seed.
-        offset = int(os.environ.get("SWEEPER_WORKER_INDEX", os.getpid())) + 1
-        sampler_cfg = dataclasses.replace(sampler_cfg, constant_liar=True,
-                                          seed=None if sampler_cfg.seed is None else sampler_cfg.seed + offset)
+        offset = (os.getpid() if cfg.workers.index is None else cfg.workers.index) + 1
+        sampler_cfg = for_worker(sampler_cfg, offset)
+    elif cfg.workers.slots != 1:
+        # Trials in slots run side by side: TPE counts the running ones (one at a time, nothing else runs).
+        sampler_cfg = counting_running(sampler_cfg)
     sampler = make_sampler(sampler_cfg, params)
     pruner = make_pruner(cfg.study.pruner, cfg.train)
     existing = optuna.get_all_study_names(storage)
@@ -155,8 +89,8 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
                           f"the config asks for {list(cfg.study.directions)}")
     fingerprint = space_fingerprint(params)
     setup = fixed_setup(cfg, params)
-    stored = study.user_attrs.get("search_space")
-    stored_setup = study.user_attrs.get("fixed_setup")
+    known = StudyRecord.of(study)
+    stored, stored_setup = known.search_space, known.fixed_setup
     if stored_setup is not None:  # studies from before a setting became per-device still store it
         stored_setup = {k: v for k, v in stored_setup.items() if k not in PER_DEVICE}
     if stored_setup is not None and stored_setup != setup:
@@ -164,37 +98,35 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
         raise ConfigError(f"study {name!r} was started with other fixed settings; these differ: {', '.join(differ)}. "
                           "Use the study's settings, or a new study.name")
     if stored is None:
-        study.set_user_attr("search_space", fingerprint)
-        study.set_user_attr("fixed_setup", setup)
-        study.set_user_attr("objectives", list(cfg.study.objectives))
-        study.set_user_attr("sweep_config", redact(to_container(cfg)))
+        record_study(study, search_space=fingerprint, fixed_setup=setup, objectives=list(cfg.study.objectives),
+                     sweep_config=redact(to_container(cfg)))
     elif stored != fingerprint:
         raise ConfigError(f"search_space: differs from the one study {name!r} was started with; use the same "
                           "search space, or a new study.name")
     return study
 
 
-class DeadTrialHandler:
+class DeadTrialHandler(RetryHeartbeatStaleTrialCallback):
     """Called for a trial whose worker died (no heartbeat, or seen to exit); the trial is already failed.
 
-    Its parameters are enqueued again (up to ``max_retry`` times along one chain of retries) with the
-    reason on the new trial, and its MLflow run is ended as KILLED, so no run stays "running" forever.
+    Optuna's retry enqueues its parameters again (up to ``max_retry`` times along one chain of retries,
+    ``failed_trial``/``retry_history`` in its system attributes); on top of it the new trial's record says
+    what it retries and why, and the dead trial's MLflow run is ended as KILLED, so none stays "running".
     """
 
     REASON = "its worker died mid-trial (no heartbeat or process exit); parameters enqueued again"
 
     def __init__(self, max_retry: int, tracking_uri: str | None) -> None:
-        self.max_retry = max_retry
+        super().__init__(max_retry=max_retry)
         self.tracking_uri = tracking_uri
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        if len(history) <= self.max_retry:
-            study.add_trial(optuna.trial.create_trial(
-                state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-                user_attrs={"retry_of": trial.number, "retry_reason": self.REASON},
-                system_attrs={"failed_trial": trial.number, "retry_history": history}))
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        # Optuna carries the dead trial's user attributes over; its run id, config and OOM retries would
+        # then pass for the retry's own. The retry starts from a record of what it retries.
+        retry = copy.deepcopy(trial)
+        retry.user_attrs = TrialRecord(retry_of=trial.number, retry_reason=self.REASON).as_attrs()
+        super().__call__(study, retry)
+        run_id = TrialRecord.of(trial).mlflow_run_id
         if run_id and self.tracking_uri:
             from mlflow.tracking import MlflowClient
 
@@ -208,16 +140,24 @@ def fail_trials_of(study: optuna.Study, is_dead: Callable[[str], bool], handler:
     """Fail the running trials whose worker (``host:pid``) is dead, and hand each to the retry handler."""
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
+        worker = TrialRecord.of(trial).worker
         if not worker or not is_dead(worker):
             continue
         try:
-            failed = study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process (a heartbeat check) got there first and ran the handler
-        if failed:
-            handler(study, study._storage.get_trial(trial._trial_id))
-            recovered.append(trial.number)
+            failed = study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # Finished since it was listed (ValueError: before tell read it; the other: before tell wrote it):
+            # a heartbeat check or another process failed it and ran the handler.
+            continue
+        except RuntimeError:
+            # A grid sampler stops the study once its last point finishes, which Optuna refuses outside
+            # optimize(); the state was written all the same.
+            found = next((t for t in study.get_trials(states=(TrialState.FAIL,)) if t.number == trial.number), None)
+            if found is None:
+                raise
+            failed = found
+        handler(study, failed)
+        recovered.append(trial.number)
     return recovered
 
 
@@ -244,7 +184,7 @@ def storage_for(url: str, workers: WorkersConfig | None = None, tracking_uri: st
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=workers.heartbeat_s, grace_period=workers.grace_s,
             heartbeat_stale_trial_callback=DeadTrialHandler(workers.max_retry, tracking_uri))
-    except Exception as e:  # noqa: BLE001 - any connection problem is reported with the (redacted) URL
+    except Exception as e:  # any connection problem is reported with the (redacted) URL
         raise ConfigError(f"study.storage: cannot open {redact(url)!r}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300]}") from None
 

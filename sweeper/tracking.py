@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from objectives.config import ConfigError
+from sweeper.config import SweepConfig, to_container
+from sweeper.records import StudyRecord, record_study
+
+if TYPE_CHECKING:  # optuna is imported by the callers that hand a study over; `sweeper --help` stays quick
+    import optuna
+
+    from sweeper.space import Param
+
+log = logging.getLogger(__name__)
 
 # Whole words at the end of a key (hf_token, db.password, api-key), not bos_token_id or tokenizer.
 SECRET_KEY = re.compile(r"(?:^|[._-])(?:token|secret|password|passwd|api[_-]?key|private[_-]?key|credentials?)$",
@@ -75,7 +86,7 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 self.experiment_id = found.experiment_id
-        except Exception as e:  # noqa: BLE001 - any failure to reach the store is a config problem here
+        except Exception as e:  # any failure to reach the store is a config problem here
             raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
         self._pending: dict[str, list[Any]] = {}
@@ -136,3 +147,59 @@ class Tracker:
     def artifact_uri(self, run_id: str, path: str = "") -> str:
         base = self.client.get_run(run_id).info.artifact_uri
         return f"{base}/{path}" if path else base
+
+
+# --- the study's parent run -------------------------------------------------------------------------
+
+
+def make_tracker(cfg: SweepConfig) -> Tracker:
+    return Tracker(cfg.tracking_uri, cfg.experiment_name, cfg.output_path / "artifacts")
+
+
+def parent_run(tracker: Tracker, study: optuna.Study, cfg: SweepConfig, params: Sequence[Param]) -> str:
+    """The study's MLflow run: created on the first launch, reopened on a resume."""
+    run_id = StudyRecord.of(study).mlflow_parent_run_id
+    if run_id:
+        tracker.reopen(run_id)
+        return run_id
+    run_id = tracker.start_run(
+        cfg.study.name, tags={"kind": "study", "study": cfg.study.name},
+        params={"sampler": cfg.study.sampler.name, "pruner": cfg.study.pruner.name,
+                "n_trials": cfg.study.n_trials, "objectives": ",".join(cfg.study.objectives),
+                "storage": cfg.storage_url, "sampler_seed": cfg.study.sampler.seed})
+    tracker.log_dict(run_id, dict(cfg.search_space), "search_space.yaml")
+    tracker.log_text(run_id, "\n".join(f"{p.name}: {p.describe()}"
+                                       + (f"  when {p.describe_condition()}" if p.when else "")
+                                       for p in params), "search_space_resolved.txt")
+    tracker.log_dict(run_id, to_container(cfg), "sweep_config.yaml")
+    record_study(study, mlflow_parent_run_id=run_id)
+    return run_id
+
+
+def update_parent(tracker: Tracker, run_id: str, study: optuna.Study) -> None:
+    """Keep the best value and trial on the parent run current."""
+    if len(study.directions) > 1:
+        tracker.set_tags(run_id, {"pareto_trials": ",".join(str(t.number) for t in study.best_trials)})
+        return
+    try:
+        best = study.best_trial
+    except ValueError:
+        return
+    tracker.log_metrics(run_id, best.number, {"best_value": float(best.value or 0.0)})
+    tracker.set_tags(run_id, {"best_trial": str(best.number), "best_value": f"{best.value:.6f}"})
+    tracker.flush(run_id)
+
+
+def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: SweepConfig, status: str) -> None:
+    """Plots and trial counts on the parent run, then end it with ``status`` (a resume reopens it)."""
+    try:
+        from sweeper.plots import log_study_plots
+
+        log_study_plots(tracker, run_id, study)
+    except Exception as e:  # plots are a convenience; a failure must not hide the results
+        log.warning("study plots skipped: %s", e)
+    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    finished = states["complete"] + states["pruned"]
+    tracker.set_tags(run_id, {**{f"trials_{s}": n for s, n in states.items() if n},
+                              "budget_left": max(0, cfg.study.n_trials - finished)})
+    tracker.end_run(run_id, status)

@@ -4,29 +4,36 @@ Workers coordinate only through Optuna's storage (RDB or journal file); this mod
 this machine, shows one progress view, restarts a worker that asks to be recycled or that died, and
 fails (then retries) the trial a dead worker left running. Workers on other machines join with
 ``python -m sweeper worker`` and the same overrides.
+
+Each worker gets the launch's composed config, with its index and ``supervised`` set, as a file that only
+the user can read: it holds the storage and tracking URLs with their passwords, which a command line
+(``ps`` shows it to every user) or the environment (inherited by whatever a worker starts) would expose.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import yaml
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from sweeper.config import SweepConfig
-from sweeper.launch import RECYCLE_EXIT, failed_trials, finish_parent, make_tracker, parent_run
+from sweeper.budget import failed_trials
+from sweeper.config import SweepConfig, to_container
+from sweeper.launch import RECYCLE_EXIT
 from sweeper.space import Param
 from sweeper.study import DeadTrialHandler, dead_on_this_host, fail_trials_of, finished_trials, open_study
+from sweeper.tracking import finish_parent, make_tracker, parent_run
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,7 @@ def visible_gpus() -> list[str]:
         import torch
 
         count = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no CUDA runtime means no GPUs
+    except Exception:  # no CUDA runtime means no GPUs
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = [n.strip() for n in listed.split(",") if n.strip()] if listed else [str(i) for i in range(count)]
@@ -67,10 +74,29 @@ def gpu_slots(count: int, gpus: Sequence[str], per_gpu: int) -> list[str | None]
     return [gpus[i % len(gpus)] for i in range(min(count, len(gpus) * per_gpu))]
 
 
-def worker_command(config_file: str | None) -> list[str]:
-    # Overrides travel in the environment (SWEEPER_OVERRIDES), not argv, where `ps` would show passwords.
-    cmd = [sys.executable, "-m", "sweeper", "worker", "--no-progress"]
-    return cmd + (["--config", config_file] if config_file else [])
+def write_worker_config(cfg: SweepConfig, index: int, folder: Path) -> Path:
+    """The launch's composed config as worker ``index`` runs it, in a file of mode 0600 under ``folder``.
+
+    Nothing is redacted: the worker needs the storage's password. The search space is stored as the launch
+    resolved it, so the worker's space and fixed settings are the launch's (``open_study`` compares them).
+    """
+    config = to_container(cfg)
+    config["workers"].update(index=index, supervised=True)
+    path = folder / f"worker-{index}.yaml"
+    # mkstemp creates the file 0600 before anything is written; an older file of looser mode is replaced whole.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            yaml.safe_dump(config, out, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def worker_command(config_file: Path) -> list[str]:
+    return [sys.executable, "-m", "sweeper", "worker", "--no-progress", "--config", str(config_file)]
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -78,8 +104,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str], config_file: str | None,
-                   show_progress: bool = True) -> optuna.Study:
+def launch_workers(cfg: SweepConfig, params: Sequence[Param], show_progress: bool = True) -> optuna.Study:
     """Create the study and its parent run, then run ``workers.count`` worker processes until the budget."""
     tracker = make_tracker(cfg)
     study = open_study(cfg, params, tracking_uri=cfg.tracking_uri)
@@ -89,27 +114,28 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str
     count = len(slots)
     logs = cfg.output_path / "workers"
     logs.mkdir(parents=True, exist_ok=True)
+    configs: list[Path] = []
     handler = DeadTrialHandler(cfg.workers.max_retry, cfg.tracking_uri)
     fail_trials_of(study, dead_on_this_host, handler)  # left running by an earlier launch that was killed
     threads = max(1, (os.cpu_count() or 1) // count)
     print(f"{count} workers ({'GPUs ' + ','.join(s.gpu or '' for s in slots) if gpus else 'CPU'}); logs in {logs}")
 
     def start(slot: Slot) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWEEPER_OVERRIDES": json.dumps(list(args)),
-               "SWEEPER_WORKER_INDEX": str(slot.index), "SWEEPER_SUPERVISED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         env.setdefault("OMP_NUM_THREADS", str(threads))
         with open(logs / f"worker-{slot.index}.log", "ab") as out:
-            slot.proc = subprocess.Popen(worker_command(config_file), env=env, stdout=out,
+            slot.proc = subprocess.Popen(worker_command(configs[slot.index]), env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-    for slot in slots:
-        start(slot)
     bar = tqdm(total=cfg.study.n_trials, initial=finished_trials(study), desc=f"sweep {cfg.study.name}",
                unit="trial", disable=not show_progress)
     status = "FAILED"
     try:
+        configs.extend(write_worker_config(cfg, slot.index, logs) for slot in slots)
+        for slot in slots:
+            start(slot)
         while any(s.proc is not None for s in slots):
             time.sleep(cfg.workers.poll_s)
             _show(bar, study)
@@ -139,6 +165,8 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], args: Sequence[str
         raise
     finally:
         _stop(slots)
+        for path in configs:  # no copy of the passwords outlives the launch
+            path.unlink(missing_ok=True)
         bar.close()
         finish_parent(tracker, parent_id, study, cfg, status)
     failed = failed_trials(study)

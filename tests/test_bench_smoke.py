@@ -11,21 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import (
-    TrialTiming,
-    assign_workers,
-    hydra_value,
-    model_overrides,
-    overheads,
-    steady_per_hour,
-    time_to_target,
-    trial_walls,
-)
+from bench.efficiency_stats import Median, median_to_target, pooled_estimate, ratio
+from bench.models import hydra_value, model_overrides
 from bench.packing_parity import mean_interval
 from bench.postgres import find_bindir
-from bench.sample_efficiency import Median, median_to_target, pooled_estimate, ratio
 from bench.step_throughput import steady_tokens_per_s
-from bench.sweep_throughput import MethodResult, best_of_first, paired_differences, paired_speedup
+from bench.sweep_results import MethodResult, best_of_first, paired_differences, paired_speedup
+from bench.timing import TrialTiming, assign_workers, overheads, steady_per_hour, time_to_target, trial_walls
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -90,8 +90,9 @@ def test_runs_trained_together_match_each_run_alone(setup: Any) -> None:
     for (ref_hooks, ref), hook, got in zip(alone, hooks, together, strict=True):
         assert [s["train_loss"] for s in hook.steps] == pytest.approx([s["train_loss"] for s in ref_hooks.steps],
                                                                      rel=1e-5)
+        # A norm of small gradients amplifies float32 rounding, which differs with the batch's shape.
         assert [s["grad_norm"] for s in hook.steps] == pytest.approx([s["grad_norm"] for s in ref_hooks.steps],
-                                                                    rel=1e-4)
+                                                                    rel=1e-3)
         assert got.train.eval_loss == pytest.approx(ref.train.eval_loss, rel=1e-5)
         assert got.train.trainable_params == ref.train.trainable_params
         assert hook.adapter.keys() == ref_hooks.adapter.keys()
@@ -165,7 +166,7 @@ def test_the_slot_adapter_loads_in_peft_and_gives_the_slots_output(setup: Any, t
             adapter.save_pretrained(tmp_path)
             ids = torch.tensor([[1, 2, 3, 4, 5]])
             base.model.eval()
-            engine.ctx.rows = PassRows.of([(adapter.slot, 0)], torch.device("cpu"))
+            engine.ctx.rows = PassRows.of([(adapter.slot, 0)], 1, torch.device("cpu"))
             with torch.no_grad():
                 saved["logits"] = base.model(input_ids=ids).logits
             engine.ctx.rows = None
@@ -212,3 +213,37 @@ def test_the_slot_optimizer_is_torchs_per_slot(opt: OptimizerConfig) -> None:
     torch.testing.assert_close(stacked.detach()[1], alone.detach(), rtol=1e-5, atol=1e-6)
     assert torch.equal(stacked.detach()[0], untouched)
     assert TrainConfig().max_steps > 0 and LoraConfig().r > 0
+
+
+def test_out_of_memory_halves_the_slots_then_the_micro_batch_and_runs_start_over(setup: Any) -> None:
+    """The 'device' holds at most 2 training rows per pass: 3 slots of 2 rows -> 1 slot -> 1 row + accumulation."""
+    cfg, base, data = setup
+    configs = [trial(cfg, **t) for t in TRIALS[:2]]
+    alone = [run_alone(setup, c) for c in configs]
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if torch.is_grad_enabled() and args[0].shape[0] > 1:
+            raise torch.OutOfMemoryError(f"out of memory: {args[0].shape[0]} rows (test limit 1)")
+
+    class Retries(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.retries: list[dict[str, Any]] = []
+
+        def on_retry(self, cfg: RecipeConfig, attempt: int, changes: dict[str, Any]) -> None:
+            self.retries.append(changes)
+
+    engine = SlotEngine(base, data, slots=3, r_max=8)
+    handle = base.model.get_input_embeddings().register_forward_pre_hook(hook)
+    try:
+        hooks = [Retries() for _ in configs]
+        results = [f.result(timeout=600) for f in [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]]
+    finally:
+        handle.remove()
+        engine.close()
+    assert engine.capacity == 1
+    assert {"slots": 1} in hooks[0].retries
+    assert any("micro_batch_size" in r for r in hooks[0].retries)
+    for (_, ref), got in zip(alone, results, strict=True):
+        assert got.config.train.micro_batch_size == 1
+        assert got.train.eval_loss == pytest.approx(ref.train.eval_loss, rel=1e-3)  # same examples per step

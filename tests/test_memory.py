@@ -262,7 +262,7 @@ def test_saved_activations_match_autograd_on_the_cpu(tiny_bases: dict[str, Any],
 # --- the GPU benchmark's pure parts and its CPU smoke run ----------------------------------------------
 
 def test_the_benchmark_covers_the_required_configurations() -> None:
-    from bench.memory_accuracy import CASES
+    from bench.memory_cases import CASES
 
     assert len(CASES) >= 20
     assert {c.shape for c in CASES} == {"135m", "1b", "8b"}
@@ -272,7 +272,7 @@ def test_the_benchmark_covers_the_required_configurations() -> None:
 
 
 def test_benchmark_rows_have_the_exact_length_and_padded_cases_mix_two() -> None:
-    from bench.memory_accuracy import Case, rows_for
+    from bench.memory_cases import Case, rows_for
 
     plain = rows_for(Case("tiny", 4, "qk", 32, 3, True), vocab=100, seed=0)
     assert [len(r["input_ids"]) for r in plain] == [32, 32, 32]
@@ -282,7 +282,8 @@ def test_benchmark_rows_have_the_exact_length_and_padded_cases_mix_two() -> None
 
 
 def test_benchmark_summary_checks_the_goal() -> None:
-    from bench.memory_accuracy import Case, Result, summary
+    from bench.memory_accuracy import summary
+    from bench.memory_cases import Case, Result
 
     case = Case("tiny", 4, "qk", 32, 2, True)
     good = [Result(case, 100, "loss backward", measured=m) for m in (98, 101, 104)]

@@ -1,4 +1,5 @@
-"""Every sampler and pruner runs a short study on the tiny random 4-bit model; seeds reproduce samplers.
+"""Every sampler and pruner runs a short study on the tiny random 4-bit model; seeds reproduce samplers; each
+takes only its own options.
 
 The base and the data load once for the module; each study calls the QLoRA objective directly
 (no MLflow), as ``sweeper launch`` does, with trials of two steps.
@@ -6,6 +7,7 @@ The base and the data load once for the module; each study calls the QLoRA objec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,11 +18,25 @@ from optuna.trial import FixedTrial, TrialState
 
 from objectives.config import ConfigError
 from sweeper import compose
-from sweeper.config import SamplerConfig
+from sweeper.config import to_schema
 from sweeper.launch import Resources, summary
 from sweeper.objective import QLoRAObjective
-from sweeper.space import parse_space, sample
-from sweeper.study import SAMPLERS, make_pruner, make_sampler
+from sweeper.samplers import (
+    PRUNERS,
+    SAMPLERS,
+    HyperbandPrunerConfig,
+    NopPrunerConfig,
+    RandomSamplerConfig,
+    SamplerConfig,
+    TpeSamplerConfig,
+    for_worker,
+    make_pruner,
+    make_sampler,
+    pruner_schema,
+    sampler_schema,
+)
+from sweeper.space import parse_space
+from sweeper.values import sample
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -105,7 +121,7 @@ PRUNER_CASES = {
     "percentile": ["study/pruner=percentile", "study.pruner.n_startup_trials=1"],
     "successive_halving": ["study/pruner=successive_halving", "study.pruner.min_resource=1",
                            "study.pruner.reduction_factor=2"],
-    "asha": ["study.pruner.name=asha", "study.pruner.min_resource=1", "study.pruner.reduction_factor=2"],
+    "asha": ["study/pruner=asha", "study.pruner.min_resource=1", "study.pruner.reduction_factor=2"],
     "hyperband": ["study/pruner=hyperband", "study.pruner.min_resource=1", "study.pruner.reduction_factor=2"],
     "none": ["study/pruner=none"],
 }
@@ -206,9 +222,16 @@ SEED_SPACE = parse_space({"lora.r": "range(4, 16, step=4)", "optimizer.lr": "ran
                           "lora.targets": "choice(qk, qkv)"})
 
 
+def sampler(name: str, **options: Any) -> SamplerConfig:
+    """The named sampler's config with those of ``options`` it takes."""
+    schema = SAMPLERS[name].schema
+    takes = {f.name for f in dataclasses.fields(schema)}
+    return schema(name=name, **{k: v for k, v in options.items() if k in takes})
+
+
 def suggestions(name: str, seed: int, n_trials: int = 8) -> list[dict[str, Any]]:
-    cfg = SamplerConfig(name=name, seed=seed, n_startup_trials=3, population_size=4)
-    study = optuna.create_study(sampler=make_sampler(cfg, SEED_SPACE))
+    study = optuna.create_study(sampler=make_sampler(sampler(name, seed=seed, n_startup_trials=3,
+                                                             population_size=4), SEED_SPACE))
 
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, SEED_SPACE)
@@ -256,3 +279,107 @@ def test_settings_a_sampler_or_pruner_rejects_are_config_errors(override: str, m
     with pytest.raises(ConfigError) as e:
         compose.load(["search_space=none", "lora.r=choice(4, 8)", override, *bad])
     assert message in str(e.value)
+
+
+# --- one schema per sampler and pruner (no model) --------------------------------------------------
+
+SAMPLER_CLASSES = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                   "grid": optuna.samplers.GridSampler, "cmaes": optuna.samplers.CmaEsSampler,
+                   "gp": optuna.samplers.GPSampler, "qmc": optuna.samplers.QMCSampler,
+                   "nsga2": optuna.samplers.NSGAIISampler}
+PRUNER_CLASSES = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+                  "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+                  "asha": optuna.pruners.SuccessiveHalvingPruner, "hyperband": optuna.pruners.HyperbandPruner,
+                  "none": optuna.pruners.NopPruner}
+
+
+def test_every_registered_name_has_a_tested_class() -> None:
+    assert sorted(SAMPLER_CLASSES) == sorted(SAMPLERS) and sorted(PRUNER_CLASSES) == sorted(PRUNERS)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_each_sampler_builds_from_its_name(name: str) -> None:
+    cfg = to_schema({"study": {"sampler": {"name": name}}}).study.sampler
+    assert type(cfg) is SAMPLERS[name].schema and cfg.name == name
+    assert isinstance(make_sampler(cfg, SEED_SPACE), SAMPLER_CLASSES[name])
+
+
+@pytest.mark.parametrize("name", sorted(PRUNERS))
+def test_each_pruner_builds_from_its_name(name: str) -> None:
+    cfg = to_schema({"study": {"pruner": {"name": name}}})
+    assert type(cfg.study.pruner) is PRUNERS[name].schema and cfg.study.pruner.name == name
+    assert isinstance(make_pruner(cfg.study.pruner, cfg.train), PRUNER_CLASSES[name])
+
+
+@pytest.mark.parametrize(("kind", "options", "message"), [
+    ("sampler", {"name": "random", "population_size": 3},
+     "study.sampler.population_size: not an option of the random sampler; it takes: seed"),
+    ("sampler", {"name": "grid", "n_startup_trials": 3},
+     "study.sampler.n_startup_trials: not an option of the grid sampler; it takes: seed"),
+    ("sampler", {"name": "tpe", "qmc_type": "sobol"},
+     "study.sampler.qmc_type: not an option of the tpe sampler; it takes: seed, n_startup_trials, multivariate, "
+     "group, constant_liar"),
+    ("sampler", {"name": "cmaes", "constant_liar": True},
+     "study.sampler.constant_liar: not an option of the cmaes sampler; it takes: seed, n_startup_trials"),
+    ("sampler", {"name": "qmc", "population_size": 4},
+     "study.sampler.population_size: not an option of the qmc sampler; it takes: seed, qmc_type"),
+    ("sampler", {"name": "nsga2", "multivariate": True},
+     "study.sampler.multivariate: not an option of the nsga2 sampler; it takes: seed, population_size"),
+    ("sampler", {"seed": 1, "percentile": 3}, "study.sampler.percentile: not an option of the tpe sampler"),
+    ("sampler", {"name": "bayes"},
+     "study.sampler.name: 'bayes' is not allowed; choose one of tpe, random, grid, cmaes, gp, qmc, nsga2"),
+    ("pruner", {"name": "median", "reduction_factor": 2},
+     "study.pruner.reduction_factor: not an option of the median pruner; it takes: n_startup_trials, "
+     "n_warmup_steps, interval_steps"),
+    ("pruner", {"name": "percentile", "min_resource": 1},
+     "study.pruner.min_resource: not an option of the percentile pruner; it takes: n_startup_trials, "
+     "n_warmup_steps, interval_steps, percentile"),
+    ("pruner", {"name": "asha", "percentile": 10.0},
+     "study.pruner.percentile: not an option of the asha pruner; it takes: min_resource, reduction_factor"),
+    ("pruner", {"name": "hyperband", "n_warmup_steps": 2},
+     "study.pruner.n_warmup_steps: not an option of the hyperband pruner; it takes: min_resource, reduction_factor"),
+    ("pruner", {"name": "none", "n_startup_trials": 2},
+     "study.pruner.n_startup_trials: not an option of the none pruner; it takes no options"),
+    ("pruner", {"name": "sometimes"},
+     "study.pruner.name: 'sometimes' is not allowed; choose one of median, percentile, successive_halving, asha, "
+     "hyperband, none"),
+])
+def test_an_option_the_chosen_one_does_not_take_is_refused(kind: str, options: dict[str, Any], message: str) -> None:
+    schema_of = sampler_schema if kind == "sampler" else pruner_schema
+    with pytest.raises(ConfigError) as e:
+        schema_of(options)
+    assert str(e.value).startswith(message)
+    with pytest.raises(ConfigError) as e:
+        to_schema({"study": {kind: options}})
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["study/sampler=random", "study.sampler.seed=3"], RandomSamplerConfig(seed=3)),
+    (["study.sampler.constant_liar=true"], TpeSamplerConfig(constant_liar=True)),
+    (["study/pruner=hyperband", "study.pruner.reduction_factor=2"], HyperbandPrunerConfig(reduction_factor=2)),
+    (["study/pruner=none"], NopPrunerConfig()),
+])
+def test_overrides_reach_the_chosen_schema(overrides: list[str], expected: Any) -> None:
+    cfg, _ = compose.load(["search_space=targets", *overrides])
+    assert expected in (cfg.study.sampler, cfg.study.pruner)
+
+
+def test_a_foreign_option_on_the_command_line_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"^study.sampler.population_size: not an option of the random sampler; "
+                                          r"it takes: seed$"):
+        compose.load(["study/sampler=random", "study.sampler.population_size=3"])
+
+
+@pytest.mark.parametrize(("cfg", "expected"), [
+    (TpeSamplerConfig(seed=5), TpeSamplerConfig(seed=8, constant_liar=True)),
+    (TpeSamplerConfig(seed=None), TpeSamplerConfig(seed=None, constant_liar=True)),
+    (RandomSamplerConfig(seed=0), RandomSamplerConfig(seed=3)),
+])
+def test_a_joining_worker_shifts_the_seed_and_lies_where_it_can(cfg: SamplerConfig, expected: SamplerConfig) -> None:
+    assert for_worker(cfg, 3) == expected
+
+
+def test_a_config_of_another_sampler_is_refused() -> None:
+    with pytest.raises(ConfigError, match="a TpeSamplerConfig does not configure the random sampler"):
+        make_sampler(TpeSamplerConfig(name="random"), SEED_SPACE)

@@ -24,21 +24,10 @@ from optuna.trial import FixedTrial
 from objectives.config import ConfigError
 from sweeper import compose
 from sweeper.config import CONF_DIR
-from sweeper.space import (
-    Param,
-    apply_values,
-    as_mapping,
-    distribution_from_grammar,
-    distribution_from_mapping,
-    fix_params,
-    grid_values,
-    merge_sweeps,
-    parse_space,
-    sample,
-    split_fixed,
-    split_overrides,
-    volume,
-)
+from sweeper.grammar import as_mapping, distribution_from_grammar, distribution_from_mapping
+from sweeper.overrides import fix_params, merge_sweeps, split_fixed, split_overrides
+from sweeper.space import Param, parse_space
+from sweeper.values import apply_values, grid_values, sample, volume
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -306,7 +295,7 @@ def test_a_sweep_on_a_path_replaces_every_entry_that_sets_it() -> None:
 
 
 def test_apply_values_sets_nested_paths_on_a_copy() -> None:
-    config = {"lora": {"r": 8, "alpha": None}, "optimizer": {"lr": 1e-4}}
+    config: dict[str, Any] = {"lora": {"r": 8, "alpha": None}, "optimizer": {"lr": 1e-4}}
     out = apply_values(config, {"lora.r": 16, "optimizer.lr": 1e-3, "train.seed": 1})
     assert out == {"lora": {"r": 16, "alpha": None}, "optimizer": {"lr": 1e-3}, "train": {"seed": 1}}
     assert config["lora"]["r"] == 8  # the input is untouched

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -18,9 +20,11 @@ from optuna.trial import TrialState
 from bench.postgres import find_bindir, loopback_server
 from objectives.config import ConfigError
 from sweeper import compose
-from sweeper.config import WorkersConfig
-from sweeper.launch import parent_run, run_sweep
-from sweeper.study import open_study
+from sweeper.config import WorkersConfig, to_container
+from sweeper.launch import run_sweep
+from sweeper.records import TrialRecord, record
+from sweeper.study import DeadTrialHandler, fail_trials_of, open_study
+from sweeper.tracking import make_tracker, parent_run
 from sweeper.workers import gpu_slots
 from tests.conftest import ROOT, TINY, run_cli
 
@@ -56,6 +60,102 @@ def test_memory_stays_flat_over_many_trials(tmp_path: Path) -> None:
     # The first trials warm up allocators and caches; after that the bound is 48 MB over ten trials.
     settled = memory[4:]
     assert max(settled) - settled[0] < 48, memory
+
+
+class ExitedWorker:
+    """A worker process that has already ended cleanly."""
+
+    pid = 0
+
+    def poll(self) -> int:
+        return 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+@pytest.mark.filterwarnings("ignore:Query string argument")  # SQLite ignores the password; it only has to travel
+def test_launched_workers_get_their_settings_in_a_private_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launch's settings, a storage password among them, reach each worker in a file of mode 0600 under the
+    output dir: no command line carries them (``ps`` shows those to all users), no SWEEPER_* variable exists."""
+    from sweeper import cli, workers
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}?password=hunter2"
+    launch = [*TINY, *SPACE, "workers.count=2", f"study.storage='{storage}'", f"output_dir={tmp_path}"]
+    expected = to_container(compose.load(launch)[0])
+    popen = subprocess.Popen
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    def start_worker(cmd: list[str], *args: Any, env: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        if cmd[1:4] != ["-m", "sweeper", "worker"]:
+            return popen(cmd, *args, env=env, **kwargs)
+        index = len(started)
+        started.append((cmd, dict(os.environ if env is None else env)))
+        config = Path(cmd[cmd.index("--config") + 1])
+        assert config.parent == tmp_path / "workers"
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        cfg, params = compose.load([], config)
+        assert (cfg.workers.index, cfg.workers.supervised, cfg.storage_url) == (index, True, storage)
+        assert to_container(cfg) == {**expected, "workers": {**expected["workers"], "index": index, "supervised": True}}
+        # As the worker would join: the same search space and fixed settings as the launch, or a ConfigError.
+        open_study(cfg, params, create=False)
+        return ExitedWorker()
+
+    monkeypatch.setattr(workers.subprocess, "Popen", start_worker)
+    assert cli.main(["launch", *launch, "--no-progress"]) == 0
+    assert len(started) == 2
+    for cmd, env in started:
+        assert not [k for k in env if k.startswith("SWEEPER_")]
+        assert "hunter2" not in " ".join(cmd) and "hunter2" not in " ".join(env.values())
+    assert not list((tmp_path / "workers").glob("*.yaml"))  # no copy of the password outlives the launch
+
+
+def test_a_dead_workers_trial_is_failed_once_and_retried_with_a_fresh_record(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    other_view = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    handler = DeadTrialHandler(max_retry=1, tracking_uri=None)
+
+    def run_trial(worker: str) -> optuna.Trial:
+        trial = study.ask()
+        trial.suggest_int("lora.r", 2, 64)
+        record(trial, worker=worker, mlflow_run_id=f"run-{trial.number}", oom_retries=1)
+        return trial
+
+    dead = run_trial("host:1")
+    assert fail_trials_of(study, "host:1".__eq__, handler) == [dead.number]
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == dead.params
+    assert TrialRecord.of(retry) == TrialRecord(retry_of=dead.number, retry_reason=DeadTrialHandler.REASON)
+    assert retry.system_attrs["retry_history"] == [dead.number]  # Optuna's own retry bookkeeping
+
+    # The retry dies too: with max_retry=1 it stays failed.
+    again = study.ask()
+    assert again.number == retry.number
+    record(again, worker="host:2")
+    assert fail_trials_of(study, "host:2".__eq__, handler) == [again.number]
+    assert not study.get_trials(states=(TrialState.WAITING,))
+
+    # A heartbeat check fails a trial between the listing and the tell: it is not failed, nor retried, twice.
+    raced = run_trial("host:3")
+
+    def failed_elsewhere(worker: str) -> bool:
+        other_view.tell(raced.number, state=TrialState.FAIL)
+        return True
+
+    assert fail_trials_of(study, failed_elsewhere, handler) == []
+    assert not study.get_trials(states=(TrialState.WAITING,))
+
+
+def test_the_last_grid_point_of_a_dead_worker_is_failed_outside_optimize() -> None:
+    """Failing it finishes the grid; Optuna's grid sampler then asks the study to stop, refused outside optimize."""
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"lora.r": [2, 4]}))
+    for worker in ("host:1", "host:2"):
+        trial = study.ask()
+        trial.suggest_categorical("lora.r", [2, 4])
+        record(trial, worker=worker)
+    study.tell(0, 1.0)
+    assert fail_trials_of(study, "host:2".__eq__, DeadTrialHandler(max_retry=0, tracking_uri=None)) == [1]
+    assert study.trials[1].state == TrialState.FAIL
 
 
 # --- a real PostgreSQL server on loopback -----------------------------------------------------------------
@@ -105,8 +205,6 @@ def test_a_killed_worker_is_recovered_by_heartbeat(postgres: str, tmp_path: Path
     args = [*TINY, *SPACE, *FAST_HEARTBEAT, "train.max_steps=200", "train.eval_every=50", "study.n_trials=3",
             "study/pruner=none", f"study.storage={storage}", f"tracking.uri={tracking}", f"output_dir={tmp_path}"]
     cfg, params = compose.load(args)
-    from sweeper.launch import make_tracker
-
     parent_run(make_tracker(cfg), open_study(cfg, params, tracking_uri=tracking), cfg, params)
 
     victim = subprocess.Popen([sys.executable, "-m", "sweeper", "worker", *args, "--no-progress"], cwd=ROOT,
@@ -137,13 +235,15 @@ def test_a_killed_worker_is_recovered_by_heartbeat(postgres: str, tmp_path: Path
     assert run.info.status == "KILLED"
 
 
-def test_journal_workers_survive_a_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slots", [1, 2])
+def test_journal_workers_survive_a_sigkill(tmp_path: Path, slots: int) -> None:
     """Two CPU workers on a journal file; one is killed mid-trial; the launcher recovers and finishes."""
     log = tmp_path / "launch.log"
     with open(log, "wb") as out:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "sweeper", "launch", *TINY, *SPACE, "train.max_steps=30", "study.n_trials=4",
-             "study/pruner=none", "workers.count=2", "workers.poll_s=0.5", f"output_dir={tmp_path}", "--no-progress"],
+             "study/pruner=none", "workers.count=2", "workers.poll_s=0.5", f"workers.slots={slots}",
+             f"output_dir={tmp_path}", "--no-progress"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         journal = tmp_path / "optuna.journal"
         deadline = time.monotonic() + 240

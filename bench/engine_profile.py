@@ -1,0 +1,145 @@
+"""Where a slot engine's step goes: step time and tokens/s at K slots, against one trial on the peft path.
+
+Trials vary as the default space varies them (rank, targets, optimizer, dropout); every slot stays busy
+(a finished trial's slot is refilled at once). Step times are the median over ``--steps`` steps after
+``--warmup``; nvidia-smi's busy fraction over each K's steps says how much of the step the GPU works.
+
+    PYTHONPATH=$PWD python bench/engine_profile.py --model-source $M --slots 1,8,16,32 --out $R/engine.md
+    PYTHONPATH=$PWD python bench/engine_profile.py --cpu-smoke --out /tmp/engine.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import base_parser, command_line, environment
+from bench.gpu import GpuSampler
+from bench.models import model_overrides
+from bench.report import markdown_table, num, percent, render_report, say, write_report
+
+VARIANTS = [
+    {"r": 8, "targets": "qk", "name": "adamw", "lr": 1e-3},
+    {"r": 32, "targets": "all-linear", "name": "sgd", "lr": 3e-2},
+    {"r": 16, "targets": "qkvo", "name": "adamw", "lr": 5e-4},
+    {"r": 64, "targets": "qkv", "name": "sgd", "lr": 1e-2},
+]
+
+
+def trial_config(cfg: Any, i: int, steps: int) -> Any:
+    v = VARIANTS[i % len(VARIANTS)]
+    return dataclasses.replace(
+        cfg, lora=dataclasses.replace(cfg.lora, r=v["r"], targets=v["targets"], dropout=0.05),
+        optimizer=dataclasses.replace(cfg.optimizer, name=v["name"], lr=v["lr"]),
+        train=dataclasses.replace(cfg.train, seed=i, max_steps=steps, eval_every=steps))
+
+
+class Timer:
+    """Records when each step of any slot ends (the engine calls every slot's hook in the same tick)."""
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+        self.tokens: list[float] = []
+
+    def hooks(self) -> Any:
+        from objectives.objective import RunHooks
+
+        timer = self
+
+        class Hooks(RunHooks):
+            def on_step(self, step: int, metrics: dict[str, float]) -> None:
+                now = time.perf_counter()
+                if not timer.ticks or now - timer.ticks[-1] > 1e-3:
+                    timer.ticks.append(now)
+                    timer.tokens.append(0.0)
+                timer.tokens[-1] += metrics["tokens_per_s"]
+
+        return Hooks()
+
+
+def measure_engine(base: Any, data: Any, cfg: Any, slots: int, steps: int, warmup: int,
+                   gpu: GpuSampler) -> dict[str, Any]:
+    import torch
+
+    from objectives.engine import SlotEngine
+
+    engine = SlotEngine(base, data, slots=slots, r_max=64, eval_batch_size=cfg.train.micro_batch_size)
+    timer = Timer()
+    futures = [engine.submit(trial_config(cfg, i, warmup + steps + 2), timer.hooks()) for i in range(slots)]
+    try:
+        for f in futures:
+            f.result()
+    finally:
+        engine.close()
+    gaps = [b - a for a, b in zip(timer.ticks[warmup:], timer.ticks[warmup + 1:], strict=False)]
+    step = statistics.median(gaps) if gaps else float("nan")
+    tokens = statistics.median(timer.tokens[warmup:]) if timer.tokens[warmup:] else float("nan")
+    busy = gpu.busy_fraction(time.time() - (timer.ticks[-1] - timer.ticks[warmup]), time.time()) \
+        if len(timer.ticks) > warmup else None
+    return {"slots": slots, "step": step, "tokens_per_s": tokens, "busy": busy,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+def measure_peft(base: Any, data: Any, cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
+    from objectives.objective import run_recipe
+
+    timer = Timer()
+    run_recipe(trial_config(cfg, 0, warmup + steps + 2), base, data, 2**62, timer.hooks())
+    base.release_adapter()
+    gaps = [b - a for a, b in zip(timer.ticks[warmup:], timer.ticks[warmup + 1:], strict=False)]
+    return {"slots": "peft, one trial", "step": statistics.median(gaps),
+            "tokens_per_s": statistics.median(timer.tokens[warmup:]), "peak_gib": None}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = base_parser(__doc__ or "")
+    p.add_argument("--shape", default="135m", choices=["135m", "1b", "8b"])
+    p.add_argument("--weights", choices=["real", "random"], default="real")
+    p.add_argument("--slots", default="1,8,16,32")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--checkpointing", choices=["true", "false"], default="false")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from objectives.base import ResidentBase, pick_device
+    from objectives.data import prepare
+    from sweeper import compose
+
+    if args.cpu_smoke:
+        overrides = [*model_overrides("tiny", None, True), "data.max_length=64", "data.max_eval_examples=8"]
+        args.slots, args.steps, args.warmup = "1,2", 2, 1
+    else:
+        overrides = model_overrides(args.shape, args.model_source, args.weights == "random")
+    cfg, _ = compose.load([*overrides, "search_space=none", "output_dir=/dev/null"])
+    base = ResidentBase(cfg.model, pick_device(cfg.train.device))
+    base.use_checkpointing(args.checkpointing == "true")
+    data = prepare(cfg.data, base.tokenizer, cfg.model.cache_path)
+    with GpuSampler() as gpu:
+        results = [measure_peft(base, data, cfg, args.steps, args.warmup)]
+        for k in [int(k) for k in args.slots.split(",")]:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            results.append(measure_engine(base, data, cfg, k, args.steps, args.warmup, gpu))
+            say(f"slots={k}: step {results[-1]['step']:.3f} s, {results[-1]['tokens_per_s']:.0f} tokens/s")
+    one = results[0]["step"]
+    rows = [[str(r["slots"]), num(r["step"], 3), num(r["tokens_per_s"], 0), percent(r.get("busy")),
+             num(r.get("peak_gib"), 1), num(one * (r["slots"] if isinstance(r["slots"], int) else 1) / r["step"], 1)]
+            for r in results]
+    body = markdown_table(["slots", "step s", "tokens/s", "GPU busy", "peak GiB", "trial-steps/s vs peft"], rows)
+    write_report(args.out, render_report("Slot engine step profile", environment(), command_line(argv),
+                                         [("Step time by slots", body)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

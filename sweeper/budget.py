@@ -1,0 +1,59 @@
+"""The study's budget: exact across workers, with the trials of dead workers failed and retried first."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from sweeper.records import TrialRecord
+from sweeper.study import FINISHED, DeadTrialHandler, dead_on_this_host, fail_trials_of
+
+
+class BudgetReached(Exception):
+    """Trials ahead of this one already cover the study's budget."""
+
+
+class BudgetGuard:
+    """Keeps the study's total budget exact when several workers share it.
+
+    Before a trial runs it counts the trials ahead of it (lower numbers) that finished or are running.
+    If they cover the budget, the trial waits: should one of them fail, it runs in its place; once the
+    budget is finished it is dropped (marked failed as surplus, never run).
+
+    Optuna's ``MaxTrialsCallback`` stops a process's loop after one of its trials finishes, so N workers
+    that each start a trial while the study is one short of its budget overshoot it by up to N-1 trials;
+    this guard counts before a trial starts. Each process still stops with ``MaxTrialsCallback``.
+    """
+
+    def __init__(self, budget: int, poll_s: float, handler: DeadTrialHandler, timeout_s: float | None) -> None:
+        self.budget = budget
+        self.poll_s = poll_s
+        self.handler = handler
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def wait_turn(self, study: optuna.Study, number: int) -> bool:
+        """True when trial ``number`` may run; False when the budget is finished (or the time is up) without it."""
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            if sum(t.state in FINISHED for t in trials) >= self.budget:
+                return False
+            ahead = sum(t.number < number and t.state in (*FINISHED, TrialState.RUNNING) for t in trials)
+            if ahead < self.budget:
+                return True
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                return False
+            fail_dead_trials(study, self.handler)
+            time.sleep(self.poll_s)
+
+
+def fail_dead_trials(study: optuna.Study, handler: DeadTrialHandler) -> None:
+    """Fail, then retry, trials whose worker died: no heartbeat (RDB storages), or a gone process on this host."""
+    optuna.storages.fail_stale_trials(study)
+    fail_trials_of(study, dead_on_this_host, handler)
+
+
+def failed_trials(study: optuna.Study) -> int:
+    """Failed trials that ran (surplus trials the guard dropped are failed too, but never ran)."""
+    return sum(not TrialRecord.of(t).surplus for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))

@@ -1,0 +1,62 @@
+"""How many trials one worker trains in each pass over its base (``workers.slots``), and why that many."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from objectives.decisions import slots_that_fit
+from sweeper.config import SweepConfig
+from sweeper.space import Param
+
+MAX_AUTO_SLOTS = 32
+"""``auto`` never goes above this: past it a pass is compute-bound on the models this tool targets, and the
+sampler would propose many trials from the same evidence."""
+SHARED_PREFIXES = ("model.", "data.", "train.packing", "train.device")
+"""Settings every trial of a pass shares: a space that samples one runs one trial at a time."""
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """A worker's slots: how many, how wide, with or without checkpointing, and why."""
+
+    slots: int
+    r_max: int
+    """The widest rank the space can sample: every slot is this wide (narrower ranks are zero-padded)."""
+    checkpointing: bool
+    reason: str
+
+
+def widest_rank(cfg: SweepConfig, params: Sequence[Param]) -> int:
+    """The largest ``lora.r`` a trial can get: the fixed value, or the top of its sampled range or choices."""
+    for p in params:
+        if p.path == "lora.r":
+            dist = p.distribution
+            high = getattr(dist, "high", None)
+            return int(high if high is not None else max(int(c) for c in dist.choices))  # type: ignore[attr-defined]
+    return int(cfg.lora.r)
+
+
+def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,
+               memory_bytes: int, linear_names: Sequence[str] | None = None) -> SlotPlan:
+    """Decide ``workers.slots`` for a worker on ``device_kind`` (cuda or cpu) with ``memory_bytes`` of it."""
+    r_max = widest_rank(cfg, params)
+    checkpointing = cfg.model.gradient_checkpointing
+    shared = [p.path for p in params if p.path.startswith(SHARED_PREFIXES)]
+    if shared:
+        return SlotPlan(1, r_max, checkpointing is not False,
+                        f"one trial at a time: the space samples {', '.join(shared)}, which every trial of a pass "
+                        "shares")
+    requested = cfg.workers.slots
+    if requested == "auto" and device_kind != "cuda":
+        return SlotPlan(1, r_max, checkpointing is not False,
+                        "auto on the CPU: one trial at a time (a CPU is busy with one trial's step already)")
+    cap = MAX_AUTO_SLOTS if requested == "auto" else int(requested)
+    fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes, r_max, cap, linear_names)
+    if requested == "auto":
+        return SlotPlan(fitting, r_max, needs_checkpointing,
+                        f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})")
+    if checkpointing == "auto":
+        checkpointing = needs_checkpointing if fitting >= cap else True
+    return SlotPlan(cap, r_max, bool(checkpointing), f"workers.slots={cap}")
