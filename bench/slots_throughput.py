@@ -38,20 +38,28 @@ class Method:
     overrides: list[str]
     trials: list[TrialTiming] = field(default_factory=list)
     started: float = 0.0
-    deadline: float = 0.0
     exit_code: int | None = None
     log: str = ""
 
-    @property
-    def steady(self) -> float | None:
-        """Finished trials per hour between the first trial's end and the timeout."""
-        ends = sorted(t.end for t in self.trials)
-        if len(ends) < 2:
+    def window(self, seconds: float) -> tuple[float, float] | None:
+        """From the first trial's end to the timeout (counted from the first trial's start, as Optuna does)."""
+        if len(self.trials) < 2:
             return None
-        window = [e for e in ends if e <= self.deadline]
-        if len(window) < 2 or window[-1] <= window[0]:
+        first_end = min(t.end for t in self.trials)
+        return first_end, min(t.start for t in self.trials) + seconds
+
+    def steady(self, seconds: float) -> float | None:
+        """Finished trials per hour inside :meth:`window`: no start-up, no drain after the timeout."""
+        window = self.window(seconds)
+        if window is None or window[1] <= window[0]:
             return None
-        return (len(window) - 1) / (self.deadline - window[0]) * 3600
+        n = sum(window[0] < t.end <= window[1] for t in self.trials)
+        return n / (window[1] - window[0]) * 3600
+
+
+# The same 16 grid points both ways (pruning off), whatever order the slots ask for them: pairs by parameters.
+PAIRED_SPACE = ["search_space=none", "study/sampler=grid", "study/pruner=none", "lora.r=choice(8,32)",
+                "lora.targets=choice(qk,all-linear)", "optimizer.lr=choice(1e-4,1e-3)", "lora.dropout=choice(0.0,0.05)"]
 
 
 def methods_from(spec: str) -> list[Method]:
@@ -77,7 +85,6 @@ def launch(args: argparse.Namespace, method: Method, common: list[str], workdir:
     say(f"{method.label}: {' '.join(cmd[2:])}")
     log = workdir / f"{name}.log"
     method.started = time.time()
-    method.deadline = method.started + seconds
     with open(log, "w") as fh:
         method.exit_code = subprocess.run(cmd, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                           timeout=seconds + args.grace).returncode
@@ -128,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default="1,w8,8,16,32", help="1: one at a time; K: slots; wN: N workers")
     p.add_argument("--seconds", type=float, default=80.0, help="study.timeout_s of every method")
     p.add_argument("--paired", default="16", help="slots for the paired part ('' skips it)")
-    p.add_argument("--paired-trials", type=int, default=16)
+    p.add_argument("--paired-trials", type=int, default=16, help="16 covers the paired grid once")
     p.add_argument("--extra", default="", help="more overrides for every launch, space-separated")
     p.add_argument("--grace", type=float, default=240.0, help="seconds a launch may run past its timeout")
     return p.parse_args(argv)
@@ -140,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu_smoke:
         common = [*model_overrides("tiny", None, True), "train.max_steps=4", "train.eval_every=2",
                   "data.max_length=64", "data.max_eval_examples=8"]
-        args.seconds, args.methods, args.paired, args.paired_trials = 15.0, "1,2", "2", 3
+        args.seconds, args.methods, args.paired, args.paired_trials = 15.0, "1,2", "2", 4
     else:
         common = model_overrides(args.shape, args.model_source, args.weights == "random")
     common += args.extra.split()
@@ -154,14 +161,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             pairs = [Method("one at a time", ["workers.slots=1"]), Method(f"slots={args.paired}",
                                                                           [f"workers.slots={args.paired}"])]
             for i, m in enumerate(pairs):
-                launch(args, m, [*common, "study/sampler=random", "study/pruner=none"], workdir, f"p{i}",
-                       args.seconds * 4, args.paired_trials)
-    base = methods[0].steady
-    rows = [[m.label, str(len(m.trials)), num(m.steady, 0), ratio(m.steady, base),
-             percent(gpu.busy_fraction(m.started, m.deadline)), num(best_value(m.trials), 4), str(m.exit_code)]
-            for m in methods]
+                launch(args, m, [*common, *PAIRED_SPACE], workdir, f"p{i}", args.seconds * 4, args.paired_trials)
+    rate = {m.label: m.steady(args.seconds) for m in methods}
+    base = rate[methods[0].label]
+    rows = []
+    for m in methods:
+        window = m.window(args.seconds)
+        busy = gpu.busy_fraction(*window) if window else None
+        rows.append([m.label, str(len(m.trials)), num(rate[m.label], 0), ratio(rate[m.label], base), percent(busy),
+                     num(best_value(m.trials), 4), str(m.exit_code)])
     k = min((len(m.trials) for m in methods), default=0)
-    lines = [f"Model: {SHAPE_NAMES[args.shape] if not args.cpu_smoke else 'tiny'} ({args.weights} weights); "
+    model = "tiny random model (CPU smoke: numbers mean nothing)" if args.cpu_smoke else \
+        f"{SHAPE_NAMES[args.shape]} ({args.weights} weights)"
+    lines = [f"Model: {model}; "
              f"each method ran `python -m sweeper launch` for {args.seconds:.0f} s (study.timeout_s).", "",
              markdown_table(["method", "finished trials", "trials/h (steady)", "vs one at a time", "GPU busy",
                              "best eval loss", "exit"], rows), "",
@@ -169,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              + ", ".join(f"{m.label} {num(best_after(m.trials, k), 4)}" for m in methods)]
     if pairs:
         n, mean, sem = paired(pairs[0], pairs[1])
-        lines += ["", f"Paired ({args.paired_trials} random-sampler trials, pruning off, the same parameters both "
+        lines += ["", f"Paired ({args.paired_trials} grid trials, pruning off, the same parameters both "
                   f"ways): {n} pairs; eval loss {pairs[1].label} - one at a time: mean {num(mean, 5)}"
                   f" (standard error {num(sem, 5)})"]
     for m in [*methods, *pairs]:

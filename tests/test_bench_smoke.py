@@ -224,3 +224,17 @@ def test_scaling_smoke(tmp_path: Path) -> None:
     assert ("PostgreSQL server on 127.0.0.1" in text) == (storage == "postgres")
     rows = [ln for ln in text.splitlines() if re.match(r"\| [12] \| \d+ complete", ln)]
     assert len(rows) == 2
+
+
+@pytest.mark.slow
+def test_slots_throughput_smoke(tmp_path: Path) -> None:
+    text = run_bench("slots_throughput.py", tmp_path)
+    assert re.search(r"\| one at a time \| \d+ \| \d+ \| 1\.00x", text)
+    assert re.search(r"\| slots=2 \| \d+ \| \d+ \| \d+\.\d\dx", text)
+    assert re.search(r"Paired \(4 grid trials.*\): [1-4] pairs", text)
+
+
+@pytest.mark.slow
+def test_engine_profile_smoke(tmp_path: Path) -> None:
+    text = run_bench("engine_profile.py", tmp_path)
+    assert "| peft, one trial |" in text and re.search(r"\| 2 \| \d+\.\d+ \|", text)
