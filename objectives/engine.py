@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -50,6 +51,10 @@ class Job:
     future: Future[RunResult] = field(default_factory=Future)
     started: bool = False
     attempts: int = 0
+    events: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] | None = None
+    """With :meth:`SlotEngine.run`, the hooks run in the caller's thread: the engine posts them here."""
+    stop: BaseException | None = None
+    """Set by the caller's thread when a hook raised: the engine ends the run at its next step."""
 
 
 @dataclass
@@ -158,8 +163,28 @@ class SlotEngine:
         return job.future
 
     def run(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> RunResult:
-        """Submit a run and wait for it (from any thread but the engine's)."""
-        return self.submit(cfg, hooks).result()
+        """Run ``cfg`` in a slot and wait for it; its hooks run in this (the caller's) thread, so their logging
+        and pruning decisions never stall the passes the other slots share. A hook that raises ends the run
+        at its next step (a pruned trial may train one step more than it reports)."""
+        hooks = hooks or RunHooks()
+        hooks.on_start(cfg)
+        job = Job(cfg, hooks, started=True, events=queue.SimpleQueue())
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.pending.append(job)
+            self.lock.notify_all()
+        assert job.events is not None
+        while (event := job.events.get()) is not None:
+            name, args = event
+            if job.stop is None:
+                try:
+                    getattr(hooks, name)(*args)
+                except BaseException as e:  # the engine hands it back through the future
+                    job.stop = e
+        if job.stop is not None:  # a hook raised: a pruner's decision, or saving the finished adapter failed
+            raise job.stop
+        return job.future.result()
 
     def close(self) -> None:
         """Stop after the current step; unfinished runs fail; the base gets its bare linear layers back."""
@@ -171,6 +196,8 @@ class SlotEngine:
         for job in [*self.pending, *(r.job for r in self.running.values())]:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the engine stopped before this run finished"))
+                if job.events is not None:
+                    job.events.put(None)
         self.pending.clear()
         self.running.clear()
         remove_slots(self.base.model, self.wrapped)
@@ -195,6 +222,9 @@ class SlotEngine:
     def _admit(self, job: Job) -> None:
         if job.future.done():
             return
+        if job.stop is not None:
+            self._finish(-1, error=job.stop, job=job)
+            return
         slot = next(s for s in range(self.slots) if s not in self.running)
         cfg = job.cfg
         try:
@@ -215,6 +245,11 @@ class SlotEngine:
 
     def tick(self) -> None:
         """One optimizer step of every running run; then evaluations that are due; then finished runs."""
+        for slot, run in list(self.running.items()):
+            if run.job.stop is not None:
+                self._finish(slot, error=run.job.stop)
+        if not self.running:
+            return
         start = time.perf_counter()
         try:
             losses, norms = self._train_step()
@@ -241,7 +276,7 @@ class SlotEngine:
             run.step += 1
             metrics = {"train_loss": losses[slot], "learning_rate": lrs[slot], "grad_norm": norms[slot],
                        "tokens_per_s": self._tokens.get(slot, 0) / elapsed, "peak_memory_mb": peak}
-            self._call(slot, run.job.hooks.on_step, run.step, metrics)
+            self._call(slot, "on_step", run.step, metrics)
         due = [s for s, r in self.running.items()
                if r.step % r.job.cfg.train.eval_every == 0 or r.step == r.job.cfg.train.max_steps]
         if due:
@@ -317,17 +352,22 @@ class SlotEngine:
         for slot in due:
             run = self.running[slot]
             run.eval_loss = losses[slot]
-            if self._call(slot, run.job.hooks.on_eval, run.step, run.eval_loss) and not math.isfinite(run.eval_loss):
+            if self._call(slot, "on_eval", run.step, run.eval_loss) and not math.isfinite(run.eval_loss):
                 self._finish(slot, error=LossNotFinite(f"eval loss is {run.eval_loss} at step {run.step}"))
 
     def _row_slots(self, keys: list[tuple[int, int]], n_rows: int) -> torch.Tensor:
         per_slot = n_rows // len(keys)
         return torch.tensor([slot for slot, _ in keys], device=self.base.device).repeat_interleave(per_slot)
 
-    def _call(self, slot: int, hook: Any, *args: Any) -> bool:
-        """Run a hook; an exception from it ends the slot's run (a pruner stops a trial this way)."""
+    def _call(self, slot: int, name: str, *args: Any) -> bool:
+        """A hook of the slot's run: posted to the caller's thread (:meth:`run`), or run here (:meth:`submit`),
+        where an exception from it ends the run at once (a pruner stops a trial this way)."""
+        job = self.running[slot].job
+        if job.events is not None:
+            job.events.put((name, args))
+            return True
         try:
-            hook(*args)
+            getattr(job.hooks, name)(*args)
             return True
         except BaseException as e:  # handed to the run's caller through its future
             self._finish(slot, error=e)
@@ -340,7 +380,9 @@ class SlotEngine:
                              peak_memory_mb=peak_memory_mb(self.base.device), seconds=run.busy)
         targets = sorted({n.rsplit(".", 1)[-1] for n, layer in self.wrapped.items() if layer.used[slot]})
         adapter = SlotAdapter(self.wrapped, slot, cfg.lora, targets, self.base.cfg.source)
-        if self._call(slot, run.job.hooks.on_finish, result, adapter):
+        if run.job.events is not None:  # saved later, in the caller's thread, after the slot is reused
+            adapter = adapter.frozen()
+        if self._call(slot, "on_finish", result, adapter):
             self._finish(slot, result=RunResult(result, cfg, time.perf_counter() - run.since))
 
     def _finish(self, slot: int, result: RunResult | None = None, error: BaseException | None = None,
@@ -355,6 +397,8 @@ class SlotEngine:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)  # type: ignore[arg-type]
+        if job.events is not None:
+            job.events.put(None)
 
     def _fail_step(self, error: Exception) -> None:
         """A step failed for every running run. Out of memory: half the slots, then (one slot left) half the
@@ -392,6 +436,9 @@ class SlotEngine:
             self.pending.extendleft(reversed(restart))
 
     def _call_retry(self, job: Job, changes: dict[str, Any]) -> None:
+        if job.events is not None:
+            job.events.put(("on_retry", (job.cfg, job.attempts - 1, changes)))
+            return
         try:
             job.hooks.on_retry(job.cfg, job.attempts - 1, changes)
         except BaseException as e:  # handed to the run's caller through its future

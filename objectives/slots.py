@@ -187,13 +187,23 @@ class SlotAdapter:
         self.lora = lora
         self.targets = targets
         self.base_model = base_model
+        self._state: dict[str, torch.Tensor] | None = None
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def frozen(self) -> SlotAdapter:
+        """A copy of this slot's weights (on their device) that outlives the slot's reuse by the next run."""
+        copy = SlotAdapter(self.wrapped, self.slot, self.lora, self.targets, self.base_model)
+        copy._state = {k: v.clone() for k, v in self.state_dict(to_cpu=False).items()}
+        return copy
+
+    def state_dict(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+        if self._state is not None:
+            return {k: v.cpu() if to_cpu else v for k, v in self._state.items()}
         r, slot, out = self.lora.r, self.slot, {}
         for name, layer in self.wrapped.items():
             if layer.used[slot]:
-                out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[slot, :r].detach().cpu().contiguous()
-                out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[slot, :, :r].detach().cpu().contiguous()
+                a, b = layer.lora_A[slot, :r].detach(), layer.lora_B[slot, :, :r].detach()
+                out[f"base_model.model.{name}.lora_A.weight"] = (a.cpu() if to_cpu else a).contiguous()
+                out[f"base_model.model.{name}.lora_B.weight"] = (b.cpu() if to_cpu else b).contiguous()
         return out
 
     def save_pretrained(self, folder: str | Path) -> None:

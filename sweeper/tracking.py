@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -90,6 +91,7 @@ class Tracker:
             raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
         self._pending: dict[str, list[Any]] = {}
+        self._lock = threading.Lock()  # trials in slots log from one thread each
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None,
                   params: Mapping[str, Any] | None = None) -> str:
@@ -118,13 +120,16 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        buf = self._pending.setdefault(run_id, [])
-        buf.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        if len(buf) >= FLUSH_EVERY:
+        with self._lock:
+            buf = self._pending.setdefault(run_id, [])
+            buf.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            full = len(buf) >= FLUSH_EVERY
+        if full:
             self.flush(run_id)
 
     def flush(self, run_id: str) -> None:
-        buf = self._pending.pop(run_id, [])
+        with self._lock:
+            buf = self._pending.pop(run_id, [])
         for i in range(0, len(buf), 1000):
             self.client.log_batch(run_id, metrics=buf[i:i + 1000])
 

@@ -173,7 +173,7 @@ def test_the_slot_adapter_loads_in_peft_and_gives_the_slots_output(setup: Any, t
             base.model.train()
 
     try:
-        engine.run(one, Save())
+        engine.submit(one, Save()).result()  # hooks in the engine's thread: the slot is still live
     finally:
         engine.close()
     model = PeftModel.from_pretrained(base.model, str(tmp_path))
@@ -247,3 +247,25 @@ def test_out_of_memory_halves_the_slots_then_the_micro_batch_and_runs_start_over
     for (_, ref), got in zip(alone, results, strict=True):
         assert got.config.train.micro_batch_size == 1
         assert got.train.eval_loss == pytest.approx(ref.train.eval_loss, rel=1e-3)  # same examples per step
+
+
+def test_run_calls_the_hooks_in_the_callers_thread_and_a_raising_hook_stops_the_run(setup: Any) -> None:
+    import threading
+
+    cfg, base, data = setup
+    caller = threading.get_ident()
+
+    class Stop(Recorder):
+        def on_eval(self, step: int, loss: float) -> None:
+            assert threading.get_ident() == caller
+            raise ValueError(f"stopped at {step}")
+
+    engine = SlotEngine(base, data, slots=2, r_max=8)
+    try:
+        hooks = Recorder()
+        with pytest.raises(ValueError, match="stopped at 2"):
+            engine.run(trial(cfg, steps=6, **TRIALS[0]), Stop())
+        result = engine.run(trial(cfg, **TRIALS[1]), hooks)  # the slot was freed and is reused
+    finally:
+        engine.close()
+    assert math.isfinite(result.train.eval_loss) and hooks.adapter
