@@ -21,7 +21,7 @@ from objectives.objective import RunHooks, RunResult
 from sweeper.budget import BudgetGuard, BudgetReached, fail_dead_trials, failed_trials
 from sweeper.config import SweepConfig
 from sweeper.objective import Runner
-from sweeper.records import record
+from sweeper.records import TrialRecord, record
 from sweeper.slots import SlotPlan, plan_slots
 from sweeper.space import Param
 from sweeper.study import FINISHED, DeadTrialHandler, finished_trials, open_study
@@ -219,7 +219,9 @@ def run_single(cfg: SweepConfig, show_progress: bool = True) -> float | list[flo
 def summary(study: optuna.Study) -> str:
     """A few lines on the study: counts by state and the best trial(s)."""
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    surplus = [t for t in trials if TrialRecord.of(t).surplus]
+    counts = {s.name.lower(): sum(t.state == s and t not in surplus for t in trials) for s in optuna.trial.TrialState}
+    counts["surplus (asked after the budget was covered; never ran)"] = len(surplus)
     lines = [f"study {study.study_name}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n)]
     finished = [t for t in trials if t.state in FINISHED]
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in finished):

@@ -91,14 +91,17 @@ class Tracker:
             raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
         self._pending: dict[str, list[Any]] = {}
-        self._lock = threading.Lock()  # trials in slots log from one thread each
+        # Trials in slots log from one thread each: one write at a time, as SQLite takes them anyway (its
+        # lock contention otherwise turns into retries with back-off inside MLflow).
+        self._lock = threading.RLock()
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None,
                   params: Mapping[str, Any] | None = None) -> str:
         all_tags = dict(tags or {})
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        with self._lock:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -107,13 +110,15 @@ class Tracker:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(redact(params)).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        with self._lock:
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run_id, params=items[i:i + 100])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        with self._lock:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
         """Buffer metrics; they reach the store in batches (one write per FLUSH_EVERY values)."""
@@ -130,27 +135,33 @@ class Tracker:
     def flush(self, run_id: str) -> None:
         with self._lock:
             buf = self._pending.pop(run_id, [])
-        for i in range(0, len(buf), 1000):
-            self.client.log_batch(run_id, metrics=buf[i:i + 1000])
+            for i in range(0, len(buf), 1000):
+                self.client.log_batch(run_id, metrics=buf[i:i + 1000])
 
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(run_id, redact(obj), artifact_file)
+        with self._lock:
+            self.client.log_dict(run_id, redact(obj), artifact_file)
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+        with self._lock:
+            self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        with self._lock:
+            self.client.log_text(run_id, text, artifact_file)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.flush(run_id)
-        self.client.set_terminated(run_id, status=status)
+        with self._lock:
+            self.flush(run_id)
+            self.client.set_terminated(run_id, status=status)
 
     def reopen(self, run_id: str) -> None:
-        self.client.update_run(run_id, status="RUNNING")
+        with self._lock:
+            self.client.update_run(run_id, status="RUNNING")
 
     def artifact_uri(self, run_id: str, path: str = "") -> str:
-        base = self.client.get_run(run_id).info.artifact_uri
+        with self._lock:
+            base = self.client.get_run(run_id).info.artifact_uri
         return f"{base}/{path}" if path else base
 
 
