@@ -1,0 +1,53 @@
+"""Several runs' rows in one forward pass: merged batches, and each row's own loss."""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from objectives.data import IGNORE_INDEX
+
+
+def merge_passes(parts: list[tuple[int, dict[str, torch.Tensor], int]],
+                 pad_id: int) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """Several slots' passes as one batch: each padded to the widest pass and to the most rows of any slot
+    (a padding row is one padding token's own sequence: no loss, no effect on other rows), slot after slot;
+    and each slot's dropout key."""
+    width = max(batch["input_ids"].shape[1] for _, batch, _ in parts)
+    rows = max(batch["input_ids"].shape[0] for _, batch, _ in parts)
+    out: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+    for _, batch, _ in parts:
+        n, extra = batch["input_ids"].shape
+        extra = width - extra
+        for name, t in batch.items():
+            if extra:
+                if name == "position_ids":  # the padding is one more segment of its own
+                    t = torch.cat([t, torch.arange(extra).expand(n, extra)], dim=1)
+                else:
+                    t = torch.nn.functional.pad(t, (0, extra), value=PAD_VALUES[name](pad_id))
+            if rows > n:
+                t = torch.cat([t, padding_rows(name, rows - n, width, pad_id)])
+            out[name].append(t)
+    return {k: torch.cat(v) for k, v in out.items()}, [(slot, key) for slot, _, key in parts]
+
+
+PAD_VALUES = {"input_ids": lambda pad: pad, "labels": lambda pad: IGNORE_INDEX, "attention_mask": lambda pad: 0}
+
+
+def padding_rows(name: str, n: int, width: int, pad_id: int) -> torch.Tensor:
+    if name == "position_ids":
+        return torch.arange(width).expand(n, width).clone()
+    if name == "attention_mask":  # one visible token: a fully masked row would give NaN attention
+        mask = torch.zeros(n, width, dtype=torch.long)
+        mask[:, 0] = 1
+        return mask
+    return torch.full((n, width), PAD_VALUES[name](pad_id), dtype=torch.long)
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of each row over the tokens it predicts (labels shifted by one, as the model's loss)."""
+    vocab = logits.shape[-1]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.view(labels.shape[0], -1).sum(1)
