@@ -29,9 +29,6 @@ from bench.models import prepare
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Where the device machine's setup puts the default model (see the GPU machine's notes).
-GPU_MACHINE_GGUF = "/tmp/SmolLM2-135M-Instruct.Q4_1.gguf"
-
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optuna", "mlflow-skinny", "mlflow",
             "hydra-core")
 
@@ -47,8 +44,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="markdown file to write the tables to")
     p.add_argument("--model-source", default=None,
-                   help=f"model.source: a .gguf file, model directory or hub id (default: the config's; on the "
-                        f"GPU machine pass {GPU_MACHINE_GGUF})")
+                   help="model.source: a .gguf file, model directory or hub id (default: the config's)")
     p.add_argument("--workdir", default=None, help="where studies and MLflow stores go (default: a new temp dir)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny random model and tiny sizes: checks the benchmark runs end to end, measures nothing")

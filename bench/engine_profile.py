@@ -5,7 +5,7 @@ Trials vary as the default space varies them (rank, targets, optimizer, dropout)
 ``--warmup``; nvidia-smi's busy fraction over each K's steps says how much of the step the GPU works.
 
     PYTHONPATH=$PWD python bench/engine_profile.py --model-source $M --slots 1,8,16,32 --out $R/engine.md
-    PYTHONPATH=$PWD python bench/engine_profile.py --cpu-smoke --out /tmp/engine.md
+    PYTHONPATH=$PWD python bench/engine_profile.py --cpu-smoke --out $R/engine_smoke.md
 """
 
 from __future__ import annotations

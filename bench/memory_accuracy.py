@@ -10,9 +10,9 @@ shared by its configurations; gradient checkpointing is switched on the loaded b
 
 The goal: median absolute error under 10%, and no configuration under-predicted by more than 15%.
 
-    PYTHONPATH=$PWD python bench/memory_accuracy.py --out results/memory_accuracy.md   # ~2 min on one H200
-    PYTHONPATH=$PWD python bench/memory_accuracy.py --out /tmp/m.md --dry              # predictions only
-    PYTHONPATH=$PWD python bench/memory_accuracy.py --out /tmp/m.md --cpu-smoke        # 2 tiny configs, CPU
+    PYTHONPATH=$PWD python bench/memory_accuracy.py --out $R/memory_accuracy.md   # ~2 min on one H200
+    PYTHONPATH=$PWD python bench/memory_accuracy.py --out $R/m.md --dry           # predictions only
+    PYTHONPATH=$PWD python bench/memory_accuracy.py --out $R/m.md --cpu-smoke     # 2 tiny configs, CPU
 
 Without ``--model-source`` the shapes are built on a generated Llama config and a three-token tokenizer
 (the rows are synthetic), so nothing has to be downloaded or converted, and the script imports no more

@@ -11,9 +11,9 @@ instead: per configuration, packed - padded eval loss over seeds, with dropout o
 Our loop on padded batches computes exactly what ``Trainer`` + peft computes (benchmark 1 shows equal
 losses trial by trial), so this is also the question of whether packing changes the loss against A.
 
-    PYTHONPATH=$PWD python bench/packing_parity.py --model-source /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --out results/packing_parity.md                                      # ~6 min on one H200
-    PYTHONPATH=$PWD python bench/packing_parity.py --out /tmp/p.md --cpu-smoke
+    PYTHONPATH=$PWD python bench/packing_parity.py --model-source $M \\
+        --out $R/packing_parity.md                                      # ~6 min on one H200
+    PYTHONPATH=$PWD python bench/packing_parity.py --out $R/p.md --cpu-smoke
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ with the same trial budget, the same trial length and the base loaded once for a
 the best eval loss any study reached, plus 1%; each study's cost is the GPU time (sum of its trials' wall
 times, pruned ones included, in trial order) until its first complete trial at or under the target.
 
-    PYTHONPATH=$PWD python bench/sample_efficiency.py --out results/efficiency.md \\
-        --model-source /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    PYTHONPATH=$PWD python bench/sample_efficiency.py --out /tmp/efficiency.md --cpu-smoke
+    PYTHONPATH=$PWD python bench/sample_efficiency.py --out $R/sample_efficiency.md \\
+        --model-source $M
+    PYTHONPATH=$PWD python bench/sample_efficiency.py --out $R/sample_efficiency_smoke.md --cpu-smoke
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bench.models import model_label, model_overrides
 from bench.report import markdown_table, num, render_report, say, spread, write_report
 from bench.timing import TrialTiming, finished_timings, time_to_target
 
-ISSUE_SPEC = "at least 3 seeds; goal: TPE + pruning needs at most a third of random search's GPU time"
+GOAL = "over at least 3 seeds, TPE + pruning needs at most a third of random search's GPU time"
 STRATEGIES: dict[str, list[str]] = {
     "tpe+sh": ["study/sampler=tpe", "study/pruner=successive_halving"],
     "random": ["study/sampler=random", "study/pruner=none"],
@@ -187,7 +187,7 @@ def build_report(args: argparse.Namespace, runs: list[StudyRun], warmup_s: float
     seeds = sorted({r.seed for r in runs})
     best = goal / (1 + TOLERANCE) if goal is not None else None
     ran = [
-        f"- The issue asks for {ISSUE_SPEC}. Ran {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) x "
+        f"- Goal: {GOAL}. Ran {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) x "
         f"{len(STRATEGIES)} strategies, each study up to {args.trials} trials of {args.steps} steps x {args.batch} "
         f"examples, evaluated every {args.eval_every} steps, stopping new trials after {args.study_timeout:.0f} s. "
         "Short trials and small budgets were chosen to fit the GPU time of this run; TPE's first 4 trials "

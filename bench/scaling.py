@@ -9,9 +9,9 @@ study's total. The study and the MLflow store are created here first, so the wor
 Trials per hour count, per worker, the trials after its first (warm-up) one from that trial's end to its
 last trial's end, summed over the workers; the end-to-end rate includes process start and model load.
 
-    PYTHONPATH=$PWD python bench/scaling.py --out results/scaling.md \\
-        --model-source /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    PYTHONPATH=$PWD python bench/scaling.py --out /tmp/scaling.md --cpu-smoke
+    PYTHONPATH=$PWD python bench/scaling.py --out $R/scaling.md \\
+        --model-source $M
+    PYTHONPATH=$PWD python bench/scaling.py --out $R/scaling_smoke.md --cpu-smoke
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bench.report import markdown_table, num, percent, ratio, render_report, say
 from bench.timing import TrialTiming, assign_workers, finished_timings, steady_per_hour
 from sweeper.workers import visible_gpus
 
-ISSUE_SPEC = "1 vs 2 workers on two GPUs on one PostgreSQL-backed study; goal: at least 1.8x the trials per hour"
+GOAL = "2 workers on two GPUs sharing one PostgreSQL-backed study run at least 1.8x the trials per hour of 1"
 
 
 @dataclass
@@ -190,8 +190,7 @@ def build_report(args: argparse.Namespace, phases: list[Phase], gpu: GpuSampler,
     gpus = phases[-1].gpus if phases else []
     pinned = ", ".join(gpus) if gpus else "no GPU (CPU only: workers share the cores; the ratio says nothing of GPUs)"
     ran = [
-        f"- The issue asks for {ISSUE_SPEC}. Ran: study storage = {STORAGE_LABELS[args.storage]}, one phase "
-        "per worker count "
+        f"- Goal: {GOAL}. Ran: study storage = {STORAGE_LABELS[args.storage]}, one phase per worker count "
         f"({args.workers}), each a new study with a budget of {args.trials} trials of {args.steps} steps x "
         f"{args.batch} examples, search space {args.space!r} ("
         + ("only the learning rate varies: every trial does the same work" if args.space == "equal" else

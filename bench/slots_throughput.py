@@ -9,7 +9,7 @@ results.
 
     PYTHONPATH=$PWD python bench/slots_throughput.py --model-source $M --out $R/slots.md
     PYTHONPATH=$PWD python bench/slots_throughput.py --shape 1b --weights random --methods 1,16 --out $R/slots_1b.md
-    PYTHONPATH=$PWD python bench/slots_throughput.py --cpu-smoke --out /tmp/slots.md
+    PYTHONPATH=$PWD python bench/slots_throughput.py --cpu-smoke --out $R/slots_smoke.md
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ and the same batches in the same order go through:
 Tokens/s counts real (non-padding) tokens over the steps after the warm-up steps; peak memory is the
 most allocated CUDA memory during training (base weights included).
 
-    PYTHONPATH=$PWD python bench/step_throughput.py --out results/steps.md \\
-        --model-source /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    PYTHONPATH=$PWD python bench/step_throughput.py --out /tmp/steps.md --cpu-smoke
+    PYTHONPATH=$PWD python bench/step_throughput.py --out $R/step_throughput.md \\
+        --model-source $M
+    PYTHONPATH=$PWD python bench/step_throughput.py --out $R/step_throughput_smoke.md --cpu-smoke
 """
 
 from __future__ import annotations

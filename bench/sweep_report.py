@@ -11,8 +11,8 @@ from bench.sweep_methods import SPACE
 from bench.sweep_results import MethodResult, best_of_first, median_busy, paired_differences, paired_speedup
 from bench.timing import trial_walls
 
-ISSUE_SPEC = "24+ trials of about 60 s of training each on the default model, pruning off"
-ISSUE_TRIAL_S = 60.0
+TARGET_RUN = "24+ trials of about 60 s of training each on the default model, pruning off"
+TARGET_TRIAL_S = 60.0
 LABELS = {"ours": "ours (one process, base loaded once)",
           "ours-ckpt": "ours, checkpointing always on (as A)",
           "ours-padded": "ours, padded batches (as A)",
@@ -32,12 +32,12 @@ def result_row(r: MethodResult, gpu: GpuSampler) -> list[str]:
 
 def paired_line(ours: MethodResult, reference: MethodResult, label: str) -> str:
     """The measured and the projected paired speedup of ours over a baseline, as a report line."""
-    measured, projected = paired_speedup(ours, reference), paired_speedup(ours, reference, ISSUE_TRIAL_S)
+    measured, projected = paired_speedup(ours, reference), paired_speedup(ours, reference, TARGET_TRIAL_S)
     if measured is None or projected is None:
         return f"- Trials both ours and {label} ran with the same parameters: none (warm-up excluded)."
     return (f"- Trials both ours and {label} ran with the same parameters ({measured[0]}, warm-up excluded): ours / "
             f"{label} trials per hour on that same work {measured[1]:.2f}x. Projection, not a measurement: with each "
-            f"pair's training and evaluation scaled so that {label}'s takes {ISSUE_TRIAL_S:.0f} s, overheads as "
+            f"pair's training and evaluation scaled so that {label}'s takes {TARGET_TRIAL_S:.0f} s, overheads as "
             f"measured: {projected[1]:.2f}x.")
 
 
@@ -74,7 +74,7 @@ def build_report(args: argparse.Namespace, results: list[MethodResult], gpu: Gpu
                  command: str) -> str:
     by = {r.key: r for r in results}
     rates = {k: r.per_hour for k, r in by.items()}
-    ran = [f"- The issue asks for {ISSUE_SPEC}. Ran: " + "; ".join(
+    ran = [f"- Target: {TARGET_RUN}. Ran: " + "; ".join(
         f"{LABELS[r.key]}: {len(r.trials)} trial{'' if len(r.trials) == 1 else 's'}" for r in results) +
         f", each of {args.steps} steps x {args.batch} examples (median training + evaluation "
         + ", ".join(f"{k} {num(median_busy(r), 1)} s" for k, r in by.items())

@@ -11,9 +11,9 @@ same steps per trial, pruning off, the same seeded TPE sampler. Per method: tria
 per trial (wall time minus time in training and evaluation steps), GPU busy fraction (nvidia-smi), best
 eval loss. The first trial of each method, and everything before it, is warm-up and is excluded.
 
-    PYTHONPATH=$PWD python bench/sweep_throughput.py --out results/sweep.md \\
-        --model-source /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    PYTHONPATH=$PWD python bench/sweep_throughput.py --out /tmp/sweep.md --cpu-smoke
+    PYTHONPATH=$PWD python bench/sweep_throughput.py --out $R/sweep_throughput.md \\
+        --model-source $M
+    PYTHONPATH=$PWD python bench/sweep_throughput.py --out $R/sweep_throughput_smoke.md --cpu-smoke
 """
 
 from __future__ import annotations
