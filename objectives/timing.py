@@ -12,8 +12,9 @@ Assumptions (rough, upper bound on the sequence length)
     :data:`ADAPTER_OVERHEAD_S` per wrapped module) runs ahead of the device, so a step takes the larger of
     the two: small models are host-bound (SmolLM2-135M takes ~0.3 s per step on an H200 whatever the
     batch). These constants were fitted on an H200 (bench/memory_accuracy.py reports both). On the CPU
-    the rate is :data:`CPU_FLOPS_PER_CORE` per thread, from SmolLM2-135M taking about 2 s for a
-    4 x 128-token step on 2 cores (the CPU's rate is an effective one: no utilization factor). Evaluation
+    the rate is :data:`CPU_FLOPS_PER_CORE` per thread, an effective rate (no utilization factor) fitted to
+    the default sweep on 2 cores: its complete trials took 52-81 s (qk at rank 5 to all-linear at rank 32,
+    24 steps and 4 evaluations each), which this model puts within 17% of each. Evaluation
     adds forward passes over ``data.max_eval_examples`` rows at every evaluation. Every micro-batch is
     taken as ``data.max_length`` tokens wide: padded batches with shorter rows run faster, and with
     ``train.packing`` short examples need fewer passes than ``grad_accum`` per step.
@@ -43,8 +44,8 @@ LAYER_OVERHEAD_S = 3e-3
 """Host time per decoder layer per pass (forward, backward, recompute) on a GPU: Python and kernel launches."""
 ADAPTER_OVERHEAD_S = 0.6e-3
 """Host time per wrapped module per layer per pass (peft's LoRA forward adds a handful of kernels)."""
-CPU_FLOPS_PER_CORE = 100e9
-"""Sustained FLOP/s per CPU thread for this loop (measured: SmolLM2-135M, 4 x 128 tokens, ~2 s on 2 cores)."""
+CPU_FLOPS_PER_CORE = 147e9
+"""Effective FLOP/s per CPU thread for this loop, fitted to the default sweep's complete trials on 2 cores."""
 
 
 @dataclass(frozen=True)

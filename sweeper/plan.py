@@ -219,6 +219,12 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     worst = max(range(len(rows)), key=lambda i: rows[i].estimate.total)
     lines.append(f"largest corner (#{worst + 1}), by component:")
     lines.append(rows[worst].estimate.format())
+    median = sorted(c.seconds for c in rows)[len(rows) // 2]
+    full = median * cfg.study.n_trials / slots.slots
+    together = f", {slots.slots} at a time" if slots.slots > 1 else ""
+    lines.append(f"sweep: {cfg.study.n_trials} trials of about {_duration(median)} (the median corner){together}: "
+                 f"at most about {_duration(full)} if every trial runs to its last step; pruned trials stop at an "
+                 "evaluation")
     rate = (f"{UTILIZATION:.0%} of the peak rate, or the host's launch time per layer if longer"
             if device.kind == "cuda" else f"{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s per thread")
     lines.append(f"time: {device.name}; rough: FLOPs of the base (bf16) and of head, attention and adapter "

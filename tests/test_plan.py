@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -57,6 +58,20 @@ def test_plan_of_the_default_space_lists_corners_and_marks_what_does_not_fit(
     bad = sum(c.estimate.total > memory for c in rows)
     assert f"{bad} of {len(rows)} corners do not fit" in text
     assert "largest corner" in text and "logits" in text
+    n = cfg.study.n_trials
+    assert re.search(rf"sweep: {n} trials of about [\d.]+ s \(the median corner\): at most about", text)
+    assert "trials per pass (workers.slots=auto): 1" in text
+
+
+def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    from objectives.timing import Device
+
+    cfg, params, config = tiny
+    gpu = Device("cuda", "H100-class GPU", 989e12, 67e12)
+    text = plan(replace(cfg, workers=replace(cfg.workers, slots=8)), params, 80 * 2**30, model_config=config,
+                device=gpu)
+    assert re.search(r"trials per pass \(workers.slots=8\): 8 \(workers.slots=8\); each slot rank \d+", text)
+    assert ", 8 at a time:" in text
 
 
 def test_workers_sharing_a_gpu_check_corners_against_their_share(
