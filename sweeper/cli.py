@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from objectives.config import ConfigError
+from sweeper.config import SweepConfig
 from sweeper.tracking import redact
 
 EXAMPLES = {
@@ -23,6 +26,30 @@ EXAMPLES = {
     "space": "python -m sweeper space search_space=targets",
     "plan": "python -m sweeper plan 'train.micro_batch_size=choice(4,16)' --device-memory-gb 24",
 }
+
+
+def sweeper_command() -> str:
+    """How to run this program again from this shell: ``python -m sweeper`` when that ``python`` is this
+    interpreter (an activated virtualenv), else this interpreter's path (relative to here when inside it)."""
+    on_path = shutil.which("python")
+    here = Path(sys.executable)
+    if on_path and Path(on_path).parent == here.parent:
+        return "python -m sweeper"
+    try:
+        shown = str(here.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(here)
+    return f"{shlex.quote(shown)} -m sweeper"
+
+
+def study_location(cfg: SweepConfig) -> str:
+    """The overrides another verb needs to find this study: its name, and its storage unless it is the default."""
+    parts = [f"study.name={cfg.study.name}"]
+    if cfg.output_dir != "mlruns":
+        parts.append(f"output_dir={cfg.output_dir}")
+    if cfg.study.storage or cfg.workers.count > 1:
+        parts.append(f"study.storage={shlex.quote(redact(cfg.storage_url))}")
+    return " ".join(parts)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +72,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     else:
         study = run_sweep(cfg, params, show_progress=not args.no_progress)
     print(summary(study))
-    print(f"browse: python -m sweeper ui output_dir={cfg.output_dir}   export: python -m sweeper export "
-          f"study.name={cfg.study.name}")
+    print(f"browse: {sweeper_command()} ui output_dir={cfg.output_dir}\n"
+          f"export: {sweeper_command()} export {study_location(cfg)}")
     return 0
 
 
@@ -83,7 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     trial = pick_trial(study, args.trial)
     out = Path(args.out or f"exports/{cfg.study.name}-trial{trial.number}.yaml")
     write_export(exported_config(cfg, study, trial), out)
-    print(f"wrote {out} (trial {trial.number}, values {trial.values})\nrun it: python -m sweeper train --config {out}")
+    print(f"wrote {out} (trial {trial.number}, values {trial.values})\n"
+          f"run it: {sweeper_command()} train --config {out}")
     return 0
 
 
