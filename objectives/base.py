@@ -196,6 +196,10 @@ class ResidentBase:
                 # peft reads transformers' deprecated alias once per injection: noise in every trial's output
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 self._peft, self._shape = get_peft_model(self.model, peft_cfg), shape
+            # peft records the directory the weights were loaded from (a machine-local cache for a GGUF or
+            # random-init source); the adapter's config must name the source as configured, which another
+            # machine can resolve. save_pretrained keeps a name that is already set.
+            self._peft.peft_config["default"].base_model_name_or_path = self.cfg.source
         initialise_lora(self._peft, lora, seed)
         try:
             yield self._peft

@@ -178,7 +178,11 @@ def slot_parameter_count(wrapped: dict[str, SlotLinear], slot: int, r: int) -> i
 
 
 class SlotAdapter:
-    """One slot's adapter as a peft folder: ``PeftModel.from_pretrained(base, folder)`` loads it."""
+    """One slot's adapter as a peft folder: ``PeftModel.from_pretrained(base, folder)`` loads it.
+
+    ``base_model`` is ``model.source`` as configured (hub id, local path or ``package:`` spec), not the directory
+    the weights were loaded from: a converted or random-init copy lives in one machine's cache.
+    """
 
     def __init__(self, wrapped: dict[str, SlotLinear], slot: int, lora: LoraConfig, targets: list[str],
                  base_model: str | None) -> None:
@@ -206,7 +210,9 @@ class SlotAdapter:
                 out[f"base_model.model.{name}.lora_B.weight"] = (b.cpu() if to_cpu else b).contiguous()
         return out
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, save_embedding_layers: bool = False) -> None:
+        """Write the folder; ``save_embedding_layers`` is peft's argument, accepted for the same call: a slot
+        adapter never has embeddings to save."""
         from safetensors.torch import save_file
 
         folder = Path(folder)

@@ -95,6 +95,14 @@ def eval_passes(data: TokenizedSplits, batch_size: int, packing: bool, pad_id: i
     return forward_passes(list(eval_micro_batches(data.eval, batch_size)), packing, pad_id, data.max_length)
 
 
+def evaluates_at(step: int, eval_every: int, max_steps: int) -> bool:
+    """Whether :func:`train_adapter` evaluates after ``step``: every ``eval_every`` steps and after the last.
+
+    A progress display reads it to announce the evaluation before it starts.
+    """
+    return step % eval_every == 0 or step == max_steps
+
+
 @torch.no_grad()
 def evaluate(model: Any, passes: list[dict[str, torch.Tensor]], device: torch.device) -> float:
     """Mean loss per response token over the held-out passes (token-weighted across passes)."""
@@ -173,7 +181,7 @@ def train_adapter(
         tokens = sum(len(r["input_ids"]) for rows in window for r in rows)
         on_step(step, {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm,
                        "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
-        if step % train.eval_every == 0 or step == train.max_steps:
+        if evaluates_at(step, train.eval_every, train.max_steps):
             start = time.perf_counter()
             eval_loss = evaluate(model, held_out, device)
             busy += time.perf_counter() - start

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,6 +28,9 @@ EXAMPLES = {
     "space": "python -m sweeper space search_space=targets",
     "plan": "python -m sweeper plan 'train.micro_batch_size=choice(4,16)' --device-memory-gb 24",
 }
+
+VERBOSE_ENV = "SWEEPER_VERBOSE"
+"""Set by ``-v`` for the processes a launch starts (workers), so they are as verbose as it is."""
 
 
 def sweeper_command() -> str:
@@ -88,15 +93,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
     from sweeper import compose
 
     cfg, _ = compose.load(args.overrides, args.config)
-    from sweeper.launch import run_single
+    from sweeper.export import value_lines
+    from sweeper.launch import SingleRun, run_single
 
-    value = run_single(cfg, show_progress=not args.no_progress)
-    print(f"eval_loss {value}" if not isinstance(value, list) else f"values {value}")
-    if cfg.provenance is not None and cfg.provenance.values:
-        print(f"exported trial {cfg.provenance.trial_number} had {cfg.provenance.values}")
+    run = SingleRun()
+    # The same store as this run's: `ui` composes the same config.
+    ui = shlex.join(["python", "-m", "sweeper", "ui", *(["--config", args.config] if args.config else []),
+                     *args.overrides])
+    try:
+        value = run_single(cfg, show_progress=not args.no_progress, run=run)
+    except BaseException:
+        if run.run_id is not None:  # a failed or interrupted run is worth finding too
+            print("\n".join(run.where(cfg, ui)), file=sys.stderr)
+        raise
+    print("\n".join(value_lines(cfg.study.objectives, value if isinstance(value, list) else [value], cfg.provenance)))
+    if run.run_id is not None:
+        print("\n".join(run.where(cfg, ui)))
     return 0
 
 
@@ -132,7 +149,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cfg, _ = compose.load(args.overrides, args.config)
     artifacts = cfg.output_path / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
-    proc, url = start_ui(cfg.tracking_uri, artifacts.as_uri(), host=args.host, port=args.port)
+    proc, url = start_ui(cfg.tracking_uri, artifacts.as_uri(), host=args.host, port=args.port,
+                         log_path=cfg.output_path / "ui.log")
     print(f"MLflow UI for {redact(cfg.tracking_uri)}: {url}   (Ctrl-C stops it)", flush=True)
     try:
         while proc.poll() is None:
@@ -150,10 +168,15 @@ def cmd_space(args: argparse.Namespace) -> int:
     from sweeper.values import volume
 
     cfg, params = compose.load(args.overrides, args.config)
-    print(f"search space ({len(params)} parameters, {volume(params):g} configurations):")
-    for p in params:
-        cond = f"   when {p.describe_condition()}" if p.when else ""
-        print(f"  {p.name:<24} {p.path:<24} {p.describe()}{cond}")
+    size = volume(params)
+    print(f"search space ({len(params)} parameters, "
+          f"{'continuous' if math.isinf(size) else f'{size:g} configurations'}):")
+    table = [("name", "path", "distribution", "condition"),
+             *((p.name, p.path, p.describe(), f"when {p.describe_condition()}" if p.when else "") for p in params)]
+    name_w, path_w = (max(24, *(len(row[i]) for row in table)) for i in (0, 1))  # 24: as the fixed values below
+    dist_w = max(len(row[2]) for row in table)
+    for name, path, dist, cond in table:
+        print(f"  {name:<{name_w}} {path:<{path_w}} {dist:<{dist_w}}   {cond}".rstrip())
     from sweeper.config import to_container
 
     flat = {f"{k}.{f}": v for k, sect in to_container(cfg).items() if isinstance(sect, dict)
@@ -194,12 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sweeper", description="Hyperparameter sweeps for QLoRA fine-tuning (Hydra + Optuna + MLflow).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()))
+    verbose_help = ("also the libraries' log lines, warnings and progress bars (Optuna's line per trial, "
+                    f"MLflow, transformers, bitsandbytes); {VERBOSE_ENV}=1 or LOGLEVEL=DEBUG do the same")
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (fn, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
         _config_args(p)
         p.set_defaults(func=fn)
+        # SUPPRESS: `sweeper -v VERB` stays verbose, where the verb's default would reset it.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
         if name in ("launch", "worker", "train"):
             p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
         if name == "export":
@@ -216,12 +244,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_LOGGERS = {
+    "bitsandbytes": logging.ERROR,  # "pip install kernels" advice on every CPU run
+    "matplotlib": logging.ERROR,  # "building the font cache" the first time a plot is drawn
+    "mlflow": logging.WARNING,
+    "alembic": logging.WARNING,  # MLflow's table creation and migrations
+    "transformers": logging.ERROR,
+    "peft": logging.ERROR,
+    "huggingface_hub": logging.ERROR,
+}
+
+THIRD_PARTY_NOTES = r"(peft|transformers|bitsandbytes|accelerate|huggingface_hub)(\.|$)"
+"""Modules whose UserWarnings are silenced by default (a regular expression, as ``warnings`` takes it)."""
+
+
+def quiet_third_party() -> None:
+    """One line per finished trial and the sweeper's own progress: the libraries' advice and deprecation
+    notices concern their API, which the user does not call.
+
+    Environment variables are read when a library is imported (and by the worker processes a launch starts),
+    so they are set here, before any of them is; ``setdefault`` leaves a user's own setting alone.
+    """
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow configures its logger on import
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars; set-up logs its own line
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Notes to the libraries' callers, e.g. peft's "could not find a config file" on saving an adapter of a
+    # GGUF base; the sweeper's own checks raise ConfigError instead.
+    warnings.filterwarnings("ignore", category=UserWarning, module=THIRD_PARTY_NOTES)
+    import optuna
+
+    # Its "Trial N finished with value ... and parameters {...}" line per trial; launch prints a short one.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    level = os.environ.get("LOGLEVEL", "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    verbose = args.verbose or os.environ.get(VERBOSE_ENV) == "1" or level.upper() == "DEBUG"
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
+        quiet_third_party()
     try:
         return int(args.func(args))
     except ConfigError as e:

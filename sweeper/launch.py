@@ -7,7 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -21,11 +21,13 @@ from objectives.objective import RunHooks, RunResult
 from sweeper.budget import BudgetGuard, BudgetReached, fail_dead_trials, failed_trials
 from sweeper.config import SweepConfig
 from sweeper.objective import Runner
+from sweeper.progress import progress_bar
 from sweeper.records import TrialRecord, record
+from sweeper.report import trial_line
 from sweeper.slots import SlotPlan, plan_slots
 from sweeper.space import Param
 from sweeper.study import FINISHED, DeadTrialHandler, finished_trials, open_study
-from sweeper.tracking import finish_parent, make_tracker, parent_run, update_parent
+from sweeper.tracking import finish_parent, make_tracker, parent_run, redact, update_parent
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,12 @@ class Resources:
         base = ResidentBase(cfg.model, pick_device(cfg.train.device))
         if cfg.train.packing:
             base.check_packing()
+        weights = " (random weights)" if cfg.model.random_init else ""
+        log.info("base %s%s loaded on %s in %.1fs", cfg.model.source, weights, base.device, time.perf_counter() - start)
+        start = time.perf_counter()
         data = prepare(cfg.data, base.tokenizer, cfg.model.cache_path)
-        log.info("base and data ready in %.1fs: %d train / %d eval examples",
-                 time.perf_counter() - start, len(data.train), len(data.eval))
+        log.info("data ready in %.1fs: %d train / %d eval examples", time.perf_counter() - start,
+                 len(data.train), len(data.eval))
         return cls(base, data)
 
     def slot_plan(self, cfg: SweepConfig, params: Sequence[Param]) -> SlotPlan:
@@ -160,12 +165,14 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         resources.base.device)
     baseline = objective.memory_mb
     max_failures = cfg.workers.max_failures if cfg.workers.max_failures is not None else cfg.study.n_trials
-    bar = tqdm(total=cfg.study.n_trials, initial=done, desc=f"sweep {cfg.study.name}", unit="trial",
-               disable=not show_progress)
+    bar = progress_bar(cfg.study.n_trials, f"sweep {cfg.study.name}", "trial", initial=done,
+                       disable=not show_progress)
     recycle = False
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal recycle
+        if not TrialRecord.of(trial).surplus:  # a surplus trial never ran: the summary counts them
+            tqdm.write(trial_line(study, trial))  # tqdm.write: above the bars, not through them
         bar.n = finished_trials(study)
         bar.refresh()
         update_parent(tracker, parent_id, study)
@@ -198,22 +205,81 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     return study, recycle
 
 
-def run_single(cfg: SweepConfig, show_progress: bool = True) -> float | list[float]:
-    """One training run of a fixed config (no study), logged as its own MLflow run."""
+@dataclass
+class SingleRun:
+    """Where ``run_single`` logged its run; filled in as soon as the run exists, so a failed one is found too."""
+
+    name: str = "train"
+    tags: dict[str, str] = field(default_factory=dict)
+    experiment_id: str | None = None
+    run_id: str | None = None
+
+    def identify(self, cfg: SweepConfig) -> None:
+        """Name and tags: a run of an exported config is named for the trial it reproduces and tagged with where
+        that came from. It is a top-level run of the sweep's experiment: a child of the study's run would count
+        as one of its trials."""
+        source = cfg.provenance
+        if source is None or source.trial_number < 0:
+            self.name, self.tags = "train", {"kind": "train"}
+            return
+        exported = ", ".join(f"{n} {v:.4f}" for n, v in zip(cfg.study.objectives, source.values, strict=False))
+        tags = {"kind": "reproduction", "reproduces.study": source.study,
+                "reproduces.trial_number": str(source.trial_number),
+                "reproduces.run_id": source.mlflow_run_id or "",
+                "reproduces.parent_run_id": source.mlflow_parent_run_id or "",
+                "reproduces.values": ", ".join(f"{v:.6g}" for v in source.values),
+                "mlflow.note.content": (f"Reproduction of trial {source.trial_number} of study `{source.study}`"
+                                        + (f" (run `{source.mlflow_run_id}`)" if source.mlflow_run_id else "")
+                                        + (f", exported with {exported}." if exported else "."))}
+        self.name, self.tags = f"reproduce trial-{source.trial_number}", {k: v for k, v in tags.items() if v}
+
+    def where(self, cfg: SweepConfig, ui_command: str) -> list[str]:
+        """How to find the run: its id, its experiment, and its page in the MLflow UI (``ui_command`` serves it)."""
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        lines = [f"MLflow run {self.run_id} ({self.name!r}) in experiment {cfg.experiment_name!r} "
+                 f"(id {self.experiment_id})"]
+        if "reproduces.trial_number" in self.tags:
+            source = self.tags.get("reproduces.run_id", "(no MLflow run recorded)")
+            lines.append(f"reproduces trial {self.tags['reproduces.trial_number']} of study "
+                         f"{self.tags.get('reproduces.study', '')!r}: run {source}")
+        if cfg.tracking_uri.startswith("http"):  # the tracking server serves the UI itself
+            lines.append(f"open it: {redact(cfg.tracking_uri).rstrip('/')}/{page}")
+        else:
+            lines.append(f"open it: {ui_command}   then browse to <the URL it prints>/{page}")
+        return lines
+
+
+def run_single(cfg: SweepConfig, show_progress: bool = True, run: SingleRun | None = None) -> float | list[float]:
+    """One training run of a fixed config (no study), logged as its own MLflow run (see :class:`SingleRun`).
+
+    ``run``, when given, is filled in with where the run was logged; a reproduction's run is tagged
+    ``reproduction`` with whether its values match the exported ones.
+    """
+    from sweeper.export import reproduction_verdict
     from sweeper.objective import QLoRAObjective
 
+    run = run if run is not None else SingleRun()
+    run.identify(cfg)
     tracker = make_tracker(cfg)
+    run.experiment_id = tracker.experiment_id
     resources = Resources.load(cfg)
     # Where a sweep on this device trains in slots, the reproduction does too (one slot): the same arithmetic.
     plan = resources.slot_plan(cfg, [])
     engine = resources.engine(cfg, plan, slots=1) if plan.slots > 1 else None
+    trial = optuna.trial.FixedTrial({}, number=0)
     try:
         objective = QLoRAObjective(cfg, [], resources.base, resources.data, tracker, None, show_progress,
-                                   runner=engine_runner(engine, resources.base))
-        return objective(optuna.trial.FixedTrial({}, number=0))
+                                   runner=engine_runner(engine, resources.base), run_name=run.name, run_tags=run.tags)
+        value = objective(trial)
     finally:
+        run.run_id = TrialRecord.of(trial).mlflow_run_id
         if engine is not None:
             engine.close()
+    if run.run_id is not None and cfg.provenance is not None and cfg.provenance.values:
+        values = value if isinstance(value, list) else [value]
+        tracker.set_tags(run.run_id, {"reproduction": reproduction_verdict(cfg.study.objectives, values,
+                                                                           cfg.provenance.values)})
+    return value
 
 
 def summary(study: optuna.Study) -> str:

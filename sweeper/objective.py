@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
-from tqdm.auto import tqdm
 
 from objectives.base import ResidentBase
 from objectives.config import RECIPE_SECTIONS, RecipeConfig
 from objectives.data import TokenizedSplits
 from objectives.decisions import device_memory_bytes
 from objectives.objective import DoesNotFit, RunHooks, RunResult, run_recipe
-from objectives.training import LossNotFinite, TrainResult
+from objectives.training import LossNotFinite, TrainResult, evaluates_at
 from sweeper.config import SweepConfig, to_container, to_schema
-from sweeper.records import record
+from sweeper.export import adapter_keeper
+from sweeper.progress import progress_bar
+from sweeper.records import TrialRecord, record
 from sweeper.space import Param
 from sweeper.tracking import RUN_STATUS, Tracker
 from sweeper.values import apply_values, sample
@@ -27,6 +29,14 @@ from sweeper.values import apply_values, sample
 AnyTrial = optuna.Trial | optuna.trial.FixedTrial
 Runner = Callable[[RecipeConfig, RunHooks], RunResult]
 """Runs one trial's recipe: alone on the base (``run_recipe``), or in a slot engine's shared passes."""
+
+log = logging.getLogger(__name__)
+NOTE = "mlflow.note.content"
+"""The run's description in the MLflow UI (markdown)."""
+ADAPTER_TAG = "adapter_uri"
+"""On a trial's run while its saved adapter is in the artifact store."""
+REMOVED_TAG = "adapter_removed"
+"""On a trial's run whose adapter a better trial's replaced: by which."""
 
 
 def recipe_record(cfg: RecipeConfig) -> dict[str, Any]:
@@ -50,6 +60,8 @@ class TrialHooks(RunHooks):
         self.bar = bar
         self.run_id: str | None = None
         self.started = time.perf_counter()
+        self.step = 0
+        """The last step trained (or evaluated): where a pruned or failed run stopped."""
 
     @property
     def tracker(self) -> Tracker | None:
@@ -61,10 +73,13 @@ class TrialHooks(RunHooks):
         tracker = self.objective.tracker
         if tracker is None:
             return
+        if self.objective.run_name is None:
+            name = f"trial-{self.trial.number}"
+            tags = {"trial_number": str(self.trial.number), "study": self.objective.cfg.study.name}
+        else:
+            name, tags = self.objective.run_name, dict(self.objective.run_tags)
         self.run_id = tracker.start_run(
-            f"trial-{self.trial.number}", parent_id=self.objective.parent_run_id,
-            tags={"trial_number": str(self.trial.number), "trial_state": "running",
-                  "study": self.objective.cfg.study.name},
+            name, parent_id=self.objective.parent_run_id, tags={**tags, "trial_state": "running"},
             params={**{f"config.{k}": v for k, v in resolved.items()}, **self.sampled})
         tracker.log_dict(self.run_id, resolved, "config.yaml")
         record(self.trial, mlflow_run_id=self.run_id)
@@ -75,12 +90,18 @@ class TrialHooks(RunHooks):
             self.tracker.log_metrics(self.run_id, 0, {"predicted_peak_memory_mb": predicted_peak_mb})
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.step = step
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", refresh=False)
+        # An evaluation follows some steps and takes as long as several of them (11 s on a CPU): say so.
+        evaluating = self.evaluates_after(step)
+        self.bar.set_postfix_str(f"loss={metrics['train_loss']:.3f}" + (", evaluating" if evaluating else ""),
+                                 refresh=evaluating)
         if self.tracker is not None and self.run_id is not None:
             self.tracker.log_metrics(self.run_id, step, metrics)
 
     def on_eval(self, step: int, loss: float) -> None:
+        self.step = step
+        self.bar.set_postfix_str(f"eval_loss={loss:.4f}", refresh=True)
         if self.tracker is not None and self.run_id is not None:
             self.tracker.log_metrics(self.run_id, step, {"eval_loss": loss})
             self.tracker.flush(self.run_id)
@@ -92,8 +113,15 @@ class TrialHooks(RunHooks):
         if step < cfg.train.max_steps and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: eval_loss {loss:.4f}")
 
+    def evaluates_after(self, step: int) -> bool:
+        """Whether the run evaluates after this step, by the trial's schedule (which the space may sample)."""
+        train = self.objective.cfg.train
+        return evaluates_at(step, int(self.sampled.get("train.eval_every", train.eval_every)),
+                            int(self.sampled.get("train.max_steps", train.max_steps)))
+
     def on_retry(self, cfg: RecipeConfig, attempt: int, changes: dict[str, Any]) -> None:
         record(self.trial, config=recipe_record(cfg), oom_retries=attempt + 1)
+        self.step = 0
         self.bar.reset()
         if self.tracker is not None and self.run_id is not None:
             self.tracker.set_tags(self.run_id, {"oom_retries": attempt + 1, **changes})
@@ -108,11 +136,27 @@ class TrialHooks(RunHooks):
             "final_eval_loss": result.eval_loss, "trainable_params": result.trainable_params,
             "trial_seconds": seconds, "train_seconds": result.seconds})
         values = objective_values(self.objective.cfg.study.objectives, result, seconds)
-        if self.objective.keep_adapter(self.trial, values):
+        kept = self.objective.keep_adapter(self.trial, values)
+        if kept:
             with tempfile.TemporaryDirectory(prefix="qlora-sweep-") as tmp:
-                adapter.save_pretrained(tmp)
+                # Adapters wrap linear layers and the vocabulary stays as loaded: no embeddings to save. peft's
+                # "auto" would look the base (now named by its source) up on the Hub to find that out.
+                adapter.save_pretrained(tmp, save_embedding_layers=False)
                 self.tracker.log_artifacts(self.run_id, Path(tmp), "adapter")
-            record(self.trial, adapter_uri=self.tracker.artifact_uri(self.run_id, "adapter"))
+            uri = self.tracker.artifact_uri(self.run_id, "adapter")
+            record(self.trial, adapter_uri=uri)
+            self.tracker.set_tags(self.run_id, {ADAPTER_TAG: uri})
+        if self.objective.cfg.tracking.log_adapter == "best":
+            # Also when this trial kept nothing: trials that saved at the same time each believed they
+            # were the best; the next trial to finish leaves only the better one.
+            self.objective.drop_superseded_adapters(self.trial, values, kept)
+
+    def end_note(self, state: str, reason: str) -> str:
+        """The run's description when it did not complete: pruned (stopped early on purpose) is no failure."""
+        where = f"at step {self.step} of {self.objective.cfg.train.max_steps}" if self.step else "before training"
+        if state == "pruned":
+            return f"**Pruned** {where} (stopped early on purpose, not a failure): {reason}"
+        return f"**Failed** {where}: {reason}"
 
 
 class QLoRAObjective:
@@ -120,7 +164,8 @@ class QLoRAObjective:
 
     Failure policy: ``TrialPruned`` (pruner, non-finite loss, a forecast that does not fit) marks the trial
     pruned; any other exception marks it failed and propagates to Optuna, which records it and goes on with
-    the next trial. Whatever happens, the trial's MLflow run is ended with its state.
+    the next trial. Whatever happens, the trial's MLflow run is ended with its state (and, pruned or failed,
+    a description saying which and why).
 
     Example:
         >>> objective = QLoRAObjective(cfg, params, base, data, tracker, parent_run_id)  # doctest: +SKIP
@@ -129,7 +174,8 @@ class QLoRAObjective:
 
     def __init__(self, cfg: SweepConfig, params: Sequence[Param], base: ResidentBase, data: TokenizedSplits,
                  tracker: Tracker | None, parent_run_id: str | None = None, show_progress: bool = True,
-                 runner: Runner | None = None) -> None:
+                 runner: Runner | None = None, run_name: str | None = None,
+                 run_tags: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
         self.config = to_container(cfg)
         self.params = list(params)
@@ -140,6 +186,10 @@ class QLoRAObjective:
         self.show_progress = show_progress
         self.memory_bytes = cfg.workers.memory_share(device_memory_bytes(base.device))
         self.runner: Runner = runner or (lambda cfg, hooks: run_recipe(cfg, base, data, self.memory_bytes, hooks))
+        self.run_name = run_name
+        """A run outside a study (``train``): its MLflow run's name; ``run_tags`` replace the trial's tags."""
+        self.run_tags = dict(run_tags or {})
+        self._dropped: set[str] = set()
 
     def trial_config(self, trial: AnyTrial) -> tuple[SweepConfig, dict[str, Any]]:
         """The sampled values applied to the sweep's config, and the values."""
@@ -148,8 +198,8 @@ class QLoRAObjective:
 
     def __call__(self, trial: AnyTrial) -> float | list[float]:
         cfg, sampled = self.trial_config(trial)
-        hooks = TrialHooks(self, trial, sampled, tqdm(total=cfg.train.max_steps, desc=f"trial {trial.number}",
-                                                      leave=False, disable=not self.show_progress, unit="step"))
+        hooks = TrialHooks(self, trial, sampled, progress_bar(cfg.train.max_steps, f"trial {trial.number}", "step",
+                                                              leave=False, disable=not self.show_progress))
         state, reason = "failed", ""
         try:
             try:
@@ -170,6 +220,9 @@ class QLoRAObjective:
             record(trial, state_reason=reason)
             if hooks.tracker is not None and hooks.run_id is not None:
                 tags = {"trial_state": state, **({"state_reason": reason} if reason else {})}
+                if state != "complete":
+                    # The UI shows a pruned run as "Killed", beside failed ones: its description says which.
+                    tags[NOTE] = hooks.end_note(state, reason)
                 hooks.tracker.set_tags(hooks.run_id, tags)
                 hooks.tracker.end_run(hooks.run_id, RUN_STATUS[state])
 
@@ -187,3 +240,51 @@ class QLoRAObjective:
             return True
         better: bool = values[0] < best if study.direction == optuna.study.StudyDirection.MINIMIZE else values[0] > best
         return better
+
+    def drop_superseded_adapters(self, trial: AnyTrial, values: list[float], kept: bool) -> None:
+        """``log_adapter=best``: delete every saved adapter but the best's from the artifact store.
+
+        A finished trial's record cannot change; its run loses the ``adapter_uri`` tag and gets
+        ``adapter_removed``, and an export works out from the study which adapter is left (see
+        ``export.adapter_keeper``). Trials still running are left alone: their value is not known yet.
+        """
+        study = getattr(trial, "study", None)
+        if study is None or self.tracker is None or len(values) > 1:
+            return
+        holders = {t.number: t for t in study.get_trials(deepcopy=False)
+                   if t.number != trial.number and t.state.is_finished() and TrialRecord.of(t).adapter_uri}
+        complete = [(n, t.value) for n, t in holders.items() if t.state == optuna.trial.TrialState.COMPLETE]
+        keeper = adapter_keeper(complete + ([(trial.number, values[0])] if kept else []), study.direction)
+        reason = ""
+        if keeper is not None:
+            best = values[0] if keeper == trial.number else holders[keeper].value
+            reason = f"superseded by trial {keeper} ({self.cfg.study.objectives[0]} {best:.4f})"
+        for n, t in holders.items():
+            if t.state != optuna.trial.TrialState.COMPLETE:  # saved, then failed (its worker died): no result
+                self.drop_adapter(TrialRecord.of(t).mlflow_run_id, f"trial {n} {t.state.name.lower()}")
+            elif n != keeper:
+                self.drop_adapter(TrialRecord.of(t).mlflow_run_id, reason)
+        if kept and keeper != trial.number:  # a better trial finished while this one saved
+            self.drop_adapter(TrialRecord.of(trial).mlflow_run_id, reason)
+            record(trial, adapter_uri=None)
+
+    def drop_adapter(self, run_id: str | None, reason: str) -> None:
+        """Delete a run's saved adapter through its artifact repository, once (another worker or an earlier
+        session may have done it: its run says so); a failure is logged, not raised."""
+        if self.tracker is None or run_id is None or run_id in self._dropped:
+            return
+        from mlflow.exceptions import MlflowException
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            run = self.tracker.client.get_run(run_id)
+            if REMOVED_TAG not in run.data.tags:
+                repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracker.uri)
+                repo.delete_artifacts("adapter")
+                self.tracker.set_tags(run_id, {REMOVED_TAG: reason})
+                if ADAPTER_TAG in run.data.tags:
+                    self.tracker.client.delete_tag(run_id, ADAPTER_TAG)
+        except (MlflowException, OSError) as e:  # housekeeping: the sweep goes on, with one adapter too many
+            log.warning("could not delete the superseded adapter of run %s: %s", run_id, e)
+            return
+        self._dropped.add(run_id)

@@ -1,7 +1,13 @@
-"""Study plots for the parent run: interactive HTML (plotly) and PNG (matplotlib)."""
+"""Study plots for the parent run: one interactive HTML page (plotly) and a PNG per plot (matplotlib).
+
+MLflow's artifact view shows an HTML file from a blob: URL in an iframe sandboxed to ``allow-scripts``:
+inline scripts run, but nothing can be loaded by a relative path. So the page carries plotly.js inline,
+once, for all its figures.
+"""
 
 from __future__ import annotations
 
+import html
 import logging
 import tempfile
 import warnings
@@ -18,6 +24,7 @@ log = logging.getLogger(__name__)
 COMMON = ("optimization_history", "param_importances", "parallel_coordinate", "slice")
 SINGLE_ONLY = ("intermediate_values",)  # pruning curves: Optuna reports intermediates for one objective
 MULTI_ONLY = ("pareto_front",)
+PAGE = "study_plots.html"
 
 
 def plot_names(study: optuna.Study) -> tuple[str, ...]:
@@ -47,14 +54,21 @@ def write_study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     written: list[Path] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        sections: list[str] = []
         for name in plot_names(study):
             try:
                 fig = getattr(vis, f"plot_{name}")(study, **_kwargs(name, study))
-                path = out_dir / f"{name}.html"
-                fig.write_html(str(path), include_plotlyjs="directory")
-                written.append(path)
+                # Only the first figure carries plotly.js (4.8 MB); the others find it already loaded.
+                # A fixed height: a figure sized "100%" would take the height of its section, which has none.
+                div = fig.to_html(full_html=False, include_plotlyjs=not sections, div_id=f"plot-{name}",
+                                  default_height="560px")
+                sections.append(f'<section id="{name}">{div}</section>')
             except Exception as e:  # too few trials for a plot is normal early on
-                log.debug("%s.html skipped: %s", name, e)
+                log.debug("%s skipped in %s: %s", name, PAGE, e)
+        if sections:
+            path = out_dir / PAGE
+            path.write_text(_page(study, sections), encoding="utf-8")
+            written.append(path)
         for name in plot_names(study):
             try:
                 ax = getattr(vis_mpl, f"plot_{name}")(study, **_kwargs(name, study))
@@ -68,6 +82,14 @@ def write_study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
             except Exception as e:
                 log.debug("%s.png skipped: %s", name, e)
     return written
+
+
+def _page(study: optuna.Study, sections: list[str]) -> str:
+    n = len(study.get_trials(deepcopy=False))
+    title = html.escape(f"{study.study_name}: {n} trial{'s' * (n != 1)}")
+    body = "\n".join(sections)
+    return (f'<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n</head>\n'
+            f'<body style="font-family: sans-serif; margin: 0 16px">\n<h1>{title}</h1>\n{body}\n</body>\n</html>\n')
 
 
 def log_study_plots(tracker: Tracker, run_id: str, study: optuna.Study) -> list[str]:

@@ -13,20 +13,25 @@ Example (``python -m sweeper report`` prints this for a sweep's study):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.importance import PedAnovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.records import StudyRecord, TrialRecord
 from sweeper.study import stored_space
+
+log = logging.getLogger(__name__)
 
 MARK = "*"
 MISSING = "-"
@@ -46,6 +51,12 @@ STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", Tri
 STATE_COLORS = {TrialState.PRUNED: YELLOW, TrialState.FAIL: RED}
 STATE_COLUMN = 2
 """Index of the state cell in a row: marker, number, state, ..."""
+OPTIMIZER = "optimizer.name"
+"""AdamW or SGD is the question a sweep over optimizers asks: its column stays whenever it varies."""
+MIN_TRIALS_FOR_IMPORTANCE = 20
+"""Below this many completed trials, importances swing from one trial to the next: variance decides instead."""
+TOP_TRIALS = 5
+"""Completed trials at least in the top group that importance compares with the rest (PED-ANOVA's target)."""
 
 
 def use_color(stream: TextIO | None = None) -> bool:
@@ -115,21 +126,63 @@ def spread(drawn: Sequence[tuple[Any, BaseDistribution | None]]) -> float:
     return 1.0 - max(counts.values()) / len(drawn)
 
 
-def key_params(rows: Sequence[Mapping[str, tuple[Any, BaseDistribution | None]]], max_params: int) -> list[str]:
-    """The parameters (config paths) that vary most across trials, at most ``max_params``.
+def param_importances(study: optuna.Study, paths: Mapping[str, str]) -> dict[str, float]:
+    """Config path -> Optuna's importance of its parameters for the objective(s); empty where it says nothing.
 
-    ``rows`` holds each trial's :func:`sampled_values`. A conditional parameter's spread is weighted
-    by the share of trials that sampled it, so one seen in one trial out of ten does not push out one
-    that every trial sampled. Ties keep the sampling order (the search space's order).
+    PED-ANOVA (Optuna's evaluator for conditional spaces) compares the best completed trials with all of
+    them. With few trials or a single objective value it returns noise or zeros, so the study needs
+    :data:`MIN_TRIALS_FOR_IMPORTANCE` completed trials with at least two distinct values, and the top group at
+    least :data:`TOP_TRIALS` of them. Parameters of one path (``adamw.lr`` and ``sgd.lr``) add up.
+    """
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values and all(math.isfinite(v) for v in t.values)]
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or len({tuple(t.values) for t in complete}) < 2:
+        return {}
+    evaluator = PedAnovaImportanceEvaluator(target_quantile=max(0.1, TOP_TRIALS / len(complete)))
+    try:
+        with warnings.catch_warnings():  # small-regime and experimental-argument warnings: the guard above covers them
+            warnings.simplefilter("ignore")
+            by_name = optuna.importance.get_param_importances(study, evaluator=evaluator, normalize=False)
+    except Exception as e:  # a table without importances beats no table
+        log.debug("parameter importance not available: %s", e)
+        return {}
+    by_path: dict[str, float] = {}
+    for name, value in by_name.items():
+        by_path[paths.get(name, name)] = by_path.get(paths.get(name, name), 0.0) + value
+    if not by_path or not all(math.isfinite(v) for v in by_path.values()) or sum(by_path.values()) <= 0:
+        return {}
+    return by_path
+
+
+def key_params(rows: Sequence[Mapping[str, tuple[Any, BaseDistribution | None]]], max_params: int,
+               importance: Mapping[str, float] | None = None, pinned: Sequence[str] = ()) -> list[str]:
+    """The parameters (config paths) that matter most, at most ``max_params``.
+
+    ``rows`` holds each trial's :func:`sampled_values`. Parameters are ranked by ``importance`` where given
+    (:func:`param_importances`), then by how much they vary: a conditional parameter's spread is weighted by the
+    share of trials that sampled it, so one seen in one trial out of ten does not push out one that every trial
+    sampled. Ties keep the sampling order (the search space's order). A ``pinned`` path that some trial sampled
+    takes the last place when the ranking would leave it out.
     """
     order = list(dict.fromkeys(path for row in rows for path in row))
     total = max(1, sum(1 for row in rows if row))
+    importance = importance or {}
 
-    def score(path: str) -> float:
+    def score(path: str) -> tuple[float, float]:
         drawn = [row[path] for row in rows if path in row]
-        return spread(drawn) * len(drawn) / total
+        return importance.get(path, 0.0), spread(drawn) * len(drawn) / total
 
-    return sorted(order, key=score, reverse=True)[:max(0, max_params)]
+    if max_params <= 0:
+        return []
+    chosen = sorted(order, key=score, reverse=True)[:max_params]
+    for path in pinned:
+        if path in order and path not in chosen:
+            chosen = [*chosen[:max_params - 1], path]
+    return chosen
+
+
+def varies(rows: Sequence[Mapping[str, tuple[Any, BaseDistribution | None]]], path: str) -> bool:
+    return spread([row[path] for row in rows if path in row]) > 0
 
 
 def short_names(names: Sequence[str]) -> dict[str, str]:
@@ -230,12 +283,65 @@ def _legend(study: optuna.Study, marked: Sequence[FrozenTrial], names: Sequence[
     return f"{MARK} best trial: #{best.number} ({names[0]} {fmt_number(best.value, 6)})"
 
 
+def finished_rows(trials: Sequence[FrozenTrial],
+                  sampled: Sequence[Mapping[str, tuple[Any, BaseDistribution | None]]]) -> list[Mapping[str, Any]]:
+    """The sampled values of the finished trials; of all trials while none has finished.
+
+    A running trial has sampled only part of its parameters: counting it would make a parameter look
+    conditional that is not.
+    """
+    done = [row for t, row in zip(trials, sampled, strict=True) if t.state.is_finished()]
+    return done or list(sampled)
+
+
+def table_params(study: optuna.Study, trials: Sequence[FrozenTrial],
+                 sampled: Sequence[Mapping[str, tuple[Any, BaseDistribution | None]]], paths: Mapping[str, str],
+                 max_params: int) -> list[str]:
+    """The report's parameter columns: by Optuna's importance where the study has enough completed trials
+    (:func:`param_importances`), else by how much each parameter varies over the finished trials, with the
+    optimizer's name whenever it varies."""
+    rows = finished_rows(trials, sampled)
+    importance = param_importances(study, paths) if max_params > 0 else {}
+    return key_params(rows, max_params, importance, pinned=[OPTIMIZER] if varies(rows, OPTIMIZER) else [])
+
+
+def trial_line(study: optuna.Study, trial: FrozenTrial, max_params: int = 4) -> str:
+    """One finished trial in one line, for the terminal while a sweep runs.
+
+    Example: ``trial 3 complete  eval_loss 10.8018  r=16 lr=0.00152 optimizer=adamw  13.4s``. The
+    parameters are those that vary most over the finished trials so far (variance only: importance is
+    worth its cost in a report, not after every trial), with the optimizer's name whenever the trial
+    sampled it; a pruned or failed trial ends with its reason.
+    """
+    names = objective_names(study)
+    paths = param_paths(study)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number != trial.number]
+    rows = [sampled_values(t, paths) for t in [*trials, trial]]
+    mine = rows[-1]
+    params = [p for p in key_params(rows, len({p for row in rows for p in row})) if p in mine][:max(0, max_params)]
+    if OPTIMIZER in mine and not _single(mine[OPTIMIZER][1]) and OPTIMIZER not in params and params:
+        params[-1] = OPTIMIZER
+    shorts = short_names(params)
+    parts = [f"trial {trial.number} {STATE_NAMES.get(trial.state, trial.state.name.lower())}"]
+    if trial.state == TrialState.COMPLETE and trial.values is not None:
+        parts.append(" ".join(f"{n} {fmt_number(v, 6)}" for n, v in zip(names, trial.values, strict=True)))
+    if params:
+        parts.append(" ".join(f"{shorts[p]}={_cut(fmt_number(mine[p][0], 3), MAX_CELL)}" for p in params))
+    parts.append(fmt_duration(trial))
+    reason = fmt_reason(trial)
+    return "  ".join(parts + ([reason] if reason else []))
+
+
+def _single(dist: BaseDistribution | None) -> bool:
+    return dist is None or dist.single()
+
+
 def report_table(study: optuna.Study, max_params: int = 6, color: bool | None = None) -> str:
     """The study's trials as an aligned text table, for a terminal.
 
     One row per trial, in trial order: number, state, the objective value(s), the ``max_params``
-    sampled parameters that vary most across trials (short names), wall time, and why a trial was
-    pruned or failed (its ``state_reason`` user attribute). The best trial (single objective) or
+    sampled parameters that matter most (short names; see :func:`table_params`), wall time, and why a
+    trial was pruned or failed (its ``state_reason`` user attribute). The best trial (single objective) or
     every trial on the Pareto front (several objectives) is marked with ``*``, and bold green when
     colors are on.
 
@@ -256,7 +362,7 @@ def report_table(study: optuna.Study, max_params: int = 6, color: bool | None = 
     marked_numbers = {t.number for t in marked}
     paths = param_paths(study)
     sampled = [sampled_values(t, paths) for t in trials]
-    params = key_params(sampled, max_params)
+    params = table_params(study, trials, sampled, paths, max_params)
     shorts = short_names(params)
     numeric = {p for p in params
                if all(isinstance(row[p][0], (int, float)) and not isinstance(row[p][0], bool)

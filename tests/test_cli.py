@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 
-from sweeper.cli import VERBS
-from tests.conftest import run_cli
+from sweeper.cli import VERBS, main
+from sweeper.progress import PlainProgress, progress_bar
+from tests.conftest import TINY, run_cli
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
@@ -35,3 +41,74 @@ def test_bad_input_exits_before_heavy_work(tmp_path: Path, override: str, messag
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written to the study or MLflow
+
+
+def test_space_has_a_header_and_says_continuous(capsys: pytest.CaptureFixture[str]) -> None:
+    with mock.patch.dict(os.environ):  # main() sets the libraries' variables for this process
+        assert main(["space", "search_space=optimizer"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("search space (") and lines[0].endswith(" parameters, continuous):")
+        assert lines[1].split() == ["name", "path", "distribution", "condition"]
+        assert main(["space", "search_space=targets"]) == 0
+        assert "(1 parameters, 4 configurations)" in capsys.readouterr().out
+
+
+def test_plain_progress_off_a_terminal() -> None:
+    log = io.StringIO()
+    bar = progress_bar(10, "sweep s", "trial", stream=log)
+    assert isinstance(bar, PlainProgress)
+    bar.every_s = 3600
+    bar.update(3)
+    bar.set_postfix(best="1.5", refresh=True)
+    assert log.getvalue() == ""  # not yet: a line at most every every_s seconds
+    bar.close()
+    assert re.fullmatch(r"sweep s: 3/10 trials, \d+s elapsed, ~\d+s left, best=1\.5\n", log.getvalue())
+
+    steps = PlainProgress(2, "trial 0", "step", leave=False, stream=log, every_s=0)
+    steps.update(1)
+    steps.set_postfix_str("loss=1.000, evaluating")
+    steps.close()  # a trial's bar is not kept: its last line is the sweep's line for the trial
+    assert log.getvalue().splitlines()[1:] == [
+        "trial 0: 1/2 steps, 0s elapsed, ~0s left", "trial 0: 1/2 steps, 0s elapsed, ~0s left, loss=1.000, evaluating"]
+    assert "\r" not in log.getvalue() and "\033[" not in log.getvalue()
+    assert not isinstance(progress_bar(2, "off", "step", disable=True, stream=log), PlainProgress)
+
+
+def test_a_trial_bar_says_evaluating_before_each_evaluation() -> None:
+    from sweeper.objective import TrialHooks
+
+    log = io.StringIO()
+    train = SimpleNamespace(eval_every=8, max_steps=100)
+    objective = SimpleNamespace(cfg=SimpleNamespace(train=train), tracker=None)
+    # The trial's own schedule: the space may sample it.
+    hooks = TrialHooks(objective, None, {"train.eval_every": 2, "train.max_steps": 3},  # type: ignore[arg-type]
+                       PlainProgress(3, "trial 0", "step", stream=log, every_s=0))
+    evaluating = []
+    for step in (1, 2, 3):
+        hooks.on_step(step, {"train_loss": 1.0})
+        evaluating.append(log.getvalue().splitlines()[-1].endswith("loss=1.000, evaluating"))
+    assert evaluating == [False, True, True]
+
+
+def test_a_launch_is_quiet_with_one_line_per_trial_and_verbose_with_v(tmp_path: Path) -> None:
+    out = f"output_dir={tmp_path}"
+    quiet = run_cli("launch", *TINY, "study.n_trials=2", out)
+    assert quiet.returncode == 0, quiet.stderr
+    text = quiet.stdout + quiet.stderr
+    for noise in ("kernels-community", "pip install kernels", "FutureWarning", "Trial 0 finished with value",
+                  "Creating initial MLflow database tables", "A new study created", "Loading weights"):
+        assert noise not in text, text
+    assert finished_lines(quiet.stdout) == [0, 1], quiet.stdout
+    assert "\r" not in quiet.stderr and "\033[" not in quiet.stderr  # no tqdm off a terminal
+    assert re.search(r"base .+ loaded on \S+ in [\d.]+s", quiet.stderr)
+    assert re.search(r"data ready in [\d.]+s: \d+ train / \d+ eval examples", quiet.stderr)
+
+    verbose = run_cli("launch", "-v", *TINY, "study.n_trials=3", out, "--no-progress")
+    assert verbose.returncode == 0, verbose.stderr
+    assert "Trial 2 finished with value" in verbose.stderr
+    assert finished_lines(verbose.stdout) == [2]
+
+
+def finished_lines(stdout: str) -> list[int]:
+    """Trial numbers of the one-line summaries a launch prints per finished trial."""
+    return [int(n) for n in re.findall(r"^trial (\d+) (?:complete|pruned|failed)  ", stdout, re.MULTILINE)]

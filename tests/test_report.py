@@ -13,7 +13,21 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from sweeper.report import BOLD_GREEN, MARK, RED, RESET, report_table, short_names, spread, use_color
+from sweeper.report import (
+    BOLD_GREEN,
+    MARK,
+    MIN_TRIALS_FOR_IMPORTANCE,
+    RED,
+    RESET,
+    key_params,
+    param_importances,
+    report_table,
+    sampled_values,
+    short_names,
+    spread,
+    trial_line,
+    use_color,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -160,6 +174,74 @@ def test_conditional_parameters_of_one_path_share_a_column() -> None:
     assert header(table) == ["#", "state", "value", "lr", "optimizer", "duration"]
     assert rows(table)[0].split()[4:6] == ["1.2e-05", "adamw"]
     assert rows(table)[1].split()[2:5] == ["2", "0.09", "sgd"]
+
+
+OPTIMIZER = CategoricalDistribution(["adamw", "sgd"])
+
+
+def test_the_optimizer_keeps_its_column_when_it_varies() -> None:
+    """Three parameters vary more than the optimizer (one SGD trial in six), yet AdamW vs SGD stays in view."""
+    study = optuna.create_study(study_name="optimizers")
+    dists = {"lora.r": R, "optimizer.lr": LR, "lora.dropout": DROPOUT, "optimizer.name": OPTIMIZER}
+    for i in range(6):
+        add(study, TrialState.COMPLETE, 1.0, {"lora.r": (8, 16)[i % 2], "optimizer.lr": 10 ** -(2 + i % 3),
+                                              "lora.dropout": i / 50, "optimizer.name": "sgd" if i == 3 else "adamw"},
+            dists, [1.0 + i / 10])
+    assert header(report_table(study, color=False)) == [
+        "#", "state", "value", "dropout", "lr", "r", "optimizer", "duration"]
+    assert header(report_table(study, max_params=2, color=False)) == [
+        "#", "state", "value", "dropout", "optimizer", "duration"]
+    assert header(report_table(study, max_params=0, color=False)) == ["#", "state", "value", "duration"]
+
+    same = optuna.create_study(study_name="adamw-only")
+    for i in range(6):
+        add(same, TrialState.COMPLETE, 1.0, {"optimizer.lr": 10 ** -(2 + i % 3), "lora.dropout": i / 50,
+                                             "optimizer.name": "adamw"},
+            {k: v for k, v in dists.items() if k != "lora.r"}, [1.0 + i / 10])
+    assert header(report_table(same, max_params=2, color=False)) == ["#", "state", "value", "dropout", "lr", "duration"]
+
+
+def importance_study(n: int) -> optuna.Study:
+    """The value follows ``x`` alone; ``y`` covers its whole range, ``x`` only the middle fifth of its own."""
+    study = optuna.create_study(study_name="importance")
+    dists = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)}
+    for i in range(n):
+        x, y = 0.4 + 0.2 * i / (n - 1), (7 * i % n) / (n - 1)
+        add(study, TrialState.COMPLETE, 1.0, {"x": x, "y": y}, dists, [10 * x])
+    return study
+
+
+def test_a_more_important_parameter_comes_before_a_more_varying_one() -> None:
+    study = importance_study(MIN_TRIALS_FOR_IMPORTANCE + 4)
+    rows = [sampled_values(t, {}) for t in study.trials]
+    assert key_params(rows, 2) == ["y", "x"]  # by variance alone, y first
+    importance = param_importances(study, {})
+    assert importance["x"] > importance["y"]
+    assert header(report_table(study, color=False)) == ["#", "state", "value", "x", "y", "duration"]
+
+
+def test_too_few_trials_or_one_value_fall_back_to_variance() -> None:
+    assert param_importances(importance_study(MIN_TRIALS_FOR_IMPORTANCE - 1), {}) == {}
+    assert header(report_table(importance_study(8), color=False)) == ["#", "state", "value", "y", "x", "duration"]
+    flat = optuna.create_study(study_name="flat")
+    dists = {"x": FloatDistribution(0.0, 1.0)}
+    for i in range(MIN_TRIALS_FOR_IMPORTANCE + 1):
+        add(flat, TrialState.COMPLETE, 1.0, {"x": i / 100}, dists, [2.0])
+    assert param_importances(flat, {}) == {}
+
+
+def test_trial_line_says_number_state_value_params_and_time() -> None:
+    study = optuna.create_study(study_name="lines")
+    dists = {"lora.r": R, "lora.dropout": DROPOUT, "optimizer.name": OPTIMIZER, "optimizer.lr": LR}
+    add(study, TrialState.COMPLETE, 12.5, {"lora.r": 8, "lora.dropout": 0.05, "optimizer.name": "adamw",
+                                           "optimizer.lr": 1e-4}, dists, [2.5])
+    add(study, TrialState.PRUNED, 3.0, {"lora.r": 16, "lora.dropout": 0.05, "optimizer.name": "adamw",
+                                        "optimizer.lr": 3e-3}, dists, reason="pruned at step 1: eval_loss 3.2000")
+    first, second = study.trials
+    # The first trial: nothing varies yet; the space's order, and the optimizer, which the space searches.
+    assert trial_line(study, first, max_params=2) == "trial 0 complete  value 2.5  r=8 optimizer=adamw  12.5s"
+    assert trial_line(study, second, max_params=3) == (
+        "trial 1 pruned  r=16 lr=0.003 optimizer=adamw  3.0s  pruned at step 1: eval_loss 3.2000")
 
 
 def test_short_names_stay_unambiguous() -> None:

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeper import compose
 from sweeper.launch import run_single, run_sweep
+from sweeper.tracking import REDACTED
 from tests.conftest import TINY, run_cli
 
 SPACE = ["search_space=none", "lora.r=choice(2,4)", "optimizer.lr=tag(log, interval(1e-4, 1e-2))"]
@@ -96,3 +97,136 @@ def test_a_sweep_in_slots_finishes_its_budget_with_a_run_per_trial(tmp_path: Pat
     assert len(runs) == 5 and all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     assert {r.data.tags["trial_number"] for r in runs} == {str(t.number) for t in finished}
     assert all("train_loss" in r.data.metrics for r in runs)
+
+
+# --- train --config: a reproduction of the exported trial ----------------------------------------------
+
+def test_train_logs_a_reproduction_of_the_exported_trial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sweeper.cli import main
+    from sweeper.export import exported_config, write_export
+
+    cfg, params = compose.load([*TINY, *SPACE, f"output_dir={tmp_path}", "study.n_trials=2"])
+    study = run_sweep(cfg, params, show_progress=False)
+    best = study.best_trial
+    out = write_export(exported_config(cfg, study, best), tmp_path / "best.yaml")
+    capsys.readouterr()
+    assert main(["train", "--config", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    (run,) = [r for r in runs if r.data.tags.get("kind") == "reproduction"]
+    tags = run.data.tags
+    assert run.info.run_name == f"reproduce trial-{best.number}"
+    assert "mlflow.parentRunId" not in tags and "trial_number" not in tags  # not one of the study's trials
+    assert tags["reproduces.study"] == study.study_name
+    assert tags["reproduces.trial_number"] == str(best.number)
+    assert tags["reproduces.run_id"] == best.user_attrs["mlflow_run_id"]
+    assert tags["reproduces.parent_run_id"] == study.user_attrs["mlflow_parent_run_id"]
+    assert tags["reproduction"] == "matches to 1e-4"
+    assert f"trial {best.number} of study `{study.study_name}`" in tags["mlflow.note.content"]
+    assert not [r for r in runs if r.info.run_name == "trial-0" and "mlflow.parentRunId" not in r.data.tags]
+
+    lines = printed.splitlines()
+    assert f"eval_loss {best.value:.4f} (exported trial {best.number}: {best.value:.4f}, matches to 1e-4)" in lines
+    assert f"MLflow run {run.info.run_id} ('reproduce trial-{best.number}') in experiment " \
+           f"'{cfg.experiment_name}' (id {experiment.experiment_id})" in lines
+    assert f"reproduces trial {best.number} of study '{study.study_name}': run {best.user_attrs['mlflow_run_id']}" \
+           in lines
+    assert (f"open it: python -m sweeper ui --config {out}   then browse to <the URL it prints>/"
+            f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}") in lines
+
+
+def test_a_config_without_provenance_trains_as_a_plain_run(tmp_path: Path) -> None:
+    from sweeper.launch import SingleRun
+
+    cfg, _ = compose.load([*TINY, f"output_dir={tmp_path}"])
+    run = SingleRun()
+    run.identify(cfg)
+    assert (run.name, run.tags) == ("train", {"kind": "train"})
+    run.experiment_id, run.run_id = "3", "abc"
+    assert run.where(cfg, "python -m sweeper ui")[-1] == \
+        "open it: python -m sweeper ui   then browse to <the URL it prints>/#/experiments/3/runs/abc"
+    cfg, _ = compose.load([*TINY, "tracking.uri=http://user:pw@mlflow.internal:5000/"])
+    assert run.where(cfg, "")[-1] == f"open it: http://user:{REDACTED}@mlflow.internal:5000/#/experiments/3/runs/abc"
+
+
+def test_reproduced_values_beside_the_exported_ones() -> None:
+    from sweeper.config import Provenance
+    from sweeper.export import reproduction_verdict, value_lines
+
+    source = Provenance(study="s", trial_number=6, values=[2.76991, 1234.0])
+    assert value_lines(["eval_loss"], [2.76993], None) == ["eval_loss 2.7699"]
+    assert value_lines(["eval_loss", "trainable_params"], [2.76993, 1234.0], source) == [
+        "eval_loss 2.7699 (exported trial 6: 2.7699, matches to 1e-4)",
+        "trainable_params 1234 (exported trial 6: 1234, matches to 1e-4)"]
+    assert value_lines(["eval_loss"], [2.7810], source) == [
+        "eval_loss 2.7810 (exported trial 6: 2.7699, differs by +0.01109)"]
+    assert reproduction_verdict(["eval_loss"], [2.76993], [2.76991]) == "matches to 1e-4"
+    assert reproduction_verdict(["eval_loss", "trainable_params"], [2.7810, 1234.0], [2.76991, 1234.0]) == \
+        "differs: eval_loss by +0.01109"
+
+
+# --- saved adapters ----------------------------------------------------------------------------------
+
+def test_log_adapter_best_leaves_only_the_best_adapter(tmp_path: Path) -> None:
+    import json
+    from urllib.parse import urlparse
+
+    from sweeper.export import exported_config
+
+    # A grid walked so that a later trial beats an earlier one: the best changes during the sweep.
+    cfg, params = compose.load([*TINY, "search_space=none", "optimizer.lr=choice(1e-2,1e-3,1e-5)",
+                                "study/sampler=grid", "study/pruner=none", "study.n_trials=3",
+                                "tracking.log_adapter=best", f"output_dir={tmp_path}"])
+    study = run_sweep(cfg, params, show_progress=False)
+    best = study.best_trial
+    saved = [t for t in study.trials if "adapter_uri" in t.user_attrs]
+    assert len(saved) >= 2 and saved[-1].number == best.number, [(t.number, t.value) for t in study.trials]
+
+    client = MlflowClient(cfg.tracking_uri)
+    with_adapter = [t.number for t in study.trials if client.list_artifacts(t.user_attrs["mlflow_run_id"], "adapter")]
+    assert with_adapter == [best.number]
+    for t in saved:
+        tags = client.get_run(t.user_attrs["mlflow_run_id"]).data.tags
+        if t.number == best.number:
+            assert tags["adapter_uri"] == t.user_attrs["adapter_uri"] and "adapter_removed" not in tags
+        else:
+            assert "adapter_uri" not in tags and tags["adapter_removed"].startswith("superseded by trial ")
+            assert exported_config(cfg, study, t)["provenance"]["adapter_uri"] is None
+    assert exported_config(cfg, study, best)["provenance"]["adapter_uri"] == best.user_attrs["adapter_uri"]
+
+    # The adapter names the model as configured, not the machine-local directory its weights were loaded from.
+    folder = Path(urlparse(best.user_attrs["adapter_uri"]).path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == cfg.model.source
+
+
+def test_a_slot_adapter_names_the_configured_source(tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    from objectives.config import LoraConfig
+    from objectives.slots import SlotAdapter, initialise_slot, inject_slots
+
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(8, 8))
+    _, wrapped = inject_slots(model, ["q_proj"], slots=2, r_max=4, device=torch.device("cpu"), max_length=16)
+    lora = LoraConfig(r=2)
+    initialise_slot(wrapped, 1, ["q_proj"], lora, seed=0)
+    SlotAdapter(wrapped, 1, lora, ["q_proj"], "hub-org/some-model").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "hub-org/some-model"
+
+
+def test_adapter_keeper_prefers_the_best_value_then_the_earliest_trial() -> None:
+    from sweeper.export import adapter_keeper
+
+    minimize, maximize = optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection.MAXIMIZE
+    assert adapter_keeper([(0, 3.0), (1, 2.0), (2, 2.5)], minimize) == 1
+    assert adapter_keeper([(0, 3.0), (1, 2.0), (2, 2.5)], maximize) == 0
+    assert adapter_keeper([(4, 2.0), (1, 2.0)], minimize) == 1
+    assert adapter_keeper([(0, None)], minimize) is None
+    assert adapter_keeper([], minimize) is None

@@ -9,6 +9,7 @@ loss NaN after the first step (the trial is pruned), and qkvo with 1e-4 complete
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -143,8 +144,13 @@ def test_failed_trials_log_no_metrics(sweep: Sweep) -> None:
 def test_parent_run_has_plots_search_space_and_best_trial(sweep: Sweep, tmp_path: Path) -> None:
     run_id = sweep.parent.info.run_id
     plots = {Path(a.path).name for a in sweep.client.list_artifacts(run_id, "plots")}
-    assert {"optimization_history.png", "optimization_history.html"} <= plots
-    assert any(p.endswith(".png") for p in plots) and any(p.endswith(".html") for p in plots)
+    # One self-contained page for every interactive plot (the UI's preview cannot load files next to it).
+    assert {"optimization_history.png", "study_plots.html"} <= plots
+    assert [p for p in plots if not p.endswith(".png")] == ["study_plots.html"]
+    page = Path(sweep.client.download_artifacts(run_id, "plots/study_plots.html", str(tmp_path))).read_text()
+    assert page.count("* plotly.js v") == 1  # the library's banner: inlined once, not once per figure
+    assert not re.search(r"<script[^>]*\bsrc=", page)
+    assert 'id="plot-optimization_history"' in page
     local = sweep.client.download_artifacts(run_id, "search_space.yaml", str(tmp_path))
     assert yaml.safe_load(Path(local).read_text()) == SWEEP_ENTRIES
     best = sweep.study.best_trial
@@ -308,3 +314,19 @@ def test_ordinary_keys_that_mention_tokens_are_kept() -> None:
               "num_tokens": 5, "hf_token": "hf_x", "db": {"password": 0}}
     assert redact(config) == {"model": {"config_overrides": {"bos_token_id": 1, "eos_token_id": 0}},
                               "tokenizer": "x", "num_tokens": 5, "hf_token": REDACTED, "db": {"password": REDACTED}}
+
+
+def test_pruned_and_failed_runs_say_which_in_their_description(sweep: Sweep) -> None:
+    for trial in sweep.study.trials:
+        tags = sweep.children[trial.number].data.tags
+        note = tags.get("mlflow.note.content")
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert note is None
+            continue
+        assert trial.user_attrs["state_reason"] in note
+        if trial.state == optuna.trial.TrialState.PRUNED:  # at the evaluation that logged a NaN
+            run_id = sweep.children[trial.number].info.run_id
+            step = sweep.client.get_metric_history(run_id, "eval_loss")[-1].step
+            assert note.startswith(f"**Pruned** at step {step} of 2 (stopped early on purpose, not a failure): ")
+        else:  # no module matches its targets: it never trained
+            assert note.startswith("**Failed** before training: ")

@@ -1,22 +1,30 @@
-"""The MLflow UI on a real sweep's store, in headless Chromium: the study's run and its trial runs.
+"""The MLflow UI on a real sweep's store, in headless Chromium: the study's run, its trial runs, their metrics
+and the study plots.
 
-Needs Chromium at /usr/bin/chromium (``make system`` installs it). Without it the test fails and says
-so; ``QLORA_SWEEP_SKIP_BROWSER=1`` skips it instead. ``SCREENSHOT_DIR`` keeps a copy of the screenshot.
+Needs Chromium at /usr/bin/chromium (``make system`` installs it). Without it the tests fail and say
+so; ``QLORA_SWEEP_SKIP_BROWSER=1`` skips them instead. Each test leaves a screenshot of what it saw, pass
+or fail, in ``test-artifacts/`` at the repository root, or in ``$SCREENSHOT_DIR`` when that is set:
+``ui-runs-table.png``, ``ui-trial-metrics.png`` and ``ui-study-plots.png``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeper import compose
 from sweeper.config import SweepConfig
-from tests.conftest import TINY, run_cli
+from sweeper.plots import PAGE
+from tests.conftest import ROOT, TINY, run_cli
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 pytestmark = pytest.mark.browser
 
@@ -42,6 +50,12 @@ def require_chromium() -> Path:
     return CHROMIUM
 
 
+def screenshot_path(name: str) -> Path:
+    folder = Path(os.environ.get("SCREENSHOT_DIR") or ROOT / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
 @dataclass
 class Store:
     cfg: SweepConfig
@@ -49,6 +63,18 @@ class Store:
     parent_id: str
     children: dict[str, str]
     """Child run name -> run id."""
+
+
+@dataclass
+class UI:
+    store: Store
+    url: str
+    browser: Browser
+
+    def open(self, route: str) -> Page:
+        page = self.browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{self.url}/#/experiments/{self.store.experiment_id}/{route}")
+        return page
 
 
 @pytest.fixture(scope="module")
@@ -69,48 +95,94 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert parent.info.run_name == cfg.study.name == "qlora-default"
     assert sorted(children) == ["trial-0", "trial-1"]
+    assert parent.data.tags["trials_complete"] == "2"
     return Store(cfg, experiment.experiment_id, parent.info.run_id, children)
 
 
-def keep_screenshot(path: Path) -> None:
-    target = os.environ.get("SCREENSHOT_DIR")
-    if target and path.exists():
-        Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, Path(target) / path.name)
-
-
-def test_runs_page_shows_the_study_run_and_its_trial_runs(store: Store, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture(scope="module")
+def ui(store: Store) -> Iterator[UI]:
+    """One server and one browser for the module: the server takes ~20 s to answer on 2 CPU cores."""
+    from playwright.sync_api import sync_playwright
 
     from sweeper.ui import start_ui, stop_ui
 
-    chromium = require_chromium()
     # As `sweeper ui` does: the sweep's store, its artifact folder, loopback and a free port.
     artifacts = store.cfg.output_path / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
-    proc, url = start_ui(store.cfg.tracking_uri, artifacts.as_uri())
-    screenshot = tmp_path / "mlflow-ui-runs.png"
+    log = store.cfg.output_path / "ui.log"
+    log.write_text("a previous start\n")
+    proc, url = start_ui(store.cfg.tracking_uri, artifacts.as_uri(), log_path=log)
     try:
+        assert "a previous start" not in log.read_text()  # each start begins a new log
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_FLAGS)
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            browser = p.chromium.launch(executable_path=str(require_chromium()), args=CHROMIUM_FLAGS)
             try:
-                page.goto(f"{url}/#/experiments/{store.experiment_id}/runs")
-                # The run table is a grid; a run's name cell links to the run's page.
-                parent_cell = page.get_by_role("gridcell").filter(
-                    has=page.locator(f'a[href$="/runs/{store.parent_id}"]'))
-                expect(parent_cell).to_have_count(1, timeout=UI_TIMEOUT_MS)
-                expect(parent_cell).to_contain_text("qlora-default")
-                # Child runs sit under their parent, collapsed: its expand button shows them.
-                first_child = page.locator(f'a[href$="/runs/{store.children["trial-0"]}"]')
-                expect(first_child).to_have_count(0)
-                parent_cell.get_by_role("button").first.click()
-                for name, run_id in store.children.items():
-                    expect(page.locator(f'a[href$="/runs/{run_id}"]')).to_have_text(name, timeout=30_000)
+                yield UI(store, url, browser)
             finally:
-                page.screenshot(path=str(screenshot))
                 browser.close()
     finally:
         stop_ui(proc)
-        keep_screenshot(screenshot)
-    assert screenshot.stat().st_size > 0
+
+
+def test_runs_page_shows_the_study_run_and_its_trial_runs(ui: UI) -> None:
+    from playwright.sync_api import expect
+
+    store = ui.store
+    page = ui.open("runs")
+    try:
+        # The run table is a grid; a run's name cell links to the run's page.
+        parent_cell = page.get_by_role("gridcell").filter(has=page.locator(f'a[href$="/runs/{store.parent_id}"]'))
+        expect(parent_cell).to_have_count(1, timeout=UI_TIMEOUT_MS)
+        expect(parent_cell).to_contain_text("qlora-default")
+        # Child runs sit under their parent, collapsed: its expand button shows them.
+        first_child = page.locator(f'a[href$="/runs/{store.children["trial-0"]}"]')
+        expect(first_child).to_have_count(0)
+        parent_cell.get_by_role("button").first.click()
+        for name, run_id in store.children.items():
+            expect(page.locator(f'a[href$="/runs/{run_id}"]')).to_have_text(name, timeout=30_000)
+    finally:
+        page.screenshot(path=str(screenshot_path("ui-runs-table.png")))
+        page.close()
+
+
+def test_a_trial_run_charts_its_step_metrics(ui: UI) -> None:
+    from playwright.sync_api import expect
+
+    page = ui.open(f"runs/{ui.store.children['trial-0']}/model-metrics")
+    try:
+        card = page.get_by_test_id("experiment-view-compare-runs-card").filter(
+            has=page.get_by_text("train_loss", exact=True))
+        expect(card).to_have_count(1, timeout=UI_TIMEOUT_MS)
+        # The run's charts are plotly figures too: a drawn line has a path with points in it.
+        expect(card.locator(".main-svg").first).to_be_visible(timeout=30_000)
+        expect(card.locator(".scatterlayer .trace path.js-line")).not_to_have_count(0)
+    finally:
+        page.screenshot(path=str(screenshot_path("ui-trial-metrics.png")))
+        page.close()
+
+
+def test_study_plots_draw_in_the_artifact_view(ui: UI) -> None:
+    """MLflow shows HTML from a blob: URL in an iframe sandboxed to scripts only: the page must bring its own
+    plotly.js, and no plot may need the network or a file next to it."""
+    from playwright.sync_api import expect
+
+    page = ui.browser.new_page(viewport={"width": 1600, "height": 1000})
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{ui.url}/#/experiments/{ui.store.experiment_id}/runs/{ui.store.parent_id}/artifacts/plots/{PAGE}")
+    try:
+        iframe = page.locator("iframe.mlflow-html-iframe")
+        expect(iframe).to_have_attribute("sandbox", "allow-scripts", timeout=UI_TIMEOUT_MS)
+        plots = page.frame_locator("iframe.mlflow-html-iframe")
+        history = plots.locator("#plot-optimization_history")
+        expect(history.locator(".main-svg").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+        # One marker per completed trial: the figure drew the study's data, not just its axes.
+        expect(history.locator(".scatterlayer .trace path.point")).to_have_count(2)
+        sections = plots.locator("section")
+        assert sections.count() >= 2, "the page should hold every plot that applies, not only the history"
+        for section in sections.all():
+            expect(section.locator(".main-svg").first).to_be_visible()
+        assert not [url for url in requested if "plotly" in url.lower()], requested
+    finally:
+        page.screenshot(path=str(screenshot_path("ui-study-plots.png")))
+        page.close()
