@@ -144,14 +144,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from sweeper import compose
-    from sweeper.ui import start_ui, stop_ui
+    from sweeper.ui import start_ui, stop_ui, trials_view
 
     cfg, _ = compose.load(args.overrides, args.config)
     artifacts = cfg.output_path / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
+    # Written before the server starts, so the view is in the store once its URL is printed.
+    view = trials_view(cfg.tracking_uri, cfg.experiment_name)
     proc, url = start_ui(cfg.tracking_uri, artifacts.as_uri(), host=args.host, port=args.port,
                          log_path=cfg.output_path / "ui.log")
     print(f"MLflow UI for {redact(cfg.tracking_uri)}: {url}   (Ctrl-C stops it)", flush=True)
+    if view is not None:
+        print(f"trials, best final eval loss first, with eval loss and trial state: {url}/{view}", flush=True)
     try:
         while proc.poll() is None:
             time.sleep(0.5)

@@ -1,15 +1,20 @@
-"""The MLflow UI on a real sweep's store, in headless Chromium: the study's run, its trial runs, their metrics
-and the study plots.
+"""The MLflow UI on a real sweep's store, served by ``sweeper ui`` and opened in headless Chromium: the study's run,
+its trial runs, their metrics, the study plots and the trials view whose URL the command prints.
 
 Needs Chromium at /usr/bin/chromium (``make system`` installs it). Without it the tests fail and say
 so; ``QLORA_SWEEP_SKIP_BROWSER=1`` skips them instead. Each test leaves a screenshot of what it saw, pass
 or fail, in ``test-artifacts/`` at the repository root, or in ``$SCREENSHOT_DIR`` when that is set:
-``ui-runs-table.png``, ``ui-trial-metrics.png`` and ``ui-study-plots.png``.
+``ui-runs-table.png``, ``ui-trials-view.png``, ``ui-trial-metrics.png`` and ``ui-study-plots.png``.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from sweeper import compose
 from sweeper.config import SweepConfig
 from sweeper.plots import PAGE
+from sweeper.ui import TRIALS_VIEW_COLUMNS
 from tests.conftest import ROOT, TINY, run_cli
 
 if TYPE_CHECKING:
@@ -58,6 +64,8 @@ def screenshot_path(name: str) -> Path:
 
 @dataclass
 class Store:
+    args: list[str]
+    """The sweep's overrides, as a user passes them to each verb."""
     cfg: SweepConfig
     experiment_id: str
     parent_id: str
@@ -69,6 +77,8 @@ class Store:
 class UI:
     store: Store
     url: str
+    trials_url: str
+    """The second URL ``sweeper ui`` prints: the trials, best final eval loss first."""
     browser: Browser
 
     def open(self, route: str) -> Page:
@@ -96,7 +106,24 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     assert parent.info.run_name == cfg.study.name == "qlora-default"
     assert sorted(children) == ["trial-0", "trial-1"]
     assert parent.data.tags["trials_complete"] == "2"
-    return Store(cfg, experiment.experiment_id, parent.info.run_id, children)
+    return Store(args, cfg, experiment.experiment_id, parent.info.run_id, children)
+
+
+def printed_urls(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """The base URL and the trials view's URL that ``sweeper ui`` prints; fails with its output if it exits first."""
+    lines: list[str] = []
+    urls: dict[str, str] = {}
+    assert proc.stdout is not None
+    # No timeout needed: the command gives up by itself when its server does not answer within 120 s.
+    for line in proc.stdout:
+        lines.append(line)
+        for prefix in ("MLflow UI for ", "trials, "):
+            if line.startswith(prefix):
+                urls[prefix] = re.findall(r"https?://\S+", line)[-1]
+        if len(urls) == 2:
+            return urls["MLflow UI for "], urls["trials, "]
+    pytest.fail(f"`sweeper ui` exited with code {proc.wait()} before printing both URLs:\n{''.join(lines)[-3000:]}",
+                pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -104,24 +131,37 @@ def ui(store: Store) -> Iterator[UI]:
     """One server and one browser for the module: the server takes ~20 s to answer on 2 CPU cores."""
     from playwright.sync_api import sync_playwright
 
-    from sweeper.ui import start_ui, stop_ui
-
-    # As `sweeper ui` does: the sweep's store, its artifact folder, loopback and a free port.
-    artifacts = store.cfg.output_path / "artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
     log = store.cfg.output_path / "ui.log"
     log.write_text("a previous start\n")
-    proc, url = start_ui(store.cfg.tracking_uri, artifacts.as_uri(), log_path=log)
+    # As a user runs it, with the sweep's overrides (the store, its artifact folder, loopback and a free port).
+    proc = subprocess.Popen([sys.executable, "-m", "sweeper", "ui", *store.args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
+        url, trials_url = printed_urls(proc)
         assert "a previous start" not in log.read_text()  # each start begins a new log
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(require_chromium()), args=CHROMIUM_FLAGS)
             try:
-                yield UI(store, url, browser)
+                yield UI(store, url, trials_url, browser)
             finally:
                 browser.close()
     finally:
-        stop_ui(proc)
+        # Ctrl-C, as the command says: it stops its server (a process group of its own, which SIGINT to the
+        # command does not reach) before it exits.
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            assert proc.stdout is not None
+            proc.stdout.close()
+    # Only reached when the setup succeeded: a failed start already failed with the command's output.
+    assert code == 0
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/health", timeout=5)
 
 
 def test_runs_page_shows_the_study_run_and_its_trial_runs(ui: UI) -> None:
@@ -142,6 +182,37 @@ def test_runs_page_shows_the_study_run_and_its_trial_runs(ui: UI) -> None:
             expect(page.locator(f'a[href$="/runs/{run_id}"]')).to_have_text(name, timeout=30_000)
     finally:
         page.screenshot(path=str(screenshot_path("ui-runs-table.png")))
+        page.close()
+
+
+def test_printed_trials_url_shows_eval_loss_and_trial_state_best_first(ui: UI) -> None:
+    """The runs table opens with the trials at top level, sorted by final eval loss, its columns beside the names."""
+    from playwright.sync_api import expect
+
+    store = ui.store
+    assert ui.trials_url.startswith(f"{ui.url}/#/experiments/{store.experiment_id}/runs?"), ui.trials_url
+    client = MlflowClient(store.cfg.tracking_uri)
+    trials = sorted((client.get_run(run_id) for run_id in store.children.values()),
+                    key=lambda run: run.data.metrics["final_eval_loss"])
+    page = ui.browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(ui.trials_url)
+    try:
+        for column in TRIALS_VIEW_COLUMNS:
+            expect(page.locator(f'[role=columnheader][col-id="{column}"]')).to_be_visible(timeout=UI_TIMEOUT_MS)
+        # A row is split across the grid's pinned and scrolling parts; both carry the run's id and position.
+        for position, run in enumerate(trials):
+            row = page.locator(f'[role=row][row-id="{run.info.run_id}"]')
+            expect(row.first).to_have_attribute("row-index", str(position), timeout=30_000)
+            expect(row.locator('[col-id="attributes.`Run Name`"]')).to_contain_text(run.info.run_name)
+            state = row.locator('[col-id="tags.`trial_state`"]')
+            expect(state).to_be_visible()
+            expect(state).to_have_text(run.data.tags["trial_state"])
+            for metric in ("final_eval_loss", "eval_loss"):
+                cell = row.locator(f'[col-id="metrics.`{metric}`"]')
+                expect(cell).to_be_visible()
+                assert float(cell.inner_text()) == pytest.approx(run.data.metrics[metric]), metric
+    finally:
+        page.screenshot(path=str(screenshot_path("ui-trials-view.png")))
         page.close()
 
 
