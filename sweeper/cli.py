@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from objectives.config import ConfigError
+from sweeper import progress
 from sweeper.config import SweepConfig
 from sweeper.tracking import redact
 
@@ -29,8 +30,6 @@ EXAMPLES = {
     "plan": "python -m sweeper plan 'train.micro_batch_size=choice(4,16)' --device-memory-gb 24",
 }
 
-VERBOSE_ENV = "SWEEPER_VERBOSE"
-"""Set by ``-v`` for the processes a launch starts (workers), so they are as verbose as it is."""
 
 
 def sweeper_command() -> str:
@@ -222,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()))
     verbose_help = ("also the libraries' log lines, warnings and progress bars (Optuna's line per trial, "
-                    f"MLflow, transformers, bitsandbytes); {VERBOSE_ENV}=1 or LOGLEVEL=DEBUG do the same")
+                    "MLflow, transformers, bitsandbytes); LOGLEVEL=DEBUG does the same")
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (fn, help_text) in VERBS.items():
@@ -292,10 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    verbose = args.verbose or os.environ.get(VERBOSE_ENV) == "1" or level.upper() == "DEBUG"
-    if verbose:
-        os.environ[VERBOSE_ENV] = "1"
-    else:
+    verbose = args.verbose or level.upper() == "DEBUG"
+    progress.VERBOSE = verbose  # the workers a launch starts get -v on their command line
+    if not verbose:
         quiet_third_party()
     try:
         return int(args.func(args))

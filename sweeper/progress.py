@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
+VERBOSE = False
+"""Set by the command line's ``-v``: the libraries' own log lines and warnings are shown too."""
 PLAIN_EVERY_S = 30.0
 """Seconds at least between two plain progress lines of one bar."""
 

@@ -28,6 +28,7 @@ import yaml
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from sweeper import progress
 from sweeper.budget import failed_trials
 from sweeper.config import SweepConfig, to_container
 from sweeper.launch import RECYCLE_EXIT
@@ -96,7 +97,8 @@ def write_worker_config(cfg: SweepConfig, index: int, folder: Path) -> Path:
 
 
 def worker_command(config_file: Path) -> list[str]:
-    return [sys.executable, "-m", "sweeper", "worker", "--no-progress", "--config", str(config_file)]
+    verbose = ["-v"] if progress.VERBOSE else []
+    return [sys.executable, "-m", "sweeper", "worker", "--no-progress", *verbose, "--config", str(config_file)]
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
