@@ -23,6 +23,11 @@ if TYPE_CHECKING:  # optuna is imported by the callers that hand a study over; `
 
 log = logging.getLogger(__name__)
 
+# Offline by default: MLflow's usage telemetry would otherwise try the network from every process that logs,
+# and from the UI server, and wait for it at exit.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
 # Whole words at the end of a key (hf_token, db.password, api-key), not bos_token_id or tokenizer.
 SECRET_KEY = re.compile(r"(?:^|[._-])(?:token|secret|password|passwd|api[_-]?key|private[_-]?key|credentials?)$",
                         re.IGNORECASE)

@@ -151,7 +151,7 @@ def ui(store: Store) -> Iterator[UI]:
         # command does not reach) before it exits.
         proc.send_signal(signal.SIGINT)
         try:
-            code = proc.wait(timeout=30)
+            code = proc.wait(timeout=90)  # the server's own shutdown is slow on a loaded machine
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
