@@ -1,5 +1,5 @@
 # make sweep   set up, then run the default sweep (about 9 min on 2 CPU cores, set-up included)
-# make test    set up (Python packages, Chromium, PostgreSQL), then run the whole test suite
+# make test    set up (Python packages, Chromium, PostgreSQL, SLURM), then run the whole test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST ?= -q
@@ -23,11 +23,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 	@echo "ready: source $(VENV)/bin/activate, then python -m sweeper --help"
 
-# Browser and database for the UI and multi-worker tests (Debian packages).
+# Browser, database and scheduler for the UI, multi-worker and SLURM tests (Debian packages; the SLURM tests
+# start a one-node cluster from slurm-wlm and munge themselves).
 system:
-	@command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null || { \
+	@command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null && command -v sbatch >/dev/null \
+	  && command -v munge >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq -o DPkg::Lock::Timeout=600 chromium postgresql >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq -o DPkg::Lock::Timeout=600 chromium postgresql slurm-wlm munge >/dev/null; }
 
 sweep: setup
 	$(PY) -m sweeper launch

@@ -11,11 +11,21 @@ and the same batches in the same order go through:
   loop (no autocast);
 - trainer-bf16: the same with ``bf16=True`` (autocast), as the usual QLoRA recipe sets it;
 - ours-bf16, ours-bf16-packed: our loop on a base loaded with ``model.upcast_unquantized=false``
-  (embeddings, head and norms stay bf16, so activations are bf16), padded and packed (not in the
-  default --methods).
+  (embeddings, head and norms stay bf16, so activations are bf16 and sdpa gets bf16 queries, keys and
+  values), padded and packed (not in the default --methods);
+- the faster-step switches, each with packing, one at a time and together (``--methods switches`` runs
+  them beside ours-packed): ours-cache (``model.base_cache=on``: the 4-bit base's weights kept dequantized),
+  ours-fused (``train.fused_loss=on``: liger-kernel's fused linear cross-entropy, CUDA only), ours-bf16-packed,
+  and ours-all (all three; the fused loss only where it can run).
+
+``--checkpointing`` pins gradient checkpointing for every method (true, as Trainer + peft's recipe: the
+identical configuration), or lets each of our methods decide it as a trial would (auto: off where the memory
+model predicts the step fits without it; Trainer keeps it on).
 
 Tokens/s counts real (non-padding) tokens over the steps after the warm-up steps; peak memory is the
-most allocated CUDA memory during training (base weights included).
+most allocated CUDA memory during training (base weights included); share of bf16 peak is the model's
+FLOPs per step (objectives.timing, without checkpointing's recomputation) per second over the device's
+dense bf16 peak.
 
     PYTHONPATH=$PWD python bench/step_throughput.py --out $R/step_throughput.md \\
         --model-source $M
@@ -40,16 +50,38 @@ from bench.models import SHAPE_NAMES, model_overrides
 from bench.report import markdown_table, num, ratio, render_report, say, write_report
 from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 
-METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed")
+METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed", "ours-cache",
+           "ours-fused", "ours-all")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
           "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
           "ours-bf16": "ours, upcast_unquantized=false",
-          "ours-bf16-packed": "ours, upcast_unquantized=false + packing"}
+          "ours-bf16-packed": "ours, upcast_unquantized=false + packing",
+          "ours-cache": "ours, packing + base_cache=on", "ours-fused": "ours, packing + fused_loss=on",
+          "ours-all": "ours, packing + upcast_unquantized=false + base_cache=on + fused_loss"}
+# --methods switches: today's path beside each faster-step switch alone and all of them together
+SWITCHES = ("ours-packed", "ours-cache", "ours-fused", "ours-bf16-packed", "ours-all")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one of our methods runs: packing, the base's upcast, the base cache and the fused loss."""
+
+    packing: bool
+    upcast: bool = True
+    base_cache: bool = False
+    fused_loss: bool | str = False
+    """True: the fused loss or no run (skipped where it cannot run); "auto": where it can run."""
+
+
+OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Variant(False, upcast=False),
+        "ours-bf16-packed": Variant(True, upcast=False), "ours-cache": Variant(True, base_cache=True),
+        "ours-fused": Variant(True, fused_loss=True),
+        "ours-all": Variant(True, upcast=False, base_cache=True, fused_loss="auto")}
 # micro-batch, steps per shape: the steps keep the 8B shape's share of the run affordable
 SIZES = {"tiny": (2, 4), "135m": (16, 10), "1b": (16, 10), "8b": (16, 6)}
 DEFAULT_METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16")
-# tokens/s, peak GiB, median step seconds, mean train loss
-Measured = tuple[float | None, float | None, float | None, float | None]
+# tokens/s, peak GiB, median step seconds, mean train loss, note
+Measured = tuple[float | None, float | None, float | None, float | None, str]
 
 
 @dataclass
@@ -63,13 +95,19 @@ class Run:
     step_s: float | None
     mean_loss: float | None
     note: str = ""
+    peak_share: float | None = None
+    """Model FLOPs per second over the device's dense bf16 peak (CUDA only)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = base_parser(__doc__ or "")
     p.add_argument("--shapes", default="135m,1b,8b", help="comma-separated: 135m, 1b, 8b")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {', '.join(METHODS)}")
+                   help=f"comma-separated subset of {', '.join(METHODS)}; 'switches' stands for "
+                        f"{', '.join(SWITCHES)}")
+    p.add_argument("--checkpointing", choices=("true", "false", "auto"), default="true",
+                   help="gradient checkpointing of every method (true: as Trainer + peft's recipe), or auto: each "
+                        "of our methods decides it as a trial would")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default per shape: 10, 10, 6)")
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of tokens/s")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size (default 16)")
@@ -91,7 +129,9 @@ def shape_overrides(args: argparse.Namespace, shape: str) -> list[str]:
            f"train.eval_every={steps}", f"train.micro_batch_size={batch}",
            f"train.grad_accum={args.grad_accum}", f"data.max_length={args.max_length}",
            f"lora.r={args.rank}", f"lora.targets={args.targets}", "optimizer.name=adamw", "optimizer.scheduler=cosine",
-           "model.gradient_checkpointing=true"]  # Trainer + peft's recipe checkpoints: the identical configuration
+           # true: Trainer + peft's recipe checkpoints, the identical configuration
+           f"model.gradient_checkpointing={args.checkpointing}",
+           "model.base_cache=off", "train.fused_loss=off"]  # each method sets its own
     return out + (["data.max_eval_examples=8"] if shape == "tiny" else [])
 
 
@@ -126,12 +166,28 @@ def _peak_gib(device: Any) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, packing: bool) -> Measured:
+def ours_config(base: Any, cfg: Any, variant: Variant) -> tuple[Any, str]:
+    """The method's config with checkpointing decided as a trial decides it (``auto``), and what was decided."""
     import dataclasses
 
+    from objectives.decisions import device_memory_bytes, resolve_checkpointing, with_fused_loss
+    from objectives.loss import fused_loss_unavailable
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=variant.packing))
+    unavailable = fused_loss_unavailable(base.device.type, base.config)
+    cfg = with_fused_loss(cfg, bool(variant.fused_loss) and unavailable is None)
+    auto = cfg.model.gradient_checkpointing == "auto"
+    cfg = resolve_checkpointing(cfg, base.config, device_memory_bytes(base.device), base.linear_names)
+    notes = [f"checkpointing auto: {'on' if cfg.model.gradient_checkpointing else 'off'}"] if auto else []
+    if variant.fused_loss == "auto" and unavailable is not None:
+        notes.append(f"fused loss not run: {unavailable}")
+    return cfg, "; ".join(notes)
+
+
+def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, variant: Variant) -> Measured:
     from objectives.training import train_adapter
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=packing))
+    cfg, note = ours_config(base, cfg, variant)
     stamps: list[float] = []
     losses: list[float] = []
 
@@ -139,12 +195,33 @@ def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, pac
         stamps.append(time.perf_counter())  # the loop has synchronised: it read the loss and grad norm
         losses.append(metrics["train_loss"])
 
-    with base.adapter(cfg.lora, cfg.train.seed) as model:
-        result = train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
-                               on_step=on_step)
+    base.use_checkpointing(cfg.model.gradient_checkpointing)
+    base.use_base_cache(variant.base_cache)
+    try:
+        with base.adapter(cfg.lora, cfg.train.seed) as model:
+            result = train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
+                                   on_step=on_step)
+    finally:
+        base.use_base_cache(False)
     peak = result.peak_memory_mb / 1024 if base.device.type == "cuda" else None
     return (steady_tokens_per_s(stamps, tokens, warmup), peak, median_step(stamps, warmup),
-            statistics.fmean(losses))
+            statistics.fmean(losses), note)
+
+
+def peak_share(base: Any, cfg: Any, tokens_per_s: float | None) -> float | None:
+    """The model's FLOPs per second over the device's dense bf16 peak: per token, a micro-step's FLOPs as the time
+    model counts them (base forward and input gradient, head, attention at data.max_length, adapter), without
+    checkpointing's recomputed forward, so checkpointing shows as a lower share."""
+    import dataclasses
+
+    from objectives.shape import TrialSettings
+    from objectives.timing import detect_device, step_flops
+
+    if tokens_per_s is None or base.device.type != "cuda":
+        return None
+    settings = dataclasses.replace(TrialSettings.from_config(cfg), gradient_checkpointing=False)
+    per_token = sum(step_flops(base.config, settings)) / settings.tokens
+    return tokens_per_s * per_token / detect_device(cfg).bf16_flops
 
 
 def run_trainer(base: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: list[int], warmup: int,
@@ -164,6 +241,7 @@ def run_trainer(base: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: l
                 torch.cuda.synchronize(device)
             stamps.append(time.perf_counter())
 
+    base.use_checkpointing(cfg.model.gradient_checkpointing is not False)  # as prepare_model_for_kbit_training
     targs = TrainingArguments(**trainer_fixed_arguments(workdir / "trainer", cfg, device, bf16),
                               **trainer_arguments(cfg), logging_steps=1)
     with base.adapter(cfg.lora, cfg.train.seed) as model:
@@ -178,11 +256,12 @@ def run_trainer(base: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: l
     # accelerate may have wrapped the peft model's forward (autocast): start the next method from a fresh adapter
     base.release_adapter()
     return (steady_tokens_per_s(stamps, tokens, warmup), peak, median_step(stamps, warmup),
-            statistics.fmean(losses) if losses else None)
+            statistics.fmean(losses) if losses else None, "")
 
 
 def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir: Path) -> tuple[list[Run], str]:
     """Every method on one shape; the bf16-stream methods get a second base, loaded after the first is gone."""
+    from objectives.loss import fused_loss_unavailable
     from objectives.sources import weights_path
     from sweeper import compose
     from sweeper.launch import Resources
@@ -195,7 +274,7 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
     loaded: list[str] = []
     info = ""
     for upcast in (True, False):
-        todo = [m for m in methods if m.startswith("ours-bf16") != upcast]
+        todo = [m for m in methods if (OURS[m].upcast if m in OURS else True) == upcast]
         if not todo:
             continue
         if not upcast:
@@ -219,13 +298,17 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
             if method == "trainer-bf16" and base.device.type != "cuda":
                 runs.append(Run(shape, method, None, None, None, None, "skipped: bf16 autocast is run on CUDA only"))
                 continue
-            if method.startswith("ours"):
-                out = run_ours(base, data, cfg, tokens, args.warmup_steps, packing=method.endswith("packed"))
+            unavailable = fused_loss_unavailable(base.device.type, base.config)
+            if method in OURS and OURS[method].fused_loss is True and unavailable is not None:
+                runs.append(Run(shape, method, None, None, None, None, f"skipped: the fused loss: {unavailable}"))
+                continue
+            if method in OURS:
+                out = run_ours(base, data, cfg, tokens, args.warmup_steps, OURS[method])
             else:
                 rows = [r for batch in batches for r in batch]
                 out = run_trainer(base, cfg, rows, tokens, args.warmup_steps, method == "trainer-bf16",
                                   workdir)
-            runs.append(Run(shape, method, *out))
+            runs.append(Run(shape, method, *out, peak_share=peak_share(base, cfg, out[0])))
             free_accelerator()
         del base, data, resources
         free_accelerator()
@@ -240,10 +323,12 @@ def fastest_ours(by: dict[tuple[str, str], float | None], shape: str) -> float |
 def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], env: dict[str, str],
                  command: str) -> str:
     ours = {r.shape: r.tokens_per_s for r in runs if r.method == "ours"}
+    today = {r.shape: r.tokens_per_s for r in runs if r.method == "ours-packed"}
     rows = [[SHAPE_NAMES[r.shape], LABELS[r.method], num(r.tokens_per_s, 0), ratio(r.tokens_per_s, ours.get(r.shape)),
-             num(r.peak_gib, 2), num(r.step_s, 3), num(r.mean_loss, 4), r.note] for r in runs]
-    table = markdown_table(["shape", "method", "tokens/s (real tokens)", "vs ours", "peak GiB", "step s (median)",
-                            "mean train loss", "note"], rows)
+             ratio(r.tokens_per_s, today.get(r.shape)), num(r.peak_gib, 2), num(r.step_s, 3), num(r.mean_loss, 4),
+             "n/a" if r.peak_share is None else f"{100 * r.peak_share:.1f}%", r.note] for r in runs]
+    table = markdown_table(["shape", "method", "tokens/s (real tokens)", "vs ours", "vs ours-packed", "peak GiB",
+                            "step s (median)", "mean train loss", "share of bf16 peak", "note"], rows)
     by = {(r.shape, r.method): r.tokens_per_s for r in runs}
     shapes = list(dict.fromkeys(r.shape for r in runs))
     goals = ["- ours / Trainer + peft (goal: never below 1.00x): " + ", ".join(
@@ -253,7 +338,11 @@ def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], en
         f"{SHAPE_NAMES[s]} {ratio(by.get((s, 'ours-packed')), by.get((s, 'ours')))} (bf16 stream "
         f"{ratio(by.get((s, 'ours-bf16-packed')), by.get((s, 'ours-bf16')))})" for s in shapes),
         "- fastest of ours / Trainer + peft: " + ", ".join(
-        f"{SHAPE_NAMES[s]} {ratio(fastest_ours(by, s), by.get((s, 'trainer')))}" for s in shapes)]
+        f"{SHAPE_NAMES[s]} {ratio(fastest_ours(by, s), by.get((s, 'trainer')))}" for s in shapes),
+        "- faster-step switches / ours-packed (today's path; issue goals with all of them: 8B >= 2x, 1B >= 3x): "
+        + "; ".join(f"{SHAPE_NAMES[s]} " + ", ".join(
+            f"{m.removeprefix('ours-')} {ratio(by.get((s, m)), by.get((s, 'ours-packed')))}"
+            for m in SWITCHES[1:] if (s, m) in by) for s in shapes)]
     ran = [f"- {i}" for i in infos] + [
         f"- Tokens/s leaves out the first {args.warmup_steps} steps of each run (warm-up) and counts real tokens "
         "only; every method sees the same examples in the same order (the batches our loop draws with seed 0), "
@@ -268,7 +357,12 @@ def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], en
         "train loss next to ours' checks that it trains on the same thing.",
         "- Trainer logs every step (logging_steps=1), as QLoRA recipes often do; a TrainerCallback stamps each "
         "step's end after a CUDA synchronisation (our loop synchronises every step when it reads the loss).",
-        "- Peak memory: torch.cuda.max_memory_allocated during training, base weights included.",
+        "- Peak memory: torch.cuda.max_memory_allocated during training, base weights included (and with "
+        "model.base_cache=on the base's dequantized copy).",
+        "- Share of bf16 peak: real tokens/s times the model's FLOPs per token (objectives.timing.step_flops: "
+        "the base's forward and input gradient, head, attention at data.max_length, adapter; no recomputation) "
+        "over the device's dense bf16 peak (objectives.timing.PEAK_FLOPS).",
+        f"- Gradient checkpointing: {args.checkpointing} (--checkpointing).",
         "- Random weights: objectives.sources.random_model_dir writes each shape once (16 GB for 8B) before loading.",
     ]
     return render_report("Benchmark 2: step throughput of one trial", env, command,
@@ -280,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_logs()
     workdir = make_workdir(args, "steps")
     env, command = environment(), command_line()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(n for m in args.methods.split(",") if m.strip()
+                                 for n in (SWITCHES if m.strip() == "switches" else (m.strip(),))))
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")

@@ -119,6 +119,9 @@ class ResidentBase:
         self.linear_names = linear_module_names(model)
         self._peft: Any = None
         self._shape: tuple[Any, ...] | None = None
+        # Loaded without the copy unless it is asked for: "auto" decides per trial.
+        self.base_cache = False
+        self.use_base_cache(cfg.base_cache is True)
 
     @property
     def config(self) -> Any:
@@ -137,6 +140,21 @@ class ResidentBase:
             else:
                 self.model.gradient_checkpointing_disable()
         self.checkpointing = on
+
+    def use_base_cache(self, on: bool) -> None:
+        """Keep or drop the compute-dtype copy of the 4-bit linear weights for the next trial
+        (``model.base_cache``, :mod:`objectives.base_cache`); a base that is not 4-bit has none to keep."""
+        from objectives.base_cache import cache_base_weights, drop_base_cache
+
+        on = on and self.cfg.quant_type in ("nf4", "fp4")
+        if on == self.base_cache:
+            return
+        if on:
+            cache_base_weights(self.model, TORCH_DTYPES[self.cfg.compute_dtype])
+        else:
+            drop_base_cache(self.model)
+            free_accelerator_memory(self.device, collect=False)  # the copies hold no cycles
+        self.base_cache = on
 
     def check_packing(self) -> None:
         """Packed examples must not see each other. transformers splits attention at restarted position ids

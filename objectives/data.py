@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -16,9 +15,9 @@ from typing import Any
 import torch
 
 from objectives.config import ConfigError, DataConfig
+from objectives.rows import Example, check_row, read_file, source_path
 
 IGNORE_INDEX = -100
-Example = dict[str, Any]
 Rows = list[dict[str, list[int]]]
 
 
@@ -48,41 +47,25 @@ def stdlib_examples(cache_dir: Path) -> list[Example]:
     return read_file(path)
 
 
-def read_file(path: Path) -> list[Example]:
-    """JSONL, JSON (a list) or CSV rows in the alpaca (instruction/input/output) or chat (messages) layout."""
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv"):
-        raise ConfigError(f"data.source: {path.name!r} is not .jsonl, .json or .csv")
-    try:
-        if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        elif suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(rows, dict) and "data" in rows:
-                rows = rows["data"]
-        else:
-            with path.open(encoding="utf-8", newline="") as f:
-                rows = list(csv.DictReader(f))
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise ConfigError(f"data.source: {path.name} does not parse: {e}") from None
-    if not isinstance(rows, list) or not rows:
-        raise ConfigError(f"data.source: {path} holds no examples")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not (row.get("messages") or {"instruction", "output"} <= set(row)):
-            raise ConfigError(f"data.source: row {i} of {path.name} has neither 'messages' (non-empty) nor "
-                              "'instruction' and 'output'")
-    return rows
+def hub_name(name: str) -> tuple[str, str]:
+    """``<dataset>[:split]`` (after ``hf:``) -> dataset and split (default train)."""
+    dataset_name, _, split = name.partition(":")
+    if not dataset_name:
+        raise ConfigError(f"data.source: 'hf:{name}' names no dataset; write hf:<dataset>[:split]")
+    return dataset_name, split or "train"
 
 
 def hub_examples(name: str) -> list[Example]:
+    dataset_name, split = hub_name(name)
     try:
         import datasets
     except ImportError:
         raise ConfigError("data.source: hf:... needs the datasets package (pip install datasets)") from None
-    dataset_name, _, split = name.partition(":")
-    ds = datasets.load_dataset(dataset_name, split=split or "train")
-    return [dict(r) for r in ds]
+    ds = datasets.load_dataset(dataset_name, split=split)
+    rows = [dict(r) for r in ds]
+    for i, row in enumerate(rows):
+        check_row(row, f"hf:{name} row {i}")
+    return rows
 
 
 def load_examples(cfg: DataConfig, cache_dir: Path) -> list[Example]:
@@ -90,27 +73,55 @@ def load_examples(cfg: DataConfig, cache_dir: Path) -> list[Example]:
         return stdlib_examples(cache_dir)
     if cfg.source.startswith("hf:"):
         return hub_examples(cfg.source[3:])
-    path = Path(os.path.expanduser(cfg.source))
-    if not path.is_file():
-        raise ConfigError(f"data.source: {cfg.source!r} is not 'stdlib', 'hf:<name>' or an existing file")
-    return read_file(path)
+    return read_file(source_path(cfg.source))
+
+
+def check_rows(cfg: DataConfig) -> None:
+    """Every row of a data file in one of the two layouts, and an example for each split; no tokenizer or model.
+
+    Cheap enough for the checks before a sweep creates anything: it reads the file once. ``stdlib`` is built
+    here and a ``hf:`` data set is downloaded when the data is loaded, which checks its rows then.
+
+    Raises:
+        ConfigError: naming the file, the row (line for JSONL and CSV, index for JSON), the field and what it
+            must hold; or that the examples cannot fill both splits.
+    """
+    if cfg.source == "stdlib":
+        return
+    if cfg.source.startswith("hf:"):
+        hub_name(cfg.source[3:])
+        return
+    split(read_file(source_path(cfg.source)), cfg.eval_fraction)
 
 
 def split(examples: list[Example], eval_fraction: float) -> tuple[list[Example], list[Example]]:
-    """Deterministic split: by module when examples carry one (eval modules are unseen), else by content."""
+    """Deterministic split: by module when examples carry one (eval modules are unseen), else by content.
+
+    A small set keeps an example (or module) on each side, even where ``eval_fraction`` would hold out none
+    or all of them: the one closest to the fraction's edge moves.
+    """
     def key(e: Example) -> str:
         return str(e.get("module") or json.dumps(e, sort_keys=True))
 
-    held_out = [_bucket(key(e)) < eval_fraction for e in examples]
-    train = [e for e, out in zip(examples, held_out, strict=True) if not out]
-    held = [e for e, out in zip(examples, held_out, strict=True) if out]
-    if not train or not held:
-        raise ConfigError(f"data.eval_fraction: {eval_fraction} leaves an empty split of {len(examples)} examples")
+    if len(examples) < 2:
+        raise ConfigError(f"data.source: {len(examples)} example; training and evaluation need at least 2")
+    keys = [key(e) for e in examples]
+    bucket = {k: _bucket(k) for k in sorted(set(keys))}
+    if len(bucket) == 1:
+        raise ConfigError(f"data.eval_fraction: all {len(examples)} examples are one group (the same 'module', or "
+                          "identical rows), so none is left to evaluate on; add examples of another module")
+    held_keys = {k for k, b in bucket.items() if b < eval_fraction}
+    if not held_keys:
+        held_keys = {min(bucket, key=bucket.__getitem__)}
+    elif len(held_keys) == len(bucket):
+        held_keys.remove(max(bucket, key=bucket.__getitem__))
+    train = [e for e, k in zip(examples, keys, strict=True) if k not in held_keys]
+    held = [e for e, k in zip(examples, keys, strict=True) if k in held_keys]
     return train, held
 
 
 def to_messages(e: Example, system_prompt: str | None) -> list[dict[str, str]]:
-    if "messages" in e:
+    if e.get("messages") is not None:  # as row_problem reads a row
         messages = [dict(m) for m in e["messages"]]
     else:
         user = e["instruction"] + (f"\n\n{e['input']}" if e.get("input") else "")

@@ -1,4 +1,5 @@
-"""Per-trial decisions from the memory model: does a trial fit, and does it need gradient checkpointing."""
+"""Per-trial decisions from the memory model: does a trial fit, does it need gradient checkpointing, may it keep
+the base's dequantized copy, and (from the device) does its loss run fused."""
 
 from __future__ import annotations
 
@@ -41,6 +42,57 @@ def resolve_checkpointing(cfg: Recipe, model_config: Any, memory_bytes: int,
     return with_checkpointing(cfg, not fits_without)
 
 
+def with_base_cache(cfg: Recipe, on: bool) -> Recipe:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_cache=on))
+
+
+def resolve_base_cache(cfg: Recipe, model_config: Any, memory_bytes: int,
+                       linear_names: Sequence[str] | None = None) -> Recipe:
+    """A trial's config with ``model.base_cache: auto`` decided: on where the trial, with its checkpointing as
+    decided, is predicted to fit in ``memory_bytes`` with the copy beside it, off otherwise (and for a base that
+    is not 4-bit). The copy only saves work, so it never takes memory a trial needs; on the CPU it is faster
+    too (dequantizing each layer's weight is a large part of a CPU step). ``true`` and ``false`` are kept."""
+    if cfg.model.base_cache != "auto":
+        return cfg
+    if cfg.model.quant_type not in ("nf4", "fp4"):
+        return with_base_cache(cfg, False)
+    try:
+        fits_with = fits(with_base_cache(cfg, True), model_config, memory_bytes, linear_names)[0]
+    except ConfigError:
+        fits_with = False
+    return with_base_cache(cfg, fits_with)
+
+
+def with_fused_loss(cfg: Recipe, on: bool) -> Recipe:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_loss=on))
+
+
+def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None) -> Recipe:
+    """A trial's config with ``train.fused_loss: auto`` decided: on where it can run (CUDA, liger-kernel, a
+    supported model family), off elsewhere.
+
+    Raises:
+        ConfigError: ``train.fused_loss`` is on where it cannot run.
+    """
+    from objectives.loss import fused_loss_unavailable
+
+    reason = fused_loss_unavailable(device_kind, model_config)
+    if cfg.train.fused_loss == "auto":
+        return with_fused_loss(cfg, reason is None)
+    if cfg.train.fused_loss is True and reason is not None:
+        raise ConfigError(f"train.fused_loss: on, but {reason}; set train.fused_loss=auto or off")
+    return cfg
+
+
+def resolve_trial(cfg: Recipe, model_config: Any, memory_bytes: int, device_kind: str,
+                  linear_names: Sequence[str] | None = None) -> Recipe:
+    """Every ``auto`` of a trial decided, in this order: the fused loss (from the device: it only saves memory),
+    gradient checkpointing (off where the trial fits without it), the base cache (on where it still fits)."""
+    cfg = resolve_fused_loss(cfg, device_kind, model_config)
+    cfg = resolve_checkpointing(cfg, model_config, memory_bytes, linear_names)
+    return resolve_base_cache(cfg, model_config, memory_bytes, linear_names)
+
+
 def device_memory_bytes(device: Any = None) -> int:
     """Memory of the device a trial trains on: the GPU's, or the host's on the CPU (or when ``device`` is None)."""
     import psutil
@@ -54,13 +106,14 @@ def device_memory_bytes(device: Any = None) -> int:
 
 
 def slots_memory_bytes(cfg: RecipeConfig, model_config: Any, slots: int, r_max: int, checkpointing: bool,
-                       linear_names: Sequence[str] | None = None) -> int:
+                       linear_names: Sequence[str] | None = None, base_cache: bool = False) -> int:
     """Predicted peak of ``slots`` runs sharing each pass (:class:`objectives.engine.SlotEngine`): the
     activations of ``slots`` micro-batches, and per slot an adapter of rank ``r_max`` on every linear layer
-    (what the engine allocates) with its gradients and AdamW state."""
+    (what the engine allocates) with its gradients and AdamW state; with ``base_cache``, the base's copy."""
     settings = dataclasses.replace(
         TrialSettings.from_config(cfg), r=r_max, targets="all-linear", optimizer="adamw",
-        micro_batch_size=slots * cfg.train.micro_batch_size, gradient_checkpointing=checkpointing)
+        micro_batch_size=slots * cfg.train.micro_batch_size, gradient_checkpointing=checkpointing,
+        base_cache=base_cache and cfg.model.quant_type in ("nf4", "fp4"))
     one = estimate_worst(model_config, settings, linear_names)
     per_slot = one.adapter + one.gradients + one.optimizer
     return int(one.total + (slots - 1) * per_slot * (1 + ALLOCATOR_SLACK))
@@ -80,3 +133,19 @@ def slots_that_fit(cfg: RecipeConfig, model_config: Any, memory_bytes: int, r_ma
         if fitting and fitting[-1] > best[0]:
             best = (fitting[-1], checkpointing)
     return best
+
+
+def slots_base_cache(cfg: RecipeConfig, model_config: Any, memory_bytes: int, slots: int, r_max: int,
+                     checkpointing: bool, linear_names: Sequence[str] | None = None) -> bool:
+    """``model.base_cache`` for a worker's slot engine: ``auto`` keeps the copy where ``slots`` runs per pass
+    are predicted to fit with it (the slots are decided first: more runs per pass gain more than the copy)."""
+    setting = cfg.model.base_cache
+    if setting != "auto":
+        return bool(setting)
+    if cfg.model.quant_type not in ("nf4", "fp4"):
+        return False
+    try:
+        need = slots_memory_bytes(cfg, model_config, slots, r_max, checkpointing, linear_names, base_cache=True)
+    except ConfigError:
+        return False
+    return need <= memory_bytes

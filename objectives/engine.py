@@ -10,8 +10,9 @@ Each run trains as it would alone: its loss is normalised over its own tokens, i
 own norm, its optimizer, schedule, data order and dropout masks are its own (:mod:`objectives.slot_optim`).
 A NaN or infinite loss stops that run only. Runs due for evaluation are evaluated together.
 
-Settings that cannot differ within a pass are the engine's: the base (model.*), data.*, train.packing and
-gradient checkpointing.
+Settings that cannot differ within a pass are the engine's: the base (model.*, with gradient checkpointing and
+the base cache as the base has them), data.*, train.packing and train.fused_loss; a run's recorded config
+says what the engine trained it with.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import torch
 from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig
 from objectives.data import Rows, TokenizedSplits, targets_in, train_micro_batches
+from objectives.decisions import with_base_cache, with_checkpointing, with_fused_loss
+from objectives.loss import fused_loss_unavailable, group_loss_sums, hidden_and_head
 from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
 from objectives.passes import merge_passes, row_losses
 from objectives.slot_optim import SlotOptimizer
@@ -83,7 +86,16 @@ class SlotEngine:
     """
 
     def __init__(self, base: ResidentBase, data: TokenizedSplits, slots: int, r_max: int,
-                 eval_batch_size: int = 4, packing: bool = True, start: bool = True) -> None:
+                 eval_batch_size: int = 4, packing: bool = True, start: bool = True, fused_loss: Any = "auto") -> None:
+        """``fused_loss``: ``train.fused_loss`` for every pass (``auto``: where it can run).
+
+        Raises:
+            ConfigError: ``fused_loss`` is on where it cannot run.
+        """
+        unavailable = fused_loss_unavailable(base.device.type, base.config)
+        if fused_loss is True and unavailable is not None:
+            raise ConfigError(f"train.fused_loss: on, but {unavailable}; set train.fused_loss=auto or off")
+        self.fused_loss = unavailable is None if fused_loss == "auto" else bool(fused_loss)
         base.release_adapter()
         self.base = base
         self.data = data
@@ -109,9 +121,14 @@ class SlotEngine:
 
     # --- the caller's side -------------------------------------------------------------------------
 
+    def as_trained(self, cfg: RecipeConfig) -> RecipeConfig:
+        """``cfg`` with the settings every run of a pass shares as this engine and its base have them."""
+        cfg = with_base_cache(with_checkpointing(cfg, self.base.checkpointing), self.base.base_cache)
+        return with_fused_loss(cfg, self.fused_loss)
+
     def submit(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> Future[RunResult]:
         """Queue a run; its future holds the :class:`RunResult` or the exception that ended it."""
-        job = Job(cfg, hooks or RunHooks())
+        job = Job(self.as_trained(cfg), hooks or RunHooks())
         with self.lock:
             if self.closed:
                 raise RuntimeError("the engine is closed")
@@ -124,6 +141,7 @@ class SlotEngine:
         and pruning decisions never stall the passes the other slots share. A hook that raises ends the run
         at its next step (a pruned trial may train one step more than it reports)."""
         hooks = hooks or RunHooks()
+        cfg = self.as_trained(cfg)
         hooks.on_start(cfg)
         job = Job(cfg, hooks, started=True, events=queue.SimpleQueue())
         with self.lock:
@@ -265,10 +283,7 @@ class SlotEngine:
             rows = self._row_slots(keys, labels.shape[0])
             self.ctx.rows = PassRows.of(keys, labels.shape[0] // len(keys), device)
             try:
-                logits = self.base.model(**to_device(batch, device)).logits
-                per_slot = torch.zeros(self.slots, device=device).index_add(
-                    0, rows, row_losses(logits, labels.to(device))) * scale
-                del logits
+                per_slot = self._slot_loss_sums(to_device(batch, device), labels.to(device), keys, rows) * scale
                 per_slot.sum().backward()
             finally:
                 self.ctx.rows = None
@@ -299,9 +314,7 @@ class SlotEngine:
                     labels = merged.pop("labels")
                     rows = self._row_slots(keys, labels.shape[0])
                     self.ctx.rows = PassRows.of(keys, labels.shape[0] // len(keys), device)
-                    logits = self.base.model(**to_device(merged, device)).logits
-                    totals.index_add_(0, rows, row_losses(logits, labels.to(device)))
-                    del logits
+                    totals += self._slot_loss_sums(to_device(merged, device), labels.to(device), keys, rows)
         finally:
             self.ctx.rows = None
             self.base.model.train()
@@ -311,6 +324,18 @@ class SlotEngine:
             run.eval_loss = losses[slot]
             if self._call(slot, "on_eval", run.step, run.eval_loss) and not math.isfinite(run.eval_loss):
                 self._finish(slot, error=LossNotFinite(f"eval loss is {run.eval_loss} at step {run.step}"))
+
+    def _slot_loss_sums(self, batch: dict[str, torch.Tensor], labels: torch.Tensor, keys: list[tuple[int, int]],
+                        rows: torch.Tensor) -> torch.Tensor:
+        """Each slot's summed loss over its rows of a merged pass (zero for slots not in it): from full logits
+        row by row, or fused with the head in one call per slot's rows (:mod:`objectives.loss`)."""
+        out = torch.zeros(self.slots, device=labels.device)
+        if self.fused_loss:
+            hidden, weight = hidden_and_head(self.base.model, batch)
+            slots = torch.tensor([slot for slot, _ in keys], device=labels.device)
+            return out.index_add(0, slots, group_loss_sums(hidden, weight, labels, len(keys)))
+        logits = self.base.model(**batch).logits
+        return out.index_add(0, rows, row_losses(logits, labels))
 
     def _row_slots(self, keys: list[tuple[int, int]], n_rows: int) -> torch.Tensor:
         per_slot = n_rows // len(keys)

@@ -29,6 +29,9 @@ Resident memory (alive for the whole trial)
       (two fp32 moments); SGD with momentum 4 bytes, without 0.
     * cuBLAS workspaces, which torch allocates through its caching allocator: one per thread that
       runs matrix products (the forward thread and the autograd thread), 32 MiB each on Hopper.
+    * With ``model.base_cache`` on, the 4-bit linear weights dequantized once into the compute dtype
+      (2 bytes per weight beside the 4-bit ones, :mod:`objectives.base_cache`); the per-call dequantized
+      weight among the backward temporaries is then gone.
 
 Activations: tensors saved for backward
     The embedding output and every later tensor are fp32 when the base is quantized and upcast, because
@@ -79,6 +82,13 @@ The loss
     every saved activation is still alive. (With a bf16 head the logits are bf16 plus an fp32 copy;
     the peak is the same.) The allocator's history on an H200 shows exactly these three
     ``(b*s, V)`` fp32 blocks at the peak.
+
+    With ``train.fused_loss`` on (liger-kernel's fused linear cross-entropy) no full logits exist: the
+    forward computes the logits of ``c`` tokens at a time (``c`` = the tokens divided by ``ceil(V / h)``,
+    rounded up to a power of two) in the hidden state's dtype, turns them into their gradient in place and
+    accumulates the gradient of the hidden state (``e*h`` per token, kept for backward) and an fp32 loss per
+    token. The loss's share of the peak is then ``t*(e*h + 5) + c*e*(V + h)``: read from liger-kernel's
+    code, not yet measured on a GPU.
 
 The peak
     The largest of three moments: the start of the backward pass (resident + activations + the
@@ -168,10 +178,12 @@ class MemoryEstimate:
     peak_at: str = ""
     """Which moment of the step is the peak: loss backward, layer backward, or optimizer step."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    base_cache: int = 0
+    """The compute-dtype copy of the 4-bit linear weights (``model.base_cache``)."""
 
     COMPONENTS: ClassVar[tuple[str, ...]] = (
-        "base_weights", "unquantized_weights", "adapter", "gradients", "optimizer", "workspace", "activations",
-        "logits", "transient", "runtime")
+        "base_weights", "base_cache", "unquantized_weights", "adapter", "gradients", "optimizer", "workspace",
+        "activations", "logits", "transient", "runtime")
 
     @property
     def allocated(self) -> int:
@@ -227,6 +239,11 @@ def quantized_weight_bytes(shape: ModelShape, s: TrialSettings) -> int:
         else:
             total += n * DTYPE_BYTES[s.compute_dtype]
     return total * shape.num_layers
+
+
+def base_cache_bytes(shape: ModelShape, s: TrialSettings) -> int:
+    """The compute-dtype copy of the 4-bit linear weights, when ``model.base_cache`` keeps one."""
+    return shape.linear_params * DTYPE_BYTES[s.compute_dtype] if s.base_cache else 0
 
 
 def unquantized_weight_bytes(shape: ModelShape, s: TrialSettings) -> int:
@@ -323,7 +340,8 @@ def _wrapped_suffixes(shape: ModelShape, s: TrialSettings, linear_names: Sequenc
 def activation_bytes(shape: ModelShape, s: TrialSettings, linear_names: Sequence[str] | None = None) -> int:
     """Bytes saved for backward by the whole forward pass without checkpointing, the loss's included."""
     layers, grad = _layers_saved_bytes(shape, s, _wrapped_suffixes(shape, s, linear_names))
-    return layers + _shared_bytes(shape, s) + _head_saved_bytes(shape, s, grad) + logprob_bytes(shape, s)
+    loss = s.tokens * shape.hidden_size * s.act_bytes if s.fused_loss else logprob_bytes(shape, s)
+    return layers + _shared_bytes(shape, s) + _head_saved_bytes(shape, s, grad) + loss
 
 
 def _layers_saved_bytes(shape: ModelShape, s: TrialSettings, wrapped: set[str]) -> tuple[int, bool]:
@@ -360,12 +378,30 @@ def layer_backward_scratch(shape: ModelShape, s: TrialSettings) -> int:
     t, e, inter, h = s.tokens, s.act_bytes, shape.intermediate_size, shape.hidden_size
     largest = max(i * o for i, o in shape.linear_shapes().values())
     dequant = largest * (2 if s.quant_type in ("nf4", "fp4") else 4 if s.quant_type == "int8" else 0)
+    if s.base_cache:
+        dequant = 0  # the product reads the kept copy
     return t * (3 * e * inter + 2 * inter + 2 * 4 * h) + dequant
 
 
 def loss_backward_bytes(shape: ModelShape, s: TrialSettings) -> int:
     """At the start of backward, beside the kept log-probabilities: their gradient and the logits' gradient."""
     return 2 * s.tokens * shape.vocab_size * 4
+
+
+def fused_loss_chunk(shape: ModelShape, tokens: int) -> int:
+    """Tokens whose logits liger-kernel's fused linear cross-entropy holds at once."""
+    factor = math.ceil(shape.vocab_size / shape.hidden_size)
+    return min(tokens, 1 << max(0, math.ceil(tokens / factor) - 1).bit_length())
+
+
+def loss_bytes(shape: ModelShape, s: TrialSettings) -> int:
+    """The loss's share of the peak at the start of backward: full fp32 logits, their log-probabilities and two
+    gradients; or with ``train.fused_loss`` the kept gradient of the hidden state, the per-token losses and
+    labels, and one chunk's logits with its product (the module docstring)."""
+    if not s.fused_loss:
+        return logprob_bytes(shape, s) + loss_backward_bytes(shape, s)
+    e, h, chunk = s.act_bytes, shape.hidden_size, fused_loss_chunk(shape, s.tokens)
+    return s.tokens * (e * h + 4 + 1) + chunk * e * (shape.vocab_size + h)
 
 
 # --- the estimate ---------------------------------------------------------------------------------
@@ -388,12 +424,13 @@ def estimate(config: Any, settings: TrialSettings, linear_names: Sequence[str] |
     n_adapter = sum(sizes)
     cuda = s.device == "cuda"
     workspace = (CUBLAS_THREADS * CUBLAS_WORKSPACE_BYTES if cuda else 0) + 3 * 8 * s.tokens
-    static = dict(base_weights=quantized_weight_bytes(shape, s), unquantized_weights=unquantized_weight_bytes(shape, s),
-                  adapter=4 * n_adapter, gradients=4 * n_adapter,
-                  optimizer=optimizer_state_bytes(s.optimizer, sizes, s.momentum), workspace=workspace)
+    static = dict(base_weights=quantized_weight_bytes(shape, s), base_cache=base_cache_bytes(shape, s),
+                  unquantized_weights=unquantized_weight_bytes(shape, s), adapter=4 * n_adapter,
+                  gradients=4 * n_adapter, optimizer=optimizer_state_bytes(s.optimizer, sizes, s.momentum),
+                  workspace=workspace)
     wrapped = _wrapped_suffixes(shape, s, linear_names)
     shared = _shared_bytes(shape, s)
-    loss = logprob_bytes(shape, s) + loss_backward_bytes(shape, s)
+    loss = loss_bytes(shape, s)
     scratch = max(layer_backward_scratch(shape, s), attention_backward_scratch(shape, s))
     if s.gradient_checkpointing:
         kept = checkpoint_bytes(shape, s) + shared

@@ -16,7 +16,7 @@ import torch
 from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig, TrainConfig
 from objectives.data import TokenizedSplits
-from objectives.decisions import Recipe, fits, resolve_checkpointing, with_checkpointing
+from objectives.decisions import Recipe, fits, resolve_trial, with_base_cache, with_checkpointing
 from objectives.training import TrainResult, train_adapter
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class RunHooks:
     """What a caller of :func:`run_recipe` sees of a run. Every method may raise to stop the run."""
 
     def on_start(self, cfg: RecipeConfig) -> None:
-        """The config the run will train, per-run decisions made (checkpointing ``auto``)."""
+        """The config the run will train, per-run decisions made (every ``auto`` of :func:`plan_run`)."""
 
     def on_forecast(self, predicted_peak_mb: float) -> None:
         """The memory model's forecast of the run's peak, before anything trains."""
@@ -79,9 +79,11 @@ class RunResult:
 
 
 def plan_run(cfg: Recipe, base: ResidentBase, memory_bytes: int) -> Recipe:
-    """The run's config with checkpointing ``auto`` decided for ``memory_bytes`` of the device: off when the
-    memory model predicts the run fits without it (no recomputed forward), on otherwise."""
-    return resolve_checkpointing(cfg, base.config, memory_bytes, base.linear_names)
+    """The run's config with every ``auto`` decided for ``memory_bytes`` of the base's device
+    (:func:`objectives.decisions.resolve_trial`): the fused loss where it can run, checkpointing off when the
+    memory model predicts the run fits without it (no recomputed forward), the base cache on when it predicts
+    the run still fits with it."""
+    return resolve_trial(cfg, base.config, memory_bytes, base.device.type, base.linear_names)
 
 
 def forecast(cfg: RecipeConfig, base: ResidentBase, memory_bytes: int, hooks: RunHooks) -> None:
@@ -107,11 +109,11 @@ def run_recipe(cfg: RecipeConfig, base: ResidentBase, data: TokenizedSplits, mem
                hooks: RunHooks | None = None) -> RunResult:
     """Train one adapter on the resident base and evaluate it.
 
-    ``memory_bytes`` is the run's share of the device, which decides checkpointing ``auto`` (:func:`plan_run`)
+    ``memory_bytes`` is the run's share of the device, which decides every ``auto`` (:func:`plan_run`)
     and, on a GPU, whether the run may start at all. Failure policy: an out-of-memory error frees memory and
-    retries, first with gradient checkpointing (when ``auto`` left it off), then with half the micro-batch
-    and twice the accumulation, up to ``train.oom_retries`` times; anything else propagates. Whatever
-    happens, the adapter's gradients are released.
+    retries, first without the base cache and with gradient checkpointing (where ``auto`` chose the copy or no
+    checkpointing), then with half the micro-batch and twice the accumulation, up to ``train.oom_retries``
+    times; anything else propagates. Whatever happens, the adapter's gradients are released.
 
     Raises:
         DoesNotFit: predicted not to fit (on a GPU), before anything trains.
@@ -121,10 +123,12 @@ def run_recipe(cfg: RecipeConfig, base: ResidentBase, data: TokenizedSplits, mem
     hooks = hooks or RunHooks()
     started = time.perf_counter()
     auto = cfg.model.gradient_checkpointing == "auto"
+    auto_cache = cfg.model.base_cache == "auto"
     cfg = plan_run(cfg, base, memory_bytes)
     hooks.on_start(cfg)
     forecast(cfg, base, memory_bytes, hooks)
     base.use_checkpointing(cfg.model.gradient_checkpointing)
+    base.use_base_cache(cfg.model.base_cache)
     for attempt in range(cfg.train.oom_retries + 1):
         try:
             with base.adapter(cfg.lora, cfg.train.seed) as model:
@@ -137,12 +141,23 @@ def run_recipe(cfg: RecipeConfig, base: ResidentBase, data: TokenizedSplits, mem
                 raise
         # Out of memory. Freed here, outside the except block, where no traceback pins the step's tensors.
         free_accelerator_memory(base.device)
-        if attempt < cfg.train.oom_retries and auto and not base.checkpointing:
-            # The forecast said it fits without checkpointing and it did not: first the same batch with it.
-            log.warning("out of memory without gradient checkpointing; retrying with it")
-            base.use_checkpointing(True)
-            cfg = with_checkpointing(cfg, True)
-            hooks.on_retry(cfg, attempt, {"gradient_checkpointing": True})
+        undo: dict[str, Any] = {}
+        if auto_cache and base.base_cache:
+            undo["base_cache"] = False
+        if auto and not base.checkpointing:
+            undo["gradient_checkpointing"] = True
+        if attempt < cfg.train.oom_retries and undo:
+            # The forecast said the same batch fits with the base cache and without checkpointing, and it did not:
+            # first that batch with the memory-saving choices, one retry for both.
+            log.warning("out of memory with the memory model's choices; retrying with %s",
+                        ", ".join(f"{k}={v}" for k, v in undo.items()))
+            if "base_cache" in undo:
+                base.use_base_cache(False)
+                cfg = with_base_cache(cfg, False)
+            if "gradient_checkpointing" in undo:
+                base.use_checkpointing(True)
+                cfg = with_checkpointing(cfg, True)
+            hooks.on_retry(cfg, attempt, undo)
             continue
         smaller = halve_micro_batch(cfg.train)
         if smaller is None or attempt == cfg.train.oom_retries:

@@ -125,6 +125,10 @@ class TrialSettings:
     """Whether batches may hold padding (then sdpa gets a mask). A batch of one never does."""
     device: str = "cuda"
     """cuda or cpu: the CPU saves dropout masks as fp32 and has no CUDA context or cuBLAS workspace."""
+    base_cache: bool = False
+    """model.base_cache: a compute-dtype copy of the 4-bit linear weights is kept."""
+    fused_loss: bool = False
+    """train.fused_loss: the loss comes from the hidden state in chunks, without full logits."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
@@ -148,7 +152,10 @@ class TrialSettings:
                    micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
                    # "auto" before a trial decides (objectives.decisions.resolve_checkpointing) counts as on
                    gradient_checkpointing=cfg.model.gradient_checkpointing is not False,
-                   upcast=cfg.model.upcast_unquantized, packed=cfg.train.packing, padded=padded, device=device)
+                   upcast=cfg.model.upcast_unquantized, packed=cfg.train.packing, padded=padded, device=device,
+                   # "auto" before a trial decides counts as off: the plain path's memory, the larger
+                   base_cache=cfg.model.base_cache is True and cfg.model.quant_type in ("nf4", "fp4"),
+                   fused_loss=cfg.train.fused_loss is True)
 
     @property
     def quantized(self) -> bool:

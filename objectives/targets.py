@@ -48,8 +48,12 @@ def resolve_targets(targets: Any, linear_names: list[str]) -> list[str]:
     wanted = target_names(targets)
     candidates = [n for role in PRESETS[wanted] for n in ROLE_NAMES[role]] if isinstance(wanted, str) else wanted
     found = [c for c in dict.fromkeys(candidates) if any(n == c or n.endswith("." + c) for n in linear_names)]
-    if not found:
+    # A preset lists every family's names, of which a model has some; a name the user typed must all exist.
+    missing = [] if isinstance(wanted, str) else [c for c in candidates if c not in found]
+    if not found or missing:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-        raise ConfigError(f"lora.targets: {targets!r} matches no linear module of this model; "
-                          f"its linear modules are: {', '.join(kinds)}")
+        what = (f"{', '.join(missing)} {'is not a linear module' if len(missing) == 1 else 'are not linear modules'}"
+                if missing else f"{targets!r} matches no linear module")
+        raise ConfigError(f"lora.targets: {what} of this model; its linear modules are: {', '.join(kinds)}; "
+                          f"presets: {', '.join(PRESETS)}")
     return found

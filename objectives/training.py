@@ -20,6 +20,7 @@ from objectives.data import (
     targets_in,
     train_micro_batches,
 )
+from objectives.loss import fused_loss_on, pass_loss
 
 
 class LossNotFinite(RuntimeError):
@@ -104,8 +105,9 @@ def evaluates_at(step: int, eval_every: int, max_steps: int) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: Any, passes: list[dict[str, torch.Tensor]], device: torch.device) -> float:
-    """Mean loss per response token over the held-out passes (token-weighted across passes)."""
+def evaluate(model: Any, passes: list[dict[str, torch.Tensor]], device: torch.device, fused: bool = False) -> float:
+    """Mean loss per response token over the held-out passes (token-weighted across passes); ``fused``: the
+    loss fused with the output head (:mod:`objectives.loss`)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
@@ -113,7 +115,8 @@ def evaluate(model: Any, passes: list[dict[str, torch.Tensor]], device: torch.de
         for batch in passes:
             n = targets_in(batch)
             if n:
-                total += model(**to_device(batch, device)).loss.float() * n
+                # The plain path keeps the model's own mean (as before); the fused one is told the count it has.
+                total += pass_loss(model, to_device(batch, device), n if fused else None, fused).float() * n
                 count += n
     finally:
         model.train(was_training)
@@ -135,7 +138,7 @@ def train_adapter(
     """Train the model's trainable parameters; ``on_eval`` may raise to stop (pruning).
 
     The loop reads from the device once per step (the loss and gradient norm, together), not once per
-    forward pass.
+    forward pass. ``train.fused_loss`` (``auto``: where it can run) computes the loss fused with the output head.
 
     Raises:
         LossNotFinite: the loss or the gradient norm became NaN or infinite (before that step's update), or an
@@ -147,6 +150,7 @@ def train_adapter(
     micro_batches = train_micro_batches(data.train, train.micro_batch_size, train.seed)
     held_out = eval_passes(data, train.micro_batch_size, train.packing, pad_id)
     max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
+    fused = fused_loss_on(train.fused_loss, device, model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -162,7 +166,7 @@ def train_adapter(
         targets = sum(targets_in(batch) for batch in passes)
         loss_sum = torch.zeros((), device=device)
         for batch in passes:
-            loss = model(**to_device(batch, device), num_items_in_batch=targets).loss
+            loss = pass_loss(model, to_device(batch, device), targets, fused)
             loss.backward()
             loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -183,7 +187,7 @@ def train_adapter(
                        "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
         if evaluates_at(step, train.eval_every, train.max_steps):
             start = time.perf_counter()
-            eval_loss = evaluate(model, held_out, device)
+            eval_loss = evaluate(model, held_out, device, fused)
             busy += time.perf_counter() - start
             on_eval(step, eval_loss)
             if not math.isfinite(eval_loss):

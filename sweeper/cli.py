@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -13,11 +14,16 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from objectives.config import ConfigError
-from sweeper import progress
+from sweeper import interrupts, progress
 from sweeper.config import SweepConfig
+from sweeper.preflight import check_launch
 from sweeper.tracking import redact
+
+if TYPE_CHECKING:
+    from sweeper.space import Param
 
 EXAMPLES = {
     "launch": "python -m sweeper launch study.n_trials=3 'lora.r=choice(4,8,16)' study/sampler=random",
@@ -51,7 +57,7 @@ def study_location(cfg: SweepConfig) -> str:
     parts = [f"study.name={cfg.study.name}"]
     if cfg.output_dir != "mlruns":
         parts.append(f"output_dir={cfg.output_dir}")
-    if cfg.study.storage or cfg.workers.count > 1:
+    if cfg.study.storage:
         parts.append(f"study.storage={shlex.quote(redact(cfg.storage_url))}")
     return " ".join(parts)
 
@@ -65,9 +71,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from sweeper import compose
 
     cfg, params = compose.load(args.overrides, args.config)
+    if cfg.launcher.name == "slurm":  # the cluster's own checks first: quicker than reaching the stores
+        from sweeper.slurm import check_submission
+
+        check_submission(cfg)
+    check_launch(cfg, params)
     print(f"study {cfg.study.name!r}: {len(params)} searched parameters, budget {cfg.study.n_trials} trials; "
           f"storage {redact(cfg.storage_url)}; MLflow {redact(cfg.tracking_uri)}")
-    from sweeper.launch import run_sweep, summary
+    if cfg.launcher.name == "slurm":
+        return launch_on_slurm(cfg, params)
+    from sweeper.launch import all_failed, run_sweep, summary
 
     if cfg.workers.count > 0:
         from sweeper.workers import launch_workers
@@ -76,8 +89,29 @@ def cmd_launch(args: argparse.Namespace) -> int:
     else:
         study = run_sweep(cfg, params, show_progress=not args.no_progress)
     print(summary(study))
+    failures = all_failed(study)
+    if failures is not None:
+        print(f"error: {failures}\nthe trials' logs: {sweeper_command()} report {study_location(cfg)}", file=sys.stderr)
+        return 1
     print(f"browse: {sweeper_command()} ui output_dir={cfg.output_dir}\n"
           f"export: {sweeper_command()} export {study_location(cfg)}")
+    return 0
+
+
+def launch_on_slurm(cfg: SweepConfig, params: Sequence[Param]) -> int:
+    """Submit the workers as one job array and return: the queue runs the sweep."""
+    from sweeper.slurm import submit_workers
+
+    job = submit_workers(cfg, params)
+    if job is None:
+        print(f"study {cfg.study.name!r} already has its {cfg.study.n_trials} finished trials; nothing submitted")
+        return 0
+    what = f"job array {job.job_id}: {job.workers} workers" if job.workers > 1 else f"job {job.job_id}: 1 worker"
+    print(f"submitted SLURM {what} for study {cfg.study.name!r} in "
+          f"{redact(cfg.storage_url)}\n"
+          f"watch it: squeue -j {job.job_id}   (logs: {job.folder}/{job.job_id}_<task>_0_log.out)\n"
+          f"its trials: {sweeper_command()} report {study_location(cfg)}\n"
+          f"stop it: scancel {job.job_id}   (a cancelled task's running trial is failed and retried)")
     return 0
 
 
@@ -86,6 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     # Started by `launch workers.count=N`, --config is the launch's composed config (see sweeper.workers).
     cfg, params = compose.load(args.overrides, args.config)
+    check_launch(cfg, params)
     from sweeper.launch import run_worker
 
     return run_worker(cfg, params, show_progress=not args.no_progress)
@@ -97,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sweeper import compose
 
     cfg, _ = compose.load(args.overrides, args.config)
+    check_launch(cfg, [])
     from sweeper.export import value_lines
     from sweeper.launch import SingleRun, run_single
 
@@ -143,26 +179,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from sweeper import compose
-    from sweeper.ui import start_ui, stop_ui, trials_view
+    from sweeper.interrupts import Interrupted
+    from sweeper.ui import StopSignals, check_port, print_last, start_ui, stop_ui, trials_view
 
     cfg, _ = compose.load(args.overrides, args.config)
     artifacts = cfg.output_path / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
-    # Written before the server starts, so the view is in the store once its URL is printed.
-    view = trials_view(cfg.tracking_uri, cfg.experiment_name)
-    proc, url = start_ui(cfg.tracking_uri, artifacts.as_uri(), host=args.host, port=args.port,
-                         log_path=cfg.output_path / "ui.log")
-    print(f"MLflow UI for {redact(cfg.tracking_uri)}: {url}   (Ctrl-C stops it)", flush=True)
-    if view is not None:
-        print(f"trials, best final eval loss first, with eval loss and trial state: {url}/{view}", flush=True)
+    if args.port is not None:
+        check_port(args.host, args.port)  # before the store is opened: a busy port fails at once
+    log = cfg.output_path / "ui.log"
     try:
-        while proc.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_ui(proc)
-    return 0
+        with StopSignals() as signals:
+            # Written before the server starts, so the view is in the store once its URL is printed.
+            view = trials_view(cfg.tracking_uri, cfg.experiment_name)
+            # From the server's start to its stop, a signal is only noted, and looked for where the server can be
+            # stopped: it can then not come between starting the server and holding its handle.
+            with signals.held():
+                proc, url = start_ui(cfg.tracking_uri, artifacts.as_uri(), host=args.host, port=args.port,
+                                     log_path=log, signals=signals)
+                try:
+                    print(f"MLflow UI for {redact(cfg.tracking_uri)}: {url}   (Ctrl-C stops it)", flush=True)
+                    if view is not None:
+                        print(f"trials, best final eval loss first, with eval loss and trial state: {url}/{view}",
+                              flush=True)
+                    while (code := proc.poll()) is None:
+                        signals.check()
+                        time.sleep(0.2)
+                finally:
+                    stop_ui(proc)
+    except Interrupted as stop:
+        print_last(f"{stop}: stopped the MLflow UI server and all its processes")
+        return stop.exit_code
+    print(f"error: the MLflow UI server exited by itself with code {code}; its log: {log}", file=sys.stderr)
+    return 1
 
 
 def cmd_space(args: argparse.Namespace) -> int:
@@ -202,6 +251,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(plan(cfg, params, memory))
     return 0
 
+
+TRAINING_VERBS = ("launch", "worker", "train")
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "launch": (cmd_launch, "Create or resume the study and run trials until the budget is reached."),
@@ -286,7 +337,15 @@ def quiet_third_party() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Options and overrides in any order (`launch model=x --no-progress study.n_trials=1`): argparse ends the
+    # overrides at the first option and returns the later ones as unrecognized. parse_intermixed_args would
+    # join them, but refuses a parser with subcommands.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *rest]
     level = os.environ.get("LOGLEVEL", "INFO")
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "transformers"):
@@ -295,11 +354,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress.VERBOSE = verbose  # the workers a launch starts get -v on their command line
     if not verbose:
         quiet_third_party()
+    # Commands that train stop their trials cleanly on SIGINT and SIGTERM (ui stops its server its own way).
+    handled = interrupts.handled() if args.verb in TRAINING_VERBS else contextlib.nullcontext()
     try:
-        return int(args.func(args))
+        with handled:
+            return int(args.func(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except interrupts.Interrupted as e:
+        print(f"interrupted by {e}: running trials are recorded as failed ({interrupts.REASON}) and their MLflow "
+              "runs as KILLED; the same command resumes the study", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

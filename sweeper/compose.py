@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,10 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from objectives.config import ConfigError, LoraConfig, OptimizerConfig, TrainConfig
+from objectives.config import ConfigError, LoraConfig, OptimizerConfig, TrainConfig, close_matches
 from sweeper.config import CONF_DIR, SweepConfig, schema_message, to_schema
 from sweeper.overrides import fix_params, merge_sweeps, split_fixed, split_overrides
+from sweeper.redaction import redact_text
 from sweeper.samplers import make_pruner, make_sampler
 from sweeper.space import Param, check_paths, exclusive, order_params, parse_entries, unknown_path_hint
 from sweeper.values import apply_values, corner_values
@@ -27,7 +29,8 @@ SEARCHABLE_PATHS = tuple(
 
 
 def hydra_message(text: str) -> str:
-    """Hydra's error in one line, with the options of a config group when it lists them."""
+    """Hydra's error in one line, with the options of a config group when it lists them (naming the closest to
+    an option it could not find), and no secret the overrides held."""
     lines = [line.strip() for line in text.strip().splitlines()]
     if not lines:
         return ""
@@ -39,8 +42,18 @@ def hydra_message(text: str) -> str:
             if not line or line.startswith("Config search path"):
                 break
             options.append(line)
-        message += f"; {lines[heading].rstrip(':').lower()}: {', '.join(options)}"
-    return message
+        in_group = re.search(r"'([^']+)'", lines[heading])
+        group = in_group[1] if in_group else ""
+        # The option may hold '/' (a mistyped URL), so it is what follows the group.
+        missing = re.search(rf"Could not find '{re.escape(group)}/([^']*)'", message) if group else None
+        hint = ""
+        if missing:
+            option = missing[1]
+            message = f"{group}={option}: could not find '{group}/{option}'"
+            near = " or ".join(f"{group}={o}" for o in close_matches(option, options))
+            hint = f"did you mean {near}? " if near else ""
+        message += f"; {hint}{lines[heading].rstrip(':').lower()}: {', '.join(options)}"
+    return redact_text(message)
 
 
 def force_values(overrides: Sequence[str], is_group: Callable[[str], bool]) -> list[str]:
@@ -62,6 +75,7 @@ def force_values(overrides: Sequence[str], is_group: Callable[[str], bool]) -> l
 
 def hydra_compose(overrides: Sequence[str], config_file: str | Path | None = None) -> dict[str, Any]:
     """Compose ``conf/config.yaml`` (or a given file, e.g. an exported one) with Hydra overrides."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -72,6 +86,9 @@ def hydra_compose(overrides: Sequence[str], config_file: str | Path | None = Non
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
             cfg = compose(config_name=path.stem,
                           overrides=force_values(overrides, lambda key: (path.parent / key).is_dir()))
+    except yaml.YAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     except HydraException as e:
         msg = hydra_message(str(e) or str(e.__cause__))
         raise ConfigError(msg or type(e).__name__) from None

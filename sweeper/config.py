@@ -17,7 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from objectives.config import ConfigError, RecipeConfig, check_choice, check_positive
+from objectives.config import ConfigError, RecipeConfig, check_choice, check_positive, close_matches
+from sweeper.redaction import redact_text
 from sweeper.samplers import (
     MedianPrunerConfig,
     PrunerConfig,
@@ -57,6 +58,13 @@ class StudyConfig:
             check_choice("study.directions", d, ("minimize", "maximize"))
         for o in self.objectives:
             check_choice("study.objectives", o, OBJECTIVES)
+        for kind in ("sampler", "pruner"):
+            options = getattr(self, kind)
+            for f in dataclasses.fields(options):
+                value = getattr(options, f.name)
+                # Counts, steps and seeds: Optuna takes none of them below zero, some only when a trial reports.
+                if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                    raise ConfigError(f"study.{kind}.{f.name}: must be >= 0, got {value}")
         if len(self.directions) != len(self.objectives):
             raise ConfigError(
                 f"study.directions: {len(self.directions)} given for {len(self.objectives)} objectives"
@@ -115,6 +123,58 @@ class WorkersConfig:
         return device_bytes // self.per_gpu if self.count > 0 else device_bytes
 
 
+LAUNCHERS = ("local", "slurm")
+
+
+@dataclass
+class LauncherConfig:
+    """Where ``launch`` runs the workers: on this machine, or as one SLURM job array (conf/launcher/)."""
+
+    name: str = "local"
+    """local: in this process, or workers.count processes on this machine; slurm: workers.count array tasks,
+    submitted through submitit, each running ``python -m sweeper worker``; ``launch`` returns once they are queued."""
+    partition: str | None = None
+    """SLURM partition; None: the cluster's default."""
+    account: str | None = None
+    """SLURM account to charge; None: the user's default."""
+    qos: str | None = None
+    """SLURM quality of service; None: the partition's default."""
+    time_min: int = 240
+    """Time limit of each array task, in minutes. Longer limits wait longer in most queues; a task that reaches
+    its limit is requeued (at most 3 times) and its running trial retried."""
+    gpus_per_worker: int = 1
+    """GPUs per array task: 1, or 0 for CPU nodes. A worker trains on one device; more trials on a GPU come from
+    ``workers.slots``, more GPUs from more workers."""
+    cpus_per_worker: int = 8
+    """CPU cores per array task; the worker's intra-op threads. Tokenizing and the host's side of each step need
+    a few; more only wait in the queue."""
+    mem_gb: float = 32.0
+    """Host memory per array task, in GB: the base is read whole before it is quantized onto the GPU."""
+    array_parallelism: int | None = None
+    """Array tasks running at once; None: every worker at once."""
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    """More sbatch options, as Hydra's submitit launcher takes them: ``{constraint: a100, exclude: node7}``
+    becomes ``--constraint=a100 --exclude=node7``."""
+    folder: str | None = None
+    """submitit's folder (job scripts, logs, the workers' 0600 config files); None: ``<output_dir>/slurm``.
+    Every node must see it, as it must see ``output_dir``."""
+
+    def __post_init__(self) -> None:
+        check_choice("launcher.name", self.name, LAUNCHERS)
+        check_positive("launcher.time_min", self.time_min)
+        if self.gpus_per_worker not in (0, 1):
+            raise ConfigError(f"launcher.gpus_per_worker: a worker trains on one device, so 0 or 1, got "
+                              f"{self.gpus_per_worker}; more GPUs come from more workers (workers.count)")
+        check_positive("launcher.cpus_per_worker", self.cpus_per_worker)
+        check_positive("launcher.mem_gb", self.mem_gb)
+        if self.array_parallelism is not None:
+            check_positive("launcher.array_parallelism", self.array_parallelism)
+        for key, value in self.additional_parameters.items():
+            if isinstance(value, (dict, list)):
+                raise ConfigError(f"launcher.additional_parameters.{key}: an sbatch option takes one value, "
+                                  f"got {value!r}")
+
+
 @dataclass
 class TrackingConfig:
     """Where runs are logged."""
@@ -145,11 +205,12 @@ class Provenance:
 
 @dataclass
 class SweepConfig(RecipeConfig):
-    """The recipe's config plus what a sweep adds: the study, tracking and workers."""
+    """The recipe's config plus what a sweep adds: the study, tracking, workers and where they run."""
 
     study: StudyConfig = field(default_factory=StudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     search_space: dict[str, Any] = field(default_factory=dict)
     """Parameters to sample: config path -> grammar string or mapping (see conf/search_space/)."""
     output_dir: str = "mlruns"
@@ -164,9 +225,12 @@ class SweepConfig(RecipeConfig):
     def storage_url(self) -> str:
         if self.study.storage:
             return self.study.storage
-        if self.workers.count > 1:  # SQLite is for one process; a journal file serves several on one machine
-            return f"journal:{self.output_path / 'optuna.journal'}"
-        return f"sqlite:///{self.output_path / 'optuna.db'}"
+        journal, sqlite = self.output_path / "optuna.journal", self.output_path / "optuna.db"
+        # SQLite is for one process; a journal file serves several on one machine. A later command (export,
+        # report, a resume without the worker count) finds the one the launch made.
+        if self.workers.count > 1 or (journal.is_file() and not sqlite.is_file()):
+            return f"journal:{journal}"
+        return f"sqlite:///{sqlite}"
 
     @property
     def tracking_uri(self) -> str:
@@ -205,17 +269,20 @@ def to_schema(cfg: DictConfig | dict[str, Any]) -> SweepConfig:
 
 
 def schema_message(e: OmegaConfBaseException) -> str:
-    """OmegaConf's error in one line after the field's dotted name; an unknown key lists its section's fields."""
+    """OmegaConf's error in one line after the field's dotted name; an unknown key names the closest fields of
+    its section and lists them all. Secrets in a quoted value are hidden."""
     key = getattr(e, "full_key", None) or ""
     object_type = getattr(e, "object_type", None)
     if isinstance(e, ConfigKeyError) and isinstance(object_type, type) and dataclasses.is_dataclass(object_type):
-        section = key.rpartition(".")[0] or "the config"
-        names = ", ".join(f.name for f in dataclasses.fields(object_type))
-        return f"{key}: not a field of {section}; it has: {names}"
+        parent, _, leaf = key.rpartition(".")
+        names = [f.name for f in dataclasses.fields(object_type)]
+        near = " or ".join(f"{parent}.{n}" if parent else n for n in close_matches(leaf, names))
+        hint = f"did you mean {near}? " if near else ""
+        return f"{key}: not a field of {parent or 'the config'}; {hint}it has: {', '.join(names)}"
     if isinstance(e, MissingMandatoryValue):
         return f"{key}: needs a value here, e.g. {key}=..."
     text = str(getattr(e, "msg", e)).strip()
-    return f"{key}: {text.splitlines()[0] if text else type(e).__name__}".strip(": ")
+    return redact_text(f"{key}: {text.splitlines()[0] if text else type(e).__name__}".strip(": "))
 
 
 def to_container(cfg: RecipeConfig) -> dict[str, Any]:

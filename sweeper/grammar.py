@@ -8,6 +8,7 @@ log, choices}``. Pure: no model, no study, no I/O.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from optuna.distributions import (
 )
 
 from objectives.config import ConfigError
+from sweeper.redaction import redact_text
 
 MAPPING_KEYS = ("path", "type", "low", "high", "step", "log", "choices", "when")
 TYPES = ("float", "int", "categorical")
@@ -50,6 +52,8 @@ def _check_bounds(name: str, low: float, high: float, log: bool, step: float | N
     if log:
         raise entry_error(name, "log scale and step cannot be combined")
     n = (high - low) / step
+    if n < 1:
+        raise entry_error(name, f"step {step} is wider than the range [{low}, {high}]")
     if abs(n - round(n)) > 1e-8 * max(1.0, abs(n)):
         below, above = low + math.floor(n) * step, low + math.ceil(n) * step
         raise entry_error(name, f"step {step} does not divide the range [{low}, {high}]; "
@@ -57,6 +61,8 @@ def _check_bounds(name: str, low: float, high: float, log: bool, step: float | N
 
 
 def _categorical(name: str, choices: Sequence[Any]) -> CategoricalDistribution:
+    if not isinstance(choices, (list, tuple)):  # a string would be split into its characters
+        raise entry_error(name, f"choices must be a list of values, got {choices!r}")
     choices = list(choices)
     if not choices:
         raise entry_error(name, "choices are empty; give at least one value")
@@ -75,6 +81,8 @@ def _numeric(name: str, kind: str, low: Any, high: Any, log: bool, step: Any) ->
     for label, v in (("low", low), ("high", high), ("step", step)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise entry_error(name, f"{label} must be a number, got {v!r}")
+        if v is not None and not math.isfinite(v):
+            raise entry_error(name, f"{label} must be a finite number, got {v!r}")
     if low is None or high is None:
         raise entry_error(name, f"{kind} needs low and high")
     # Optuna's int distributions take log with the default step 1; only a coarser step clashes.
@@ -86,6 +94,26 @@ def _numeric(name: str, kind: str, low: Any, high: Any, log: bool, step: Any) ->
             raise entry_error(name, f"int bounds and step must be whole numbers, got {low}, {high}, {step}")
         return IntDistribution(int(low), int(high), log=log, step=1 if step is None else int(step))
     return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
+
+
+def range_end(start: Any, stop: Any, step: Any) -> Any:
+    """The highest value ``range(start, stop, step=step)`` samples in the plugin: ``stop`` when the steps reach
+    it (the plugin's ranges include it), else the last step below it (where Optuna trims ``high`` to).
+
+    Anything that is not an increasing range of finite numbers comes back as ``stop``, for the bound checks
+    to name.
+    """
+    values = (start, stop, step)
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        return stop
+    if step <= 0 or stop <= start:
+        return stop
+    if all(isinstance(v, int) for v in values):
+        n = (stop - start) // step
+        return start + n * step if n else stop
+    # The tolerance keeps range(0.0, 0.3, step=0.1) ending at 0.3, not at 0.2.
+    n = math.floor((stop - start) / step + 1e-9)
+    return round(start + n * step, 12) if n else stop
 
 
 def distribution_from_override(name: str, override: Override) -> BaseDistribution:
@@ -103,7 +131,7 @@ def distribution_from_override(name: str, override: Override) -> BaseDistributio
             return _categorical(name, list(override.sweep_iterator()))
         start, stop, step = value.start, value.stop, value.step
         kind = "float" if any(isinstance(v, float) for v in (start, stop, step)) else "int"
-        return _numeric(name, kind, start, stop, False, step)
+        return _numeric(name, kind, start, range_end(start, stop, step), False, step)
     if isinstance(value, IntervalSweep):
         start, end = value.start, value.end
         kind = "int" if isinstance(start, int) and isinstance(end, int) else "float"
@@ -129,11 +157,36 @@ def parse_override(text: str, context: str | None = None) -> Override:
     try:
         return _PARSER.parse_override(text)
     except HydraException as e:
-        key, _, value = text.partition("=")
-        where = context or f"search_space.{key}"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{where}: cannot parse {value!r}: {first_line}; "
-                          f"sweeps are written {GRAMMAR}") from None
+        error = str(e).strip()
+        reason = error.splitlines()[0] if error else type(e).__name__
+    quoted = quoted_url(text)
+    if quoted is not None:
+        try:
+            return _PARSER.parse_override(quoted)
+        except HydraException:
+            pass
+    key, _, value = text.partition("=")
+    where = context or f"search_space.{key}"
+    # The override may hold a password, and Hydra's reason quotes pieces of it.
+    raise ConfigError(redact_text(f"{where}: cannot parse {value!r}: {reason}; sweeps are written {GRAMMAR}",
+                                  source=text)) from None
+
+
+URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+
+
+def quoted_url(text: str) -> str | None:
+    """``key=URL`` with the URL quoted, which Hydra's grammar reads as one string even where it could not read it
+    bare (an ``=`` or a quote in a password or query: ``postgresql://u:Pa=ss@host/db``); None for other values.
+    """
+    key, sep, value = text.partition("=")
+    quote = next((q for q in ("'", '"') if q not in value), None)
+    if not sep or quote is None or not URL.fullmatch(value):
+        return None
+    body = value.rstrip("\\")
+    # Backslashes are literal in a quoted string, except before its closing quote, where they come in pairs.
+    tail = "\\" * 2 * (len(value) - len(body))
+    return f"{key}={quote}{body}{tail}{quote}"
 
 
 def distribution_from_grammar(name: str, text: str) -> BaseDistribution:

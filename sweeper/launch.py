@@ -6,7 +6,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ from sweeper.records import TrialRecord, record
 from sweeper.report import trial_line
 from sweeper.slots import SlotPlan, plan_slots
 from sweeper.space import Param
-from sweeper.study import FINISHED, DeadTrialHandler, finished_trials, open_study
+from sweeper.study import FINISHED, DeadTrialHandler, check_store_exists, finished_trials, open_study
 from sweeper.tracking import finish_parent, make_tracker, parent_run, redact, update_parent
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,10 @@ class Resources:
         from objectives.engine import SlotEngine
 
         self.base.use_checkpointing(plan.checkpointing)
+        self.base.use_base_cache(plan.base_cache)
         return SlotEngine(self.base, self.data, slots or plan.slots, plan.r_max,
-                          eval_batch_size=cfg.train.micro_batch_size, packing=cfg.train.packing)
+                          eval_batch_size=cfg.train.micro_batch_size, packing=cfg.train.packing,
+                          fused_loss=cfg.train.fused_loss)
 
 
 def engine_runner(engine: Any, base: Any) -> Runner | None:
@@ -92,11 +96,12 @@ class GuardedObjective:
         self.objective = objective
         self.guard = guard
         self.worker = worker
+        self.job = slurm_job()
         self.device = device
         self.memory_mb = memory_in_use_mb(device)
 
     def __call__(self, trial: optuna.Trial) -> Any:
-        record(trial, worker=self.worker)
+        record(trial, worker=self.worker, **({"slurm_job": self.job} if self.job else {}))
         if not self.guard.wait_turn(trial.study, trial.number):
             record(trial, surplus=True, state_reason="budget reached before this trial started")
             trial.study.stop()
@@ -108,8 +113,25 @@ class GuardedObjective:
             record(trial, worker_memory_mb=self.memory_mb)
 
 
+@contextmanager
+def stores_lock(cfg: SweepConfig) -> Iterator[None]:
+    """One process at a time creates or opens the stores in an output folder: two launches into a new folder
+    would both create MLflow's tables, and one would die in the other's schema migration."""
+    from filelock import FileLock
+
+    cfg.output_path.mkdir(parents=True, exist_ok=True)
+    with FileLock(cfg.output_path / ".stores.lock"):
+        yield
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def slurm_job() -> str | None:
+    """The SLURM job running this process, as ``squeue`` and ``scancel`` name it; None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def memory_in_use_mb(device: Any) -> float:
@@ -145,8 +167,11 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
                 join: bool) -> tuple[optuna.Study, bool]:
     from sweeper.objective import QLoRAObjective
 
-    tracker = make_tracker(cfg)
-    study = open_study(cfg, params, create=not join, tracking_uri=cfg.tracking_uri)
+    if join:
+        check_store_exists(cfg.storage_url)  # before the MLflow store is made beside a study that is not there
+    with stores_lock(cfg):
+        tracker = make_tracker(cfg)
+        study = open_study(cfg, params, create=not join, tracking_uri=cfg.tracking_uri)
     handler = DeadTrialHandler(cfg.workers.max_retry, cfg.tracking_uri)
     fail_dead_trials(study, handler)
     done = finished_trials(study)
@@ -260,7 +285,8 @@ def run_single(cfg: SweepConfig, show_progress: bool = True, run: SingleRun | No
 
     run = run if run is not None else SingleRun()
     run.identify(cfg)
-    tracker = make_tracker(cfg)
+    with stores_lock(cfg):
+        tracker = make_tracker(cfg)
     run.experiment_id = tracker.experiment_id
     resources = Resources.load(cfg)
     # Where a sweep on this device trains in slots, the reproduction does too (one slot): the same arithmetic.
@@ -297,6 +323,18 @@ def summary(study: optuna.Study) -> str:
     for t in best:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         lines.append(f"{label}: #{t.number} value={_fmt(t.values if len(t.values) > 1 else t.value)} {params}")
+    return "\n".join(lines)
+
+
+def all_failed(study: optuna.Study) -> str | None:
+    """When no trial of the study finished and some failed: why, most common reason first; else None."""
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if not failed or any(t.state in FINISHED for t in trials):
+        return None
+    reasons = Counter((TrialRecord.of(t).state_reason or "no reason recorded").splitlines()[0][:300] for t in failed)
+    lines = [f"every trial failed ({len(failed)}); the reasons:"]
+    lines += [f"  {n} x {reason}" for reason, n in reasons.most_common(5)]
     return "\n".join(lines)
 
 

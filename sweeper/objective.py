@@ -18,6 +18,7 @@ from objectives.data import TokenizedSplits
 from objectives.decisions import device_memory_bytes
 from objectives.objective import DoesNotFit, RunHooks, RunResult, run_recipe
 from objectives.training import LossNotFinite, TrainResult, evaluates_at
+from sweeper import interrupts
 from sweeper.config import SweepConfig, to_container, to_schema
 from sweeper.export import adapter_keeper
 from sweeper.progress import progress_bar
@@ -76,6 +77,9 @@ class TrialHooks(RunHooks):
         if self.objective.run_name is None:
             name = f"trial-{self.trial.number}"
             tags = {"trial_number": str(self.trial.number), "study": self.objective.cfg.study.name}
+            job = TrialRecord.of(self.trial).slurm_job
+            if job:  # the parent run's children then show which array task ran each trial
+                tags["slurm_job"] = job
         else:
             name, tags = self.objective.run_name, dict(self.objective.run_tags)
         self.run_id = tracker.start_run(
@@ -91,6 +95,7 @@ class TrialHooks(RunHooks):
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step
+        interrupts.check()  # after the step: a stop asked for meanwhile ends the trial here
         self.bar.update(1)
         # An evaluation follows some steps and takes as long as several of them (11 s on a CPU): say so.
         evaluating = self.evaluates_after(step)
@@ -101,6 +106,7 @@ class TrialHooks(RunHooks):
 
     def on_eval(self, step: int, loss: float) -> None:
         self.step = step
+        interrupts.check()
         self.bar.set_postfix_str(f"eval_loss={loss:.4f}", refresh=True)
         if self.tracker is not None and self.run_id is not None:
             self.tracker.log_metrics(self.run_id, step, {"eval_loss": loss})
@@ -156,6 +162,8 @@ class TrialHooks(RunHooks):
         where = f"at step {self.step} of {self.objective.cfg.train.max_steps}" if self.step else "before training"
         if state == "pruned":
             return f"**Pruned** {where} (stopped early on purpose, not a failure): {reason}"
+        if state == interrupts.REASON:
+            return f"**Interrupted** {where} (SIGINT or SIGTERM); launching the study again runs the rest of its budget"
         return f"**Failed** {where}: {reason}"
 
 
@@ -203,7 +211,8 @@ class QLoRAObjective:
         state, reason = "failed", ""
         try:
             try:
-                run = self.runner(cfg, hooks)
+                with interrupts.trial_running():
+                    run = self.runner(cfg, hooks)
             except (LossNotFinite, DoesNotFit) as e:
                 raise optuna.TrialPruned(f"non-finite loss: {e}" if isinstance(e, LossNotFinite) else str(e)) from e
             values = objective_values(cfg.study.objectives, run.train, run.seconds)
@@ -211,6 +220,9 @@ class QLoRAObjective:
             return values[0] if len(values) == 1 else values
         except optuna.TrialPruned as e:
             state, reason = "pruned", str(e)
+            raise
+        except interrupts.Interrupted:
+            state = reason = interrupts.REASON
             raise
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"[:1000]

@@ -16,7 +16,8 @@ def split_overrides(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     """Command-line overrides -> (sweep entries by name, plain overrides for Hydra's compose).
 
     As in Hydra, ``key=a,b`` is a choice sweep; quote a comma-separated value to keep it one
-    value: ``"lora.targets='q_proj,v_proj'"``.
+    value: ``"lora.targets='q_proj,v_proj'"``. A URL that Hydra's grammar cannot read bare
+    (``study.storage=postgresql://u:Pa=ss@host/db``) is quoted for it.
     """
     sweeps: dict[str, str] = {}
     plain: list[str] = []
@@ -25,7 +26,8 @@ def split_overrides(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
         if override.is_sweep_override():
             sweeps[override.key_or_group] = arg.split("=", 1)[1]
         else:
-            plain.append(arg)
+            # As parsed: a URL Hydra reads only quoted (a password with '=') comes back quoted.
+            plain.append(override.input_line or arg)
     return sweeps, plain
 
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from objectives.config import ConfigError
 from objectives.decisions import device_memory_bytes as total_device_memory
-from objectives.decisions import resolve_checkpointing, slots_memory_bytes
+from objectives.decisions import resolve_trial, slots_memory_bytes
+from objectives.loss import fused_loss_unavailable
 from objectives.memory import MemoryEstimate, estimate_worst
 from objectives.shape import ModelShape, TrialSettings, gib
 from objectives.sources import load_model_config
@@ -47,16 +48,18 @@ class Corner:
     estimate: MemoryEstimate
     seconds: float
     checkpointing: bool
+    base_cache: bool = False
 
 
 def _trial_config(base: Mapping[str, Any], params: Sequence[Param], values: Mapping[str, Any], model_config: Any,
-                  memory_bytes: int | None) -> SweepConfig:
-    """A corner's config; with ``memory_bytes``, checkpointing ``auto`` decided as a trial would decide it."""
+                  memory_bytes: int | None, device_kind: str = "cuda") -> SweepConfig:
+    """A corner's config; with ``memory_bytes``, every ``auto`` (checkpointing, base cache, fused loss) decided as
+    a trial on ``device_kind`` would decide it."""
     from sweeper.values import apply_values
 
     by_name = {p.name: p for p in params}
     cfg = to_schema(apply_values(base, {by_name[n].path: v for n, v in values.items()}))
-    return cfg if memory_bytes is None else resolve_checkpointing(cfg, model_config, memory_bytes)
+    return cfg if memory_bytes is None else resolve_trial(cfg, model_config, memory_bytes, device_kind)
 
 
 def _cost(model_config: Any, cfg: SweepConfig, device: Device) -> tuple[int, float]:
@@ -82,7 +85,7 @@ def corner_choices(cfg: SweepConfig, params: Sequence[Param], model_config: Any,
     for p in relevant:
         by_cost: dict[tuple[int, float], Any] = {}
         for value in corner_values(p):
-            trial = _trial_config(base, params, {p.name: value}, model_config, memory_bytes)
+            trial = _trial_config(base, params, {p.name: value}, model_config, memory_bytes, device.kind)
             total, seconds = _cost(model_config, trial, device)
             by_cost.setdefault((total, round(seconds, 3)), value)
         if len(by_cost) > 1:
@@ -117,12 +120,12 @@ def corners(cfg: SweepConfig, params: Sequence[Param], model_config: Any, device
     out = []
     for combo in combinations(params, choices):
         try:
-            trial = _trial_config(base, params, combo, model_config, memory_bytes)
+            trial = _trial_config(base, params, combo, model_config, memory_bytes, device.kind)
         except ConfigError:
             continue  # e.g. nesterov with momentum 0: Optuna would never run it either
         est = estimate_worst(model_config, TrialSettings.from_config(trial))
         out.append(Corner(tuple(combo.items()), est, trial_seconds(model_config, trial, device),
-                          trial.model.gradient_checkpointing is not False))
+                          trial.model.gradient_checkpointing is not False, trial.model.base_cache is True))
     return list(choices), out
 
 
@@ -184,11 +187,21 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     auto = m.gradient_checkpointing == "auto"
     checkpointing = ("auto (per trial: on only where the trial would not fit without it)" if auto
                      else "on" if m.gradient_checkpointing else "off")
+    four_bit = m.quant_type in ("nf4", "fp4")
+    cache_auto = m.base_cache == "auto" and four_bit
+    base_cache = ("auto (per trial: a compute-dtype copy of the 4-bit weights where the trial still fits with it)"
+                  if cache_auto else "on" if m.base_cache is True else "off")
+    unfused = fused_loss_unavailable(device.kind, model_config)
+    fused = ("fused with the head (liger-kernel)" if unfused is None and cfg.train.fused_loss is not False
+             else "full logits" + (" (train.fused_loss=off)" if cfg.train.fused_loss is False
+                                   else f" (fused loss: {unfused})"))
     lines = [f"plan for study {cfg.study.name!r} ({cfg.study.n_trials} trials); nothing is trained",
              f"model: {_describe_model(cfg, model_config)}",
-             f"base: {m.quant_type}{' (double quant)' if m.double_quant and m.quant_type in ('nf4', 'fp4') else ''}, "
+             f"base: {m.quant_type}{' (double quant)' if m.double_quant and four_bit else ''}, "
              f"compute {m.compute_dtype}, gradient checkpointing {checkpointing}; "
              f"sequence length up to data.max_length={cfg.data.max_length}",
+             f"step: {'fp32' if four_bit and m.upcast_unquantized else m.compute_dtype} activations; "
+             f"base cache {base_cache}; loss from {fused}",
              f"search space: {len(params)} parameters, "
              f"{'continuous' if math.isinf(size) else f'{int(size)} configurations'}"]
     for p in params:
@@ -199,9 +212,15 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     slots = plan_slots(cfg, params, device.kind, model_config, budget)
     lines.append(f"trials per pass (workers.slots={cfg.workers.slots}): {slots.slots} ({slots.reason})"
                  + (f"; each slot rank {slots.r_max} on every linear layer, checkpointing "
-                    f"{'on' if slots.checkpointing else 'off'}, predicted peak "
-                    f"{gib(slots_memory_bytes(cfg, model_config, slots.slots, slots.r_max, slots.checkpointing))}"
+                    f"{'on' if slots.checkpointing else 'off'}, base cache {'on' if slots.base_cache else 'off'}, "
+                    "predicted peak "
+                    + gib(slots_memory_bytes(cfg, model_config, slots.slots, slots.r_max, slots.checkpointing,
+                                             base_cache=slots.base_cache))
                     if slots.slots > 1 else ""))
+    if cfg.launcher.name == "slurm":
+        from sweeper.slurm import request_lines
+
+        lines += request_lines(cfg, memory, slots.slots)
     names, rows = corners(cfg, params, model_config, device, memory_bytes=budget)
     if not rows:
         lines.append("no corner makes a valid config")
@@ -214,8 +233,10 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         fit = "-" if memory is None else ("yes" if c.estimate.total <= memory else "NO")
         table_rows.append([str(i), *(str(values.get(n, "")) for n in names), f"{c.estimate.adapter_params:,}",
                            *(["on" if c.checkpointing else "off"] if auto else []),
+                           *(["on" if c.base_cache else "off"] if cache_auto else []),
                            gib(c.estimate.total), _duration(c.seconds), fit])
-    lines += _table(["#", *names, "adapter", *(["ckpt"] if auto else []), "peak", "time/trial", "fits"], table_rows)
+    lines += _table(["#", *names, "adapter", *(["ckpt"] if auto else []), *(["cache"] if cache_auto else []),
+                     "peak", "time/trial", "fits"], table_rows)
     worst = max(range(len(rows)), key=lambda i: rows[i].estimate.total)
     lines.append(f"largest corner (#{worst + 1}), by component:")
     lines.append(rows[worst].estimate.format())

@@ -32,6 +32,8 @@ class TrialRecord:
     """Wall time inside training and evaluation steps."""
     worker: str | None = None
     """``host:pid`` of the process that ran it."""
+    slurm_job: str | None = None
+    """The SLURM job of that process (``<array job>_<task>`` for an array task), when a scheduler started it."""
     worker_memory_mb: float | None = None
     surplus: bool | None = None
     """Dropped before it ran: trials ahead of it had already covered the budget."""

@@ -241,13 +241,14 @@ class Column:
 
 
 def _row(trial: FrozenTrial, sampled: Mapping[str, tuple[Any, Any]], n_values: int, params: Sequence[str],
-         marked: bool, with_reason: bool) -> list[str]:
+         marked: bool, with_reason: bool, with_job: bool = False) -> list[str]:
     complete = trial.state == TrialState.COMPLETE and trial.values is not None
     values = [fmt_number(v, 6) for v in trial.values] if complete else [MISSING] * n_values
     cells = [MARK if marked else "", str(trial.number), STATE_NAMES.get(trial.state, trial.state.name.lower()),
              *values,
              *(_cut(fmt_number(sampled[p][0], 3), MAX_CELL) if p in sampled else MISSING for p in params),
              fmt_duration(trial)]
+    cells += [TrialRecord.of(trial).slurm_job or MISSING] if with_job else []
     return cells + [fmt_reason(trial)] if with_reason else cells
 
 
@@ -340,10 +341,10 @@ def report_table(study: optuna.Study, max_params: int = 6, color: bool | None = 
     """The study's trials as an aligned text table, for a terminal.
 
     One row per trial, in trial order: number, state, the objective value(s), the ``max_params``
-    sampled parameters that matter most (short names; see :func:`table_params`), wall time, and why a
-    trial was pruned or failed (its ``state_reason`` user attribute). The best trial (single objective) or
-    every trial on the Pareto front (several objectives) is marked with ``*``, and bold green when
-    colors are on.
+    sampled parameters that matter most (short names; see :func:`table_params`), wall time, the SLURM job
+    that ran it (when a job array did), and why a trial was pruned or failed (its ``state_reason`` user
+    attribute). The best trial (single objective) or every trial on the Pareto front (several objectives) is
+    marked with ``*``, and bold green when colors are on.
 
     Args:
         study: any Optuna study; it is only read.
@@ -368,10 +369,12 @@ def report_table(study: optuna.Study, max_params: int = 6, color: bool | None = 
                if all(isinstance(row[p][0], (int, float)) and not isinstance(row[p][0], bool)
                       for row in sampled if p in row)}
     with_reason = any(t.state in (TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    with_job = any(TrialRecord.of(t).slurm_job for t in trials)  # which array task ran it, to find its log
     columns = [Column(" "), Column("#", right=True), Column("state"), *(Column(n, right=True) for n in names),
                *(Column(shorts[p], right=p in numeric) for p in params), Column("duration", right=True)]
+    columns += [Column("slurm job")] if with_job else []
     columns += [Column("reason")] if with_reason else []
-    rows = [_row(t, row, len(names), params, t.number in marked_numbers, with_reason)
+    rows = [_row(t, row, len(names), params, t.number in marked_numbers, with_reason, with_job)
             for t, row in zip(trials, sampled, strict=True)]
     header, *padded = _pad(columns, rows)
     body = []

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from objectives.decisions import slots_that_fit
+from objectives.decisions import slots_base_cache, slots_that_fit
 from sweeper.config import SweepConfig
 from sweeper.space import Param
 
@@ -26,6 +26,9 @@ class SlotPlan:
     """The widest rank the space can sample: every slot is this wide (narrower ranks are zero-padded)."""
     checkpointing: bool
     reason: str
+    base_cache: bool = False
+    """Whether the worker keeps the base's dequantized copy (``model.base_cache``) while its slots train; one trial
+    at a time decides it per trial instead."""
 
 
 def widest_rank(cfg: SweepConfig, params: Sequence[Param]) -> int:
@@ -55,8 +58,10 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     cap = MAX_AUTO_SLOTS if requested == "auto" else int(requested)
     fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes, r_max, cap, linear_names)
     if requested == "auto":
+        cache = slots_base_cache(cfg, model_config, memory_bytes, fitting, r_max, needs_checkpointing, linear_names)
         return SlotPlan(fitting, r_max, needs_checkpointing,
-                        f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})")
+                        f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})", cache)
     if checkpointing == "auto":
         checkpointing = needs_checkpointing if fitting >= cap else True
-    return SlotPlan(cap, r_max, bool(checkpointing), f"workers.slots={cap}")
+    cache = slots_base_cache(cfg, model_config, memory_bytes, cap, r_max, bool(checkpointing), linear_names)
+    return SlotPlan(cap, r_max, bool(checkpointing), f"workers.slots={cap}", cache)

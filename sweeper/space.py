@@ -76,6 +76,9 @@ def _condition(name: str, when: Any) -> Condition:
         return ()
     if not isinstance(when, Mapping) or not when:
         raise entry_error(name, f"when must map a parameter to a value or list of values, got {when!r}")
+    for k, v in when.items():
+        if any(isinstance(x, (list, tuple, Mapping)) for x in (v if isinstance(v, (list, tuple)) else (v,))):
+            raise entry_error(name, f"when: {k} must map to a value or a list of values, got {v!r}")
     return tuple(
         (str(k), tuple(v) if isinstance(v, (list, tuple)) else (v,)) for k, v in when.items()
     )

@@ -44,7 +44,7 @@ def stored_space(study: optuna.Study) -> list[Param]:
 
 
 # Settings a worker may choose for its own device: they change where and how fast a trial runs, not its result.
-PER_DEVICE = ("train.device", "model.gradient_checkpointing")
+PER_DEVICE = ("train.device", "model.gradient_checkpointing", "model.base_cache", "train.fused_loss")
 
 
 def fixed_setup(cfg: SweepConfig, params: Sequence[Param]) -> dict[str, Any]:
@@ -64,6 +64,8 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     ``create=False`` joins an existing study only (workers), failing with the names that exist.
     """
     url = cfg.storage_url
+    if not create:
+        check_store_exists(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     storage = storage_for(url, cfg.workers, tracking_uri)
@@ -93,6 +95,10 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     stored, stored_setup = known.search_space, known.fixed_setup
     if stored_setup is not None:  # studies from before a setting became per-device still store it
         stored_setup = {k: v for k, v in stored_setup.items() if k not in PER_DEVICE}
+    if create and not study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)):
+        # Nothing finished or running under the old settings (a launch that failed or was stopped early):
+        # the corrected command starts the study over with its own.
+        stored = stored_setup = None
     if stored_setup is not None and stored_setup != setup:
         differ = sorted(k for k in set(setup) | set(stored_setup) if setup.get(k) != stored_setup.get(k))
         raise ConfigError(f"study {name!r} was started with other fixed settings; these differ: {', '.join(differ)}. "
@@ -186,20 +192,26 @@ def storage_for(url: str, workers: WorkersConfig | None = None, tracking_uri: st
             heartbeat_stale_trial_callback=DeadTrialHandler(workers.max_retry, tracking_uri))
     except Exception as e:  # any connection problem is reported with the (redacted) URL
         raise ConfigError(f"study.storage: cannot open {redact(url)!r}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:300]}") from None
+                          f"{redact(str(e).splitlines()[0][:300])}") from None
 
 
 def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def load_study(cfg: SweepConfig) -> optuna.Study:
-    """An existing study, read-only use (export, report); ConfigError listing the studies that exist."""
-    url = cfg.storage_url
-    local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url.removeprefix("journal:")
+def check_store_exists(url: str) -> None:
+    """A local study store (SQLite or journal file) exists: opening a missing one would create it empty."""
+    sqlite = url.startswith("sqlite:///")
+    local = url.removeprefix("sqlite:///").split("?")[0] if sqlite else url.removeprefix("journal:")
     if url.startswith(("sqlite:///", "journal:")) and not Path(local).expanduser().is_file():
         raise ConfigError(f"study.storage: no study store at {local} "
                           "(run `sweeper launch` first, or pass study.storage=... / output_dir=...)")
+
+
+def load_study(cfg: SweepConfig) -> optuna.Study:
+    """An existing study, read-only use (export, report); ConfigError listing the studies that exist."""
+    url = cfg.storage_url
+    check_store_exists(url)
     storage = storage_for(url)
     existing = optuna.get_all_study_names(storage)
     if cfg.study.name not in existing:

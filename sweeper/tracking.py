@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from objectives.config import ConfigError
 from sweeper.config import SweepConfig, to_container
 from sweeper.records import StudyRecord, record_study
+from sweeper.redaction import REDACTED, redact_text
 
 if TYPE_CHECKING:  # optuna is imported by the callers that hand a study over; `sweeper --help` stays quick
     import optuna
@@ -31,14 +32,10 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 # Whole words at the end of a key (hf_token, db.password, api-key), not bos_token_id or tokenizer.
 SECRET_KEY = re.compile(r"(?:^|[._-])(?:token|secret|password|passwd|api[_-]?key|private[_-]?key|credentials?)$",
                         re.IGNORECASE)
-URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\s]+)@")
-URL_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret|api[_-]?key)=)[^&#\s]+",
-                              re.IGNORECASE)
-REDACTED = "***"
 FLUSH_EVERY = 200
 
 # Trial state -> MLflow run status
-RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -50,8 +47,7 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, (list, tuple)):
         return [redact(v, key) for v in value]
     if isinstance(value, str):
-        value = URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
-        return URL_QUERY_SECRET.sub(lambda m: f"{m['key']}{REDACTED}", value)
+        return redact_text(value)
     return value
 
 
@@ -216,7 +212,8 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
     try:
         from sweeper.plots import log_study_plots
 
-        log_study_plots(tracker, run_id, study)
+        if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):  # else every plot is empty
+            log_study_plots(tracker, run_id, study)
     except Exception as e:  # plots are a convenience; a failure must not hide the results
         log.warning("study plots skipped: %s", e)
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))

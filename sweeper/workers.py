@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sweeper import progress
 from sweeper.budget import failed_trials
 from sweeper.config import SweepConfig, to_container
-from sweeper.launch import RECYCLE_EXIT
+from sweeper.launch import RECYCLE_EXIT, stores_lock
 from sweeper.space import Param
 from sweeper.study import DeadTrialHandler, dead_on_this_host, fail_trials_of, finished_trials, open_study
 from sweeper.tracking import finish_parent, make_tracker, parent_run
@@ -75,14 +75,16 @@ def gpu_slots(count: int, gpus: Sequence[str], per_gpu: int) -> list[str | None]
     return [gpus[i % len(gpus)] for i in range(min(count, len(gpus) * per_gpu))]
 
 
-def write_worker_config(cfg: SweepConfig, index: int, folder: Path) -> Path:
+def write_worker_config(cfg: SweepConfig, index: int, folder: Path, supervised: bool = True) -> Path:
     """The launch's composed config as worker ``index`` runs it, in a file of mode 0600 under ``folder``.
 
     Nothing is redacted: the worker needs the storage's password. The search space is stored as the launch
     resolved it, so the worker's space and fixed settings are the launch's (``open_study`` compares them).
+    ``supervised=False`` where no launcher outlives the workers (a scheduler runs them): the one that finishes the
+    budget closes the study's parent run.
     """
     config = to_container(cfg)
-    config["workers"].update(index=index, supervised=True)
+    config["workers"].update(index=index, supervised=supervised)
     path = folder / f"worker-{index}.yaml"
     # mkstemp creates the file 0600 before anything is written; an older file of looser mode is replaced whole.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
@@ -108,8 +110,9 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 def launch_workers(cfg: SweepConfig, params: Sequence[Param], show_progress: bool = True) -> optuna.Study:
     """Create the study and its parent run, then run ``workers.count`` worker processes until the budget."""
-    tracker = make_tracker(cfg)
-    study = open_study(cfg, params, tracking_uri=cfg.tracking_uri)
+    with stores_lock(cfg):
+        tracker = make_tracker(cfg)
+        study = open_study(cfg, params, tracking_uri=cfg.tracking_uri)
     parent_id = parent_run(tracker, study, cfg, params)
     gpus = visible_gpus()
     slots = [Slot(i, gpu) for i, gpu in enumerate(gpu_slots(cfg.workers.count, gpus, cfg.workers.per_gpu))]
@@ -167,6 +170,7 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], show_progress: boo
         raise
     finally:
         _stop(slots)
+        fail_trials_of(study, dead_on_this_host, handler)  # a worker that had to be killed left its trial running
         for path in configs:  # no copy of the passwords outlives the launch
             path.unlink(missing_ok=True)
         bar.close()

@@ -186,15 +186,24 @@ def test_sweep_throughput_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path) -> None:
     text = run_bench("step_throughput.py", tmp_path)
-    losses = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 8 and cells[1].startswith("ours"):
-            losses[cells[1]] = float(cells[6])
-    assert len(losses) == 4
-    assert losses["ours (padded per batch)"] == pytest.approx(losses["ours, train.packing=true"], abs=2e-3)
+    lines = text.split("## Results")[1].splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("| shape |"))
+    names = [c.strip() for c in lines[header].strip("|").split("|")]
+    rows = [dict(zip(names, (c.strip() for c in ln.strip("|").split("|")), strict=True))
+            for ln in lines[header + 2:] if ln.startswith("|")]
+    losses = {r["method"]: float(r["mean train loss"]) for r in rows
+              if r["method"].startswith("ours") and r["mean train loss"] != "n/a"}
+    assert len(losses) == 6
+    packed = losses["ours, train.packing=true"]
+    assert losses["ours (padded per batch)"] == pytest.approx(packed, abs=2e-3)
     bf16 = "ours, upcast_unquantized=false"
     assert losses[bf16] == pytest.approx(losses[bf16 + " + packing"], abs=2e-2)
+    # The kept dequantized base computes what bitsandbytes computes: the same losses, exactly, on the CPU.
+    assert losses["ours, packing + base_cache=on"] == packed
+    assert losses["ours, packing + upcast_unquantized=false + base_cache=on + fused_loss"] == losses[
+        bf16 + " + packing"]
+    fused = next(r for r in rows if r["method"] == "ours, packing + fused_loss=on")
+    assert fused["note"] == "skipped: the fused loss: it needs CUDA"
 
 
 @pytest.mark.slow

@@ -43,6 +43,21 @@ def test_bad_input_exits_before_heavy_work(tmp_path: Path, override: str, messag
     assert not any(tmp_path.iterdir())  # nothing written to the study or MLflow
 
 
+def test_options_and_overrides_in_any_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(Path(__file__).resolve().parent.parent / "conf" / "config.yaml")
+    with mock.patch.dict(os.environ):  # main() sets the libraries' variables for this process
+        assert main(["space", "search_space=none", "--config", config, "lora.r=4", "lora.dropout=0.2"]) == 0
+        fixed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.startswith("  "))
+        assert (fixed["lora.r"], fixed["lora.dropout"]) == ("4", "0.2")
+        with pytest.raises(SystemExit) as e:
+            main(["space", "lora.r=4", "--no-such-option", "lora.dropout=0.2"])
+        assert e.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+    # The override after the option is read: its bad value stops the launch before anything runs.
+    result = run_cli("launch", "model=tiny_random", "--no-progress", "optimizer.name=adam", f"output_dir={tmp_path}")
+    assert result.returncode == 2 and "optimizer.name: 'adam' is not allowed" in result.stderr, result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_space_has_a_header_and_says_continuous(capsys: pytest.CaptureFixture[str]) -> None:
     with mock.patch.dict(os.environ):  # main() sets the libraries' variables for this process
         assert main(["space", "search_space=optimizer"]) == 0

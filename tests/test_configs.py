@@ -17,10 +17,10 @@ import yaml
 
 from objectives.config import ConfigError, DataConfig, ModelConfig
 from sweeper import compose
-from sweeper.config import CONF_DIR, SweepConfig
+from sweeper.config import CONF_DIR, LauncherConfig, SweepConfig
 from sweeper.samplers import PRUNERS, SAMPLERS
 
-GROUPS = ("model", "data", "search_space", "study/sampler", "study/pruner")
+GROUPS = ("model", "data", "search_space", "study/sampler", "study/pruner", "launcher")
 YAMLS = sorted(CONF_DIR.rglob("*.yaml"))
 # Search-space files map entry names to sweeps, not schema fields: the grammar's tests check them.
 SCHEMA_YAMLS = [p for p in YAMLS if p.parent != CONF_DIR / "search_space"]
@@ -71,7 +71,7 @@ def defaults_of(path: Path, data: Mapping[str, Any]) -> Any:
     if group in ("study/sampler", "study/pruner"):
         registry = SAMPLERS if group == "study/sampler" else PRUNERS
         return registry[data["name"]].schema(name=data["name"])
-    return {"model": ModelConfig, "data": DataConfig}[group]()
+    return {"model": ModelConfig, "data": DataConfig, "launcher": LauncherConfig}[group]()
 
 
 def drift(data: Mapping[str, Any], defaults: Any, prefix: str = "") -> list[str]:
@@ -143,3 +143,25 @@ def test_plain_values_are_set_whether_or_not_a_file_holds_them(override: str, ex
 def test_an_unset_mandatory_source_is_an_error(option: str) -> None:
     with pytest.raises(ConfigError, match=r"^(model|data)\.source: needs a value here"):
         compose.load([option])
+
+
+@pytest.mark.parametrize(("given", "expected"), [("auto", "auto"), ("on", True), ("off", False), (True, True),
+                                                 (False, False)])
+def test_switches_take_on_off_and_auto(given: Any, expected: Any) -> None:
+    from objectives.config import TrainConfig
+
+    assert ModelConfig(base_cache=given).base_cache == expected
+    assert TrainConfig(fused_loss=given).fused_loss == expected
+
+
+def test_switches_from_the_command_line_and_their_errors() -> None:
+    from objectives.config import TrainConfig
+
+    cfg, _ = compose.load(["search_space=none", "model.base_cache=on", "train.fused_loss=off"])
+    assert cfg.model.base_cache is True and cfg.train.fused_loss is False
+    with pytest.raises(ConfigError, match=r"^model.base_cache: 'sometimes' is not allowed; choose one of auto, on"):
+        ModelConfig(base_cache="sometimes")
+    with pytest.raises(ConfigError, match=r"^train.fused_loss: 2 is not allowed"):
+        TrainConfig(fused_loss=2)
+    with pytest.raises(ConfigError, match=r"^model.base_cache: on needs a 4-bit base \(nf4 or fp4\), not 'none'"):
+        ModelConfig(base_cache="on", quant_type="none")

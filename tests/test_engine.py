@@ -269,3 +269,61 @@ def test_run_calls_the_hooks_in_the_callers_thread_and_a_raising_hook_stops_the_
     finally:
         engine.close()
     assert math.isfinite(result.train.eval_loss) and hooks.adapter
+
+
+def test_slots_on_the_base_cache_train_exactly_as_on_the_4bit_layers(setup: Any) -> None:
+    """The kept copy holds what bitsandbytes dequantizes in every call: the same numbers (see test_training)."""
+    cfg, base, data = setup
+    configs = [trial(cfg, **t) for t in TRIALS[:2]]
+    runs = {}
+    try:
+        for cache in (False, True):
+            base.use_base_cache(cache)
+            engine = SlotEngine(base, data, slots=2, r_max=8)
+            try:
+                hooks = [Recorder() for _ in configs]
+                results = [f.result(timeout=600) for f in [engine.submit(c, h)
+                                                           for c, h in zip(configs, hooks, strict=True)]]
+            finally:
+                engine.close()
+            assert all(r.config.model.base_cache is cache for r in results)  # the run records what trained it
+            runs[cache] = [([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
+                           for h, r in zip(hooks, results, strict=True)]
+    finally:
+        base.use_base_cache(False)
+    for (losses, eval_loss, adapter), (ref_losses, ref_eval, ref_adapter) in zip(runs[True], runs[False],
+                                                                                 strict=True):
+        assert losses == ref_losses and eval_loss == ref_eval
+        assert all(torch.equal(adapter[k], ref_adapter[k]) for k in ref_adapter)
+
+
+class ReferenceFusedLoss:
+    """A plain cross-entropy in liger-kernel's place (it needs CUDA): checks the engine's per-run sums."""
+
+    def __call__(self, weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), target, reduction="sum")
+
+
+def test_fused_loss_passes_give_each_run_its_own_loss(setup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from objectives import engine as engine_module
+    from objectives import loss
+
+    monkeypatch.setitem(loss._FUSED, "sum", ReferenceFusedLoss())
+    monkeypatch.setattr(engine_module, "fused_loss_unavailable", lambda *args: None)
+    cfg, base, data = setup
+    configs = [trial(cfg, **t) for t in TRIALS]
+    runs = {}
+    for fused in (False, True):
+        engine = SlotEngine(base, data, slots=3, r_max=8, fused_loss=fused)
+        try:
+            hooks = [Recorder() for _ in configs]
+            results = [f.result(timeout=600) for f in [engine.submit(c, h)
+                                                       for c, h in zip(configs, hooks, strict=True)]]
+        finally:
+            engine.close()
+        assert all(r.config.train.fused_loss is fused for r in results)
+        runs[fused] = [([s["train_loss"] for s in h.steps], r.train.eval_loss) for h, r in zip(hooks, results,
+                                                                                              strict=True)]
+    for (losses, eval_loss), (ref_losses, ref_eval) in zip(runs[True], runs[False], strict=True):
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        assert eval_loss == pytest.approx(ref_eval, rel=1e-5)

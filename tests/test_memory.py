@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,7 @@ def test_adapter_parameters_from_shapes(config: dict[str, Any], r: int, targets:
 
 
 def test_targets_that_match_nothing_are_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="matches no linear module"):
+    with pytest.raises(ConfigError, match="c_attn, c_proj are not linear modules"):
         adapter_param_count(SMOLLM2, 8, "c_attn,c_proj")
 
 
@@ -221,9 +221,10 @@ def test_the_default_models_config_is_the_smollm2_shape() -> None:
     assert ModelShape.from_config(load_model_config(cfg.model)) == ModelShape.from_config(SMOLLM2)
 
 
-def saved_for_backward(model: Any, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd keeps for backward in one forward pass (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_for_backward(model: Any, batch: dict[str, torch.Tensor], resident: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one forward pass (parameters and the
+    ``resident`` tensors excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *resident]}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -257,6 +258,69 @@ def test_saved_activations_match_autograd_on_the_cpu(tiny_bases: dict[str, Any],
     # Exact to the byte with torch 2.13 / transformers 5.24 / peft 0.21; a little room for other versions.
     assert activation_bytes(ModelShape.from_config(base.config), settings, base.linear_names) == pytest.approx(
         measured, rel=1e-3)
+
+
+def test_the_base_cache_keeps_nothing_more_for_backward(tiny_bases: dict[str, Any]) -> None:
+    """A product with the kept copy saves only the copy itself (resident, counted in ``base_cache``)."""
+    from objectives.base_cache import BUFFER
+
+    base = tiny_bases["nf4-no-ckpt"]
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    measured = {}
+    try:
+        for cache in (False, True):
+            base.use_base_cache(cache)
+            copies = [b for name, b in base.model.named_buffers() if name.endswith(BUFFER)]
+            assert len(copies) == (len(base.linear_names) if cache else 0)
+            with base.adapter(LoraConfig(r=4, targets="all-linear", dropout=0.1), seed=0) as model:
+                model.train()
+                measured[cache] = saved_for_backward(model, batch, copies)
+    finally:
+        base.use_base_cache(False)
+    assert measured[True] == measured[False]
+    shape = ModelShape.from_config(base.config)
+    assert estimate(base.config, TrialSettings(device="cpu", base_cache=True)).base_cache == 2 * shape.linear_params
+    assert sum(b.nbytes for b in copies) == 2 * shape.linear_params
+
+
+def test_the_base_cache_adds_its_copy_and_drops_the_per_call_dequantization() -> None:
+    from objectives.memory import layer_backward_scratch
+
+    shape = ModelShape.from_config(LLAMA_8B)
+    s = TrialSettings(r=16, targets="all-linear", micro_batch_size=4, seq_len=1024, gradient_checkpointing=True)
+    off, on = estimate(LLAMA_8B, s), estimate(LLAMA_8B, replace(s, base_cache=True))
+    assert (off.base_cache, on.base_cache) == (0, 2 * shape.linear_params)  # 13.0 GiB for Llama-3-8B
+    assert on.base_weights == off.base_weights and "base_cache" in on.format()
+    assert (layer_backward_scratch(shape, s) - layer_backward_scratch(shape, replace(s, base_cache=True))
+            == 2 * 4096 * 14336)  # the largest dequantized weight, gate/up/down
+    assert estimate(LLAMA_8B, replace(s, quant_type="none", base_cache=False)).base_cache == 0
+
+
+@pytest.mark.parametrize(("config", "tokens", "chunk"), [(LLAMA_8B, 4096, 128), (SMOLLM2, 768, 16),
+                                                         (SMOLLM2, 10, 1), (LLAMA_8B, 1, 1)])
+def test_the_fused_loss_chunk_is_liger_kernels(config: dict[str, Any], tokens: int, chunk: int) -> None:
+    """liger-kernel: chunk = next_power_of_2(cdiv(tokens, cdiv(vocab, hidden)))."""
+    from objectives.memory import fused_loss_chunk
+
+    assert fused_loss_chunk(ModelShape.from_config(config), tokens) == chunk
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_the_fused_loss_keeps_a_hidden_state_gradient_instead_of_four_logits(upcast: bool) -> None:
+    from objectives.memory import loss_bytes
+
+    shape = ModelShape.from_config(SMOLLM2)
+    s = TrialSettings(r=8, micro_batch_size=8, seq_len=512, upcast=upcast)
+    plain, fused = estimate(SMOLLM2, s), estimate(SMOLLM2, replace(s, fused_loss=True))
+    e = 4 if upcast else 2
+    assert plain.logits == loss_bytes(shape, s) == 12 * s.tokens * 49152
+    chunk = 64  # 4096 tokens / cdiv(49152, 576) = 48 -> 64
+    assert loss_bytes(shape, replace(s, fused_loss=True)) == s.tokens * (e * 576 + 5) + chunk * e * (49152 + 576)
+    assert fused.peak_at == "layer backward"  # the loss is no longer the largest moment
+    assert fused.allocated < plain.allocated - 5 * s.tokens * 49152
+    assert activation_bytes(ModelShape.from_config(SMOLLM2), replace(s, fused_loss=True)) < activation_bytes(
+        ModelShape.from_config(SMOLLM2), s)
 
 
 # --- the GPU benchmark's pure parts and its CPU smoke run ----------------------------------------------

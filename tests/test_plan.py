@@ -183,3 +183,39 @@ def test_the_plan_shows_where_auto_checkpointing_is_on(tiny: tuple[SweepConfig, 
     column = next(ln.split() for ln in text.splitlines() if ln.strip().startswith("#")).index("ckpt")
     table = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit() and ln.strip().endswith(("yes", "NO"))]
     assert {row[column] for row in table} == {"on", "off"}  # the columns before it hold no spaces
+
+
+def test_base_cache_auto_is_on_where_the_trial_still_fits_with_it(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    from objectives.decisions import resolve_base_cache, with_base_cache
+
+    cfg, _, config = tiny
+    without = fits(with_base_cache(cfg, False), config, 0)[1]
+    with_copy = fits(with_base_cache(cfg, True), config, 0)[1]
+    assert with_copy - without >= 2 * ModelShape.from_config(config).linear_params
+    for setting, memory, expected in [("auto", with_copy, True), ("auto", with_copy - 1, False),
+                                      (True, 1, True), (False, 2**50, False)]:
+        trial = replace(cfg, model=replace(cfg.model, base_cache=setting))
+        assert resolve_base_cache(trial, config, memory).model.base_cache is expected, (setting, memory)
+    bf16 = replace(cfg, model=replace(cfg.model, quant_type="none"))
+    assert resolve_base_cache(bf16, config, 2**50).model.base_cache is False  # nothing to dequantize
+
+
+def test_the_plan_shows_the_base_cache_and_the_loss(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    from objectives.timing import Device
+
+    cfg, params, config = tiny
+    rows = corners(cfg, params, config, CPU, memory_bytes=2**50)[1]
+    memory = sorted(c.estimate.total for c in rows)[len(rows) // 2]  # the larger corners go without the copy
+    text = plan(cfg, params, memory, model_config=config, device=CPU)
+    assert "base cache auto (per trial: a compute-dtype copy of the 4-bit weights where" in text
+    assert "loss from full logits (fused loss: it needs CUDA)" in text
+    column = next(ln.split() for ln in text.splitlines() if ln.strip().startswith("#")).index("cache")
+    table = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit() and ln.strip().endswith(("yes", "NO"))]
+    assert {row[column] for row in table} == {"on", "off"}
+    off = plan(replace(cfg, model=replace(cfg.model, base_cache=False)), params, memory, model_config=config,
+               device=CPU)
+    assert "base cache off;" in off and " cache " not in next(ln for ln in off.splitlines() if "#" in ln)
+    gpu = Device("cuda", "H100-class GPU", 989e12, 67e12)
+    slots = plan(replace(cfg, workers=replace(cfg.workers, slots=8)), params, 80 * 2**30, model_config=config,
+                 device=gpu)
+    assert re.search(r"trials per pass \(workers.slots=8\): 8 .*checkpointing off, base cache on, predicted", slots)

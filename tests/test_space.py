@@ -59,6 +59,12 @@ def same(expected: BaseDistribution, actual: BaseDistribution) -> bool:
     ("int(tag(log, interval(4, 64)))", IntDistribution(4, 64, log=True)),
     ("range(4, 64, step=4)", IntDistribution(4, 64, step=4)),
     ("range(0.0, 0.1, step=0.05)", FloatDistribution(0.0, 0.1, step=0.05)),
+    # As in the plugin, a step that misses stop ends at the last step below it (Optuna trims high so).
+    ("range(1,10,step=2)", IntDistribution(1, 9, step=2)),
+    ("range(start=1, stop=10, step=2)", IntDistribution(1, 9, step=2)),
+    ("range(4, 64, step=7)", IntDistribution(4, 60, step=7)),
+    ("range(0.0, 0.1, step=0.03)", FloatDistribution(0.0, 0.09, step=0.03)),
+    ("range(0.0, 0.3, step=0.1)", FloatDistribution(0.0, 0.3, step=0.1)),
     ("choice(qk, qkv, 'q_proj,v_proj')", CategoricalDistribution(["qk", "qkv", "q_proj,v_proj"])),
     ("qk,qkv", CategoricalDistribution(["qk", "qkv"])),  # Hydra's short form of choice
 ])
@@ -105,8 +111,13 @@ def test_mapping_form_round_trips(text: str) -> None:
     ("choice(4, 8, 4)", "duplicate choice 4"),
     ("choice(1, true)", "duplicate choice True"),  # Optuna would map both to one choice
     ({"choices": [["q_proj", "v_proj"], "qk"]}, "write module lists as 'q_proj,v_proj'"),
-    ("range(4, 64, step=7)", "step 7 does not divide the range [4, 64]; high = 60 or 67 would"),
-    ("range(0.0, 0.1, step=0.03)", "step 0.03 does not divide the range [0.0, 0.1]; high = 0.09 or 0.12 would"),
+    ({"type": "int", "low": 4, "high": 64, "step": 7},
+     "step 7 does not divide the range [4, 64]; high = 60 or 67 would"),
+    ({"type": "float", "low": 0.0, "high": 0.1, "step": 0.03},
+     "step 0.03 does not divide the range [0.0, 0.1]; high = 0.09 or 0.12 would"),
+    ("range(1, 2, step=5)", "step 5 is wider than the range [1, 2]"),
+    ("range(0, 10, step=0)", "step must be > 0, got 0"),
+    ("interval(0, inf)", "high must be a finite number, got inf"),
     ({"type": "float", "low": 1e-4, "high": 1e-2, "log": True, "step": 1e-4}, "log scale and step cannot"),
     ({"type": "int", "low": 1.5, "high": 4}, "int bounds and step must be whole numbers"),
     ({"type": "float", "low": "a", "high": 1}, "low must be a number, got 'a'"),
@@ -114,6 +125,8 @@ def test_mapping_form_round_trips(text: str) -> None:
     ({"type": "uniform", "low": 0, "high": 1}, "type 'uniform' is not allowed; choose one of float, int, categorical"),
     ({"type": "float", "low": 0, "high": 1, "grid": True}, "unknown key(s) ['grid']; allowed: path, type, low"),
     ({"choices": [1, 2], "when": "sgd"}, "when must map a parameter to a value"),
+    ({"choices": [1, 2], "when": {"x": [[1]]}}, "when: x must map to a value or a list of values, got [[1]]"),
+    ({"choices": "qk"}, "choices must be a list of values, got 'qk'"),  # not the choices 'q' and 'k'
     ("choice(4, 8", "search_space.key: cannot parse 'choice(4, 8'"),
     ("interval(4, x)", "cannot parse"),
     ("chioce(4, 8)", "sweeps are written choice(a, b, ...), range(start, stop, step=s), interval(low, high)"),
@@ -271,6 +284,52 @@ def test_split_overrides_names_an_override_that_does_not_parse() -> None:
         split_overrides(["lora.r=[4"])
 
 
+SECRET = "Sec-4711"
+
+
+@pytest.mark.parametrize("url", [
+    f"postgresql://u:Pa={SECRET}@db-host/optuna",
+    f"postgresql://u@db-host/optuna?password={SECRET}&sslmode=require",
+    f"postgresql://u:it's={SECRET}@db-host/optuna",
+])
+def test_a_storage_url_with_an_equals_sign_is_one_value(url: str) -> None:
+    sweeps, plain = split_overrides([f"study.storage={url}"])
+    assert sweeps == {} and len(plain) == 1
+    cfg, _ = compose.load([f"study.storage={url}", "search_space=none"])
+    assert cfg.study.storage == url
+
+
+@pytest.mark.parametrize("args", [
+    [f"study.storage=postgresql://u:Pa={SECRET}@db-host/optuna x("],  # not one URL: Hydra's error, quoting it
+    [f"study.storage=[postgresql://u:{SECRET}@db-host/optuna"],
+    [f"study.storage=postgresql://u@db-host/optuna?password={SECRET} (x"],
+    [f"tracking.token={SECRET}=("],
+    [f"study.n_trials=postgresql://u:Pa={SECRET}@db-host/optuna"],  # a schema error quoting the value
+    [f"study/sampler=postgresql://u:{SECRET}@db-host"],  # a group option Hydra cannot find
+])
+def test_a_secret_never_shows_in_an_override_error(args: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        compose.load([*args, "search_space=none"])
+    assert SECRET not in str(e.value) and "***" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["lora.rnk=8"], "lora.rnk: not a field of lora; did you mean lora.r? it has: r, alpha, alpha_ratio, dropout"),
+    (["lora.alpah=8"], "lora.alpah: not a field of lora; did you mean lora.alpha? it has: r, alpha"),
+    (["trian.max_steps=3"], "trian: not a field of the config; did you mean train"),
+    (["lora.xyz=1"], "lora.xyz: not a field of lora; it has: r, alpha"),
+    (["model=tiny"], "model=tiny: could not find 'model/tiny'; did you mean model=tiny_random? "
+                     "available options in 'model': hub, smollm2_135m, tiny_random"),
+    (["model=nope"], "model=nope: could not find 'model/nope'; available options in 'model': hub, smollm2_135m, "
+                     "tiny_random"),
+    (["search_space=optimzer"], "did you mean search_space=optimizer? available options in 'search_space': "),
+])
+def test_an_unknown_key_or_option_names_the_closest(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        compose.load(args)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 def test_split_fixed_reads_plain_entries_as_fixed_values() -> None:
     sampled, fixed = split_fixed({"lora.r": "choice(4, 8)", "lora.targets": "qkv", "train.max_steps": "12",
                                   "lora.dropout": 0.1, "optimizer.betas": [0.9, 0.99],
@@ -404,6 +463,7 @@ BAD_FILES: dict[str, dict[str, Any]] = {
     "unknown_type": {"lora.dropout": {"type": "uniform", "low": 0, "high": 0.1}},
     "unparsable": {"lora.r": "int(interval(4, 64)"},
     "unknown_fixed": {"lora.rank": 8},
+    "uneven_step": {"lora.r": {"type": "int", "low": 4, "high": 64, "step": 7}},
 }
 
 
@@ -423,7 +483,7 @@ BAD_INPUT: list[tuple[list[str], list[str]]] = [
     (["optimizer.name=choice(adamw,adam)"],
      ["search_space.optimizer.name: value 'adam' is invalid", "choose one of adamw, sgd"]),
     (["optimizer.name=adam"], ["optimizer.name: 'adam' is not allowed; choose one of adamw, sgd"]),
-    (["lora.r=range(4,64,step=7)"], ["search_space.lora.r: step 7 does not divide the range [4, 64]"]),
+    (["file:uneven_step"], ["search_space.lora.r: step 7 does not divide the range [4, 64]"]),
     (["lora.r=choice(4,8"], ["lora.r", "cannot parse 'choice(4,8'", "choice(a, b, ...)"]),
     (["file:unparsable"], ["search_space.lora.r: cannot parse 'int(interval(4, 64)'"]),
     (["file:unknown_type"], ["search_space.lora.dropout: type 'uniform' is not allowed; choose one of float"]),

@@ -48,7 +48,7 @@ def test_a_failing_trial_does_not_stop_the_sweep(tmp_path: Path) -> None:
     states = {t.params["lora.targets"]: t.state for t in study.trials}
     assert states == {"no_such_proj": optuna.trial.TrialState.FAIL, "qk": optuna.trial.TrialState.COMPLETE}
     failed = next(t for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
-    assert "matches no linear module" in failed.user_attrs["state_reason"]
+    assert "no_such_proj is not a linear module" in failed.user_attrs["state_reason"]
     assert "q_proj" in failed.user_attrs["state_reason"]  # lists what the model has
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,3 +113,161 @@ def test_a_released_adapter_is_freed_without_a_garbage_collection(tmp_path: Path
         assert not [ref for ref in lora if ref() is not None]
     finally:
         gc.enable()
+
+
+# --- model.base_cache: the 4-bit layers multiply with a kept dequantized copy ----------------------------
+# On the CPU the copy holds exactly the values bitsandbytes dequantizes in every call (the same kernel, into the
+# same dtype) and the layer runs the same product on them, so outputs, losses and gradients are bit-identical:
+# the tests compare exactly. (On CUDA, bitsandbytes 0.50 multiplies passes of a few hundred tokens with a fused
+# 4-bit kernel whose rounding differs within bf16's precision.)
+
+def _step_losses(res: Resources, cfg: Any, cache: bool, steps: int = 3) -> tuple[list[float], float]:
+    train = dataclasses.replace(cfg.train, max_steps=steps, eval_every=steps)
+    losses: list[float] = []
+    res.base.use_base_cache(cache)
+    with res.base.adapter(cfg.lora, seed=0) as model:
+        result = train_adapter(model, res.data, train, cfg.optimizer, res.base.device,
+                               res.base.tokenizer.pad_token_id, on_step=lambda s, m: losses.append(m["train_loss"]))
+    return losses, result.eval_loss
+
+
+def test_the_base_cache_gives_the_4bit_paths_outputs_losses_and_adapter(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from objectives.base import ResidentBase
+    from objectives.base_cache import BUFFER, cached
+
+    cfg, _ = compose.load([*TINY, "search_space=none", "lora.dropout=0.1", "lora.targets=all-linear",
+                           "model.base_cache=off", f"output_dir={tmp_path}"])
+    res = Resources.load(cfg)
+    assert not res.base.base_cache and not cached(res.base.model)
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for cache in (False, True):
+        res.base.use_base_cache(cache)
+        with res.base.adapter(LoraConfig(r=4, targets="all-linear"), seed=0) as model:
+            torch.nn.init.normal_(next(p for n, p in model.named_parameters() if "lora_B" in n))  # a live adapter
+            model.eval()
+            with torch.no_grad():
+                outputs[cache] = model(input_ids=ids).logits
+    assert torch.equal(outputs[True], outputs[False])
+
+    plain = _step_losses(res, cfg, cache=False)
+    with_cache = _step_losses(res, cfg, cache=True)
+    assert with_cache == plain  # per-step train losses (dropout on) and the eval loss, exactly
+
+    # The layers stay Linear4bit under peft's wrapper, the copy stays out of the saved adapter, and the adapter
+    # loads into peft on the plain 4-bit base with the same output.
+    assert cached(res.base.model)
+    with res.base.adapter(cfg.lora, seed=0) as model:
+        wrapped = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert type(wrapped.base_layer).__name__ == "Linear4bit" and BUFFER in wrapped.base_layer._buffers
+        torch.nn.init.normal_(wrapped.lora_B["default"].weight)
+        model.save_pretrained(tmp_path / "adapter")
+        assert not any(BUFFER in key for key in model.state_dict())
+        model.eval()
+        with torch.no_grad():
+            trained = model(input_ids=ids).logits
+    fresh = ResidentBase(cfg.model, res.base.device)
+    assert not cached(fresh.model)
+    loaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter"))
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, trained)
+
+
+def test_a_trial_decides_the_base_cache_from_the_memory_model(tmp_path: Path) -> None:
+    import optuna
+
+    from objectives.decisions import fits, with_base_cache
+    from sweeper.objective import QLoRAObjective
+
+    cfg, _ = compose.load([*TINY, "search_space=none", "train.max_steps=1", f"output_dir={tmp_path}"])
+    assert cfg.model.base_cache == "auto"
+    res = Resources.load(cfg)
+    assert not res.base.base_cache  # "auto" loads without the copy: a trial decides
+    with_copy = fits(with_base_cache(cfg, True), res.base.config, 0, res.base.linear_names)[1]
+    values = {}
+    for memory, expected in ((2**50, True), (with_copy - 1, False)):
+        objective = QLoRAObjective(cfg, [], res.base, res.data, None, show_progress=False)
+        objective.memory_bytes = memory
+        trial = optuna.trial.FixedTrial({})
+        values[expected] = objective(trial)
+        assert trial.user_attrs["config"]["model"]["base_cache"] is expected
+        assert res.base.base_cache is expected
+    assert values[True] == values[False]
+
+
+# --- train.fused_loss: the plumbing around liger-kernel's kernel, with a plain reference in its place ------
+# liger-kernel needs CUDA (tests/test_gpu.py runs it there); here a plain cross-entropy of the same call checks
+# what surrounds it: the shifted labels, the normalisation over the step's tokens, evaluation, and the slot
+# engine's per-run sums. Agreement is to float32 rounding: the head's product runs on a (tokens, hidden) matrix
+# instead of (rows, tokens, hidden).
+
+class ReferenceFusedLoss:
+    def __call__(self, weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = (hidden @ weight.t()).float()
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+
+
+@pytest.fixture
+def reference_fused_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    from objectives import loss
+
+    monkeypatch.setitem(loss._FUSED, "sum", ReferenceFusedLoss())
+
+
+@pytest.mark.usefixtures("reference_fused_loss")
+def test_the_fused_loss_path_trains_like_the_models_loss(tmp_path: Path) -> None:
+    cfg, _ = compose.load([*TINY, "search_space=none", "train.max_steps=3", "train.grad_accum=2",
+                           "model.gradient_checkpointing=false", f"output_dir={tmp_path}"])
+    res = Resources.load(cfg)
+    runs: dict[bool, tuple[list[float], float]] = {fused: ([], math.nan) for fused in (False, True)}
+    for fused, (losses, _) in runs.items():
+        train = dataclasses.replace(cfg.train, fused_loss=fused)
+        with res.base.adapter(cfg.lora, seed=0) as model:
+            result = train_adapter(model, res.data, train, cfg.optimizer, res.base.device,
+                                   res.base.tokenizer.pad_token_id, on_step=lambda s, m, out=losses: out.append(
+                                       m["train_loss"]))
+        runs[fused] = (losses, result.eval_loss)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)
+
+
+def test_fused_loss_on_where_it_cannot_run_names_the_field(tmp_path: Path) -> None:
+    from objectives.config import ConfigError
+    from objectives.decisions import resolve_fused_loss
+
+    cfg, _ = compose.load([*TINY, "search_space=none", "train.fused_loss=on", f"output_dir={tmp_path}"])
+    assert cfg.train.fused_loss is True
+    with pytest.raises(ConfigError, match="train.fused_loss: on, but it needs CUDA"):
+        resolve_fused_loss(cfg, "cpu")
+    auto = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_loss="auto"))
+    assert resolve_fused_loss(auto, "cpu").train.fused_loss is False
+
+
+# --- model.upcast_unquantized=false: a bf16 activation stream -------------------------------------------
+
+@pytest.mark.parametrize(("upcast", "dtype"), [(True, torch.float32), (False, torch.bfloat16)])
+def test_attention_gets_the_activation_streams_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upcast: bool,
+                                                     dtype: torch.dtype) -> None:
+    """Without peft's upcast, sdpa gets bf16 queries, keys and values (on CUDA its flash or memory-efficient
+    kernel: grouped-query heads go to it unrepeated when there is no mask); with it, fp32 (the math kernel)."""
+    seen: list[set[torch.dtype]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    cfg, _ = compose.load([*TINY, "search_space=none", f"model.upcast_unquantized={str(upcast).lower()}",
+                           "model.gradient_checkpointing=false", f"output_dir={tmp_path}"])
+    res = Resources.load(cfg)
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with res.base.adapter(LoraConfig(r=4, targets="qkvo"), seed=0) as model:
+        model.train()
+        seen.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(seen) == cfg.model.config_overrides["num_hidden_layers"]
+    assert all(s == {dtype} for s in seen)

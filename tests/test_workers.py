@@ -270,6 +270,9 @@ def test_journal_workers_survive_a_sigkill(tmp_path: Path, slots: int) -> None:
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 4
     children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}", "qlora-default")
     assert all(r.info.status != "RUNNING" for r in children)
+    if slots == 1:  # later verbs find the journal without the launch's worker count
+        report = run_cli("report", f"output_dir={tmp_path}")
+        assert report.returncode == 0 and "failed" in report.stdout, report.stderr[-2000:]
 
 
 def _journal(path: Path) -> optuna.storages.JournalStorage:
@@ -333,6 +336,16 @@ def test_joining_with_other_fixed_settings_is_refused(tmp_path: Path) -> None:
         open_study(other, params, create=False)
 
 
+def test_a_study_with_nothing_finished_is_relaunched_with_corrected_settings(tmp_path: Path) -> None:
+    base = [*TINY, *SPACE, f"output_dir={tmp_path}"]
+    cfg, params = compose.load(base)
+    study = open_study(cfg, params)
+    study.tell(study.ask(), state=TrialState.FAIL)  # the first launch failed its trial
+    corrected, corrected_params = compose.load([*base, "data.max_length=32", "lora.r=choice(2,8)"])
+    study = open_study(corrected, corrected_params)
+    assert study.user_attrs["fixed_setup"]["data.max_length"] == 32
+
+
 def test_per_device_settings_may_differ_between_workers_and_from_older_studies(tmp_path: Path) -> None:
     base = [*TINY, *SPACE, f"output_dir={tmp_path}"]
     cfg, params = compose.load(base)
@@ -341,3 +354,16 @@ def test_per_device_settings_may_differ_between_workers_and_from_older_studies(t
     study.set_user_attr("fixed_setup", older)  # as a study started before checkpointing became per-trial stores it
     other, _ = compose.load([*base, "model.gradient_checkpointing=false", "train.device=cpu"])
     assert open_study(other, params, create=False).study_name == study.study_name
+
+
+def test_two_launches_at_once_in_a_new_folder_both_run(tmp_path: Path) -> None:
+    """Both create the stores at the same moment: one waits for the other instead of dying in its migration."""
+    out = tmp_path / "new"
+    args = [sys.executable, "-m", "sweeper", "launch", *TINY, "search_space=none", "study.n_trials=2",
+            f"output_dir={out}", "--no-progress"]
+    launches = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], outputs
+    study = optuna.load_study(study_name="qlora-default", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 2

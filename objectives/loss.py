@@ -1,0 +1,101 @@
+"""The loss of a causal-LM pass: the model's own (full logits), or fused with the output head (``train.fused_loss``).
+
+The fused loss is liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` on the decoder's last hidden state and the
+head's weight: it computes the logits of a chunk of tokens at a time, turns them into their gradient at once and
+keeps only the gradient of the hidden state, so batch x sequence x vocabulary logits never exist (for the
+default SmolLM2-135M trial they are most of the peak). It needs CUDA and triton; elsewhere the model's own loss
+runs. It is called with ``reduction="sum"`` only: with ``"none"``, liger-kernel before its fix of July 2026
+(linkedin/Liger-Kernel#1298) scales every token's gradient by the first token's weight, so a weighted sum (the
+slot engine's per-run normalisation) is one call per run's contiguous rows instead.
+
+The labels are shifted as transformers' ``ForCausalLMLoss`` shifts them (padded with the ignore index, not the
+hidden state sliced), so both paths predict the same tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from objectives.data import IGNORE_INDEX
+
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""Families whose causal-LM head is a plain linear layer on the last hidden state (no scaling or soft-capping of
+the logits), so the fused loss computes what the model's forward would."""
+
+
+def fused_loss_unavailable(device_kind: str, model_config: Any = None) -> str | None:
+    """Why the fused loss cannot run here (None: it can). Looks liger-kernel up without importing it."""
+    if device_kind != "cuda":
+        return "it needs CUDA"
+    if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    model_type = (model_config.get("model_type") if isinstance(model_config, Mapping)
+                  else getattr(model_config, "model_type", None))
+    if model_type is not None and model_type not in FUSED_MODEL_TYPES:
+        return f"{model_type} models are not supported (only {', '.join(FUSED_MODEL_TYPES)})"
+    return None
+
+
+def fused_loss_on(setting: Any, device: torch.device, model: Any) -> bool:
+    """``train.fused_loss`` for a loop given an undecided config: ``auto`` is on where the fused loss can run."""
+    if setting == "auto":
+        return fused_loss_unavailable(device.type, getattr(causal_lm(model), "config", None)) is None
+    return bool(setting)
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_and_head(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden state for ``batch`` (without labels) and the output head's weight: the
+    causal LM's forward up to its head. peft's LoRA wrapper adds nothing to that forward."""
+    lm = causal_lm(model)
+    hidden = lm.model(**batch).last_hidden_state
+    return hidden, lm.get_output_embeddings().weight
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The token each position predicts (the next one); the last position predicts nothing."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+_FUSED: dict[str, Any] = {}
+
+
+def fused_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the tokens ``labels`` (unshifted, as the batch holds them) predicts, from the
+    hidden state of shape (rows, tokens, hidden) and the head's weight."""
+    if "sum" not in _FUSED:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        _FUSED["sum"] = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    flat = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    return _FUSED["sum"](weight, flat, shifted_labels(labels).reshape(-1))  # type: ignore[no-any-return]
+
+
+def pass_loss(model: Any, batch: dict[str, torch.Tensor], num_items: int | None, fused: bool) -> torch.Tensor:
+    """The pass's loss: summed over its predicted tokens and divided by ``num_items`` (the step's, so passes
+    add up to the step's mean), or their mean when None, as the model's own loss is."""
+    if not fused:
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        return model(**batch, **extra).loss  # type: ignore[no-any-return]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden, weight = hidden_and_head(model, inputs)
+    total = fused_loss_sum(hidden, weight, batch["labels"])
+    if num_items is None:
+        return total / (batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+    return total / max(1, num_items)
+
+
+def group_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, groups: int) -> torch.Tensor:
+    """The fused summed loss of each of ``groups`` equal, consecutive blocks of rows (one run's rows of a merged
+    pass each): one call per block, so each run's gradient scale reaches only its own rows."""
+    rows = labels.shape[0] // groups
+    return torch.stack([fused_loss_sum(hidden[i * rows:(i + 1) * rows], weight, labels[i * rows:(i + 1) * rows])
+                        for i in range(groups)])
