@@ -138,7 +138,8 @@ def test_launcher_settings_are_checked_where_they_are_set(settings: dict[str, An
          r"the same study"),
     (["study.storage=sqlite:///{tmp}/optuna.db"], r"study\.storage: SQLite, but .* use study\.storage=postgresql://"),
     (["study.storage=journal:{tmp}/optuna.journal"], r"tracking\.uri: unset, which logs to SQLite under output_dir"),
-    (["study.storage=postgresql://sweeper:hunter2@127.0.0.1:{port}/optuna"], r"study\.storage: cannot open"),
+    (["study.storage=postgresql://sweeper:hunter2@127.0.0.1:{port}/optuna", "tracking.uri=http://127.0.0.1:{port}"],
+     r"study\.storage: cannot open"),
 ])
 def test_stores_the_nodes_cannot_share_or_reach_are_refused_before_submitting(
         stores: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
