@@ -218,6 +218,11 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
         log.warning("study plots skipped: %s", e)
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     finished = states["complete"] + states["pruned"]
-    tracker.set_tags(run_id, {**{f"trials_{s}": n for s, n in states.items() if n},
-                              "budget_left": max(0, cfg.study.n_trials - finished)})
-    tracker.end_run(run_id, status)
+    try:
+        tracker.set_tags(run_id, {**{f"trials_{s}": n for s, n in states.items() if n},
+                                  "budget_left": max(0, cfg.study.n_trials - finished)})
+        tracker.end_run(run_id, status)
+    except Exception as e:  # a full disk or a store gone away: the trials are safe in the study, say so in one line
+        text = str(e).strip().splitlines()
+        log.error("the study's MLflow run %s could not be ended %s: %s: %s", run_id, status, type(e).__name__,
+                  redact(text[0][:300] if text else ""))

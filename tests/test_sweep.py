@@ -230,3 +230,18 @@ def test_adapter_keeper_prefers_the_best_value_then_the_earliest_trial() -> None
     assert adapter_keeper([(4, 2.0), (1, 2.0)], minimize) == 1
     assert adapter_keeper([(0, None)], minimize) is None
     assert adapter_keeper([], minimize) is None
+
+
+def test_a_sweep_in_which_every_trial_failed_exits_1_with_the_reasons(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from sweeper import cli, objective
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(objective, "run_recipe", broken)
+    code = cli.main(["launch", *TINY, "search_space=none", "study.n_trials=2", f"output_dir={tmp_path}",
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1, err[-3000:]
+    assert "every trial failed (2); the reasons:" in err and "2 x RuntimeError: the device went away" in err
