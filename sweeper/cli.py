@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sweeper import compose
 
     cfg, _ = compose.load(args.overrides, args.config)
-    check_launch(cfg, [])
+    check_launch(cfg, [], study=False)
     from sweeper.export import value_lines
     from sweeper.launch import SingleRun, run_single
 

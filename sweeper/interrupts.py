@@ -86,7 +86,8 @@ def handled() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _on_signal) for s in SIGNALS}
+    # A signal ignored from the start (a command started with `&` by a script) stays ignored.
+    previous = {s: signal.signal(s, _on_signal) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     quiet = _QuietInterrupt()
     # On the handlers: a logger's own filter does not see what its children (optuna.study._optimize) log.
     handlers = logging.getLogger("optuna").handlers

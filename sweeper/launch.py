@@ -190,6 +190,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         resources.base.device)
     baseline = objective.memory_mb
     max_failures = cfg.workers.max_failures if cfg.workers.max_failures is not None else cfg.study.n_trials
+    failed_before = failed_trials(study)  # an earlier launch's failures are its own (a corrected relaunch)
     bar = progress_bar(cfg.study.n_trials, f"sweep {cfg.study.name}", "trial", initial=done,
                        disable=not show_progress)
     recycle = False
@@ -204,7 +205,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         if len(study.directions) == 1 and trial.state == TrialState.COMPLETE:
             bar.set_postfix(best=f"{study.best_value:.4f}", refresh=True)
         drift = objective.memory_mb - baseline
-        if failed_trials(study) >= max_failures:
+        if failed_trials(study) - failed_before >= max_failures:
             study.stop()
         elif join and drift > cfg.workers.max_drift_mb:
             log.warning("memory grew %.0f MB above the resident base: recycling this worker", drift)

@@ -28,20 +28,28 @@ MIN_FREE_BYTES = 64 * 2**20
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 TRACKING_SCHEMES = (*RDB_SCHEMES, "http", "https", "databricks")  # MLflow 3 refuses its old file store
 CONNECT_TIMEOUT_S = 5
+TIMEOUT_DRIVERS = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+mysqldb",
+                   "mysql+pymysql")
+"""Drivers that take ``connect_timeout`` (pg8000 and others name it differently: they get their default)."""
 
 
-def check_launch(cfg: SweepConfig, params: Sequence[Param]) -> None:
+def check_launch(cfg: SweepConfig, params: Sequence[Param], *, study: bool = True) -> None:
     """Everything a launch, a worker or a training run needs, before the first write.
+
+    Args:
+        study: False for a run outside the study (``train``), which never opens its storage.
 
     Raises:
         ConfigError: naming the first setting that cannot work.
     """
     check_output_dir(cfg.output_path)
-    check_device(cfg.train.device)
+    if cfg.launcher.name == "local":  # else the workers train on other machines and check their own device
+        check_device(cfg.train.device)
     model_config = check_model(cfg)
     check_targets(cfg, params, model_config)
     check_data(cfg)
-    check_storage(cfg.storage_url)
+    if study:
+        check_storage(cfg.storage_url)
     check_tracking(cfg.tracking_uri)
 
 
@@ -177,7 +185,8 @@ def check_database(field: str, url: str) -> None:
     """A database server answers a connection (within a few seconds) with these credentials."""
     import sqlalchemy
 
-    args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith(("postgresql", "mysql")) else {}
+    driver = urlsplit(url).scheme
+    args = {"connect_timeout": CONNECT_TIMEOUT_S} if driver in TIMEOUT_DRIVERS else {}
     try:
         engine = sqlalchemy.create_engine(url, connect_args=args)
         try:
@@ -199,6 +208,8 @@ def check_server(uri: str) -> None:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S):
             pass
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy asking for credentials MLflow's client has): reachable
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
                           f"{redact(first_line(e))}") from None

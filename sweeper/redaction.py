@@ -18,7 +18,7 @@ SECRET_PATTERNS = (
     re.compile(r"[a-z][a-z0-9+.-]*://[^:/@\s'\"]*:(?P<secret>\S*)@", re.IGNORECASE),
     # libpq's ?password=..., and key=value pairs (hf_token=..., db.password=...); 'tokens=' and
     # 'tokenizer=' are other words.
-    re.compile(rf"(?<![a-z0-9])[\w.-]*{_SECRET_WORD}=['\"]?(?P<secret>[^\s,;&'\"]+)", re.IGNORECASE),
+    re.compile(rf"(?<![a-z0-9])[\w.-]*{_SECRET_WORD}=['\"]?(?P<secret>[^\s&#'\"]+)", re.IGNORECASE),
 )
 
 

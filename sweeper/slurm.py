@@ -84,15 +84,18 @@ def check_submission(cfg: SweepConfig) -> None:
     partition = cfg.launcher.partition
     if partition is not None:
         known = partitions()
-        if partition not in known:
-            raise ConfigError(f"launcher.partition: no partition {partition!r} on this cluster; it has: "
-                              f"{', '.join(known) or 'none'}")
+        unknown = [p for p in partition.split(",") if p.strip() not in known]  # sbatch takes a list
+        if unknown:
+            raise ConfigError(f"launcher.partition: no partition {', '.join(map(repr, unknown))} on this cluster; "
+                              f"it has: {', '.join(known) or 'none'}")
 
 
 def partitions() -> list[str]:
     """The cluster's partitions, as ``sinfo`` lists them."""
     try:
-        done = subprocess.run(["sinfo", "--noheader", "--format=%R"], capture_output=True, text=True, timeout=60)
+        # --all: hidden partitions and those of other groups are submittable too
+        done = subprocess.run(["sinfo", "--all", "--noheader", "--format=%R"], capture_output=True, text=True,
+                              timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ConfigError(f"launcher.partition: cannot ask SLURM for its partitions: {e}") from None
     if done.returncode != 0:

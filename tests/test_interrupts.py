@@ -38,7 +38,9 @@ def test_a_signal_mid_trial_leaves_a_clean_record(tmp_path: Path, sig: signal.Si
     args = [*TINY, *LONG_TRIALS, f"workers.slots={slots}", f"output_dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-m", "sweeper", "launch", "--no-progress", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # A test run started in the background ignores SIGINT, and so would the launch.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     try:
         deadline = time.monotonic() + 300
