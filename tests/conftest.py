@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from bench.postgres import find_bindir, loopback_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,3 +40,15 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
     """``python -m sweeper ARGS`` in a child process, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "sweeper", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A private PostgreSQL server with password authentication; yields its base URL."""
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("QLORA_SWEEP_SKIP_POSTGRES"):
+            pytest.skip("PostgreSQL is not installed")
+        pytest.fail("PostgreSQL is not installed: `make system` installs it")
+    with loopback_server(bindir, ["optuna", "mlflow", "optuna2", "mlflow2"]) as base:
+        yield base

@@ -47,6 +47,13 @@ class Recorder(RunHooks):
         self.adapter = adapter.state_dict()
 
 
+def train_together(engine: SlotEngine, configs: list[RecipeConfig]) -> tuple[list[Recorder], list[RunResult]]:
+    """Submit every config to the engine at once; each run's recorded hooks and its result."""
+    hooks = [Recorder() for _ in configs]
+    futures = [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]
+    return hooks, [f.result(timeout=600) for f in futures]
+
+
 def trial(cfg: RecipeConfig, steps: int = 3, **changes: Any) -> RecipeConfig:
     lora = dataclasses.replace(cfg.lora, **{k: v for k, v in changes.items() if k in ("r", "targets", "dropout",
                                                                                       "alpha", "use_rslora")})
@@ -82,9 +89,7 @@ def test_runs_trained_together_match_each_run_alone(setup: Any) -> None:
     alone = [run_alone(setup, c) for c in configs]
     engine = SlotEngine(base, data, slots=3, r_max=8)
     try:
-        hooks = [Recorder() for _ in configs]
-        futures = [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]
-        together = [f.result(timeout=600) for f in futures]
+        hooks, together = train_together(engine, configs)
     finally:
         engine.close()
     for (ref_hooks, ref), hook, got in zip(alone, hooks, together, strict=True):
@@ -281,9 +286,7 @@ def test_slots_on_the_base_cache_train_exactly_as_on_the_4bit_layers(setup: Any)
             base.use_base_cache(cache)
             engine = SlotEngine(base, data, slots=2, r_max=8)
             try:
-                hooks = [Recorder() for _ in configs]
-                results = [f.result(timeout=600) for f in [engine.submit(c, h)
-                                                           for c, h in zip(configs, hooks, strict=True)]]
+                hooks, results = train_together(engine, configs)
             finally:
                 engine.close()
             assert all(r.config.model.base_cache is cache for r in results)  # the run records what trained it
@@ -316,9 +319,7 @@ def test_fused_loss_passes_give_each_run_its_own_loss(setup: Any, monkeypatch: p
     for fused in (False, True):
         engine = SlotEngine(base, data, slots=3, r_max=8, fused_loss=fused)
         try:
-            hooks = [Recorder() for _ in configs]
-            results = [f.result(timeout=600) for f in [engine.submit(c, h)
-                                                       for c, h in zip(configs, hooks, strict=True)]]
+            hooks, results = train_together(engine, configs)
         finally:
             engine.close()
         assert all(r.config.train.fused_loss is fused for r in results)

@@ -21,7 +21,6 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from submitit import JobEnvironment
 
-from bench.postgres import find_bindir, loopback_server
 from objectives.config import ConfigError
 from sweeper import cli, interrupts
 from sweeper.config import LauncherConfig
@@ -59,18 +58,6 @@ def slurm() -> Iterator[None]:
             yield
         finally:
             cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A private PostgreSQL server with password authentication; yields its base URL."""
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("QLORA_SWEEP_SKIP_POSTGRES"):
-            pytest.skip("PostgreSQL is not installed")
-        pytest.fail("PostgreSQL is not installed: `make system` installs it")
-    with loopback_server(bindir, ["optuna", "mlflow", "optuna2", "mlflow2"]) as base:
-        yield base
 
 
 def launch(*args: str) -> tuple[int, str]:

@@ -24,7 +24,6 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench.postgres import find_bindir, loopback_server
 from objectives.config import ConfigError
 from sweeper import ui
 from sweeper.interrupts import Interrupted
@@ -278,21 +277,15 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 
 @pytest.mark.postgres
-def test_the_password_of_a_postgres_store_is_on_no_server_command_line(tmp_path: Path) -> None:
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("QLORA_SWEEP_SKIP_POSTGRES"):
-            pytest.skip("PostgreSQL is not installed")
-        pytest.fail("PostgreSQL is not installed: `make system` installs it")
-    with loopback_server(bindir, ["mlflow"]) as base:
-        uri = f"{base}/mlflow"
-        password = urllib.parse.urlsplit(uri).password
-        assert password
-        with sweeper_ui(f"tracking.uri={uri}", f"output_dir={tmp_path}") as running:
-            assert running.server
-            for p in running.server:
-                assert password not in " ".join(_cmdline(p)), _cmdline(p)
-            assert password not in "\n".join(running.lines)
-            running.proc.send_signal(signal.SIGTERM)
-            assert running.proc.wait(timeout=120) == 128 + signal.SIGTERM
-        assert_all_gone(running)
+def test_the_password_of_a_postgres_store_is_on_no_server_command_line(postgres: str, tmp_path: Path) -> None:
+    uri = f"{postgres}/mlflow"
+    password = urllib.parse.urlsplit(uri).password
+    assert password
+    with sweeper_ui(f"tracking.uri={uri}", f"output_dir={tmp_path}") as running:
+        assert running.server
+        for p in running.server:
+            assert password not in " ".join(_cmdline(p)), _cmdline(p)
+        assert password not in "\n".join(running.lines)
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert_all_gone(running)

@@ -9,7 +9,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from bench.postgres import find_bindir, loopback_server
 from objectives.config import ConfigError
 from sweeper import compose
 from sweeper.config import WorkersConfig, to_container
@@ -163,18 +161,6 @@ def test_the_last_grid_point_of_a_dead_worker_is_failed_outside_optimize() -> No
 
 
 # --- a real PostgreSQL server on loopback -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A private PostgreSQL server with password authentication; yields its base URL."""
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("QLORA_SWEEP_SKIP_POSTGRES"):
-            pytest.skip("PostgreSQL is not installed")
-        pytest.fail("PostgreSQL is not installed: `make system` installs it")
-    with loopback_server(bindir, ["optuna", "mlflow", "optuna2", "mlflow2"]) as base:
-        yield base
 
 
 def _children(tracking_uri: str, experiment: str) -> list:  # type: ignore[type-arg]
