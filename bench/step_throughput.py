@@ -16,7 +16,11 @@ and the same batches in the same order go through:
 - the faster-step switches, each with packing, one at a time and together (``--methods switches`` runs
   them beside ours-packed): ours-cache (``model.base_cache=on``: the 4-bit base's weights kept dequantized),
   ours-fused (``train.fused_loss=on``: liger-kernel's fused linear cross-entropy, CUDA only), ours-bf16-packed,
-  and ours-all (all three; the fused loss only where it can run).
+  and ours-all (all three; the fused loss only where it can run);
+- ``--methods fastest`` runs ours-packed beside: ours-cache-auto (the base cache, and checkpointing decided
+  as a trial decides it: the memory-for-speed switches at fp32 activations), ours-fast (the same with bf16
+  activations and the fused loss where it runs) and ours-lean (bf16 activations and the fused loss, no base
+  cache, checkpointing on: the memory-for-speed switches off, as on a 24 GB GPU).
 
 ``--checkpointing`` pins gradient checkpointing for every method (true, as Trainer + peft's recipe: the
 identical configuration), or lets each of our methods decide it as a trial would (auto: off where the memory
@@ -51,15 +55,21 @@ from bench.report import markdown_table, num, ratio, render_report, say, write_r
 from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 
 METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed", "ours-cache",
-           "ours-fused", "ours-all")
+           "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
           "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
           "ours-bf16": "ours, upcast_unquantized=false",
           "ours-bf16-packed": "ours, upcast_unquantized=false + packing",
           "ours-cache": "ours, packing + base_cache=on", "ours-fused": "ours, packing + fused_loss=on",
-          "ours-all": "ours, packing + upcast_unquantized=false + base_cache=on + fused_loss"}
+          "ours-all": "ours, packing + upcast_unquantized=false + base_cache=on + fused_loss",
+          "ours-cache-auto": "ours, packing + base_cache=on + checkpointing auto",
+          "ours-fast": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + fused_loss",
+          "ours-lean": "ours, packing + upcast_unquantized=false + fused_loss, checkpointing on"}
 # --methods switches: today's path beside each faster-step switch alone and all of them together
 SWITCHES = ("ours-packed", "ours-cache", "ours-fused", "ours-bf16-packed", "ours-all")
+# --methods fastest: today's path beside the switches as a trial on a large GPU decides them, and as a small one
+FASTEST = ("ours-packed", "ours-cache-auto", "ours-fast", "ours-lean")
+GROUPS = {"switches": SWITCHES, "fastest": FASTEST}
 
 
 @dataclass(frozen=True)
@@ -71,12 +81,17 @@ class Variant:
     base_cache: bool = False
     fused_loss: bool | str = False
     """True: the fused loss or no run (skipped where it cannot run); "auto": where it can run."""
+    checkpointing: str | None = None
+    """model.gradient_checkpointing for this method (true, false or auto); None: --checkpointing."""
 
 
 OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Variant(False, upcast=False),
         "ours-bf16-packed": Variant(True, upcast=False), "ours-cache": Variant(True, base_cache=True),
         "ours-fused": Variant(True, fused_loss=True),
-        "ours-all": Variant(True, upcast=False, base_cache=True, fused_loss="auto")}
+        "ours-all": Variant(True, upcast=False, base_cache=True, fused_loss="auto"),
+        "ours-cache-auto": Variant(True, base_cache=True, checkpointing="auto"),
+        "ours-fast": Variant(True, upcast=False, base_cache=True, fused_loss="auto", checkpointing="auto"),
+        "ours-lean": Variant(True, upcast=False, fused_loss="auto", checkpointing="true")}
 # micro-batch, steps per shape: the steps keep the 8B shape's share of the run affordable
 SIZES = {"tiny": (2, 4), "135m": (16, 10), "1b": (16, 10), "8b": (16, 6)}
 DEFAULT_METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16")
@@ -104,7 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", default="135m,1b,8b", help="comma-separated: 135m, 1b, 8b")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated subset of {', '.join(METHODS)}; 'switches' stands for "
-                        f"{', '.join(SWITCHES)}")
+                        f"{', '.join(SWITCHES)}; 'fastest' for {', '.join(FASTEST)}")
     p.add_argument("--checkpointing", choices=("true", "false", "auto"), default="true",
                    help="gradient checkpointing of every method (true: as Trainer + peft's recipe), or auto: each "
                         "of our methods decides it as a trial would")
@@ -174,6 +189,9 @@ def ours_config(base: Any, cfg: Any, variant: Variant) -> tuple[Any, str]:
     from objectives.loss import fused_loss_unavailable
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=variant.packing))
+    if variant.checkpointing is not None:
+        pinned = {"true": True, "false": False}.get(variant.checkpointing, variant.checkpointing)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=pinned))
     unavailable = fused_loss_unavailable(base.device.type, base.config)
     cfg = with_fused_loss(cfg, bool(variant.fused_loss) and unavailable is None)
     auto = cfg.model.gradient_checkpointing == "auto"
@@ -342,7 +360,7 @@ def build_report(args: argparse.Namespace, runs: list[Run], infos: list[str], en
         "- faster-step switches / ours-packed (today's path; issue goals with all of them: 8B >= 2x, 1B >= 3x): "
         + "; ".join(f"{SHAPE_NAMES[s]} " + ", ".join(
             f"{m.removeprefix('ours-')} {ratio(by.get((s, m)), by.get((s, 'ours-packed')))}"
-            for m in SWITCHES[1:] if (s, m) in by) for s in shapes)]
+            for m in dict.fromkeys(SWITCHES[1:] + FASTEST[1:]) if (s, m) in by) for s in shapes)]
     ran = [f"- {i}" for i in infos] + [
         f"- Tokens/s leaves out the first {args.warmup_steps} steps of each run (warm-up) and counts real tokens "
         "only; every method sees the same examples in the same order (the batches our loop draws with seed 0), "
@@ -375,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = make_workdir(args, "steps")
     env, command = environment(), command_line()
     methods = list(dict.fromkeys(n for m in args.methods.split(",") if m.strip()
-                                 for n in (SWITCHES if m.strip() == "switches" else (m.strip(),))))
+                                 for n in GROUPS.get(m.strip(), (m.strip(),))))
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")

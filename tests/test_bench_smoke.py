@@ -193,7 +193,7 @@ def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path)
             for ln in lines[header + 2:] if ln.startswith("|")]
     losses = {r["method"]: float(r["mean train loss"]) for r in rows
               if r["method"].startswith("ours") and r["mean train loss"] != "n/a"}
-    assert len(losses) == 6
+    assert len(losses) == 9
     packed = losses["ours, train.packing=true"]
     assert losses["ours (padded per batch)"] == pytest.approx(packed, abs=2e-3)
     bf16 = "ours, upcast_unquantized=false"
@@ -204,6 +204,11 @@ def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path)
         bf16 + " + packing"]
     fused = next(r for r in rows if r["method"] == "ours, packing + fused_loss=on")
     assert fused["note"] == "skipped: the fused loss: it needs CUDA"
+    # --methods fastest: checkpointing decided as a trial decides it changes no number
+    assert losses["ours, packing + base_cache=on + checkpointing auto"] == pytest.approx(packed, abs=2e-3)
+    fast = next(r for r in rows if r["method"].startswith("ours, packing + upcast_unquantized=false + base_cache=on "
+                                                          "+ checkpointing auto"))
+    assert fast["note"].startswith("checkpointing auto: ")
 
 
 @pytest.mark.slow
@@ -248,3 +253,20 @@ def test_slots_throughput_smoke(tmp_path: Path) -> None:
 def test_engine_profile_smoke(tmp_path: Path) -> None:
     text = run_bench("engine_profile.py", tmp_path)
     assert "| peft, one trial |" in text and re.search(r"\| 2 \| \d+\.\d+ \|", text)
+
+
+@pytest.mark.slow
+def test_step_profile_smoke_lists_host_operators_per_variant(tmp_path: Path) -> None:
+    text = run_bench("step_profile.py", tmp_path)
+    assert re.search(r"\| today \| (True|False) \| \d+\.\d+ \| n/a \| n/a \| n/a \|", text)
+    for variant in ("today", "cache", "nockpt"):
+        assert f"## {variant}\n\nHost operators (self time)" in text
+    assert "aten::mm" in text
+
+
+@pytest.mark.slow
+def test_bf16_numerics_smoke_compares_each_run_with_today(tmp_path: Path) -> None:
+    text = run_bench("bf16_numerics.py", tmp_path)
+    assert re.search(r"\| today \| 0\.00% \| 0\.00% \| \d+\.\d+ \| \+0\.00% \|", text)
+    assert re.search(r"\| autocast \| \d+\.\d\d% \|", text) and re.search(r"\| bf16 \| \d+\.\d\d% \|", text)
+    assert len(re.findall(r"^\| [123] \| ", text, flags=re.M)) == 3
