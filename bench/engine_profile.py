@@ -104,6 +104,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--checkpointing", choices=["true", "false"], default="false")
+    p.add_argument("--extra", default="", help="more Hydra overrides, space-separated "
+                                               "(e.g. model.upcast_unquantized=false)")
     return p.parse_args(argv)
 
 
@@ -120,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.slots, args.steps, args.warmup = "1,2", 2, 1
     else:
         overrides = model_overrides(args.shape, args.model_source, args.weights == "random")
-    cfg, _ = compose.load([*overrides, "search_space=none", "output_dir=/dev/null"])
+    cfg, _ = compose.load([*overrides, "search_space=none", "output_dir=/dev/null", *args.extra.split()])
     base = ResidentBase(cfg.model, pick_device(cfg.train.device))
     base.use_checkpointing(args.checkpointing == "true")
     data = prepare(cfg.data, base.tokenizer, cfg.model.cache_path)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import optuna
 from optuna.trial import TrialState
 
+from sweeper import interrupts
 from sweeper.records import TrialRecord
 from sweeper.study import FINISHED, DeadTrialHandler, dead_on_this_host, fail_trials_of
 
@@ -32,6 +34,9 @@ class BudgetGuard:
         self.poll_s = poll_s
         self.handler = handler
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._lock = threading.Lock()
+        self._asking = 0
+        """Threads let through to ask a trial that is not running yet."""
 
     def wait_turn(self, study: optuna.Study, number: int) -> bool:
         """True when trial ``number`` may run; False when the budget is finished (or the time is up) without it."""
@@ -46,6 +51,33 @@ class BudgetGuard:
                 return False
             fail_dead_trials(study, self.handler)
             time.sleep(self.poll_s)
+
+
+    def hold_while_covered(self, study: optuna.Study) -> None:
+        """Called after a trial of a sweep in slots ends, before the thread asks its next trial: while finished and
+        running trials cover the budget, wait (one of them may fail, and then this thread asks its replacement);
+        once the budget is finished, stop the study. A trial asked anyway would only be dropped as surplus."""
+        while True:
+            interrupts.check()
+            with self._lock:  # threads whose trials ended in the same step must not all take the last turn
+                trials = study.get_trials(deepcopy=False)
+                finished = sum(t.state in FINISHED for t in trials)
+                if finished >= self.budget:
+                    study.stop()
+                    return
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                if finished + running + self._asking < self.budget:
+                    self._asking += 1
+                    return
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                return
+            fail_dead_trials(study, self.handler)
+            time.sleep(self.poll_s)
+
+    def started(self) -> None:
+        """A trial began (it counts as running from here): the turn :meth:`hold_while_covered` gave is taken."""
+        with self._lock:
+            self._asking = max(0, self._asking - 1)
 
 
 def fail_dead_trials(study: optuna.Study, handler: DeadTrialHandler) -> None:

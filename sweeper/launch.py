@@ -101,6 +101,7 @@ class GuardedObjective:
         self.memory_mb = memory_in_use_mb(device)
 
     def __call__(self, trial: optuna.Trial) -> Any:
+        self.guard.started()
         record(trial, worker=self.worker, **({"slurm_job": self.job} if self.job else {}))
         if not self.guard.wait_turn(trial.study, trial.number):
             record(trial, surplus=True, state_reason="budget reached before this trial started")
@@ -194,6 +195,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     bar = progress_bar(cfg.study.n_trials, f"sweep {cfg.study.name}", "trial", initial=done,
                        disable=not show_progress)
     recycle = False
+    threads = min(plan.slots, cfg.study.n_trials - done)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal recycle
@@ -211,11 +213,14 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
             log.warning("memory grew %.0f MB above the resident base: recycling this worker", drift)
             recycle = True
             study.stop()
+        elif threads > 1:
+            objective.guard.hold_while_covered(study)
 
     status = "FAILED"
     try:
-        # With slots, one Optuna thread per slot asks a trial and waits for the engine to train it.
-        study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), n_jobs=plan.slots,
+        # With slots, one Optuna thread per slot asks a trial and waits for the engine to train it; no more threads
+        # than trials are left to run.
+        study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), n_jobs=threads,
                        callbacks=[MaxTrialsCallback(cfg.study.n_trials, states=FINISHED), after_trial])
         status = "FINISHED" if finished_trials(study) >= cfg.study.n_trials else "FAILED"
     except KeyboardInterrupt:
