@@ -68,7 +68,8 @@ def measure_engine(base: Any, data: Any, cfg: Any, slots: int, steps: int, warmu
 
     from objectives.engine import SlotEngine
 
-    engine = SlotEngine(base, data, slots=slots, r_max=64, eval_batch_size=cfg.train.micro_batch_size)
+    engine = SlotEngine(base, data, slots=slots, r_max=64, eval_batch_size=cfg.train.micro_batch_size,
+                        fused_loss=cfg.train.fused_loss)
     timer = Timer()
     futures = [engine.submit(trial_config(cfg, i, warmup + steps + 2), timer.hooks()) for i in range(slots)]
     try:

@@ -230,9 +230,9 @@ class TrainConfig:
     per step in fewer passes (attention stays within each example)."""
     fused_loss: Any = "auto"
     """Compute the loss from the last hidden state and the output head in chunks (liger-kernel's fused linear
-    cross-entropy) instead of materialising batch x sequence x vocabulary logits: less memory and time, the same
-    loss up to rounding. ``auto``: on with CUDA and liger-kernel installed, for the model families it supports;
-    on (true), off (false)."""
+    cross-entropy) instead of materialising batch x sequence x vocabulary logits: less memory but more time, the
+    same loss up to rounding. ``auto``: per trial, on only where a trial would not fit with full logits (CUDA,
+    liger-kernel installed, a model family it supports); off in a slot engine; on (true), off (false)."""
 
     def __post_init__(self) -> None:
         self.fused_loss = on_off_auto("train.fused_loss", self.fused_loss)

@@ -67,9 +67,13 @@ def with_fused_loss(cfg: Recipe, on: bool) -> Recipe:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_loss=on))
 
 
-def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None) -> Recipe:
+def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None, memory_bytes: int | None = None,
+                       linear_names: Sequence[str] | None = None) -> Recipe:
     """A trial's config with ``train.fused_loss: auto`` decided: on where it can run (CUDA, liger-kernel, a
-    supported model family), off elsewhere.
+    supported model family) and the trial is predicted not to fit ``memory_bytes`` with full logits and without
+    checkpointing; off elsewhere. It saves memory but costs time (0.82-0.91x the tokens/s of the plain loss on
+    the 1B and 8B shapes, 0.87x on a default 135M trial; BENCHMARKS.md), so it is taken before checkpointing,
+    which costs more, and only where memory asks for it. Without ``memory_bytes``: on wherever it can run.
 
     Raises:
         ConfigError: ``train.fused_loss`` is on where it cannot run.
@@ -78,7 +82,16 @@ def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None) 
 
     reason = fused_loss_unavailable(device_kind, model_config)
     if cfg.train.fused_loss == "auto":
-        return with_fused_loss(cfg, reason is None)
+        if reason is not None or memory_bytes is None:
+            return with_fused_loss(cfg, reason is None)
+        plain = with_fused_loss(cfg, False)
+        if cfg.model.gradient_checkpointing == "auto":
+            plain = with_checkpointing(plain, False)
+        try:
+            needed = not fits(plain, model_config, memory_bytes, linear_names)[0]
+        except ConfigError:
+            needed = True
+        return with_fused_loss(cfg, needed)
     if cfg.train.fused_loss is True and reason is not None:
         raise ConfigError(f"train.fused_loss: on, but {reason}; set train.fused_loss=auto or off")
     return cfg
@@ -86,9 +99,10 @@ def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None) 
 
 def resolve_trial(cfg: Recipe, model_config: Any, memory_bytes: int, device_kind: str,
                   linear_names: Sequence[str] | None = None) -> Recipe:
-    """Every ``auto`` of a trial decided, in this order: the fused loss (from the device: it only saves memory),
-    gradient checkpointing (off where the trial fits without it), the base cache (on where it still fits)."""
-    cfg = resolve_fused_loss(cfg, device_kind, model_config)
+    """Every ``auto`` of a trial decided, in this order: the fused loss (on where it can run and the trial does not
+    fit without it), gradient checkpointing (off where the trial fits without it), the base cache (on where it
+    still fits)."""
+    cfg = resolve_fused_loss(cfg, device_kind, model_config, memory_bytes, linear_names)
     cfg = resolve_checkpointing(cfg, model_config, memory_bytes, linear_names)
     return resolve_base_cache(cfg, model_config, memory_bytes, linear_names)
 

@@ -87,7 +87,9 @@ class SlotEngine:
 
     def __init__(self, base: ResidentBase, data: TokenizedSplits, slots: int, r_max: int,
                  eval_batch_size: int = 4, packing: bool = True, start: bool = True, fused_loss: Any = "auto") -> None:
-        """``fused_loss``: ``train.fused_loss`` for every pass (``auto``: where it can run).
+        """``fused_loss``: ``train.fused_loss`` for every pass. ``auto`` is off: one fused call per slot's rows made
+        a 64-slot pass 1.6x slower on an H200 (BENCHMARKS.md, benchmark 5), and the slot count is already sized
+        to fit with full logits.
 
         Raises:
             ConfigError: ``fused_loss`` is on where it cannot run.
@@ -95,7 +97,7 @@ class SlotEngine:
         unavailable = fused_loss_unavailable(base.device.type, base.config)
         if fused_loss is True and unavailable is not None:
             raise ConfigError(f"train.fused_loss: on, but {unavailable}; set train.fused_loss=auto or off")
-        self.fused_loss = unavailable is None if fused_loss == "auto" else bool(fused_loss)
+        self.fused_loss = fused_loss is True
         base.release_adapter()
         self.base = base
         self.data = data

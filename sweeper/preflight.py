@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from objectives.config import ConfigError
 from sweeper.config import SweepConfig
 from sweeper.space import Param
+from sweeper.study import local_store_path
 from sweeper.tracking import redact
 
 log = logging.getLogger(__name__)
@@ -154,15 +155,13 @@ def check_data(cfg: SweepConfig) -> None:
 
 def check_storage(url: str) -> None:
     """The study's storage: a scheme Optuna stores in, a folder that takes files, a server that answers."""
-    if url.startswith("journal:"):
-        check_output_dir(Path(url.removeprefix("journal:")).expanduser().parent)
-        return
     scheme = urlsplit(url).scheme.split("+")[0]
-    if scheme not in RDB_SCHEMES:
+    if scheme not in (*RDB_SCHEMES, "journal"):
         raise ConfigError(f"study.storage: {redact(url)!r} is not a storage Optuna opens; use "
                           "sqlite:///path/optuna.db, postgresql://user@host/db, mysql://... or journal:/path/file")
-    if scheme == "sqlite":
-        check_output_dir(Path(url.removeprefix("sqlite:///")).expanduser().parent)
+    local = local_store_path(url)
+    if local is not None:
+        check_output_dir(local.parent)
         return
     check_database("study.storage", url)
 
@@ -173,8 +172,9 @@ def check_tracking(uri: str) -> None:
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(f"tracking.uri: {redact(uri)!r} is not a store MLflow logs to; use "
                           "sqlite:///path/mlflow.db, postgresql://user@host/db or http(s)://host:port")
-    if scheme == "sqlite":
-        check_output_dir(Path(uri.removeprefix("sqlite:///")).expanduser().parent)
+    local = local_store_path(uri) if scheme == "sqlite" else None
+    if local is not None:
+        check_output_dir(local.parent)
     elif scheme in ("http", "https"):
         check_server(uri)
     elif scheme in RDB_SCHEMES:

@@ -66,8 +66,9 @@ def open_study(cfg: SweepConfig, params: Sequence[Param], *, create: bool = True
     url = cfg.storage_url
     if not create:
         check_store_exists(url)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    local = local_store_path(url)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
     storage = storage_for(url, cfg.workers, tracking_uri)
     sampler_cfg = cfg.study.sampler
     if not create:
@@ -199,11 +200,19 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def local_store_path(url: str) -> Path | None:
+    """The file behind a ``sqlite:///`` or ``journal:`` URL (its query left out); None for a server's URL."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///").split("?")[0]).expanduser()
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:")).expanduser()
+    return None
+
+
 def check_store_exists(url: str) -> None:
     """A local study store (SQLite or journal file) exists: opening a missing one would create it empty."""
-    sqlite = url.startswith("sqlite:///")
-    local = url.removeprefix("sqlite:///").split("?")[0] if sqlite else url.removeprefix("journal:")
-    if url.startswith(("sqlite:///", "journal:")) and not Path(local).expanduser().is_file():
+    local = local_store_path(url)
+    if local is not None and not local.is_file():
         raise ConfigError(f"study.storage: no study store at {local} "
                           "(run `sweeper launch` first, or pass study.storage=... / output_dir=...)")
 

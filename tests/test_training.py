@@ -246,6 +246,27 @@ def test_fused_loss_on_where_it_cannot_run_names_the_field(tmp_path: Path) -> No
     assert resolve_fused_loss(auto, "cpu").train.fused_loss is False
 
 
+def test_fused_loss_auto_is_taken_only_where_full_logits_would_not_fit(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """It saves memory and costs time: on a device where it can run, ``auto`` is on only for a trial that does not
+    fit with full logits (and no checkpointing), and checkpointing is then decided with it."""
+    import objectives.loss
+    from objectives.decisions import fits, resolve_fused_loss, resolve_trial, with_checkpointing, with_fused_loss
+    from objectives.sources import load_model_config
+
+    monkeypatch.setattr(objectives.loss, "fused_loss_unavailable", lambda *args: None)  # as on CUDA with liger
+    cfg, _ = compose.load([*TINY, "search_space=none", "data.max_length=512", f"output_dir={tmp_path}"])
+    assert cfg.train.fused_loss == "auto" and cfg.model.gradient_checkpointing == "auto"
+    config = load_model_config(cfg.model)
+    plain = fits(with_checkpointing(with_fused_loss(cfg, False), False), config, 2**62)[1]
+    fused = fits(with_checkpointing(with_fused_loss(cfg, True), False), config, 2**62)[1]
+    assert fused < plain
+    assert resolve_fused_loss(cfg, "cuda", config, plain).train.fused_loss is False
+    squeezed = resolve_trial(cfg, config, (plain + fused) // 2, "cuda")
+    assert squeezed.train.fused_loss is True and squeezed.model.gradient_checkpointing is False
+    assert resolve_fused_loss(cfg, "cuda", config).train.fused_loss is True  # no memory given: wherever it runs
+
+
 # --- model.upcast_unquantized=false: a bf16 activation stream -------------------------------------------
 
 @pytest.mark.parametrize(("upcast", "dtype"), [(True, torch.float32), (False, torch.bfloat16)])
