@@ -3,9 +3,10 @@
 Every method is the user's own command, ``python -m sweeper launch``, on the default search space and trial
 length, run for ``--seconds`` (``study.timeout_s``: no trial starts after it); nvidia-smi samples the GPU
 meanwhile. Trials per hour count the finished trials (complete or pruned) from the first trial's end to
-the timeout. A second part runs the same random-sampler trials (pruning off) one at a time and in slots and
-pairs them by parameters: the per-trial difference of the eval loss says whether sharing a pass changes
-results.
+the timeout; trial steps per hour count every trial's steps inside the window, which waves of slots that
+start and end together do not tilt. A second part runs the same random-sampler trials (pruning off) one at a
+time and in slots and pairs them by parameters: the per-trial difference of the eval loss says whether sharing
+a pass changes results.
 
     PYTHONPATH=$PWD python bench/slots_throughput.py --model-source $M --out $R/slots.md
     PYTHONPATH=$PWD python bench/slots_throughput.py --shape 1b --weights random --methods 1,16 --out $R/slots_1b.md
@@ -27,7 +28,7 @@ from bench.common import REPO_ROOT, base_parser, command_line, environment, log_
 from bench.gpu import GpuSampler
 from bench.models import SHAPE_NAMES, model_overrides
 from bench.report import markdown_table, num, percent, ratio, render_report, say, write_report
-from bench.timing import TrialTiming, best_value, finished_timings
+from bench.timing import TrialTiming, best_value, finished_timings, steps_per_hour
 
 
 @dataclass
@@ -55,6 +56,12 @@ class Method:
             return None
         n = sum(window[0] < t.end <= window[1] for t in self.trials)
         return n / (window[1] - window[0]) * 3600
+
+    def step_rate(self, seconds: float) -> float | None:
+        """Trial steps per hour from the first trial's start to the timeout (:func:`bench.timing.steps_per_hour`)."""
+        if not self.trials:
+            return None
+        return steps_per_hour(self.trials, min(t.start for t in self.trials), seconds)
 
 
 # The same 16 grid points both ways (pruning off), whatever order the slots ask for them: pairs by parameters.
@@ -163,20 +170,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, m in enumerate(pairs):
                 launch(args, m, [*common, *PAIRED_SPACE], workdir, f"p{i}", args.seconds * 4, args.paired_trials)
     rate = {m.label: m.steady(args.seconds) for m in methods}
-    base = rate[methods[0].label]
+    steps = {m.label: m.step_rate(args.seconds) for m in methods}
+    base, base_steps = rate[methods[0].label], steps[methods[0].label]
     rows = []
     for m in methods:
         window = m.window(args.seconds)
         busy = gpu.busy_fraction(*window) if window else None
         rows.append([m.label, str(len(m.trials)), num(rate[m.label], 0), ratio(rate[m.label], base), percent(busy),
-                     num(best_value(m.trials), 4), str(m.exit_code)])
+                     num(steps[m.label], 0), ratio(steps[m.label], base_steps), num(best_value(m.trials), 4),
+                     str(m.exit_code)])
     k = min((len(m.trials) for m in methods), default=0)
     model = "tiny random model (CPU smoke: numbers mean nothing)" if args.cpu_smoke else \
         f"{SHAPE_NAMES[args.shape]} ({args.weights} weights)"
     lines = [f"Model: {model}; "
              f"each method ran `python -m sweeper launch` for {args.seconds:.0f} s (study.timeout_s).", "",
              markdown_table(["method", "finished trials", "trials/h (steady)", "vs one at a time", "GPU busy",
-                             "best eval loss", "exit"], rows), "",
+                             "trial steps/h", "steps vs one at a time", "best eval loss", "exit"], rows), "",
+             "Trial steps per hour count every trial's steps inside the window from the first trial's start to the "
+             "timeout, a trial's steps spread evenly over its time: slots start and finish trials in waves, which "
+             "makes finished trials per hour swing with where the window cuts them, while steps do not.", "",
              f"Best eval loss after the first {k} finished trials of each: "
              + ", ".join(f"{m.label} {num(best_after(m.trials, k), 4)}" for m in methods)]
     if pairs:

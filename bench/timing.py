@@ -47,6 +47,20 @@ def from_frozen(trial: Any, excluded: float = 0.0) -> TrialTiming:
                        checkpointing=model.get("gradient_checkpointing"))
 
 
+def steps_per_hour(trials: Sequence[TrialTiming], start: float, seconds: float) -> float | None:
+    """Trial steps per hour from ``start`` over ``seconds``, each trial's steps spread evenly over its own time.
+
+    Unlike finished trials per hour, this does not swing with where a window cuts trials that start and end
+    together (slots): a trial half inside the window counts half its steps."""
+    total = 0.0
+    for t in trials:
+        if t.steps is None or t.end <= t.start:
+            continue
+        inside = min(t.end, start + seconds) - max(t.start, start)
+        total += t.steps * max(0.0, inside) / (t.end - t.start)
+    return total / seconds * 3600 if seconds > 0 and total > 0 else None
+
+
 def finished_timings(study: Any) -> list[TrialTiming]:
     """The study's finished trials, less the surplus ones a budget guard dropped without running them."""
     return [from_frozen(t) for t in study.get_trials(deepcopy=False)

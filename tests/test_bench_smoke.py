@@ -17,7 +17,15 @@ from bench.packing_parity import mean_interval
 from bench.postgres import find_bindir
 from bench.step_throughput import steady_tokens_per_s
 from bench.sweep_results import MethodResult, best_of_first, paired_differences, paired_speedup
-from bench.timing import TrialTiming, assign_workers, overheads, steady_per_hour, time_to_target, trial_walls
+from bench.timing import (
+    TrialTiming,
+    assign_workers,
+    overheads,
+    steady_per_hour,
+    steps_per_hour,
+    time_to_target,
+    trial_walls,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +54,14 @@ def test_workers_are_told_apart_by_label_else_by_timing() -> None:
     assert [[t.number for t in lane] for lane in assign_workers(labelled, 2)] == [[0, 2], [1]]
     unlabelled = [timing(0, 0, 5), timing(1, 0.1, 6), timing(2, 5.01, 9), timing(3, 6.02, 11), timing(4, 9.01, 12)]
     assert [[t.number for t in lane] for lane in assign_workers(unlabelled, 2)] == [[0, 2, 4], [1, 3]]
+
+
+def test_steps_per_hour_counts_the_part_of_each_trial_inside_the_window() -> None:
+    trials = [TrialTiming(0, 0.0, 10.0, "COMPLETE", steps=20), TrialTiming(1, 5.0, 25.0, "PRUNED", steps=10),
+              TrialTiming(2, 30.0, 40.0, "COMPLETE", steps=20), TrialTiming(3, 1.0, 2.0, "FAIL")]
+    # all of trial 0 (20 steps), half of trial 1 (5), none of trial 2, trial 3 reported no step
+    assert steps_per_hour(trials, 0.0, 15.0) == pytest.approx(25 / 15 * 3600)
+    assert steps_per_hour(trials[3:], 0.0, 15.0) is None
 
 
 def test_time_to_target_sums_trial_times_in_order_until_a_complete_trial_reaches_it() -> None:
