@@ -81,7 +81,7 @@ class ResidentBase:
         if device.type == "cuda":
             # sdpa prefers cuDNN's attention for bf16 queries on Hopper, and cuDNN builds an execution plan for
             # every new pass shape on the host: packed passes change shape from step to step, and the plan builds
-            # took 0.75-0.9 s of a 2.5 s Llama-3-8B step (bench/step_profile.py). The memory-efficient and flash
+            # took 1.7 s of a 2.5 s Llama-3-8B step (bench/step_profile.py). The memory-efficient and flash
             # kernels need no plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
         path = weights_path(cfg)

@@ -1,5 +1,5 @@
-"""Per-trial decisions from the memory model: does a trial fit, does it need gradient checkpointing, may it keep
-the base's dequantized copy, and (from the device) does its loss run fused."""
+"""Per-trial decisions from the memory model: does a trial fit, does its loss run fused, does it need gradient
+checkpointing, may it keep the base's dequantized copy."""
 
 from __future__ import annotations
 
@@ -69,11 +69,13 @@ def with_fused_loss(cfg: Recipe, on: bool) -> Recipe:
 
 def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None, memory_bytes: int | None = None,
                        linear_names: Sequence[str] | None = None) -> Recipe:
-    """A trial's config with ``train.fused_loss: auto`` decided: on where it can run (CUDA, liger-kernel, a
-    supported model family) and the trial is predicted not to fit ``memory_bytes`` with full logits and without
-    checkpointing; off elsewhere. It saves memory but costs time (0.82-0.91x the tokens/s of the plain loss on
-    the 1B and 8B shapes, 0.87x on a default 135M trial; BENCHMARKS.md), so it is taken before checkpointing,
-    which costs more, and only where memory asks for it. Without ``memory_bytes``: on wherever it can run.
+    """A trial's config with ``train.fused_loss: auto`` decided where it can run (CUDA, liger-kernel, a supported
+    model family; off elsewhere). It saves memory but costs time (0.82-0.91x the tokens/s of the plain loss on the
+    1B and 8B shapes, 0.84x on a default 135M trial; BENCHMARKS.md), less than checkpointing's recomputed forward
+    costs. So of the ways the trial may run, fastest first (full logits without checkpointing, fused without,
+    full logits with checkpointing, fused with; checkpointing only where ``model.gradient_checkpointing``
+    allows it), the first predicted to fit ``memory_bytes`` decides; where none fits, the fused loss is on.
+    Without ``memory_bytes``: on wherever it can run.
 
     Raises:
         ConfigError: ``train.fused_loss`` is on where it cannot run.
@@ -84,14 +86,16 @@ def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None, 
     if cfg.train.fused_loss == "auto":
         if reason is not None or memory_bytes is None:
             return with_fused_loss(cfg, reason is None)
-        plain = with_fused_loss(cfg, False)
-        if cfg.model.gradient_checkpointing == "auto":
-            plain = with_checkpointing(plain, False)
-        try:
-            needed = not fits(plain, model_config, memory_bytes, linear_names)[0]
-        except ConfigError:
-            needed = True
-        return with_fused_loss(cfg, needed)
+        setting = cfg.model.gradient_checkpointing
+        for checkpointing in ([False, True] if setting == "auto" else [bool(setting)]):
+            for fused in (False, True):
+                try:
+                    if fits(with_checkpointing(with_fused_loss(cfg, fused), checkpointing), model_config,
+                            memory_bytes, linear_names)[0]:
+                        return with_fused_loss(cfg, fused)
+                except ConfigError:
+                    break
+        return with_fused_loss(cfg, True)
     if cfg.train.fused_loss is True and reason is not None:
         raise ConfigError(f"train.fused_loss: on, but {reason}; set train.fused_loss=auto or off")
     return cfg

@@ -80,9 +80,9 @@ class RunResult:
 
 def plan_run(cfg: Recipe, base: ResidentBase, memory_bytes: int) -> Recipe:
     """The run's config with every ``auto`` decided for ``memory_bytes`` of the base's device
-    (:func:`objectives.decisions.resolve_trial`): the fused loss where it can run, checkpointing off when the
-    memory model predicts the run fits without it (no recomputed forward), the base cache on when it predicts
-    the run still fits with it."""
+    (:func:`objectives.decisions.resolve_trial`): the fused loss only where memory asks for it, checkpointing off
+    when the memory model predicts the run fits without it (no recomputed forward), the base cache on when it
+    predicts the run still fits with it."""
     return resolve_trial(cfg, base.config, memory_bytes, base.device.type, base.linear_names)
 
 

@@ -35,6 +35,7 @@ class BudgetGuard:
         self.handler = handler
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self._asking = 0
         """Threads let through to ask a trial that is not running yet."""
 
@@ -59,6 +60,8 @@ class BudgetGuard:
         once the budget is finished, stop the study. A trial asked anyway would only be dropped as surplus."""
         while True:
             interrupts.check()
+            if self._stopped.is_set():
+                return
             with self._lock:  # threads whose trials ended in the same step must not all take the last turn
                 trials = study.get_trials(deepcopy=False)
                 finished = sum(t.state in FINISHED for t in trials)
@@ -73,6 +76,16 @@ class BudgetGuard:
                 return
             fail_dead_trials(study, self.handler)
             time.sleep(self.poll_s)
+
+    def stop(self, study: optuna.Study) -> None:
+        """Stop the study, and let every thread waiting in :meth:`hold_while_covered` go (to stop too)."""
+        self._stopped.set()
+        study.stop()
+
+    def let_through(self, threads: int) -> None:
+        """``threads`` threads are about to ask their first trials: count them until they have."""
+        with self._lock:
+            self._asking += threads
 
     def started(self) -> None:
         """A trial began (it counts as running from here): the turn :meth:`hold_while_covered` gave is taken."""

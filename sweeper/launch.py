@@ -208,14 +208,15 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
             bar.set_postfix(best=f"{study.best_value:.4f}", refresh=True)
         drift = objective.memory_mb - baseline
         if failed_trials(study) - failed_before >= max_failures:
-            study.stop()
+            objective.guard.stop(study)
         elif join and drift > cfg.workers.max_drift_mb:
             log.warning("memory grew %.0f MB above the resident base: recycling this worker", drift)
             recycle = True
-            study.stop()
+            objective.guard.stop(study)
         elif threads > 1:
             objective.guard.hold_while_covered(study)
 
+    objective.guard.let_through(threads)
     status = "FAILED"
     try:
         # With slots, one Optuna thread per slot asks a trial and waits for the engine to train it; no more threads

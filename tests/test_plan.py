@@ -218,4 +218,5 @@ def test_the_plan_shows_the_base_cache_and_the_loss(tiny: tuple[SweepConfig, lis
     gpu = Device("cuda", "H100-class GPU", 989e12, 67e12)
     slots = plan(replace(cfg, workers=replace(cfg.workers, slots=8)), params, 80 * 2**30, model_config=config,
                  device=gpu)
-    assert re.search(r"trials per pass \(workers.slots=8\): 8 .*checkpointing off, base cache on, predicted", slots)
+    assert re.search(r"trials per pass \(workers.slots=8\): 8 .*checkpointing off, base cache on, "
+                     r"loss from full logits, predicted", slots)

@@ -265,6 +265,16 @@ def test_fused_loss_auto_is_taken_only_where_full_logits_would_not_fit(tmp_path:
     squeezed = resolve_trial(cfg, config, (plain + fused) // 2, "cuda")
     assert squeezed.train.fused_loss is True and squeezed.model.gradient_checkpointing is False
     assert resolve_fused_loss(cfg, "cuda", config).train.fused_loss is True  # no memory given: wherever it runs
+    # nothing fits: every saving is taken
+    assert resolve_trial(cfg, config, 1, "cuda").train.fused_loss is True
+    # deep, with a small vocabulary: the fused loss saves too little, checkpointing alone does it
+    deep, _ = compose.load([*TINY, "search_space=none", "data.max_length=512", f"output_dir={tmp_path}",
+                            "++model.config_overrides.num_hidden_layers=32", "++model.config_overrides.vocab_size=512"])
+    config = load_model_config(deep.model)
+    checkpointed = fits(with_checkpointing(with_fused_loss(deep, False), True), config, 2**62)[1]
+    assert checkpointed < fits(with_checkpointing(with_fused_loss(deep, True), False), config, 2**62)[1]
+    tight = resolve_trial(deep, config, checkpointed, "cuda")
+    assert tight.train.fused_loss is False and tight.model.gradient_checkpointing is True
 
 
 # --- model.upcast_unquantized=false: a bf16 activation stream -------------------------------------------
