@@ -22,6 +22,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from bench.common import base_parser, command_line, environment, quiet_logs
 from bench.gpu import free_accelerator
@@ -49,16 +50,12 @@ def overrides(args: argparse.Namespace, variant: str) -> list[str]:
             *(["data.max_length=64", "data.max_eval_examples=8"] if args.cpu_smoke else [])]
 
 
-def run(args: argparse.Namespace, variant: str) -> tuple[list[float], float, float]:
+def run(cfg: Any, variant: str, resources: Any) -> tuple[list[float], float, float]:
     """Per-step train losses, the final eval loss and the seconds the training took."""
     import torch
 
     from objectives.training import train_adapter
-    from sweeper import compose
-    from sweeper.launch import Resources
 
-    cfg, _ = compose.load(overrides(args, variant))
-    resources = Resources.load(cfg)
     base = resources.base
     losses: list[float] = []
     autocast = torch.autocast(base.device.type, dtype=torch.bfloat16) if variant == "autocast" \
@@ -73,11 +70,20 @@ def run(args: argparse.Namespace, variant: str) -> tuple[list[float], float, flo
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logs()
+    from sweeper import compose
+    from sweeper.launch import Resources
+
     runs: dict[str, tuple[list[float], float, float]] = {}
+    loaded: dict[bool, Any] = {}  # today and autocast share one loaded base
     for variant in VARIANTS:
         say(f"[{time.strftime('%H:%M:%S')}] {variant} ...")
-        runs[variant] = run(args, variant)
-        free_accelerator()
+        cfg, _ = compose.load(overrides(args, variant))
+        upcast = cfg.model.upcast_unquantized
+        if upcast not in loaded:
+            loaded.clear()
+            free_accelerator()
+            loaded[upcast] = Resources.load(cfg)
+        runs[variant] = run(cfg, variant, loaded[upcast])
     today, today_eval, _ = runs["today"]
     per_step = markdown_table(["step", *VARIANTS], [[str(i + 1), *(num(runs[v][0][i], 4) for v in VARIANTS)]
                                                     for i in range(len(today))])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from bench.common import base_parser, command_line, environment, quiet_logs
 from bench.gpu import free_accelerator
 from bench.models import SHAPE_NAMES, model_overrides
 from bench.report import markdown_table, num, render_report, say, write_report
+from bench.step_throughput import median_step
 
 SWITCHES = {"today", "cache", "bf16", "fused", "nockpt", "ckpt"}
 
@@ -84,13 +84,11 @@ def profile_variant(args: argparse.Namespace, name: str, resources: Any, cfg: An
     cuda = base.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     stamps: list[float] = []
-    tokens: list[float] = []
     prof = profile(activities=activities,
                    schedule=schedule(wait=0, warmup=args.warmup_steps - 1, active=args.steps, repeat=1))
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         stamps.append(time.perf_counter())
-        tokens.append(metrics["tokens_per_s"])
         prof.step()
 
     base.use_checkpointing(cfg.model.gradient_checkpointing)
@@ -105,8 +103,7 @@ def profile_variant(args: argparse.Namespace, name: str, resources: Any, cfg: An
     # the profiler's own step ranges show up as device events too: they are spans, not kernels
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith("ProfilerStep")]
     host = [e for e in events if e.device_type == DeviceType.CPU and not e.key.startswith("ProfilerStep")]
-    gaps = [b - a for a, b in zip(stamps[args.warmup_steps - 1:], stamps[args.warmup_steps:], strict=False)]
-    wall = statistics.median(gaps) if gaps else float("nan")
+    wall = median_step(stamps, args.warmup_steps) or float("nan")
     kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6 / args.steps if cuda else None
     return {
         "variant": name, "checkpointing": cfg.model.gradient_checkpointing, "wall": wall, "kernel": kernel_s,

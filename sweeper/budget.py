@@ -48,11 +48,8 @@ class BudgetGuard:
             ahead = sum(t.number < number and t.state in (*FINISHED, TrialState.RUNNING) for t in trials)
             if ahead < self.budget:
                 return True
-            if self.deadline is not None and time.monotonic() > self.deadline:
+            if not self._pause(study):
                 return False
-            fail_dead_trials(study, self.handler)
-            time.sleep(self.poll_s)
-
 
     def hold_while_covered(self, study: optuna.Study) -> None:
         """Called after a trial of a sweep in slots ends, before the thread asks its next trial: while finished and
@@ -72,10 +69,16 @@ class BudgetGuard:
                 if finished + running + self._asking < self.budget:
                     self._asking += 1
                     return
-            if self.deadline is not None and time.monotonic() > self.deadline:
+            if not self._pause(study):
                 return
-            fail_dead_trials(study, self.handler)
-            time.sleep(self.poll_s)
+
+    def _pause(self, study: optuna.Study) -> bool:
+        """One poll interval, failing the trials of dead workers first; False once the time is up."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return False
+        fail_dead_trials(study, self.handler)
+        time.sleep(self.poll_s)
+        return True
 
     def stop(self, study: optuna.Study) -> None:
         """Stop the study, and let every thread waiting in :meth:`hold_while_covered` go (to stop too)."""

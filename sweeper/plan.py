@@ -192,10 +192,14 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     base_cache = ("auto (per trial: a compute-dtype copy of the 4-bit weights where the trial still fits with it)"
                   if cache_auto else "on" if m.base_cache is True else "off")
     unfused = fused_loss_unavailable(device.kind, model_config)
-    fused = ("full logits" + (" (train.fused_loss=off)" if cfg.train.fused_loss is False
-                              else f" (fused loss: {unfused})") if cfg.train.fused_loss is False or unfused
-             else "fused with the head (liger-kernel)" if cfg.train.fused_loss is True
-             else "auto (per trial: fused with the head only where the trial would not fit with full logits)")
+    if cfg.train.fused_loss is False:
+        fused = "full logits (train.fused_loss=off)"
+    elif unfused:
+        fused = f"full logits (fused loss: {unfused})"
+    elif cfg.train.fused_loss is True:
+        fused = "fused with the head (liger-kernel)"
+    else:
+        fused = "auto (per trial: fused with the head only where the trial would not fit with full logits)"
     lines = [f"plan for study {cfg.study.name!r} ({cfg.study.n_trials} trials); nothing is trained",
              f"model: {_describe_model(cfg, model_config)}",
              f"base: {m.quant_type}{' (double quant)' if m.double_quant and four_bit else ''}, "

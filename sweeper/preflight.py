@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from objectives.config import ConfigError
 from sweeper.config import SweepConfig
+from sweeper.redaction import first_line
 from sweeper.space import Param
 from sweeper.study import local_store_path
 from sweeper.tracking import redact
@@ -107,7 +108,7 @@ def check_model(cfg: SweepConfig) -> Any:
         hint = ("; without the network, a hub id must be in the local cache (HF_HUB_OFFLINE)"
                 if "/" in cfg.model.source and not Path(cfg.model.source).exists() else "")
         raise ConfigError(f"model.source: cannot read the config of {cfg.model.source!r}: {type(e).__name__}: "
-                          f"{redact(first_line(e))}{hint}") from None
+                          f"{first_line(e)}{hint}") from None
 
 
 def linear_names(cfg: SweepConfig, model_config: Any) -> list[str] | None:
@@ -197,7 +198,7 @@ def check_database(field: str, url: str) -> None:
     except Exception as e:
         what = "cannot open" if field == "study.storage" else "cannot reach MLflow at"
         raise ConfigError(f"{field}: {what} {redact(url)!r}: {type(e).__name__}: "
-                          f"{redact(first_line(e))}") from None
+                          f"{first_line(e)}") from None
 
 
 def check_server(uri: str) -> None:
@@ -212,10 +213,6 @@ def check_server(uri: str) -> None:
         return  # it answered (a proxy asking for credentials MLflow's client has): reachable
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
-                          f"{redact(first_line(e))}") from None
+                          f"{first_line(e)}") from None
 
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 

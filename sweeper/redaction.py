@@ -10,7 +10,7 @@ import re
 
 REDACTED = "***"
 
-_SECRET_WORD = r"(?:password|passwd|pwd|token|secret|api[_-]?key|private[_-]?key|credentials?)"
+SECRET_WORD = r"(?:password|passwd|pwd|token|secret|api[_-]?key|private[_-]?key|credentials?)"
 
 SECRET_PATTERNS = (
     # A password runs to the last '@' before a space, so one holding '/', '=', '@' or a quote is hidden whole;
@@ -18,7 +18,7 @@ SECRET_PATTERNS = (
     re.compile(r"[a-z][a-z0-9+.-]*://[^:/@\s'\"]*:(?P<secret>\S*)@", re.IGNORECASE),
     # libpq's ?password=..., and key=value pairs (hf_token=..., db.password=...); 'tokens=' and
     # 'tokenizer=' are other words.
-    re.compile(rf"(?<![a-z0-9])[\w.-]*{_SECRET_WORD}=['\"]?(?P<secret>[^\s&#'\"]+)", re.IGNORECASE),
+    re.compile(rf"(?<![a-z0-9])[\w.-]*{SECRET_WORD}=['\"]?(?P<secret>[^\s&#'\"]+)", re.IGNORECASE),
 )
 
 
@@ -61,6 +61,12 @@ def redact_text(text: str, source: str | None = None) -> str:
     for start, end in reversed(secret_spans(text)):
         text = text[:start] + REDACTED + text[end:]
     return text
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An error's first line, cut to ``limit`` characters and redacted: what a one-line message quotes of it."""
+    text = str(e).strip()
+    return redact_text((text.splitlines()[0] if text else type(e).__name__)[:limit])
 
 
 def _overlaps(piece: str, source: str, spans: list[tuple[int, int]]) -> bool:

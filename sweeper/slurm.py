@@ -113,15 +113,15 @@ def folder_of(cfg: SweepConfig) -> Path:
 
 
 def submit_workers(cfg: SweepConfig, params: Sequence[Param]) -> Submission | None:
-    """Check, create the study and its parent run, and submit ``workers.count`` workers as one job array.
+    """Create the study and its parent run, and submit ``workers.count`` workers as one job array (the caller has
+    run :func:`check_submission`).
 
     Returns:
         The job array, or None when the study's budget is already finished (nothing is submitted).
 
     Raises:
-        ConfigError: a check failed, or sbatch refused the array (its reason); nothing is queued then.
+        ConfigError: sbatch refused the array (its reason); nothing is queued then.
     """
-    check_submission(cfg)
     from sweeper.launch import stores_lock
     from sweeper.study import finished_trials, open_study
     from sweeper.tracking import make_tracker, parent_run

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from objectives.config import RECIPE_SECTIONS, ConfigError
 from sweeper.config import SweepConfig, WorkersConfig, to_container
 from sweeper.records import StudyRecord, TrialRecord, record_study
+from sweeper.redaction import first_line
 from sweeper.samplers import counting_running, for_worker, make_pruner, make_sampler
 from sweeper.space import Param
 from sweeper.tracking import redact
@@ -193,7 +194,7 @@ def storage_for(url: str, workers: WorkersConfig | None = None, tracking_uri: st
             heartbeat_stale_trial_callback=DeadTrialHandler(workers.max_retry, tracking_uri))
     except Exception as e:  # any connection problem is reported with the (redacted) URL
         raise ConfigError(f"study.storage: cannot open {redact(url)!r}: {type(e).__name__}: "
-                          f"{redact(str(e).splitlines()[0][:300])}") from None
+                          f"{first_line(e)}") from None
 
 
 def finished_trials(study: optuna.Study) -> int:

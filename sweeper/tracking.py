@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from objectives.config import ConfigError
 from sweeper.config import SweepConfig, to_container
 from sweeper.records import StudyRecord, record_study
-from sweeper.redaction import REDACTED, redact_text
+from sweeper.redaction import REDACTED, SECRET_WORD, first_line, redact_text
 
 if TYPE_CHECKING:  # optuna is imported by the callers that hand a study over; `sweeper --help` stays quick
     import optuna
@@ -30,8 +30,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 # Whole words at the end of a key (hf_token, db.password, api-key), not bos_token_id or tokenizer.
-SECRET_KEY = re.compile(r"(?:^|[._-])(?:token|secret|password|passwd|api[_-]?key|private[_-]?key|credentials?)$",
-                        re.IGNORECASE)
+SECRET_KEY = re.compile(rf"(?:^|[._-]){SECRET_WORD}$", re.IGNORECASE)
 FLUSH_EVERY = 200
 
 # Trial state -> MLflow run status
@@ -90,7 +89,7 @@ class Tracker:
                 self.experiment_id = found.experiment_id
         except Exception as e:  # any failure to reach the store is a config problem here
             raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+                              f"{type(e).__name__}: {first_line(e)}") from None
         self._pending: dict[str, list[Any]] = {}
         # Trials in slots log from one thread each: one write at a time, as SQLite takes them anyway (its
         # lock contention otherwise turns into retries with back-off inside MLflow).

@@ -202,7 +202,7 @@ def _wait_until_served(proc: subprocess.Popen[bytes], host: str, port: int, url:
             where = f", log: {log_path}" if log_path is not None else ""
             raise ConfigError(f"mlflow ui exited with code {proc.returncode}{where}: {tail}")
         # Whatever answers on the port may be another server; only a socket of ours makes it ours.
-        if _answers(url) and serves(proc, port):
+        if answers(url) and serves(proc, port):
             return
         if signals is not None:
             signals.check()
@@ -210,9 +210,10 @@ def _wait_until_served(proc: subprocess.Popen[bytes], host: str, port: int, url:
     raise RuntimeError(f"mlflow ui did not answer on {url} within {timeout_s:g} s")
 
 
-def _answers(url: str) -> bool:
+def answers(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether an MLflow server answers its health check at ``url``."""
     try:
-        with urllib.request.urlopen(url + "/health", timeout=2):
+        with urllib.request.urlopen(url + "/health", timeout=timeout_s):
             return True
     except OSError:
         return False
@@ -238,10 +239,11 @@ def server_processes(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
         with suppress(OSError):
             if os.getpgid(p.pid) == proc.pid:
                 found.setdefault(p.pid, p)
-    return [p for p in found.values() if _running(p)]
+    return [p for p in found.values() if alive(p)]
 
 
-def _running(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
+    """Whether a process still runs (a zombie does not)."""
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -300,7 +302,7 @@ def stop_ui(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             proc.poll()  # reaps the leader, this process's child
-            known = [p for p in {*known, *server_processes(proc)} if _running(p)]
+            known = [p for p in {*known, *server_processes(proc)} if alive(p)]
             if not known and proc.returncode is not None:
                 return
             time.sleep(0.2)

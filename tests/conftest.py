@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +53,30 @@ def postgres() -> Iterator[str]:
         pytest.fail("PostgreSQL is not installed: `make system` installs it")
     with loopback_server(bindir, ["optuna", "mlflow", "optuna2", "mlflow2"]) as base:
         yield base
+
+
+class ReferenceFusedLoss:
+    """A plain cross-entropy in liger-kernel's place (liger-kernel needs CUDA; tests/test_gpu.py runs it there):
+    what surrounds the kernel is checked on the CPU. Agreement is to float32 rounding: the head's product runs
+    on a (tokens, hidden) matrix instead of (rows, tokens, hidden)."""
+
+    def __call__(self, weight: Any, hidden: Any, target: Any) -> Any:
+        import torch
+
+        return torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), target, reduction="sum")
+
+
+@pytest.fixture
+def reference_fused_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    from objectives import loss
+
+    monkeypatch.setitem(loss._FUSED, "sum", ReferenceFusedLoss())
+
+
+def child_runs_of(tracking_uri: str, experiment: str) -> list[Any]:
+    """The MLflow runs of an experiment that have a parent run: the trials'."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]

@@ -300,18 +300,10 @@ def test_slots_on_the_base_cache_train_exactly_as_on_the_4bit_layers(setup: Any)
         assert all(torch.equal(adapter[k], ref_adapter[k]) for k in ref_adapter)
 
 
-class ReferenceFusedLoss:
-    """A plain cross-entropy in liger-kernel's place (it needs CUDA): checks the engine's per-run sums."""
-
-    def __call__(self, weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), target, reduction="sum")
-
-
+@pytest.mark.usefixtures("reference_fused_loss")  # the engine's per-run sums
 def test_fused_loss_passes_give_each_run_its_own_loss(setup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from objectives import engine as engine_module
-    from objectives import loss
 
-    monkeypatch.setitem(loss._FUSED, "sum", ReferenceFusedLoss())
     monkeypatch.setattr(engine_module, "fused_loss_unavailable", lambda *args: None)
     cfg, base, data = setup
     configs = [trial(cfg, **t) for t in TRIALS]

@@ -30,7 +30,7 @@ from sweeper.slurm import recover_trials
 from sweeper.study import DeadTrialHandler
 from sweeper.ui import free_port
 from tests import slurm_cluster
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, child_runs_of, run_cli
 
 SPACE = ["search_space=none", "lora.r=choice(2,4)", "lora.targets=choice(qk,all-linear)",
          "optimizer.lr=tag(log, interval(1e-4, 1e-2))", "study/sampler=random"]
@@ -95,12 +95,6 @@ def wait_for(array: str, folder: Path, timeout: float = ARRAY_TIMEOUT_S) -> None
 def logs(folder: Path) -> str:
     return "".join(f"\n--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-25:])
                    for p in sorted(folder.glob("*.out")))
-
-
-def children(tracking: str, experiment: str) -> list[Any]:
-    client = MlflowClient(tracking)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
 # --- checks that need no cluster ------------------------------------------------------------------------------
@@ -253,7 +247,7 @@ def test_two_array_tasks_finish_exactly_the_budget(slurm: None, postgres: str, t
     assert jobs <= {f"{array}_0", f"{array}_1"}, jobs
     ran = [t for t in study.trials if not TrialRecord.of(t).surplus]
     run_ids = [TrialRecord.of(t).mlflow_run_id for t in ran]
-    kids = children(tracking, "qlora-default")
+    kids = child_runs_of(tracking, "qlora-default")
     assert sorted(r.info.run_id for r in kids) == sorted(run_ids)  # one child run per trial
     assert {r.data.tags["slurm_job"] for r in kids} == {TrialRecord.of(t).slurm_job for t in ran}
     client = MlflowClient(tracking)
@@ -324,6 +318,6 @@ def test_cancelled_and_requeued_tasks_trials_are_retried_and_the_budget_stays_ex
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     ran = [t for t in trials if not TrialRecord.of(t).surplus]
-    kids = children(tracking, "qlora-default")
+    kids = child_runs_of(tracking, "qlora-default")
     assert sorted(r.info.run_id for r in kids) == sorted(TrialRecord.of(t).mlflow_run_id for t in ran)
     assert client.get_run(kids[0].data.tags["mlflow.parentRunId"]).info.status == "FINISHED"

@@ -199,22 +199,7 @@ def test_a_trial_decides_the_base_cache_from_the_memory_model(tmp_path: Path) ->
 
 
 # --- train.fused_loss: the plumbing around liger-kernel's kernel, with a plain reference in its place ------
-# liger-kernel needs CUDA (tests/test_gpu.py runs it there); here a plain cross-entropy of the same call checks
-# what surrounds it: the shifted labels, the normalisation over the step's tokens, evaluation, and the slot
-# engine's per-run sums. Agreement is to float32 rounding: the head's product runs on a (tokens, hidden) matrix
-# instead of (rows, tokens, hidden).
-
-class ReferenceFusedLoss:
-    def __call__(self, weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = (hidden @ weight.t()).float()
-        return torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
-
-
-@pytest.fixture
-def reference_fused_loss(monkeypatch: pytest.MonkeyPatch) -> None:
-    from objectives import loss
-
-    monkeypatch.setitem(loss._FUSED, "sum", ReferenceFusedLoss())
+# (conftest.ReferenceFusedLoss): the shifted labels, the normalisation over the step's tokens, evaluation.
 
 
 @pytest.mark.usefixtures("reference_fused_loss")

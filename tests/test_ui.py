@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from objectives.config import ConfigError
 from sweeper import ui
 from sweeper.interrupts import Interrupted
-from sweeper.ui import STOP_SIGNALS, StopSignals, server_command, start_ui, stop_ui
+from sweeper.ui import STOP_SIGNALS, StopSignals, answers, server_command, start_ui, stop_ui
 from tests.conftest import ROOT, run_cli
 
 POSTGRES_URI = "postgresql://u:secretpw@127.0.0.1:5432/db"
@@ -151,43 +151,28 @@ def sweeper_ui(*args: str, terminal: bool = False) -> Iterator[Running]:
                 os.killpg(group, signal.SIGKILL)
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def _members(groups: set[int]) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter():
         with suppress(OSError):
-            if os.getpgid(p.pid) in groups and _alive(p):
+            if os.getpgid(p.pid) in groups and ui.alive(p):
                 found.append(p)
     return found
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5):
-            return True
-    except OSError:
-        return False
 
 
 def assert_all_gone(running: Running) -> None:
     """No process the server had started runs, none is left in its process group, and its port is free."""
     assert running.groups and len(running.server) > 5, running.server  # uvicorn's workers, MLflow's job consumers
-    assert not [p for p in running.server if _alive(p)]
+    assert not [p for p in running.server if ui.alive(p)]
     assert not _members(running.groups)
-    assert not _answers(running.url)
+    assert not answers(running.url, timeout_s=5)
     ui.check_port("127.0.0.1", running.port)  # raises when anything still listens there
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_stops_every_server_process_and_frees_the_port(signum: int, tmp_path: Path) -> None:
     with sweeper_ui(f"output_dir={tmp_path}") as running:
-        assert _answers(running.url)
+        assert answers(running.url, timeout_s=5)
         running.proc.send_signal(signum)
         assert running.proc.wait(timeout=120) == 128 + signum
         assert running.proc.stdout is not None
@@ -202,7 +187,7 @@ def test_a_closed_terminal_stops_every_server_process_and_frees_the_port(tmp_pat
     """The terminal's hangup sends SIGHUP; the command's last line then has nowhere to go, which must not change
     its exit status."""
     with sweeper_ui(f"output_dir={tmp_path}", terminal=True) as running:
-        assert _answers(running.url)
+        assert answers(running.url, timeout_s=5)
         assert running.proc.stdout is not None
         running.proc.stdout.close()  # the master end: the terminal closes
         assert running.proc.wait(timeout=120) == 128 + signal.SIGHUP

@@ -25,7 +25,7 @@ from sweeper.records import TrialRecord, record
 from sweeper.study import DeadTrialHandler, fail_trials_of, open_study
 from sweeper.tracking import make_tracker, parent_run
 from sweeper.workers import gpu_slots
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, child_runs_of, run_cli
 
 SPACE = ["search_space=none", "lora.r=choice(2,4)", "lora.targets=choice(qk,all-linear)",
          "optimizer.lr=tag(log, interval(1e-4, 1e-2))"]
@@ -163,12 +163,6 @@ def test_the_last_grid_point_of_a_dead_worker_is_failed_outside_optimize() -> No
 # --- a real PostgreSQL server on loopback -----------------------------------------------------------------
 
 
-def _children(tracking_uri: str, experiment: str) -> list:  # type: ignore[type-arg]
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-
-
 @pytest.mark.postgres
 def test_three_workers_finish_exactly_the_budget(postgres: str, tmp_path: Path) -> None:
     storage, tracking = f"{postgres}/optuna", f"{postgres}/mlflow"
@@ -182,7 +176,7 @@ def test_three_workers_finish_exactly_the_budget(postgres: str, tmp_path: Path) 
     ran = [t for t in study.trials if not t.user_attrs.get("surplus")]
     run_ids = [t.user_attrs["mlflow_run_id"] for t in ran]
     assert len(set(run_ids)) == len(run_ids)  # one child run per trial, none shared
-    children = _children(tracking, "qlora-default")
+    children = child_runs_of(tracking, "qlora-default")
     assert sorted(r.info.run_id for r in children) == sorted(run_ids)
     assert all(r.info.status != "RUNNING" for r in children)
     assert postgres.split("@")[0].split(":")[-1] not in str([r.data.params for r in children])  # no password
@@ -254,7 +248,7 @@ def test_journal_workers_survive_a_sigkill(tmp_path: Path, slots: int) -> None:
     assert by_number[victim.number].state == TrialState.FAIL
     assert any(t.user_attrs.get("retry_of") == victim.number for t in study.trials)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 4
-    children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}", "qlora-default")
+    children = child_runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}", "qlora-default")
     assert all(r.info.status != "RUNNING" for r in children)
     if slots == 1:  # later verbs find the journal without the launch's worker count
         report = run_cli("report", f"output_dir={tmp_path}")
