@@ -82,11 +82,11 @@ class TrialHooks(RunHooks):
                 tags["slurm_job"] = job
         else:
             name, tags = self.objective.run_name, dict(self.objective.run_tags)
-        self.run_id = tracker.start_run(
-            name, parent_id=self.objective.parent_run_id, tags={**tags, "trial_state": "running"},
-            params={**{f"config.{k}": v for k, v in resolved.items()}, **self.sampled})
+        self.run_id = tracker.start_run(name, parent_id=self.objective.parent_run_id,
+                                        tags={**tags, "trial_state": "running"})
+        record(self.trial, mlflow_run_id=self.run_id)  # first: a worker killed from here on leaves no stray run
+        tracker.log_params(self.run_id, {**{f"config.{k}": v for k, v in resolved.items()}, **self.sampled})
         tracker.log_dict(self.run_id, resolved, "config.yaml")
-        record(self.trial, mlflow_run_id=self.run_id)
 
     def on_forecast(self, predicted_peak_mb: float) -> None:
         record(self.trial, predicted_peak_mb=predicted_peak_mb)

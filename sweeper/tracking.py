@@ -155,6 +155,13 @@ class Tracker:
             self.flush(run_id)
             self.client.set_terminated(run_id, status=status)
 
+    def running_children(self, parent_id: str) -> list[tuple[str, dict[str, str]]]:
+        """(run id, tags) of the parent's child runs whose status is RUNNING."""
+        with self._lock:
+            runs = self.client.search_runs(
+                [self.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
+        return [(r.info.run_id, r.data.tags) for r in runs]
+
     def reopen(self, run_id: str) -> None:
         with self._lock:
             self.client.update_run(run_id, status="RUNNING")
@@ -206,6 +213,21 @@ def update_parent(tracker: Tracker, run_id: str, study: optuna.Study) -> None:
     tracker.flush(run_id)
 
 
+STRAY_REASON = "its worker died before the run was linked to its trial"
+
+
+def end_stray_children(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
+    """End as KILLED each child run still "running" whose trial is not: a worker killed between creating the
+    run and recording its id on the trial leaves one that no dead-trial handler can find."""
+    from optuna.trial import TrialState
+
+    running = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    for child_id, tags in tracker.running_children(parent_id):
+        if tags.get("trial_number") not in running:
+            tracker.set_tags(child_id, {"trial_state": "failed", "state_reason": STRAY_REASON})
+            tracker.end_run(child_id, "KILLED")
+
+
 def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: SweepConfig, status: str) -> None:
     """Plots and trial counts on the parent run, then end it with ``status`` (a resume reopens it)."""
     try:
@@ -218,6 +240,7 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     finished = states["complete"] + states["pruned"]
     try:
+        end_stray_children(tracker, run_id, study)
         tracker.set_tags(run_id, {**{f"trials_{s}": n for s, n in states.items() if n},
                                   "budget_left": max(0, cfg.study.n_trials - finished)})
         tracker.end_run(run_id, status)
