@@ -28,7 +28,7 @@ from bench.common import base_parser, command_line, environment, quiet_logs
 from bench.gpu import free_accelerator
 from bench.models import SHAPE_NAMES, model_overrides
 from bench.report import markdown_table, num, render_report, say, write_report
-from bench.step_throughput import median_step
+from bench.step_throughput import median_step, train_ours
 
 SWITCHES = {"today", "cache", "bf16", "fused", "nockpt", "ckpt"}
 
@@ -77,7 +77,6 @@ def profile_variant(args: argparse.Namespace, name: str, resources: Any, cfg: An
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from objectives.decisions import device_memory_bytes, resolve_checkpointing
-    from objectives.training import train_adapter
 
     base, data = resources.base, resources.data
     cfg = resolve_checkpointing(cfg, base.config, device_memory_bytes(base.device), base.linear_names)
@@ -91,14 +90,7 @@ def profile_variant(args: argparse.Namespace, name: str, resources: Any, cfg: An
         stamps.append(time.perf_counter())
         prof.step()
 
-    base.use_checkpointing(cfg.model.gradient_checkpointing)
-    base.use_base_cache(cfg.model.base_cache is True)
-    try:
-        with prof, base.adapter(cfg.lora, cfg.train.seed) as model:
-            train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
-                          on_step=on_step)
-    finally:
-        base.use_base_cache(False)
+    train_ours(base, data, cfg, cfg.model.base_cache is True, on_step, around=prof)
     events = prof.key_averages()
     # the profiler's own step ranges show up as device events too: they are spans, not kernels
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith("ProfilerStep")]

@@ -39,6 +39,7 @@ dense bf16 peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -202,9 +203,23 @@ def ours_config(base: Any, cfg: Any, variant: Variant) -> tuple[Any, str]:
     return cfg, "; ".join(notes)
 
 
-def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, variant: Variant) -> Measured:
+def train_ours(base: Any, data: Any, cfg: Any, base_cache: bool, on_step: Any,
+               around: contextlib.AbstractContextManager[Any] | None = None) -> Any:
+    """One run of our loop on the resident base with ``cfg`` as decided (checkpointing resolved) and the base
+    cache on or off; ``around`` (a profiler, say) is entered once the adapter is in place."""
     from objectives.training import train_adapter
 
+    base.use_checkpointing(cfg.model.gradient_checkpointing)
+    base.use_base_cache(base_cache)
+    try:
+        with base.adapter(cfg.lora, cfg.train.seed) as model, around or contextlib.nullcontext():
+            return train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
+                                 on_step=on_step)
+    finally:
+        base.use_base_cache(False)
+
+
+def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, variant: Variant) -> Measured:
     cfg, note = ours_config(base, cfg, variant)
     stamps: list[float] = []
     losses: list[float] = []
@@ -213,14 +228,7 @@ def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, var
         stamps.append(time.perf_counter())  # the loop has synchronised: it read the loss and grad norm
         losses.append(metrics["train_loss"])
 
-    base.use_checkpointing(cfg.model.gradient_checkpointing)
-    base.use_base_cache(variant.base_cache)
-    try:
-        with base.adapter(cfg.lora, cfg.train.seed) as model:
-            result = train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
-                                   on_step=on_step)
-    finally:
-        base.use_base_cache(False)
+    result = train_ours(base, data, cfg, variant.base_cache, on_step)
     peak = result.peak_memory_mb / 1024 if base.device.type == "cuda" else None
     return (steady_tokens_per_s(stamps, tokens, warmup), peak, median_step(stamps, warmup),
             statistics.fmean(losses), note)

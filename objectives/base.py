@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from objectives.config import ConfigError, LoraConfig, ModelConfig
+from objectives.config import FOUR_BIT, ConfigError, LoraConfig, ModelConfig
 from objectives.sources import weights_path
 from objectives.targets import resolve_targets
 
@@ -87,7 +87,7 @@ class ResidentBase:
         path = weights_path(cfg)
         dtype = TORCH_DTYPES[cfg.compute_dtype]
         quant = None
-        if cfg.quant_type in ("nf4", "fp4"):
+        if cfg.quant_type in FOUR_BIT:
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                        bnb_4bit_use_double_quant=cfg.double_quant,
                                        bnb_4bit_compute_dtype=dtype)
@@ -152,7 +152,7 @@ class ResidentBase:
         (``model.base_cache``, :mod:`objectives.base_cache`); a base that is not 4-bit has none to keep."""
         from objectives.base_cache import cache_base_weights, drop_base_cache
 
-        on = on and self.cfg.quant_type in ("nf4", "fp4")
+        on = on and self.cfg.quant_type in FOUR_BIT
         if on == self.base_cache:
             return
         if on:

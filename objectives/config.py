@@ -49,7 +49,8 @@ def on_off_auto(path: str, value: Any) -> bool | str:
     return normal
 
 
-QUANT_TYPES = ("nf4", "fp4", "int8", "none")
+FOUR_BIT = ("nf4", "fp4")
+QUANT_TYPES = (*FOUR_BIT, "int8", "none")
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -103,7 +104,7 @@ class ModelConfig:
         check_choice("model.attn_implementation", self.attn_implementation,
                       ("sdpa", "eager", "flash_attention_2"))
         self.base_cache = on_off_auto("model.base_cache", self.base_cache)
-        if self.base_cache is True and self.quant_type not in ("nf4", "fp4"):
+        if self.base_cache is True and self.quant_type not in FOUR_BIT:
             raise ConfigError(f"model.base_cache: on needs a 4-bit base (nf4 or fp4), not {self.quant_type!r}")
 
 

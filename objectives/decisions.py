@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from objectives.config import ConfigError, RecipeConfig
+from objectives.config import FOUR_BIT, ConfigError, RecipeConfig
 from objectives.memory import ALLOCATOR_SLACK, estimate_worst
 from objectives.shape import TrialSettings
 
@@ -54,7 +54,7 @@ def resolve_base_cache(cfg: Recipe, model_config: Any, memory_bytes: int,
     too (dequantizing each layer's weight is a large part of a CPU step). ``true`` and ``false`` are kept."""
     if cfg.model.base_cache != "auto":
         return cfg
-    if cfg.model.quant_type not in ("nf4", "fp4"):
+    if cfg.model.quant_type not in FOUR_BIT:
         return with_base_cache(cfg, False)
     try:
         fits_with = fits(with_base_cache(cfg, True), model_config, memory_bytes, linear_names)[0]
@@ -80,9 +80,9 @@ def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None, 
     Raises:
         ConfigError: ``train.fused_loss`` is on where it cannot run.
     """
-    from objectives.loss import fused_loss_unavailable
+    from objectives.loss import check_fused_loss
 
-    reason = fused_loss_unavailable(device_kind, model_config)
+    reason = check_fused_loss(cfg.train.fused_loss, device_kind, model_config)
     if cfg.train.fused_loss == "auto":
         if reason is not None or memory_bytes is None:
             return with_fused_loss(cfg, reason is None)
@@ -96,8 +96,6 @@ def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None, 
                 except ConfigError:
                     break
         return with_fused_loss(cfg, True)
-    if cfg.train.fused_loss is True and reason is not None:
-        raise ConfigError(f"train.fused_loss: on, but {reason}; set train.fused_loss=auto or off")
     return cfg
 
 
@@ -131,7 +129,7 @@ def slots_memory_bytes(cfg: RecipeConfig, model_config: Any, slots: int, r_max: 
     settings = dataclasses.replace(
         TrialSettings.from_config(cfg), r=r_max, targets="all-linear", optimizer="adamw",
         micro_batch_size=slots * cfg.train.micro_batch_size, gradient_checkpointing=checkpointing,
-        base_cache=base_cache and cfg.model.quant_type in ("nf4", "fp4"))
+        base_cache=base_cache and cfg.model.quant_type in FOUR_BIT)
     one = estimate_worst(model_config, settings, linear_names)
     per_slot = one.adapter + one.gradients + one.optimizer
     return int(one.total + (slots - 1) * per_slot * (1 + ALLOCATOR_SLACK))
@@ -160,7 +158,7 @@ def slots_base_cache(cfg: RecipeConfig, model_config: Any, memory_bytes: int, sl
     setting = cfg.model.base_cache
     if setting != "auto":
         return bool(setting)
-    if cfg.model.quant_type not in ("nf4", "fp4"):
+    if cfg.model.quant_type not in FOUR_BIT:
         return False
     try:
         need = slots_memory_bytes(cfg, model_config, slots, r_max, checkpointing, linear_names, base_cache=True)

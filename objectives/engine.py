@@ -35,7 +35,7 @@ from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig
 from objectives.data import Rows, TokenizedSplits, targets_in, train_micro_batches
 from objectives.decisions import with_base_cache, with_checkpointing, with_fused_loss
-from objectives.loss import fused_loss_unavailable, group_loss_sums, hidden_and_head
+from objectives.loss import check_fused_loss, group_loss_sums, hidden_and_head
 from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
 from objectives.passes import merge_passes, row_losses
 from objectives.slot_optim import SlotOptimizer
@@ -94,9 +94,7 @@ class SlotEngine:
         Raises:
             ConfigError: ``fused_loss`` is on where it cannot run.
         """
-        unavailable = fused_loss_unavailable(base.device.type, base.config)
-        if fused_loss is True and unavailable is not None:
-            raise ConfigError(f"train.fused_loss: on, but {unavailable}; set train.fused_loss=auto or off")
+        check_fused_loss(fused_loss, base.device.type, base.config)
         self.fused_loss = fused_loss is True
         base.release_adapter()
         self.base = base

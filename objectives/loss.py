@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from objectives.config import ConfigError
 from objectives.data import IGNORE_INDEX
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -38,6 +39,18 @@ def fused_loss_unavailable(device_kind: str, model_config: Any = None) -> str | 
     if model_type is not None and model_type not in FUSED_MODEL_TYPES:
         return f"{model_type} models are not supported (only {', '.join(FUSED_MODEL_TYPES)})"
     return None
+
+
+def check_fused_loss(setting: Any, device_kind: str, model_config: Any = None) -> str | None:
+    """Why the fused loss cannot run here (None: it can), for ``train.fused_loss`` set to ``setting``.
+
+    Raises:
+        ConfigError: ``setting`` is on where it cannot run.
+    """
+    reason = fused_loss_unavailable(device_kind, model_config)
+    if setting is True and reason is not None:
+        raise ConfigError(f"train.fused_loss: on, but {reason}; set train.fused_loss=auto or off")
+    return reason
 
 
 def fused_loss_on(setting: Any, device: torch.device, model: Any) -> bool:
@@ -79,18 +92,14 @@ def fused_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return _FUSED["sum"](weight, flat, shifted_labels(labels).reshape(-1))  # type: ignore[no-any-return]
 
 
-def pass_loss(model: Any, batch: dict[str, torch.Tensor], num_items: int | None, fused: bool) -> torch.Tensor:
+def pass_loss(model: Any, batch: dict[str, torch.Tensor], num_items: int, fused: bool) -> torch.Tensor:
     """The pass's loss: summed over its predicted tokens and divided by ``num_items`` (the step's, so passes
-    add up to the step's mean), or their mean when None, as the model's own loss is."""
+    add up to the step's mean)."""
     if not fused:
-        extra = {} if num_items is None else {"num_items_in_batch": num_items}
-        return model(**batch, **extra).loss  # type: ignore[no-any-return]
+        return model(**batch, num_items_in_batch=num_items).loss  # type: ignore[no-any-return]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden, weight = hidden_and_head(model, inputs)
-    total = fused_loss_sum(hidden, weight, batch["labels"])
-    if num_items is None:
-        return total / (batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-    return total / max(1, num_items)
+    return fused_loss_sum(hidden, weight, batch["labels"]) / max(1, num_items)
 
 
 def group_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, groups: int) -> torch.Tensor:

@@ -133,6 +133,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+from objectives.config import FOUR_BIT
 from objectives.shape import (
     DTYPE_BYTES,
     MiB,
@@ -230,7 +231,7 @@ def quantized_weight_bytes(shape: ModelShape, s: TrialSettings) -> int:
     total = 0
     for d_in, d_out in shape.linear_shapes().values():
         n = d_in * d_out
-        if s.quant_type in ("nf4", "fp4"):
+        if s.quant_type in FOUR_BIT:
             blocks = math.ceil(n / NF4_BLOCK)
             consts = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) if s.double_quant else 4 * blocks
             total += math.ceil(n / 2) + consts
@@ -377,7 +378,7 @@ def layer_backward_scratch(shape: ModelShape, s: TrialSettings) -> int:
     """Temporaries of one decoder layer's backward: MLP gradients, a bf16 gradient copy, a dequantized weight."""
     t, e, inter, h = s.tokens, s.act_bytes, shape.intermediate_size, shape.hidden_size
     largest = max(i * o for i, o in shape.linear_shapes().values())
-    dequant = largest * (2 if s.quant_type in ("nf4", "fp4") else 4 if s.quant_type == "int8" else 0)
+    dequant = largest * (2 if s.quant_type in FOUR_BIT else 4 if s.quant_type == "int8" else 0)
     if s.base_cache:
         dequant = 0  # the product reads the kept copy
     return t * (3 * e * inter + 2 * inter + 2 * 4 * h) + dequant

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from objectives.config import ConfigError
+from objectives.config import FOUR_BIT, QUANT_TYPES, ConfigError
 from objectives.targets import resolve_targets
 
 if TYPE_CHECKING:
@@ -135,8 +135,8 @@ class TrialSettings:
             object.__setattr__(self, "targets", tuple(self.targets))
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.quant_type not in ("nf4", "fp4", "int8", "none"):
-            raise ConfigError(f"model.quant_type: {self.quant_type!r} is not nf4, fp4, int8 or none")
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"model.quant_type: {self.quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
 
     @classmethod
     def from_config(cls, cfg: RecipeConfig, *, padded: bool = True, device: str = "cuda") -> TrialSettings:
@@ -154,7 +154,7 @@ class TrialSettings:
                    gradient_checkpointing=cfg.model.gradient_checkpointing is not False,
                    upcast=cfg.model.upcast_unquantized, packed=cfg.train.packing, padded=padded, device=device,
                    # "auto" before a trial decides counts as off: the plain path's memory, the larger
-                   base_cache=cfg.model.base_cache is True and cfg.model.quant_type in ("nf4", "fp4"),
+                   base_cache=cfg.model.base_cache is True and cfg.model.quant_type in FOUR_BIT,
                    fused_loss=cfg.train.fused_loss is True)
 
     @property

@@ -115,8 +115,7 @@ def evaluate(model: Any, passes: list[dict[str, torch.Tensor]], device: torch.de
         for batch in passes:
             n = targets_in(batch)
             if n:
-                # The plain path keeps the model's own mean (as before); the fused one is told the count it has.
-                total += pass_loss(model, to_device(batch, device), n if fused else None, fused).float() * n
+                total += pass_loss(model, to_device(batch, device), n, fused).float() * n
                 count += n
     finally:
         model.train(was_training)

@@ -29,7 +29,7 @@ from sweeper.report import trial_line
 from sweeper.slots import SlotPlan, plan_slots
 from sweeper.space import Param
 from sweeper.study import FINISHED, DeadTrialHandler, check_store_exists, finished_trials, open_study
-from sweeper.tracking import finish_parent, make_tracker, parent_run, redact, update_parent
+from sweeper.tracking import Tracker, finish_parent, make_tracker, parent_run, redact, update_parent
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,15 @@ def stores_lock(cfg: SweepConfig) -> Iterator[None]:
         yield
 
 
+def open_stores(cfg: SweepConfig, params: Sequence[Param], create: bool = True) -> tuple[Tracker, optuna.Study]:
+    """The MLflow tracker and the Optuna study, opened under :func:`stores_lock`; ``create``: the study may be
+    created (a joining worker's may not)."""
+    with stores_lock(cfg):
+        tracker = make_tracker(cfg)
+        study = open_study(cfg, params, create=create, tracking_uri=cfg.tracking_uri)
+    return tracker, study
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -170,9 +179,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
 
     if join:
         check_store_exists(cfg.storage_url)  # before the MLflow store is made beside a study that is not there
-    with stores_lock(cfg):
-        tracker = make_tracker(cfg)
-        study = open_study(cfg, params, create=not join, tracking_uri=cfg.tracking_uri)
+    tracker, study = open_stores(cfg, params, create=not join)
     handler = DeadTrialHandler(cfg.workers.max_retry, cfg.tracking_uri)
     fail_dead_trials(study, handler)
     done = finished_trials(study)

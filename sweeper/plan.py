@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from objectives.config import ConfigError
+from objectives.config import FOUR_BIT, ConfigError
 from objectives.decisions import device_memory_bytes as total_device_memory
 from objectives.decisions import resolve_trial, slots_memory_bytes
 from objectives.loss import fused_loss_unavailable
@@ -187,7 +187,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     auto = m.gradient_checkpointing == "auto"
     checkpointing = ("auto (per trial: on only where the trial would not fit without it)" if auto
                      else "on" if m.gradient_checkpointing else "off")
-    four_bit = m.quant_type in ("nf4", "fp4")
+    four_bit = m.quant_type in FOUR_BIT
     cache_auto = m.base_cache == "auto" and four_bit
     base_cache = ("auto (per trial: a compute-dtype copy of the 4-bit weights where the trial still fits with it)"
                   if cache_auto else "on" if m.base_cache is True else "off")

@@ -122,13 +122,11 @@ def submit_workers(cfg: SweepConfig, params: Sequence[Param]) -> Submission | No
     Raises:
         ConfigError: sbatch refused the array (its reason); nothing is queued then.
     """
-    from sweeper.launch import stores_lock
-    from sweeper.study import finished_trials, open_study
-    from sweeper.tracking import make_tracker, parent_run
+    from sweeper.launch import open_stores
+    from sweeper.study import finished_trials
+    from sweeper.tracking import parent_run
 
-    with stores_lock(cfg):
-        tracker = make_tracker(cfg)
-        study = open_study(cfg, params, tracking_uri=cfg.tracking_uri)
+    tracker, study = open_stores(cfg, params)
     if finished_trials(study) >= cfg.study.n_trials:
         return None
     parent_id = parent_run(tracker, study, cfg, params)

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +145,23 @@ class DeadTrialHandler(RetryHeartbeatStaleTrialCallback):
             client.set_terminated(run_id, status="KILLED")
 
 
+UNCLAIMED_AFTER_S = 120.0
+"""A running trial that names no worker this long after it started was asked by a process killed before its
+first write (the worker's name): no heartbeat or process check would ever fail it."""
+
+
+def unclaimed(trial: optuna.trial.FrozenTrial) -> bool:
+    start = trial.datetime_start
+    return start is not None and (datetime.now() - start).total_seconds() > UNCLAIMED_AFTER_S
+
+
 def fail_trials_of(study: optuna.Study, is_dead: Callable[[str], bool], handler: DeadTrialHandler) -> list[int]:
-    """Fail the running trials whose worker (``host:pid``) is dead, and hand each to the retry handler."""
+    """Fail the running trials whose worker (``host:pid``) is dead, or that name none long after they started
+    (:data:`UNCLAIMED_AFTER_S`), and hand each to the retry handler."""
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = TrialRecord.of(trial).worker
-        if not worker or not is_dead(worker):
+        if not (is_dead(worker) if worker else unclaimed(trial)):
             continue
         try:
             failed = study.tell(trial.number, state=TrialState.FAIL)

@@ -217,13 +217,11 @@ STRAY_REASON = "its worker died before the run was linked to its trial"
 
 
 def end_stray_children(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
-    """End as KILLED each child run still "running" whose trial is not: a worker killed between creating the
-    run and recording its id on the trial leaves one that no dead-trial handler can find."""
-    from optuna.trial import TrialState
-
-    running = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    """End as KILLED each child run still "running" whose trial has finished: a worker killed between creating
+    the run and recording its id on the trial leaves one that no dead-trial handler can find."""
+    finished = {str(t.number) for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     for child_id, tags in tracker.running_children(parent_id):
-        if tags.get("trial_number") not in running:
+        if tags.get("trial_number") in finished:
             tracker.set_tags(child_id, {"trial_state": "failed", "state_reason": STRAY_REASON})
             tracker.end_run(child_id, "KILLED")
 

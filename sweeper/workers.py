@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from sweeper import progress
 from sweeper.budget import failed_trials
 from sweeper.config import SweepConfig, to_container
-from sweeper.launch import RECYCLE_EXIT, stores_lock
+from sweeper.launch import RECYCLE_EXIT, open_stores
 from sweeper.space import Param
-from sweeper.study import DeadTrialHandler, dead_on_this_host, fail_trials_of, finished_trials, open_study
-from sweeper.tracking import finish_parent, make_tracker, parent_run
+from sweeper.study import DeadTrialHandler, dead_on_this_host, fail_trials_of, finished_trials
+from sweeper.tracking import finish_parent, parent_run
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 def launch_workers(cfg: SweepConfig, params: Sequence[Param], show_progress: bool = True) -> optuna.Study:
     """Create the study and its parent run, then run ``workers.count`` worker processes until the budget."""
-    with stores_lock(cfg):
-        tracker = make_tracker(cfg)
-        study = open_study(cfg, params, tracking_uri=cfg.tracking_uri)
+    tracker, study = open_stores(cfg, params)
     parent_id = parent_run(tracker, study, cfg, params)
     gpus = visible_gpus()
     slots = [Slot(i, gpu) for i, gpu in enumerate(gpu_slots(cfg.workers.count, gpus, cfg.workers.per_gpu))]

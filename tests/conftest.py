@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+SECRET = "Sec-4711"
+"""A password in the URLs of tests that check it is never printed or stored."""
 # A 2-layer Llama with real NF4 layers; trials of two steps.
 TINY = ["model=tiny_random", "train.max_steps=2", "train.eval_every=1", "train.micro_batch_size=2",
         "data.max_length=64", "data.max_eval_examples=8"]
@@ -41,6 +44,29 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
     """``python -m sweeper ARGS`` in a child process, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "sweeper", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def step_losses(res: Any, cfg: Any, train: Any = None, cache: bool = False) -> tuple[list[float], float]:
+    """One adapter trained by ``train_adapter`` on a loaded base (``res``, :class:`sweeper.launch.Resources`):
+    its per-step train losses and its eval loss. ``train`` replaces ``cfg.train``; ``cache``: the base cache,
+    left as set."""
+    from objectives.training import train_adapter
+
+    losses: list[float] = []
+    res.base.use_base_cache(cache)
+    with res.base.adapter(cfg.lora, seed=0) as model:
+        result = train_adapter(model, res.data, train or cfg.train, cfg.optimizer, res.base.device,
+                               res.base.tokenizer.pad_token_id, on_step=lambda s, m: losses.append(m["train_loss"]))
+    return losses, result.eval_loss
+
+
+def start_cli(*args: str, **popen: Any) -> subprocess.Popen[Any]:
+    """``python -m sweeper ARGS`` started in a child process (``popen``: its pipes), with Ctrl-C's default
+    disposition: a shell that runs the tests in the background leaves SIGINT ignored, and a child would
+    inherit that."""
+    return subprocess.Popen([sys.executable, "-m", "sweeper", *args], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 @pytest.fixture(scope="module")

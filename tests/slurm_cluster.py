@@ -23,7 +23,8 @@ from sweeper.ui import free_port
 
 # What a single machine without cgroups or accounting runs: processes tracked by parentage, no task binding,
 # cores and memory as consumable resources, root as SLURM's user. KillWait: a cancelled task's worker gets
-# SIGTERM and this long to record its trial before SIGKILL (30 s by default). cred_expire: a requeued job waits
+# SIGTERM and this long to record its trial and queue its retry before SIGKILL (SLURM's default; a worker that
+# is done sooner exits sooner). cred_expire: a requeued job waits
 # this long before it starts again (120 s by default).
 CONF = """\
 ClusterName=qlora-test
@@ -48,7 +49,7 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
-KillWait=10
+KillWait=30
 {node} NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """

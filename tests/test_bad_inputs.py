@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from sweeper.cli import main
-from tests.conftest import TINY
+from tests.conftest import SECRET, TINY
 
-SECRET = "Sec-4711"
 CLOSED_PORT = "127.0.0.1:9"  # the discard port: nothing listens there
 
 DATA_FILES = {

@@ -302,9 +302,9 @@ def test_slots_on_the_base_cache_train_exactly_as_on_the_4bit_layers(setup: Any)
 
 @pytest.mark.usefixtures("reference_fused_loss")  # the engine's per-run sums
 def test_fused_loss_passes_give_each_run_its_own_loss(setup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from objectives import engine as engine_module
+    from objectives import loss
 
-    monkeypatch.setattr(engine_module, "fused_loss_unavailable", lambda *args: None)
+    monkeypatch.setattr(loss, "fused_loss_unavailable", lambda *args: None)
     cfg, base, data = setup
     configs = [trial(cfg, **t) for t in TRIALS]
     runs = {}

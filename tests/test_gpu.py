@@ -10,7 +10,7 @@ import torch
 
 from sweeper import compose
 from sweeper.launch import run_sweep
-from tests.conftest import TINY
+from tests.conftest import TINY, step_losses
 
 # Where the model package is not installed, point at the GGUF file itself.
 SOURCE = [f"model.source={os.environ['QLORA_SWEEP_MODEL_SOURCE']}"] if "QLORA_SWEEP_MODEL_SOURCE" in os.environ else []
@@ -51,7 +51,6 @@ def test_the_faster_step_switches_match_the_plain_step_within_bf16_noise(tmp_pat
     much less in a loss averaged over tokens. 1% per step covers that and the updates it steers."""
     import dataclasses
 
-    from objectives.training import train_adapter
     from sweeper.launch import Resources
 
     pytest.importorskip("liger_kernel")
@@ -61,13 +60,7 @@ def test_the_faster_step_switches_match_the_plain_step_within_bf16_noise(tmp_pat
     res = Resources.load(cfg)
     runs = {}
     for cache, fused in ((False, False), (True, False), (False, True), (True, True)):
-        res.base.use_base_cache(cache)
-        train = dataclasses.replace(cfg.train, fused_loss=fused)
-        losses: list[float] = []
-        with res.base.adapter(cfg.lora, seed=0) as model:
-            result = train_adapter(model, res.data, train, cfg.optimizer, res.base.device,
-                                   res.base.tokenizer.pad_token_id,
-                                   on_step=lambda s, m, out=losses: out.append(m["train_loss"]))
-        runs[cache, fused] = [*losses, result.eval_loss]
+        losses, eval_loss = step_losses(res, cfg, dataclasses.replace(cfg.train, fused_loss=fused), cache)
+        runs[cache, fused] = [*losses, eval_loss]
     for key, values in runs.items():
         assert values == pytest.approx(runs[False, False], rel=1e-2), key

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, start_cli
 
 LONG_TRIALS = ["train.max_steps=400", "train.eval_every=200", "study.n_trials=2", "search_space=none"]
 
@@ -36,11 +35,7 @@ def test_a_signal_mid_trial_leaves_a_clean_record(tmp_path: Path, sig: signal.Si
     from mlflow.tracking import MlflowClient
 
     args = [*TINY, *LONG_TRIALS, f"workers.slots={slots}", f"output_dir={tmp_path}"]
-    proc = subprocess.Popen([sys.executable, "-m", "sweeper", "launch", "--no-progress", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            # A test run started in the background ignores SIGINT, and so would the launch.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_cli("launch", "--no-progress", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     try:
         deadline = time.monotonic() + 300

@@ -34,11 +34,11 @@ from tests.conftest import TINY, child_runs_of, run_cli
 
 SPACE = ["search_space=none", "lora.r=choice(2,4)", "lora.targets=choice(qk,all-linear)",
          "optimizer.lr=tag(log, interval(1e-4, 1e-2))", "study/sampler=random"]
-FAST_HEARTBEAT = ["workers.heartbeat_s=1", "workers.grace_s=4", "workers.poll_s=0.5"]
+FAST_HEARTBEAT = ["workers.heartbeat_s=1", "workers.grace_s=10", "workers.poll_s=0.5"]
 # One core and a little memory per task, no GPU: both workers fit this machine's node at once.
 ON_SLURM = ["launcher=slurm", "launcher.gpus_per_worker=0", "launcher.cpus_per_worker=1", "launcher.mem_gb=2",
             "launcher.time_min=15"]
-ARRAY_TIMEOUT_S = 400
+ARRAY_TIMEOUT_S = 800  # a bound for a hung array, not a speed check: the tasks take 2-4 minutes
 
 
 @pytest.fixture(scope="session")

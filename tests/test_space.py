@@ -28,7 +28,7 @@ from sweeper.grammar import as_mapping, distribution_from_grammar, distribution_
 from sweeper.overrides import fix_params, merge_sweeps, split_fixed, split_overrides
 from sweeper.space import Param, parse_space
 from sweeper.values import apply_values, grid_values, sample, volume
-from tests.conftest import run_cli
+from tests.conftest import SECRET, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -283,8 +283,6 @@ def test_split_overrides_names_an_override_that_does_not_parse() -> None:
     with pytest.raises(ConfigError, match=r"^override 'lora.r=\[4': cannot parse"):
         split_overrides(["lora.r=[4"])
 
-
-SECRET = "Sec-4711"
 
 
 @pytest.mark.parametrize("url", [

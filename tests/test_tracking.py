@@ -217,7 +217,8 @@ def test_secrets_never_reach_the_mlflow_store(tmp_path: Path) -> None:
 
 def test_the_parent_run_ends_children_left_running_by_a_dead_worker(tmp_path: Path) -> None:
     """A worker killed between creating a trial's run and linking it to the trial leaves a run no dead-trial
-    handler can find: ending the parent ends it; a running trial's run is left alone."""
+    handler can find: ending the parent ends it; a running trial's run, or one of a trial this view of the study
+    does not know yet, is left alone."""
     from sweeper.tracking import STRAY_REASON, end_stray_children
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "strays", tmp_path / "artifacts")
@@ -227,10 +228,11 @@ def test_the_parent_run_ends_children_left_running_by_a_dead_worker(tmp_path: Pa
     parent = tracker.start_run("study")
     runs = {t.number: tracker.start_run(f"trial-{t.number}", parent_id=parent,
                                         tags={"trial_number": str(t.number)}) for t in (dead, live)}
+    runs[7] = tracker.start_run("trial-7", parent_id=parent, tags={"trial_number": "7"})
     end_stray_children(tracker, parent, study)
     stray = tracker.client.get_run(runs[dead.number])
     assert stray.info.status == "KILLED" and stray.data.tags["state_reason"] == STRAY_REASON
-    assert tracker.client.get_run(runs[live.number]).info.status == "RUNNING"
+    assert [tracker.client.get_run(runs[n]).info.status for n in (live.number, 7)] == ["RUNNING", "RUNNING"]
 
 
 def test_study_config_with_a_database_password_is_stored_redacted(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from objectives.config import LoraConfig
 from objectives.training import LossNotFinite, train_adapter
 from sweeper import compose
 from sweeper.launch import Resources
-from tests.conftest import TINY
+from tests.conftest import TINY, step_losses
 
 
 @pytest.mark.parametrize("scale", [math.inf, math.nan])
@@ -121,16 +121,6 @@ def test_a_released_adapter_is_freed_without_a_garbage_collection(tmp_path: Path
 # the tests compare exactly. (On CUDA, bitsandbytes 0.50 multiplies passes of a few hundred tokens with a fused
 # 4-bit kernel whose rounding differs within bf16's precision.)
 
-def _step_losses(res: Resources, cfg: Any, cache: bool, steps: int = 3) -> tuple[list[float], float]:
-    train = dataclasses.replace(cfg.train, max_steps=steps, eval_every=steps)
-    losses: list[float] = []
-    res.base.use_base_cache(cache)
-    with res.base.adapter(cfg.lora, seed=0) as model:
-        result = train_adapter(model, res.data, train, cfg.optimizer, res.base.device,
-                               res.base.tokenizer.pad_token_id, on_step=lambda s, m: losses.append(m["train_loss"]))
-    return losses, result.eval_loss
-
-
 def test_the_base_cache_gives_the_4bit_paths_outputs_losses_and_adapter(tmp_path: Path) -> None:
     from peft import PeftModel
 
@@ -152,8 +142,9 @@ def test_the_base_cache_gives_the_4bit_paths_outputs_losses_and_adapter(tmp_path
                 outputs[cache] = model(input_ids=ids).logits
     assert torch.equal(outputs[True], outputs[False])
 
-    plain = _step_losses(res, cfg, cache=False)
-    with_cache = _step_losses(res, cfg, cache=True)
+    train = dataclasses.replace(cfg.train, max_steps=3, eval_every=3)
+    plain = step_losses(res, cfg, train, cache=False)
+    with_cache = step_losses(res, cfg, train, cache=True)
     assert with_cache == plain  # per-step train losses (dropout on) and the eval loss, exactly
 
     # The layers stay Linear4bit under peft's wrapper, the copy stays out of the saved adapter, and the adapter
@@ -207,14 +198,7 @@ def test_the_fused_loss_path_trains_like_the_models_loss(tmp_path: Path) -> None
     cfg, _ = compose.load([*TINY, "search_space=none", "train.max_steps=3", "train.grad_accum=2",
                            "model.gradient_checkpointing=false", f"output_dir={tmp_path}"])
     res = Resources.load(cfg)
-    runs: dict[bool, tuple[list[float], float]] = {fused: ([], math.nan) for fused in (False, True)}
-    for fused, (losses, _) in runs.items():
-        train = dataclasses.replace(cfg.train, fused_loss=fused)
-        with res.base.adapter(cfg.lora, seed=0) as model:
-            result = train_adapter(model, res.data, train, cfg.optimizer, res.base.device,
-                                   res.base.tokenizer.pad_token_id, on_step=lambda s, m, out=losses: out.append(
-                                       m["train_loss"]))
-        runs[fused] = (losses, result.eval_loss)
+    runs = {fused: step_losses(res, cfg, dataclasses.replace(cfg.train, fused_loss=fused)) for fused in (False, True)}
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)
 

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from sweeper import compose
 from sweeper.config import SweepConfig
 from sweeper.plots import PAGE
 from sweeper.ui import TRIALS_VIEW_COLUMNS
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli, start_cli
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -134,12 +133,7 @@ def ui(store: Store) -> Iterator[UI]:
     log = store.cfg.output_path / "ui.log"
     log.write_text("a previous start\n")
     # As a user runs it, with the sweep's overrides (the store, its artifact folder, loopback and a free port).
-    # Ctrl-C as in a terminal: a shell that runs the tests in the background leaves SIGINT ignored, and a
-    # child would inherit that, so the command gets the default disposition back.
-    proc = subprocess.Popen([sys.executable, "-m", "sweeper", "ui", *store.args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_cli("ui", *store.args, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url, trials_url = printed_urls(proc)
         assert "a previous start" not in log.read_text()  # each start begins a new log
