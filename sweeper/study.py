@@ -6,8 +6,8 @@ import copy
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +124,19 @@ class DeadTrialHandler(RetryHeartbeatStaleTrialCallback):
     """
 
     REASON = "its worker died mid-trial (no heartbeat or process exit); parameters enqueued again"
+    UNCLAIMED_REASON = ("its process died before naming itself on the trial (no worker recorded); parameters "
+                        "enqueued again")
 
     def __init__(self, max_retry: int, tracking_uri: str | None) -> None:
         super().__init__(max_retry=max_retry)
         self.tracking_uri = tracking_uri
+        self._unclaimed_since: dict[int, float] = {}
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str = REASON) -> None:
         # Optuna carries the dead trial's user attributes over; its run id, config and OOM retries would
         # then pass for the retry's own. The retry starts from a record of what it retries.
         retry = copy.deepcopy(trial)
-        retry.user_attrs = TrialRecord(retry_of=trial.number, retry_reason=self.REASON).as_attrs()
+        retry.user_attrs = TrialRecord(retry_of=trial.number, retry_reason=reason).as_attrs()
         super().__call__(study, retry)
         run_id = TrialRecord.of(trial).mlflow_run_id
         if run_id and self.tracking_uri:
@@ -141,27 +144,28 @@ class DeadTrialHandler(RetryHeartbeatStaleTrialCallback):
 
             client = MlflowClient(self.tracking_uri)
             client.set_tag(run_id, "trial_state", "failed")
-            client.set_tag(run_id, "state_reason", self.REASON)
+            client.set_tag(run_id, "state_reason", reason)
             client.set_terminated(run_id, status="KILLED")
+
+    def unclaimed(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether this process has seen ``trial`` running without a worker for :data:`UNCLAIMED_AFTER_S`, by its
+        own monotonic clock (no other host's clock or time zone is compared)."""
+        first = self._unclaimed_since.setdefault(trial._trial_id, time.monotonic())
+        return time.monotonic() - first > UNCLAIMED_AFTER_S
 
 
 UNCLAIMED_AFTER_S = 120.0
-"""A running trial that names no worker this long after it started was asked by a process killed before its
-first write (the worker's name): no heartbeat or process check would ever fail it."""
-
-
-def unclaimed(trial: optuna.trial.FrozenTrial) -> bool:
-    start = trial.datetime_start
-    return start is not None and (datetime.now() - start).total_seconds() > UNCLAIMED_AFTER_S
+"""A running trial that names no worker for this long was asked by a process killed before its first write
+(the worker's name): no heartbeat or process check would ever fail it."""
 
 
 def fail_trials_of(study: optuna.Study, is_dead: Callable[[str], bool], handler: DeadTrialHandler) -> list[int]:
-    """Fail the running trials whose worker (``host:pid``) is dead, or that name none long after they started
-    (:data:`UNCLAIMED_AFTER_S`), and hand each to the retry handler."""
+    """Fail the running trials whose worker (``host:pid``) is dead, or that name none for a long time
+    (:meth:`DeadTrialHandler.unclaimed`), and hand each to the retry handler."""
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = TrialRecord.of(trial).worker
-        if not (is_dead(worker) if worker else unclaimed(trial)):
+        if not (is_dead(worker) if worker else handler.unclaimed(trial)):
             continue
         try:
             failed = study.tell(trial.number, state=TrialState.FAIL)
@@ -176,7 +180,7 @@ def fail_trials_of(study: optuna.Study, is_dead: Callable[[str], bool], handler:
             if found is None:
                 raise
             failed = found
-        handler(study, failed)
+        handler(study, failed, reason=DeadTrialHandler.REASON if worker else DeadTrialHandler.UNCLAIMED_REASON)
         recovered.append(trial.number)
     return recovered
 

@@ -235,14 +235,16 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
             log_study_plots(tracker, run_id, study)
     except Exception as e:  # plots are a convenience; a failure must not hide the results
         log.warning("study plots skipped: %s", e)
+    try:
+        end_stray_children(tracker, run_id, study)
+    except Exception as e:  # a cleanup: it must not keep the parent run open
+        log.warning("child runs left running were not ended: %s", first_line(e))
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     finished = states["complete"] + states["pruned"]
     try:
-        end_stray_children(tracker, run_id, study)
         tracker.set_tags(run_id, {**{f"trials_{s}": n for s, n in states.items() if n},
                                   "budget_left": max(0, cfg.study.n_trials - finished)})
         tracker.end_run(run_id, status)
     except Exception as e:  # a full disk or a store gone away: the trials are safe in the study, say so in one line
-        text = str(e).strip().splitlines()
         log.error("the study's MLflow run %s could not be ended %s: %s: %s", run_id, status, type(e).__name__,
-                  redact(text[0][:300] if text else ""))
+                  first_line(e))

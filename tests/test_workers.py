@@ -151,7 +151,7 @@ def test_a_dead_workers_trial_is_failed_once_and_retried_with_a_fresh_record(tmp
 def test_a_trial_whose_worker_died_before_naming_itself_is_failed_once_unclaimed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A process killed between Optuna's ask and its first write leaves a running trial with no worker: once it
-    has been unclaimed for UNCLAIMED_AFTER_S it is failed and retried, as a dead worker's trial is."""
+    has been seen unclaimed for UNCLAIMED_AFTER_S it is failed and retried, as a dead worker's trial is."""
     from sweeper import study as study_module
 
     study = optuna.create_study()
@@ -161,7 +161,8 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_failed_once_unclaimed
     monkeypatch.setattr(study_module, "UNCLAIMED_AFTER_S", -1.0)
     assert fail_trials_of(study, lambda worker: False, handler) == [0]
     (retry,) = study.get_trials(states=(TrialState.WAITING,))
-    assert retry.params == study.trials[0].params and TrialRecord.of(retry).retry_of == 0
+    assert TrialRecord.of(retry) == TrialRecord(retry_of=0, retry_reason=DeadTrialHandler.UNCLAIMED_REASON)
+    assert retry.params == study.trials[0].params
 
 
 def test_the_last_grid_point_of_a_dead_worker_is_failed_outside_optimize() -> None:
