@@ -74,6 +74,9 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
     return final
 
 
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
 def resolve_source(cfg: ModelConfig) -> str:
     """model.source -> something ``from_pretrained`` loads: a local directory or a hub id."""
     src = cfg.source
@@ -89,6 +92,9 @@ def resolve_source(cfg: ModelConfig) -> str:
         if not (local / "config.json").is_file():
             raise ConfigError(f"model.source: {src!r} is a path but holds no config.json")
         return str(local.resolve())
+    if src.startswith(LOCAL_PREFIXES):  # written as a path; a hub id never starts so
+        raise ConfigError(f"model.source: no such folder {src!r} (a local model is a folder with config.json, "
+                          "or a .gguf file)")
     return src
 
 

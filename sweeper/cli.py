@@ -93,7 +93,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if failures is not None:
         print(f"error: {failures}\nthe trials' logs: {sweeper_command()} report {study_location(cfg)}", file=sys.stderr)
         return 1
-    print(f"browse: {sweeper_command()} ui output_dir={cfg.output_dir}\n"
+    print(f"browse: {sweeper_command()} ui" + (f" output_dir={cfg.output_dir}" if cfg.output_dir != "mlruns" else "")
+          + "\n"
           f"export: {sweeper_command()} export {study_location(cfg)}")
     return 0
 

@@ -25,7 +25,7 @@ from sweeper.config import SweepConfig
 from sweeper.objective import Runner
 from sweeper.progress import progress_bar
 from sweeper.records import TrialRecord, record
-from sweeper.report import trial_line
+from sweeper.report import STATE_NAMES, trial_line
 from sweeper.slots import SlotPlan, plan_slots
 from sweeper.space import Param
 from sweeper.study import FINISHED, DeadTrialHandler, check_store_exists, finished_trials, open_study
@@ -326,7 +326,7 @@ def summary(study: optuna.Study) -> str:
     """A few lines on the study: counts by state and the best trial(s)."""
     trials = study.get_trials(deepcopy=False)
     surplus = [t for t in trials if TrialRecord.of(t).surplus]
-    counts = {s.name.lower(): sum(t.state == s and t not in surplus for t in trials) for s in optuna.trial.TrialState}
+    counts = {word: sum(t.state == s and t not in surplus for t in trials) for s, word in STATE_NAMES.items()}
     counts["surplus (asked after the budget was covered; never ran)"] = len(surplus)
     lines = [f"study {study.study_name}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n)]
     finished = [t for t in trials if t.state in FINISHED]

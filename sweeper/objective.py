@@ -206,8 +206,9 @@ class QLoRAObjective:
 
     def __call__(self, trial: AnyTrial) -> float | list[float]:
         cfg, sampled = self.trial_config(trial)
-        hooks = TrialHooks(self, trial, sampled, progress_bar(cfg.train.max_steps, f"trial {trial.number}", "step",
-                                                              leave=False, disable=not self.show_progress))
+        name = self.run_name or f"trial {trial.number}"
+        hooks = TrialHooks(self, trial, sampled, progress_bar(cfg.train.max_steps, name, "step", leave=False,
+                                                              disable=not self.show_progress))
         state, reason = "failed", ""
         try:
             try:

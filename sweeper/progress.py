@@ -7,6 +7,7 @@ an ordinary line instead, at most every ``every_s`` seconds.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -21,7 +22,13 @@ PLAIN_EVERY_S = 30.0
 
 
 def is_terminal(stream: TextIO) -> bool:
-    return bool(getattr(stream, "isatty", lambda: False)())
+    """A terminal tqdm can draw on: a tty that reports a width (a pseudo-terminal of 0 columns shows no bar)."""
+    if not getattr(stream, "isatty", lambda: False)():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def progress_bar(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = True, disable: bool = False,

@@ -82,7 +82,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("launch", ["data.max_length=choice(64,128)"], "data.max_length"),
     ("launch", ["model.source=choice(a,b)"], "model.source"),
     # the model
-    ("launch", ["model.source=/no/such/model"], "model.source"),
+    ("launch", ["model.source=/no/such/model"], "model.source: no such folder '/no/such/model'"),
     ("launch", ["model.source=/no/such/model.gguf"], "model.source: GGUF file '/no/such/model.gguf' does not exist"),
     ("launch", ["model.source={tmp}"], "holds no config.json"),
     ("launch", ["model.config_overrides.no_such_field=1"], "model.config_overrides.no_such_field"),

@@ -89,6 +89,23 @@ def test_plain_progress_off_a_terminal() -> None:
     assert not isinstance(progress_bar(2, "off", "step", disable=True, stream=log), PlainProgress)
 
 
+@pytest.mark.parametrize("columns", [0, 80])
+def test_a_terminal_without_a_width_gets_plain_lines(columns: int) -> None:
+    """A pseudo-terminal that reports 0 columns (some wrappers' default) draws no tqdm bar: plain lines there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with open(follower, "w") as stream:
+        bar = progress_bar(2, "trial 0", "step", stream=stream)
+        assert isinstance(bar, PlainProgress) is (columns == 0)
+        bar.close()
+    os.close(leader)
+
+
 def test_a_trial_bar_says_evaluating_before_each_evaluation() -> None:
     from sweeper.objective import TrialHooks
 
