@@ -150,7 +150,7 @@ class DeadTrialHandler(RetryHeartbeatStaleTrialCallback):
     def unclaimed(self, trial: optuna.trial.FrozenTrial) -> bool:
         """Whether this process has seen ``trial`` running without a worker for :data:`UNCLAIMED_AFTER_S`, by its
         own monotonic clock (no other host's clock or time zone is compared)."""
-        first = self._unclaimed_since.setdefault(trial._trial_id, time.monotonic())
+        first = self._unclaimed_since.setdefault(trial.number, time.monotonic())
         return time.monotonic() - first > UNCLAIMED_AFTER_S
 
 
