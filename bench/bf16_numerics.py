@@ -4,6 +4,9 @@ One default trial on the real model (packing, the default trial's settings, no d
 differ only in arithmetic), three ways from the same adapter initialisation and examples:
 
 - today: the fp32 activation stream (peft's k-bit preparation upcasts embeddings, head and norms);
+- again: today's run repeated, the device's own run-to-run difference (CUDA's kernels are not all
+  deterministic);
+- tf32: today's run with ``model.tf32=true``, fp32 products on TensorFloat-32;
 - autocast: the same loop under ``torch.autocast(dtype=bfloat16)``, the mixed precision that Trainer's
   ``bf16=True`` (the usual QLoRA recipe) runs: matrix products in bf16, the residual stream and norms in fp32;
 - bf16: ``model.upcast_unquantized=false``, every activation in bf16.
@@ -29,7 +32,7 @@ from bench.gpu import free_accelerator
 from bench.models import model_overrides
 from bench.report import markdown_table, num, render_report, say, write_report
 
-VARIANTS = ("today", "autocast", "bf16")
+VARIANTS = ("today", "again", "tf32", "autocast", "bf16")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,6 +57,7 @@ def run(cfg: Any, variant: str, resources: Any) -> tuple[list[float], float, flo
     """Per-step train losses, the final eval loss and the seconds the training took."""
     import torch
 
+    from objectives.base import use_tf32
     from objectives.training import train_adapter
 
     base = resources.base
@@ -61,9 +65,13 @@ def run(cfg: Any, variant: str, resources: Any) -> tuple[list[float], float, flo
     autocast = torch.autocast(base.device.type, dtype=torch.bfloat16) if variant == "autocast" \
         else contextlib.nullcontext()
     start = time.perf_counter()
-    with base.adapter(cfg.lora, cfg.train.seed) as model, autocast:
-        result = train_adapter(model, resources.data, cfg.train, cfg.optimizer, base.device,
-                               base.tokenizer.pad_token_id, on_step=lambda s, m: losses.append(m["train_loss"]))
+    use_tf32(variant == "tf32")
+    try:
+        with base.adapter(cfg.lora, cfg.train.seed) as model, autocast:
+            result = train_adapter(model, resources.data, cfg.train, cfg.optimizer, base.device,
+                                   base.tokenizer.pad_token_id, on_step=lambda s, m: losses.append(m["train_loss"]))
+    finally:
+        use_tf32(False)
     return losses, result.eval_loss, time.perf_counter() - start
 
 
@@ -74,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sweeper.launch import Resources
 
     runs: dict[str, tuple[list[float], float, float]] = {}
-    loaded: dict[bool, Any] = {}  # today and autocast share one loaded base
+    loaded: dict[bool, Any] = {}  # every run but bf16 shares one loaded base
     for variant in VARIANTS:
         say(f"[{time.strftime('%H:%M:%S')}] {variant} ...")
         cfg, _ = compose.load(overrides(args, variant))
@@ -97,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "eval loss", "eval loss vs today", "training s"], rows)
     what = (f"{'tiny random model (CPU smoke: numbers mean nothing)' if args.cpu_smoke else 'the default model'}, "
             f"the default trial's settings, {args.steps} steps, dropout 0, packing; differences are relative.")
-    write_report(args.out, render_report("bf16 activations: losses against today's and autocast's", environment(),
-                                         command_line(argv), [("What ran", what), ("Summary", summary),
-                                                              ("Per-step train loss", per_step)]))
+    title = "bf16 activations and TF32: losses against today's and autocast's"
+    write_report(args.out, render_report(title, environment(), command_line(argv),
+                                         [("What ran", what), ("Summary", summary), ("Per-step train loss", per_step)]))
     return 0
 
 

@@ -62,28 +62,65 @@ class Timer:
         return Hooks()
 
 
-def measure_engine(base: Any, data: Any, cfg: Any, slots: int, steps: int, warmup: int,
-                   gpu: GpuSampler) -> dict[str, Any]:
+def measure_engine(base: Any, data: Any, cfg: Any, slots: int, steps: int, warmup: int, gpu: GpuSampler,
+                   profile_steps: int = 0, top: int = 15) -> dict[str, Any]:
+    """The engine runs in this thread (``start=False``), so that torch.profiler, which records the thread that
+    started it, sees its passes; with ``profile_steps``, that many steps after the timed ones are profiled."""
     import torch
 
     from objectives.engine import SlotEngine
 
     engine = SlotEngine(base, data, slots=slots, r_max=64, eval_batch_size=cfg.train.micro_batch_size,
-                        fused_loss=cfg.train.fused_loss)
+                        fused_loss=cfg.train.fused_loss, start=False)
     timer = Timer()
-    futures = [engine.submit(trial_config(cfg, i, warmup + steps + 2), timer.hooks()) for i in range(slots)]
+    futures = [engine.submit(trial_config(cfg, i, warmup + steps + profile_steps + 2), timer.hooks())
+               for i in range(slots)]
+    profiled: dict[str, Any] = {}
     try:
+        while len(timer.ticks) < warmup + steps + 1 and not all(f.done() for f in futures):
+            engine.advance()
+        timed, timed_end = list(timer.ticks), time.time()
+        if profile_steps:
+            profiled = profile_ticks(engine, profile_steps, top)
+        while not all(f.done() for f in futures):
+            engine.advance()
         for f in futures:
             f.result()
     finally:
         engine.close()
-    gaps = [b - a for a, b in zip(timer.ticks[warmup:], timer.ticks[warmup + 1:], strict=False)]
+    gaps = [b - a for a, b in zip(timed[warmup:], timed[warmup + 1:], strict=False)]
     step = statistics.median(gaps) if gaps else float("nan")
-    tokens = statistics.median(timer.tokens[warmup:]) if timer.tokens[warmup:] else float("nan")
-    busy = gpu.busy_fraction(time.time() - (timer.ticks[-1] - timer.ticks[warmup]), time.time()) \
-        if len(timer.ticks) > warmup else None
-    return {"slots": slots, "step": step, "tokens_per_s": tokens, "busy": busy,
+    tokens = statistics.median(timer.tokens[warmup:len(timed)]) if timer.tokens[warmup:] else float("nan")
+    busy = gpu.busy_fraction(timed_end - (timed[-1] - timed[warmup]), timed_end) if len(timed) > warmup else None
+    return {"slots": slots, "step": step, "tokens_per_s": tokens, "busy": busy, **profiled,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+def profile_ticks(engine: Any, steps: int, top: int) -> dict[str, Any]:
+    """``steps`` engine steps under torch.profiler: the GPU's kernel time per step, the top kernels and host
+    operators (as bench/step_profile.py lists them for one trial)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.step_profile import top_rows
+
+    cuda = engine.base.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.advance()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6 / steps if cuda else None
+    return {"profiled_wall": wall, "kernel_s": kernel_s,
+            "kernels": top_rows(kernels, "self_device_time_total", steps, top) if cuda else [],
+            "host": top_rows(host, "self_cpu_time_total", steps, top)}
 
 
 def measure_peft(base: Any, data: Any, cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
@@ -105,6 +142,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--checkpointing", choices=["true", "false"], default="false")
+    p.add_argument("--profile", type=int, default=0,
+                   help="steps profiled at each slot count after the timed ones (0: none)")
     p.add_argument("--extra", default="", help="more Hydra overrides, space-separated "
                                                "(e.g. model.upcast_unquantized=false)")
     return p.parse_args(argv)
@@ -132,15 +171,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in [int(k) for k in args.slots.split(",")]:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            results.append(measure_engine(base, data, cfg, k, args.steps, args.warmup, gpu))
+            results.append(measure_engine(base, data, cfg, k, args.steps, args.warmup, gpu, args.profile))
             say(f"slots={k}: step {results[-1]['step']:.3f} s, {results[-1]['tokens_per_s']:.0f} tokens/s")
     one = results[0]["step"]
     rows = [[str(r["slots"]), num(r["step"], 3), num(r["tokens_per_s"], 0), percent(r.get("busy")),
              num(r.get("peak_gib"), 1), num(one * (r["slots"] if isinstance(r["slots"], int) else 1) / r["step"], 1)]
             for r in results]
     body = markdown_table(["slots", "step s", "tokens/s", "GPU busy", "peak GiB", "trial-steps/s vs peft"], rows)
-    write_report(args.out, render_report("Slot engine step profile", environment(), command_line(argv),
-                                         [("Step time by slots", body)]))
+    sections = [("Step time by slots", body)]
+    for r in results:
+        if "host" in r:
+            head = ["name", "ms per step", "calls per step"]
+            kernels = f"GPU kernels: {num(r['kernel_s'], 3)} s per step\n\n" + markdown_table(head, r["kernels"]) + \
+                "\n\n" if r["kernels"] else ""
+            sections.append((f"{r['slots']} slots under torch.profiler: {num(r['profiled_wall'], 3)} s per step",
+                             kernels + "Host operators (self time)\n\n" + markdown_table(head, r["host"])))
+    write_report(args.out, render_report("Slot engine step profile", environment(), command_line(argv), sections))
     return 0
 
 

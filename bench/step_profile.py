@@ -4,7 +4,8 @@ Each ``--variants`` entry is one way our loop runs the same steps (same examples
 optimizer): packing always, and a ``+``-joined set of switches:
 
 - ``cache``: ``model.base_cache=on``; ``bf16``: ``model.upcast_unquantized=false``; ``fused``:
-  ``train.fused_loss=on``; ``nockpt``: gradient checkpointing off (``ckpt`` on; ``auto`` is the default);
+  ``train.fused_loss=on``; ``tf32``: ``model.tf32=true``; ``nockpt``: gradient checkpointing off (``ckpt``
+  on; ``auto`` is the default);
   ``today``: none of them.
 
 For each variant the report gives the wall time per step, the GPU's kernel time per step (its share of the
@@ -30,7 +31,7 @@ from bench.models import SHAPE_NAMES, model_overrides
 from bench.report import markdown_table, num, render_report, say, write_report
 from bench.step_throughput import median_step, train_ours
 
-SWITCHES = {"today", "cache", "bf16", "fused", "nockpt", "ckpt"}
+SWITCHES = {"today", "cache", "bf16", "fused", "nockpt", "ckpt", "tf32"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,7 +63,8 @@ def overrides(args: argparse.Namespace, switches: set[str]) -> list[str]:
            "train.packing=true", f"model.gradient_checkpointing={ckpt}",
            f"model.base_cache={'on' if 'cache' in switches else 'off'}",
            f"train.fused_loss={'on' if 'fused' in switches else 'off'}",
-           f"model.upcast_unquantized={'false' if 'bf16' in switches else 'true'}"]
+           f"model.upcast_unquantized={'false' if 'bf16' in switches else 'true'}",
+           f"model.tf32={'true' if 'tf32' in switches else 'false'}"]
     return out + (["data.max_eval_examples=8"] if shape == "tiny" else [])
 
 
@@ -76,6 +78,7 @@ def profile_variant(args: argparse.Namespace, name: str, resources: Any, cfg: An
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    from objectives.base import use_tf32
     from objectives.decisions import device_memory_bytes, resolve_checkpointing
 
     base, data = resources.base, resources.data
@@ -90,7 +93,11 @@ def profile_variant(args: argparse.Namespace, name: str, resources: Any, cfg: An
         stamps.append(time.perf_counter())
         prof.step()
 
-    train_ours(base, data, cfg, cfg.model.base_cache is True, on_step, around=prof)
+    use_tf32(cfg.model.tf32)
+    try:
+        train_ours(base, data, cfg, cfg.model.base_cache is True, on_step, around=prof)
+    finally:
+        use_tf32(False)
     events = prof.key_averages()
     # the profiler's own step ranges show up as device events too: they are spans, not kernels
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith("ProfilerStep")]

@@ -18,8 +18,9 @@ and the same batches in the same order go through:
   ours-fused (``train.fused_loss=on``: liger-kernel's fused linear cross-entropy, CUDA only), ours-bf16-packed,
   and ours-all (all three; the fused loss only where it can run);
 - ``--methods fastest`` runs ours-packed beside: ours-cache-auto (the base cache, and checkpointing decided
-  as a trial decides it: the memory-for-speed switches at fp32 activations), ours-fast (the same with bf16
-  activations and the fused loss where it runs) and ours-lean (bf16 activations and the fused loss, no base
+  as a trial decides it: the memory-for-speed switches at fp32 activations), ours-tf32 (the same with
+  ``model.tf32=true``), ours-fast (ours-cache-auto with bf16 activations and the fused loss where it runs),
+  ours-fastest (ours-fast with tf32) and ours-lean (bf16 activations and the fused loss, no base
   cache, checkpointing on: the memory-for-speed switches off, as on a 24 GB GPU).
 
 ``--checkpointing`` pins gradient checkpointing for every method (true, as Trainer + peft's recipe: the
@@ -56,7 +57,7 @@ from bench.report import markdown_table, num, ratio, render_report, say, write_r
 from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 
 METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed", "ours-cache",
-           "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean")
+           "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32", "ours-fastest")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
           "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
           "ours-bf16": "ours, upcast_unquantized=false",
@@ -65,11 +66,14 @@ LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing
           "ours-all": "ours, packing + upcast_unquantized=false + base_cache=on + fused_loss",
           "ours-cache-auto": "ours, packing + base_cache=on + checkpointing auto",
           "ours-fast": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + fused_loss",
-          "ours-lean": "ours, packing + upcast_unquantized=false + fused_loss, checkpointing on"}
+          "ours-lean": "ours, packing + upcast_unquantized=false + fused_loss, checkpointing on",
+          "ours-tf32": "ours, packing + base_cache=on + checkpointing auto + tf32",
+          "ours-fastest": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + fused_loss "
+                          "+ tf32"}
 # --methods switches: today's path beside each faster-step switch alone and all of them together
 SWITCHES = ("ours-packed", "ours-cache", "ours-fused", "ours-bf16-packed", "ours-all")
 # --methods fastest: today's path beside the switches as a trial on a large GPU decides them, and as a small one
-FASTEST = ("ours-packed", "ours-cache-auto", "ours-fast", "ours-lean")
+FASTEST = ("ours-packed", "ours-cache-auto", "ours-tf32", "ours-fast", "ours-fastest", "ours-lean")
 GROUPS = {"switches": SWITCHES, "fastest": FASTEST}
 
 
@@ -84,6 +88,7 @@ class Variant:
     """True: the fused loss or no run (skipped where it cannot run); "auto": where it can run."""
     checkpointing: str | None = None
     """model.gradient_checkpointing for this method (true, false or auto); None: --checkpointing."""
+    tf32: bool = False
 
 
 OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Variant(False, upcast=False),
@@ -92,7 +97,10 @@ OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Varia
         "ours-all": Variant(True, upcast=False, base_cache=True, fused_loss="auto"),
         "ours-cache-auto": Variant(True, base_cache=True, checkpointing="auto"),
         "ours-fast": Variant(True, upcast=False, base_cache=True, fused_loss="auto", checkpointing="auto"),
-        "ours-lean": Variant(True, upcast=False, fused_loss="auto", checkpointing="true")}
+        "ours-lean": Variant(True, upcast=False, fused_loss="auto", checkpointing="true"),
+        "ours-tf32": Variant(True, base_cache=True, checkpointing="auto", tf32=True),
+        "ours-fastest": Variant(True, upcast=False, base_cache=True, fused_loss="auto", checkpointing="auto",
+                                tf32=True)}
 # micro-batch, steps per shape: the steps keep the 8B shape's share of the run affordable
 SIZES = {"tiny": (2, 4), "135m": (16, 10), "1b": (16, 10), "8b": (16, 6)}
 DEFAULT_METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16")
@@ -220,6 +228,8 @@ def train_ours(base: Any, data: Any, cfg: Any, base_cache: bool, on_step: Any,
 
 
 def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, variant: Variant) -> Measured:
+    from objectives.base import use_tf32
+
     cfg, note = ours_config(base, cfg, variant)
     stamps: list[float] = []
     losses: list[float] = []
@@ -228,7 +238,11 @@ def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, var
         stamps.append(time.perf_counter())  # the loop has synchronised: it read the loss and grad norm
         losses.append(metrics["train_loss"])
 
-    result = train_ours(base, data, cfg, variant.base_cache, on_step)
+    use_tf32(variant.tf32)
+    try:
+        result = train_ours(base, data, cfg, variant.base_cache, on_step)
+    finally:
+        use_tf32(False)
     peak = result.peak_memory_mb / 1024 if base.device.type == "cuda" else None
     return (steady_tokens_per_s(stamps, tokens, warmup), peak, median_step(stamps, warmup),
             statistics.fmean(losses), note)

@@ -39,6 +39,11 @@ def free_accelerator_memory(device: torch.device, collect: bool = True) -> None:
         torch.cuda.empty_cache()
 
 
+def use_tf32(on: bool) -> None:
+    """TensorFloat-32 for fp32 matrix products on CUDA (``model.tf32``); a no-op for the CPU's products."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +89,7 @@ class ResidentBase:
             # took 1.7 s of a 2.5 s Llama-3-8B step (bench/step_profile.py). The memory-efficient and flash
             # kernels need no plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        use_tf32(cfg.tf32)
         path = weights_path(cfg)
         dtype = TORCH_DTYPES[cfg.compute_dtype]
         quant = None

@@ -186,13 +186,19 @@ class SlotEngine:
                     self.lock.wait(timeout=1.0)
                 if self.closed:
                     return
-                admitted: list[Job] = []
-                while self.pending and len(self.running) + len(admitted) < self.capacity:
-                    admitted.append(self.pending.popleft())
-            for job in admitted:
-                self._admit(job)
-            if self.running:
-                self.tick()
+            self.advance()
+
+    def advance(self) -> None:
+        """Admit what the free slots take, then one :meth:`tick`: the engine's thread's loop body, which an engine
+        made with ``start=False`` runs in its caller's thread (a profiler sees that thread only)."""
+        with self.lock:
+            admitted: list[Job] = []
+            while self.pending and len(self.running) + len(admitted) < self.capacity:
+                admitted.append(self.pending.popleft())
+        for job in admitted:
+            self._admit(job)
+        if self.running:
+            self.tick()
 
     def _admit(self, job: Job) -> None:
         if job.future.done():
