@@ -155,7 +155,7 @@ def shape_overrides(args: argparse.Namespace, shape: str) -> list[str]:
            f"lora.r={args.rank}", f"lora.targets={args.targets}", "optimizer.name=adamw", "optimizer.scheduler=cosine",
            # true: Trainer + peft's recipe checkpoints, the identical configuration
            f"model.gradient_checkpointing={args.checkpointing}",
-           "model.base_cache=off", "train.fused_loss=off"]  # each method sets its own
+           "model.base_cache=off", "train.fused_loss=off", "model.tf32=false"]  # each method sets its own
     return out + (["data.max_eval_examples=8"] if shape == "tiny" else [])
 
 

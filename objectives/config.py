@@ -85,10 +85,10 @@ class ModelConfig:
     that copy: the same numbers without a dequantization in every call, for 2 bytes per base weight (14 GiB for
     Llama-3-8B). ``auto``: per trial, on where the memory model predicts the trial still fits with the copy;
     on (true), off (false)."""
-    tf32: bool = False
-    """On CUDA, run fp32 matrix products (the adapters; with upcast_unquantized, also the head and fp32
-    attention) on TensorFloat-32 tensor cores: their inputs rounded to 10 mantissa bits, where bf16 keeps 7.
-    Applies to the whole process."""
+    tf32: bool = True
+    """On CUDA, run fp32 matrix products (the adapters; with upcast_unquantized, also the head) on TensorFloat-32
+    tensor cores: their inputs rounded to 10 mantissa bits, finer than the bf16 products of the base (7 bits),
+    and several times faster than fp32's. Off: full fp32 products. Applies to the whole process."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
     cache_dir: str | None = None

@@ -39,7 +39,7 @@ from objectives.loss import check_fused_loss, group_loss_sums, hidden_and_head
 from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
 from objectives.passes import merge_passes, row_losses
 from objectives.slot_optim import SlotOptimizer
-from objectives.slots import PassRows, SlotAdapter, initialise_slot, inject_slots, remove_slots, slot_parameter_count
+from objectives.slots import SlotAdapter, initialise_slot, inject_slots, remove_slots, slot_parameter_count
 from objectives.targets import resolve_targets
 from objectives.training import LossNotFinite, TrainResult, eval_passes, forward_passes, peak_memory_mb, to_device
 
@@ -287,7 +287,7 @@ class SlotEngine:
             batch, keys = merge_passes(parts, self.pad_id)
             labels = batch.pop("labels")
             rows = self._row_slots(keys, labels.shape[0])
-            self.ctx.rows = PassRows.of(keys, labels.shape[0] // len(keys), device)
+            self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
             try:
                 per_slot = self._slot_loss_sums(to_device(batch, device), labels.to(device), keys, rows) * scale
                 per_slot.sum().backward()
@@ -319,7 +319,7 @@ class SlotEngine:
                     merged, keys = merge_passes([(s, batch, 0) for s in group], self.pad_id)
                     labels = merged.pop("labels")
                     rows = self._row_slots(keys, labels.shape[0])
-                    self.ctx.rows = PassRows.of(keys, labels.shape[0] // len(keys), device)
+                    self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
                     totals += self._slot_loss_sums(to_device(merged, device), labels.to(device), keys, rows)
         finally:
             self.ctx.rows = None

@@ -13,8 +13,15 @@ from collections.abc import Callable
 
 import torch
 
+from objectives import slot_kernels
 from objectives.config import OptimizerConfig
 from objectives.training import lr_lambda
+
+# Each coefficient's neutral value: a slot that does not step, or whose optimizer does not use it, keeps its
+# weights and state. The order is the fused kernel's (objectives.slot_kernels).
+COEFFICIENTS = {"decay": 1.0, "beta1": 1.0, "one_minus_beta1": 0.0, "beta2": 1.0, "one_minus_beta2": 0.0,
+                "bias2_sqrt": 1.0, "adam_step": 0.0, "sgd_decay": 0.0, "momentum": 1.0, "into_buffer": 0.0,
+                "from_grad": 0.0, "from_buffer": 0.0, "sgd_lr": 0.0}
 
 
 class SlotOptimizer:
@@ -33,6 +40,8 @@ class SlotOptimizer:
         self.total_steps = [0] * slots
         self.steps = [0] * slots
         self.device = device
+        self.clip_scale: torch.Tensor | None = None
+        """Each slot's gradient scale from :meth:`clip`, applied by the next :meth:`step`."""
 
     def reset(self, slot: int, cfg: OptimizerConfig, total_steps: int) -> None:
         """A new trial in ``slot``: fresh state, its own schedule over ``total_steps``."""
@@ -58,12 +67,9 @@ class SlotOptimizer:
         return torch.stack([s.flatten(1).sum(1) for s in squares]).sum(0).sqrt()
 
     def clip(self, norms: torch.Tensor, max_norms: list[float]) -> None:
-        """Scale each slot's gradient to at most its ``max_grad_norm`` (``inf``: unclipped)."""
+        """Scale each slot's gradient to at most its ``max_grad_norm`` (``inf``: unclipped) in the next step."""
         limit = torch.tensor(max_norms, device=self.device)
-        coef = torch.clamp(limit / (norms + 1e-6), max=1.0).view(-1, 1, 1)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, [coef] * len(grads))
+        self.clip_scale = torch.clamp(limit / (norms + 1e-6), max=1.0)
 
     @torch.no_grad()
     def step(self, active: list[int]) -> None:
@@ -71,7 +77,8 @@ class SlotOptimizer:
 
         Every operation runs over all slots and all tensors at once (``torch._foreach_*``), with per-slot
         coefficients that leave a slot untouched where its optimizer does not apply (multiply by 1, add 0).
-        AdamW's moments and SGD's momentum buffer share ``exp_avg``: a slot uses one optimizer.
+        AdamW's moments and SGD's momentum buffer share ``exp_avg``: a slot uses one optimizer. Where the fused
+        kernel runs (:mod:`objectives.slot_kernels`), it does the same arithmetic in one pass per tensor.
         """
         for slot in active:
             self.steps[slot] += 1
@@ -79,12 +86,21 @@ class SlotOptimizer:
         with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not with_grad or not active:
             return
-        grads = [self.params[i].grad for i in with_grad]
+        grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
         params = [self.params[i].data for i in with_grad]
         exp_avg = [self.exp_avg[i] for i in with_grad]
         exp_avg_sq = [self.exp_avg_sq[i] for i in with_grad]
-        c = self._coefficients(active)
+        table = self._coefficients(active)
+        clip, self.clip_scale = self.clip_scale, None
+        if slot_kernels.usable(params[0]):
+            ones = torch.ones(self.slots, device=self.device)
+            slot_kernels.optimizer_step(params, grads, exp_avg, exp_avg_sq, table, ones if clip is None else clip,
+                                        self.EPS)
+            return
+        if clip is not None:
+            torch._foreach_mul_(grads, [clip.view(-1, 1, 1)] * len(grads))
         n = len(params)
+        c = {name: table[i].view(-1, 1, 1) for i, name in enumerate(COEFFICIENTS)}
 
         def col(name: str) -> list[torch.Tensor]:
             return [c[name]] * n
@@ -93,28 +109,26 @@ class SlotOptimizer:
         # step is 0 adds an exact 0 whatever its buffer holds).
         torch._foreach_mul_(params, col("decay"))
         torch._foreach_mul_(exp_avg, col("beta1"))
-        torch._foreach_add_(exp_avg, torch._foreach_mul(grads, col("one_minus_beta1")))  # type: ignore[arg-type]
+        torch._foreach_add_(exp_avg, torch._foreach_mul(grads, col("one_minus_beta1")))
         torch._foreach_mul_(exp_avg_sq, col("beta2"))
-        squared = torch._foreach_mul(grads, grads)  # type: ignore[arg-type]
+        squared = torch._foreach_mul(grads, grads)
         torch._foreach_add_(exp_avg_sq, torch._foreach_mul(squared, col("one_minus_beta2")))
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_div_(denom, col("bias2_sqrt"))
         torch._foreach_add_(denom, self.EPS)
         torch._foreach_sub_(params, torch._foreach_div(torch._foreach_mul(exp_avg, col("adam_step")), denom))
         # SGD: L2 decay into the gradient, momentum (the first step's buffer is the gradient itself, as torch's).
-        d_p = torch._foreach_add(grads, torch._foreach_mul(params, col("sgd_decay")))  # type: ignore[arg-type]
+        d_p = torch._foreach_add(grads, torch._foreach_mul(params, col("sgd_decay")))
         torch._foreach_mul_(exp_avg, col("momentum"))
         torch._foreach_add_(exp_avg, torch._foreach_mul(d_p, col("into_buffer")))
         direction = torch._foreach_add(torch._foreach_mul(d_p, col("from_grad")),
                                        torch._foreach_mul(exp_avg, col("from_buffer")))
         torch._foreach_sub_(params, torch._foreach_mul(direction, col("sgd_lr")))
 
-    def _coefficients(self, active: list[int]) -> dict[str, torch.Tensor]:
-        """Per-slot columns (slots, 1, 1) of every coefficient; neutral (1 or 0) where a slot does not step."""
-        values = {"decay": 1.0, "beta1": 1.0, "one_minus_beta1": 0.0, "beta2": 1.0, "one_minus_beta2": 0.0,
-                  "bias2_sqrt": 1.0, "adam_step": 0.0, "sgd_decay": 0.0, "momentum": 1.0, "into_buffer": 0.0,
-                  "from_grad": 0.0, "from_buffer": 0.0, "sgd_lr": 0.0}
-        table = {name: [v] * self.slots for name, v in values.items()}
+    def _coefficients(self, active: list[int]) -> torch.Tensor:
+        """(coefficients, slots) on the device, in :data:`COEFFICIENTS`' order; neutral (1 or 0) where a slot does
+        not step."""
+        table = {name: [v] * self.slots for name, v in COEFFICIENTS.items()}
         for slot in active:
             cfg = self._cfg(slot)
             t = self.steps[slot]
@@ -133,9 +147,7 @@ class SlotOptimizer:
                                 ("into_buffer", 1.0 if m != 0 else 0.0), ("from_grad", from_grad),
                                 ("from_buffer", from_buffer), ("sgd_lr", lr)):
                     table[name][slot] = v
-        stacked = torch.tensor(list(table.values()), dtype=self.params[0].dtype)
-        columns = stacked.to(self.device).view(len(table), self.slots, 1, 1)
-        return {name: columns[i] for i, name in enumerate(table)}
+        return torch.tensor(list(table.values()), dtype=self.params[0].dtype).to(self.device)
 
     def _cfg(self, slot: int) -> OptimizerConfig:
         cfg = self.configs[slot]

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from objectives import slot_kernels
 from objectives.config import LoraConfig
 
 
@@ -36,12 +37,28 @@ class PassRows:
     rows: int = 1
     """Rows per slot."""
     key_tensor: torch.Tensor | None = None
-    """The keys as int32 on the device, shaped to broadcast over (slots, rows, tokens, features)."""
+    """The keys as int32 on the device, one per slot in the pass."""
+    threshold: torch.Tensor | None = None
+    """Each slot's dropout as the 24-bit hash value below which an element is dropped (int32, on the device)."""
+    scale: torch.Tensor | None = None
+    """Each slot's 1 / (1 - dropout) (fp32, on the device)."""
+    dropping: bool = False
+    """Whether any slot in the pass has dropout."""
+    every_slot: bool = False
+    """The pass holds every slot in order: the stacked weights serve as they are, without a gather."""
 
     @classmethod
-    def of(cls, keys: list[tuple[int, int]], rows: int, device: torch.device) -> PassRows:
-        key_tensor = torch.tensor([k & 0x7FFF_FFFF for _, k in keys], dtype=torch.int32).view(-1, 1, 1, 1)
-        return cls(torch.tensor([slot for slot, _ in keys], device=device), keys, rows, key_tensor.to(device))
+    def of(cls, keys: list[tuple[int, int]], rows: int, device: torch.device, dropout: list[float] | None = None,
+           slots: int | None = None) -> PassRows:
+        """``dropout``: each slot's (by slot number); ``slots``: how many the layers hold."""
+        order = [slot for slot, _ in keys]
+        p = [dropout[slot] if dropout else 0.0 for slot in order]
+        # One copy to the device per pass, not per layer: each small copy from the host waits for the device.
+        ints = torch.tensor([[k & 0x7FFF_FFFF for _, k in keys], [round(q * 2**24) for q in p]], dtype=torch.int32)
+        ints = ints.to(device)
+        scale = torch.tensor([1 / (1 - q) for q in p], dtype=torch.float32).to(device)
+        return cls(torch.tensor(order, device=device), keys, rows, ints[0], ints[1], scale, any(p),
+                   order == list(range(slots or 0)))
 
 
 # lowbias32 (a 32-bit integer hash with good avalanche), in int32 arithmetic: products wrap, and a logical
@@ -62,9 +79,13 @@ class SlotContext:
 
     def __init__(self, slots: int, max_length: int) -> None:
         self.rows: PassRows | None = None
+        self.slots = slots
         self.dropout = [0.0] * slots
         self.max_length = max_length
         self._index: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def pass_rows(self, keys: list[tuple[int, int]], rows: int, device: torch.device) -> PassRows:
+        return PassRows.of(keys, rows, device, self.dropout, self.slots)
 
     def element_index(self, rows: int, tokens: int, features: int, device: torch.device) -> torch.Tensor:
         """(row * max_length + token) * features + feature, int32 (rows, tokens, features): an element's
@@ -88,6 +109,7 @@ class SlotLinear(torch.nn.Module):
         self.ctx = ctx
         self.in_features: int = base_layer.in_features  # type: ignore[assignment]
         self.out_features: int = base_layer.out_features  # type: ignore[assignment]
+        self.salt = hash((index, 0x5EED)) & 0x7FFF_FFFF
         device = next(base_layer.parameters()).device
         # fp32 adapter weights, as peft keeps them (``autocast_adapter_dtype``).
         self.lora_A = torch.nn.Parameter(torch.zeros(slots, r_max, self.in_features, device=device))
@@ -103,26 +125,31 @@ class SlotLinear(torch.nn.Module):
         # One batched product per pass: (slots, rows x tokens, in) against each slot's own weights, so no
         # weight is copied per row and the host's work does not grow with the number of slots.
         x = x.to(self.lora_A.dtype).reshape(len(rows.keys), -1, self.in_features)
-        if self.training:
+        if self.training and rows.dropping:
             x = self._dropout(x, rows)
         scaling: torch.Tensor = self.scaling  # type: ignore[assignment]
-        hidden = torch.bmm(x, self.lora_A[rows.slots].transpose(1, 2))
-        update = torch.bmm(hidden, self.lora_B[rows.slots].transpose(1, 2)) * scaling[rows.slots].view(-1, 1, 1)
+        a: torch.Tensor = self.lora_A
+        b: torch.Tensor = self.lora_B
+        if not rows.every_slot:
+            a, b, scaling = a[rows.slots], b[rows.slots], scaling[rows.slots]
+        hidden = torch.bmm(x, a.transpose(1, 2))
+        update = torch.bmm(hidden, b.transpose(1, 2)) * scaling.view(-1, 1, 1)
         return (result + update.view(result.shape)).to(result.dtype)
 
     def _dropout(self, x: torch.Tensor, rows: PassRows) -> torch.Tensor:
-        """Each slot's dropout, drawn for all slots in a few operations (see the module docstring)."""
-        p = [self.ctx.dropout[slot] if self.used[slot] else 0.0 for slot, _ in rows.keys]
-        if not any(p) or rows.key_tensor is None:
-            return x
+        """Each slot's dropout, drawn for all slots at once (see the module docstring). A slot without an adapter
+        here gets its trial's dropout too: its zero weights make the result the same either way."""
+        assert rows.key_tensor is not None and rows.threshold is not None and rows.scale is not None
+        salted = rows.key_tensor ^ self.salt
+        tokens = x.shape[1] // rows.rows
+        if slot_kernels.usable(x):
+            return slot_kernels.hashed_dropout(x, salted, rows.threshold, rows.scale, tokens, self.in_features,
+                                               self.ctx.max_length)
         n = len(rows.keys)
-        index = self.ctx.element_index(rows.rows, x.shape[1] // rows.rows, self.in_features, x.device)
-        salt = hash((self.index, 0x5EED)) & 0x7FFF_FFFF
-        bits = hash32(index.unsqueeze(0) ^ (rows.key_tensor ^ salt)) & 0xFF_FFFF
-        threshold = torch.tensor([round(q * 2**24) for q in p], device=x.device, dtype=torch.int32)
-        scale = torch.tensor([1 / (1 - q) for q in p], device=x.device, dtype=x.dtype)
-        keep = bits >= threshold.view(-1, 1, 1, 1)
-        return (x.view(n, rows.rows, -1, self.in_features) * keep * scale.view(-1, 1, 1, 1)).view(x.shape)
+        index = self.ctx.element_index(rows.rows, tokens, self.in_features, x.device)
+        bits = hash32(index.unsqueeze(0) ^ salted.view(-1, 1, 1, 1)) & 0xFF_FFFF
+        keep = bits >= rows.threshold.view(-1, 1, 1, 1)
+        return (x.view(n, rows.rows, -1, self.in_features) * keep * rows.scale.view(-1, 1, 1, 1)).view(x.shape)
 
 
 def is_linear(module: torch.nn.Module) -> bool:

@@ -64,3 +64,47 @@ def test_the_faster_step_switches_match_the_plain_step_within_bf16_noise(tmp_pat
         runs[cache, fused] = [*losses, eval_loss]
     for key, values in runs.items():
         assert values == pytest.approx(runs[False, False], rel=1e-2), key
+
+
+def test_the_slot_kernels_compute_what_the_torch_operations_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+    from objectives import slot_kernels
+    from objectives.config import OptimizerConfig
+    from objectives.slot_optim import SlotOptimizer
+    from objectives.slots import SlotContext, hash32
+
+    assert slot_kernels.usable(torch.zeros(1, device="cuda")), "Triton ships with CUDA builds of torch"
+    torch.manual_seed(0)
+    n, rows, tokens, features, max_length = 3, 2, 5, 7, 9
+    x = torch.randn(n, rows * tokens, features, device="cuda", requires_grad=True)
+    salted = torch.tensor([123456789, 2**31 - 5, 42], dtype=torch.int32, device="cuda") ^ 0x5EED
+    p = [0.3, 0.0, 0.5]
+    threshold = torch.tensor([round(q * 2**24) for q in p], dtype=torch.int32, device="cuda")
+    scale = torch.tensor([1 / (1 - q) for q in p], device="cuda")
+    index = SlotContext(n, max_length).element_index(rows, tokens, features, x.device)
+    keep = (hash32(index.unsqueeze(0) ^ salted.view(-1, 1, 1, 1)) & 0xFFFFFF) >= threshold.view(-1, 1, 1, 1)
+    plain = (x.view(n, rows, -1, features) * keep * scale.view(-1, 1, 1, 1)).view(x.shape)
+    fused = slot_kernels.hashed_dropout(x, salted, threshold, scale, tokens, features, max_length)
+    assert torch.equal(plain, fused)
+    grad = torch.randn_like(plain)
+    assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (plain, fused)))
+
+    configs = [OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0),
+               OptimizerConfig(name="sgd", lr=1e-1, momentum=0.9, nesterov=True, weight_decay=0.01),
+               OptimizerConfig(name="sgd", lr=1e-1, momentum=0.0), OptimizerConfig(name="adamw", betas=[0.8, 0.99])]
+
+    def train(kernels: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(slot_kernels, "usable", lambda t: kernels)
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(4, *shape, device="cuda")) for shape in ((6, 5), (3, 6))]
+        optimizer = SlotOptimizer(params, 4)
+        for slot, opt in enumerate(configs):
+            optimizer.reset(slot, opt, total_steps=10)
+        for step in range(3):
+            for w in params:
+                w.grad = torch.randn_like(w)
+            optimizer.clip(optimizer.grad_norms(), [0.5, float("inf"), 1.0, 2.0])
+            optimizer.step([0, 3] if step == 1 else [0, 1, 2])
+        return [t.detach() for t in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
+
+    for a, b in zip(train(False), train(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
