@@ -206,7 +206,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
              f"compute {m.compute_dtype}, gradient checkpointing {checkpointing}; "
              f"sequence length up to data.max_length={cfg.data.max_length}",
              f"step: {'fp32' if four_bit and m.upcast_unquantized else m.compute_dtype} activations"
-             f"{', fp32 products on TF32' if m.tf32 else ''}; "
+             f"{', fp32 products on TF32' if m.tf32 and device.kind == 'cuda' else ''}; "
              f"base cache {base_cache}; loss from {fused}",
              f"search space: {len(params)} parameters, "
              f"{'continuous' if math.isinf(size) else f'{int(size)} configurations'}"]

@@ -165,3 +165,22 @@ def test_switches_from_the_command_line_and_their_errors() -> None:
         TrainConfig(fused_loss=2)
     with pytest.raises(ConfigError, match=r"^model.base_cache: on needs a 4-bit base \(nf4 or fp4\), not 'none'"):
         ModelConfig(base_cache="on", quant_type="none")
+
+
+def test_tf32_is_on_by_default_and_switches_the_process() -> None:
+    import torch
+
+    from objectives.base import use_tf32
+
+    cfg, _ = compose.load(["search_space=none"])
+    assert cfg.model.tf32 is True
+    cfg, _ = compose.load(["search_space=none", "model.tf32=false"])
+    assert cfg.model.tf32 is False
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        use_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32
+        use_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        use_tf32(before)
