@@ -84,6 +84,7 @@ class SlotOptimizer:
             self.steps[slot] += 1
         # A layer no running slot adapts got no gradient: as torch's optimizers, leave it out.
         with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        clip, self.clip_scale = self.clip_scale, None
         if not with_grad or not active:
             return
         grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
@@ -91,7 +92,6 @@ class SlotOptimizer:
         exp_avg = [self.exp_avg[i] for i in with_grad]
         exp_avg_sq = [self.exp_avg_sq[i] for i in with_grad]
         table = self._coefficients(active)
-        clip, self.clip_scale = self.clip_scale, None
         if slot_kernels.usable(params[0]):
             ones = torch.ones(self.slots, device=self.device)
             slot_kernels.optimizer_step(params, grads, exp_avg, exp_avg_sq, table, ones if clip is None else clip,

@@ -40,7 +40,7 @@ class StudyConfig:
     """Total budget of finished (complete or pruned) trials; a resumed study runs only what is missing."""
     storage: str | None = None
     """Optuna storage: an RDB URL (postgresql://..., sqlite:///...) or ``journal:/path/file``; None keeps it beside
-    MLflow under ``output_dir`` (a journal file, ``optuna.journal``)."""
+    MLflow under ``output_dir`` (SQLite, or a journal file when several workers share it)."""
     directions: list[str] = field(default_factory=lambda: ["minimize"])
     """One per objective."""
     objectives: list[str] = field(default_factory=lambda: ["eval_loss"])
@@ -226,13 +226,11 @@ class SweepConfig(RecipeConfig):
         if self.study.storage:
             return self.study.storage
         journal, sqlite = self.output_path / "optuna.journal", self.output_path / "optuna.db"
-        # A journal file serves one process or several on one machine, and reads the study from memory: SQLite
-        # reads every running trial again on each read (about 50 ms with 64 running, holding the interpreter's
-        # lock), and a sweep in slots reads the study a dozen times per trial. A study an earlier version kept
-        # in SQLite is found there.
-        if sqlite.is_file() and not journal.is_file():
-            return f"sqlite:///{sqlite}"
-        return f"journal:{journal}"
+        # SQLite is for one process; a journal file serves several on one machine. A later command (export,
+        # report, a resume without the worker count) finds the one the launch made.
+        if self.workers.count > 1 or (journal.is_file() and not sqlite.is_file()):
+            return f"journal:{journal}"
+        return f"sqlite:///{sqlite}"
 
     @property
     def tracking_uri(self) -> str:

@@ -9,7 +9,6 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from sweeper.study import storage_for
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -24,7 +23,7 @@ def test_real_model_sweep_export_train(tmp_path: Path) -> None:
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "best trial: #" in launched.stdout
 
-    study = optuna.load_study(study_name="qlora-default", storage=storage_for(f"journal:{tmp_path / 'optuna.journal'}"))
+    study = optuna.load_study(study_name="qlora-default", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 2
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 

@@ -272,10 +272,10 @@ def test_studies_without_a_completed_trial() -> None:
 def test_ask_tell_study_loaded_like_the_cli_does(tmp_path: Path) -> None:
     """A study in a sweep's store, read back through load_study(cfg) as `sweeper report` does."""
     from sweeper import compose
-    from sweeper.study import load_study, storage_for
+    from sweeper.study import load_study
 
     cfg, _ = compose.load([f"output_dir={tmp_path}", "study.name=asked"])
-    study = optuna.create_study(study_name="asked", storage=storage_for(cfg.storage_url))
+    study = optuna.create_study(study_name="asked", storage=cfg.storage_url)
     for i, state in enumerate((TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE)):
         trial = study.ask({"optimizer.lr": LR})
         assert trial.params["optimizer.lr"] > 0

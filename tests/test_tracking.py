@@ -280,7 +280,7 @@ def test_export_from_a_missing_store(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     done = sweeper_cli("export", f"output_dir={missing}", cwd=tmp_path)
     assert done.returncode == 2
-    assert f"error: study.storage: no study store at {missing / 'optuna.journal'}" in done.stderr
+    assert f"error: study.storage: no study store at {missing / 'optuna.db'}" in done.stderr
     assert not missing.exists() and not (tmp_path / "exports").exists()
 
 

@@ -22,7 +22,7 @@ from sweeper import compose
 from sweeper.config import WorkersConfig, to_container
 from sweeper.launch import run_sweep
 from sweeper.records import TrialRecord, record
-from sweeper.study import DeadTrialHandler, fail_trials_of, open_study, storage_for
+from sweeper.study import DeadTrialHandler, fail_trials_of, open_study
 from sweeper.tracking import make_tracker, parent_run
 from sweeper.workers import gpu_slots
 from tests.conftest import TINY, child_runs_of, run_cli, start_cli
@@ -360,5 +360,5 @@ def test_two_launches_at_once_in_a_new_folder_both_run(tmp_path: Path) -> None:
     launches = [start_cli(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in launches]
     assert [p.returncode for p in launches] == [0, 0], outputs
-    study = optuna.load_study(study_name="qlora-default", storage=storage_for(f"journal:{out / 'optuna.journal'}"))
+    study = optuna.load_study(study_name="qlora-default", storage=f"sqlite:///{out / 'optuna.db'}")
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 2
