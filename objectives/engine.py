@@ -35,6 +35,7 @@ from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig
 from objectives.data import Rows, TokenizedSplits, targets_in, train_micro_batches
 from objectives.decisions import with_base_cache, with_checkpointing, with_fused_loss
+from objectives.host_turns import TURNS
 from objectives.loss import check_fused_loss, group_loss_sums, hidden_and_head
 from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
 from objectives.passes import merge_passes, row_losses
@@ -86,10 +87,12 @@ class SlotEngine:
     """
 
     def __init__(self, base: ResidentBase, data: TokenizedSplits, slots: int, r_max: int,
-                 eval_batch_size: int = 4, packing: bool = True, start: bool = True, fused_loss: Any = "auto") -> None:
+                 eval_batch_size: int = 4, packing: bool = True, start: bool = True, fused_loss: Any = "auto",
+                 host_turns: bool | None = None) -> None:
         """``fused_loss``: ``train.fused_loss`` for every pass. ``auto`` is off: one fused call per slot's rows made
         a 64-slot pass 1.6x slower on an H200 (BENCHMARKS.md, benchmark 5), and the slot count is already sized
-        to fit with full logits.
+        to fit with full logits. ``host_turns``: whether the engine takes turns at the interpreter with its runs'
+        hooks (:mod:`objectives.host_turns`); None: on CUDA, where the engine launches kernels and waits for them.
 
         Raises:
             ConfigError: ``fused_loss`` is on where it cannot run.
@@ -115,6 +118,9 @@ class SlotEngine:
         self._tokens: dict[int, int] = {}
         self.lock = threading.Condition()
         self.closed = False
+        self.turns = TURNS
+        if host_turns if host_turns is not None else base.device.type == "cuda":
+            self.turns.active = True
         self.thread = threading.Thread(target=self._loop, name="slot-engine", daemon=True)
         if start:
             self.thread.start()
@@ -142,7 +148,8 @@ class SlotEngine:
         at its next step (a pruned trial may train one step more than it reports)."""
         hooks = hooks or RunHooks()
         cfg = self.as_trained(cfg)
-        hooks.on_start(cfg)
+        with self.turns.bookkeeping():
+            hooks.on_start(cfg)
         job = Job(cfg, hooks, started=True, events=queue.SimpleQueue())
         with self.lock:
             if self.closed:
@@ -154,7 +161,8 @@ class SlotEngine:
             name, args = event
             if job.stop is None:
                 try:
-                    getattr(hooks, name)(*args)
+                    with self.turns.bookkeeping():
+                        getattr(hooks, name)(*args)
                 except BaseException as e:  # the engine hands it back through the future
                     job.stop = e
         if job.stop is not None:  # a hook raised: a pruner's decision, or saving the finished adapter failed
@@ -168,6 +176,7 @@ class SlotEngine:
             self.lock.notify_all()
         if self.thread.is_alive():
             self.thread.join()
+        self.turns.stop()
         for job in [*self.pending, *(r.job for r in self.running.values())]:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the engine stopped before this run finished"))
@@ -195,10 +204,11 @@ class SlotEngine:
             admitted: list[Job] = []
             while self.pending and len(self.running) + len(admitted) < self.capacity:
                 admitted.append(self.pending.popleft())
-        for job in admitted:
-            self._admit(job)
-        if self.running:
-            self.tick()
+        with self.turns.engine():
+            for job in admitted:
+                self._admit(job)
+            if self.running:
+                self.tick()
 
     def _admit(self, job: Job) -> None:
         if job.future.done():
@@ -299,7 +309,8 @@ class SlotEngine:
         for slot, run in self.running.items():
             limit = run.job.cfg.train.max_grad_norm
             limits[slot] = limit if limit > 0 else math.inf
-        values = torch.stack([loss_sum, norms]).tolist()
+        with self.turns.waiting():
+            values = torch.stack([loss_sum, norms]).tolist()
         self.optimizer.clip(norms, limits)
         return dict(enumerate(values[0])), dict(enumerate(values[1]))
 
@@ -324,7 +335,8 @@ class SlotEngine:
         finally:
             self.ctx.rows = None
             self.base.model.train()
-        losses = (totals / max(1, self.eval_targets)).tolist()
+        with self.turns.waiting():
+            losses = (totals / max(1, self.eval_targets)).tolist()
         for slot in due:
             run = self.running[slot]
             run.eval_loss = losses[slot]

@@ -8,11 +8,13 @@ default the CLI runs; ``conf/`` holds only what a choice changes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
@@ -27,6 +29,8 @@ from sweeper.samplers import (
     pruner_schema,
     sampler_schema,
 )
+
+SchemaT = TypeVar("SchemaT")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -283,6 +287,68 @@ def schema_message(e: OmegaConfBaseException) -> str:
         return f"{key}: needs a value here, e.g. {key}=..."
     text = str(getattr(e, "msg", e)).strip()
     return redact_text(f"{key}: {text.splitlines()[0] if text else type(e).__name__}".strip(": "))
+
+
+def with_values(cfg: SchemaT, values: Mapping[str, Any]) -> SchemaT | None:
+    """A validated config with each ``path -> value`` set as :func:`to_schema` would set it, without OmegaConf
+    (which takes tens of milliseconds per trial, holding the interpreter's lock beside a slot engine).
+
+    None where a value is not plainly of its field's type, or a path leaves the schema's dataclasses: a schema
+    merge would convert or reject it, so the caller asks :func:`to_schema`.
+    """
+    for path, value in values.items():
+        replaced = _with_value(cfg, path.split("."), value)
+        if replaced is None:
+            return None
+        cfg = replaced
+    return cfg
+
+
+def _with_value(node: Any, parts: list[str], value: Any) -> Any:
+    head, *rest = parts
+    if not dataclasses.is_dataclass(node) or isinstance(node, type) or head not in _field_types(type(node)):
+        return None
+    if rest:
+        inner = _with_value(getattr(node, head), rest, value)
+        return None if inner is None else dataclasses.replace(node, **{head: inner})  # type: ignore[type-var]
+    typed = _as_field_type(_field_types(type(node))[head], value)
+    return None if typed is _UNTYPED else dataclasses.replace(node, **{head: typed})  # type: ignore[type-var]
+
+
+_UNTYPED = object()
+
+
+@functools.cache
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _as_field_type(kind: Any, value: Any) -> Any:
+    """``value`` as a field of type ``kind`` holds it after a schema merge, or ``_UNTYPED`` where that is not plain."""
+    if kind is Any:
+        return value if value is None or isinstance(value, (bool, int, float, str)) else _UNTYPED
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _as_field_type(rest[0], value) if len(rest) == 1 else _UNTYPED
+    if kind is float and type(value) in (int, float):
+        return float(value)
+    if kind in (int, bool, str) and type(value) is kind:
+        return value
+    return _UNTYPED
+
+
+def plain(obj: Any) -> Any:
+    """A schema object as plain containers, as :func:`to_container` gives a validated one."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
 
 
 def to_container(cfg: RecipeConfig) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from objectives.config import RecipeConfig
 from objectives.decisions import with_checkpointing
+from objectives.host_turns import TURNS
 from objectives.objective import RunHooks, RunResult
 from sweeper.budget import BudgetGuard, BudgetReached, fail_dead_trials, failed_trials
 from sweeper.config import SweepConfig
@@ -205,6 +206,13 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     threads = min(plan.slots, cfg.study.n_trials - done)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        with TURNS.bookkeeping():
+            go_on = report_trial(study, trial)
+        if go_on and threads > 1:
+            objective.guard.hold_while_covered(study)
+
+    def report_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        """The trial's line, the bars and the parent run; False when the worker stops here."""
         nonlocal recycle
         if not TrialRecord.of(trial).surplus:  # a surplus trial never ran: the summary counts them
             tqdm.write(trial_line(study, trial))  # tqdm.write: above the bars, not through them
@@ -216,12 +224,13 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         drift = objective.memory_mb - baseline
         if failed_trials(study) - failed_before >= max_failures:
             objective.guard.stop(study)
-        elif join and drift > cfg.workers.max_drift_mb:
+            return False
+        if join and drift > cfg.workers.max_drift_mb:
             log.warning("memory grew %.0f MB above the resident base: recycling this worker", drift)
             recycle = True
             objective.guard.stop(study)
-        elif threads > 1:
-            objective.guard.hold_while_covered(study)
+            return False
+        return True
 
     objective.guard.let_through(threads)
     status = "FAILED"

@@ -16,10 +16,11 @@ from objectives.base import ResidentBase
 from objectives.config import RECIPE_SECTIONS, RecipeConfig
 from objectives.data import TokenizedSplits
 from objectives.decisions import device_memory_bytes
+from objectives.host_turns import TURNS
 from objectives.objective import DoesNotFit, RunHooks, RunResult, run_recipe
 from objectives.training import LossNotFinite, TrainResult, evaluates_at
 from sweeper import interrupts
-from sweeper.config import SweepConfig, to_container, to_schema
+from sweeper.config import SweepConfig, plain, to_container, to_schema, with_values
 from sweeper.export import adapter_keeper
 from sweeper.progress import progress_bar
 from sweeper.records import TrialRecord, record
@@ -42,7 +43,7 @@ REMOVED_TAG = "adapter_removed"
 
 def recipe_record(cfg: RecipeConfig) -> dict[str, Any]:
     """The parts of a config that describe one training run (logged, and what an export reproduces)."""
-    return {k: v for k, v in to_container(cfg).items() if k in RECIPE_SECTIONS}
+    return {k: plain(getattr(cfg, k)) for k in RECIPE_SECTIONS}
 
 
 def objective_values(objectives: Sequence[str], result: TrainResult, seconds: float) -> list[float]:
@@ -202,10 +203,11 @@ class QLoRAObjective:
     def trial_config(self, trial: AnyTrial) -> tuple[SweepConfig, dict[str, Any]]:
         """The sampled values applied to the sweep's config, and the values."""
         values = sample(trial, self.params)
-        return to_schema(apply_values(self.config, values)), values
+        return with_values(self.cfg, values) or to_schema(apply_values(self.config, values)), values
 
     def __call__(self, trial: AnyTrial) -> float | list[float]:
-        cfg, sampled = self.trial_config(trial)
+        with TURNS.bookkeeping():
+            cfg, sampled = self.trial_config(trial)
         name = self.run_name or f"trial {trial.number}"
         hooks = TrialHooks(self, trial, sampled, progress_bar(cfg.train.max_steps, name, "step", leave=False,
                                                               disable=not self.show_progress))
@@ -229,15 +231,21 @@ class QLoRAObjective:
             reason = f"{type(e).__name__}: {e}"[:1000]
             raise
         finally:
-            hooks.bar.close()
-            record(trial, state_reason=reason)
-            if hooks.tracker is not None and hooks.run_id is not None:
-                tags = {"trial_state": state, **({"state_reason": reason} if reason else {})}
-                if state != "complete":
-                    # The UI shows a pruned run as "Killed", beside failed ones: its description says which.
-                    tags[NOTE] = hooks.end_note(state, reason)
-                hooks.tracker.set_tags(hooks.run_id, tags)
-                hooks.tracker.end_run(hooks.run_id, RUN_STATUS[state])
+            with TURNS.bookkeeping():
+                self.end(trial, hooks, state, reason)
+
+    @staticmethod
+    def end(trial: AnyTrial, hooks: TrialHooks, state: str, reason: str) -> None:
+        """The trial's record and MLflow run say how it ended."""
+        hooks.bar.close()
+        record(trial, state_reason=reason)
+        if hooks.tracker is not None and hooks.run_id is not None:
+            tags = {"trial_state": state, **({"state_reason": reason} if reason else {})}
+            if state != "complete":
+                # The UI shows a pruned run as "Killed", beside failed ones: its description says which.
+                tags[NOTE] = hooks.end_note(state, reason)
+            hooks.tracker.set_tags(hooks.run_id, tags)
+            hooks.tracker.end_run(hooks.run_id, RUN_STATUS[state])
 
     def keep_adapter(self, trial: AnyTrial, values: list[float]) -> bool:
         """Whether a finished trial's adapter is saved: always, never, or when it is the best so far."""

@@ -274,6 +274,12 @@ def test_engine_profile_smoke(tmp_path: Path) -> None:
     assert "| peft, one trial |" in text and re.search(r"\| 2 \| \d+\.\d+ \|", text)
 
 
+def test_interpreter_lock_smoke_compares_the_engine_alone_beside_clerks_and_taking_turns(tmp_path: Path) -> None:
+    text = run_bench("interpreter_lock.py", tmp_path)
+    for label in ("| engine alone |", "| beside 1 clerk(s) |", "| beside 1 clerk(s), taking turns |"):
+        assert label in text
+
+
 @pytest.mark.slow
 def test_step_profile_smoke_lists_host_operators_per_variant(tmp_path: Path) -> None:
     text = run_bench("step_profile.py", tmp_path)

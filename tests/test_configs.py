@@ -184,3 +184,26 @@ def test_tf32_is_on_by_default_and_switches_the_process() -> None:
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         use_tf32(before)
+
+
+@pytest.mark.parametrize("space", ["default", "optimizer", "rank_alpha", "targets"])
+def test_a_trials_config_without_omegaconf_is_what_the_schema_merge_builds(space: str) -> None:
+    import optuna
+
+    from sweeper.config import plain, to_container, to_schema, with_values
+    from sweeper.values import apply_values, corner_values, sample
+
+    cfg, params = compose.load([f"search_space={space}"])
+    base = to_container(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trials = [sample(study.ask(), params) for _ in range(40)]
+    trials += [{p.path: v} for p in params for v in corner_values(p)]
+    for values in trials:
+        fast, merged = with_values(cfg, values), to_schema(apply_values(base, values))
+        assert fast == merged, values
+        assert plain(fast) == to_container(merged)
+    # Values a merge would convert or reject, and paths outside the dataclasses, go through the merge.
+    assert with_values(cfg, {"lora.r": "8"}) is None
+    assert with_values(cfg, {"lora.r": 8.0}) is None
+    assert with_values(cfg, {"model.config_overrides.num_hidden_layers": 2}) is None
+    assert with_values(cfg, {"lora.nothing": 2}) is None

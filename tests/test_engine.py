@@ -320,3 +320,73 @@ def test_fused_loss_passes_give_each_run_its_own_loss(setup: Any, monkeypatch: p
     for (losses, eval_loss), (ref_losses, ref_eval) in zip(runs[True], runs[False], strict=True):
         assert losses == pytest.approx(ref_losses, rel=1e-5)
         assert eval_loss == pytest.approx(ref_eval, rel=1e-5)
+
+
+def test_hooks_run_in_turns_with_the_engine_and_the_runs_train_the_same(setup: Any) -> None:
+    """On CUDA the engine and its runs' hooks take turns at the interpreter: here forced on, on the CPU."""
+    import threading
+
+    from objectives.host_turns import TURNS
+
+    cfg, base, data = setup
+    configs = [trial(cfg, **t) for t in TRIALS]
+    engine = SlotEngine(base, data, slots=3, r_max=8)
+    try:
+        _, reference = train_together(engine, configs)
+    finally:
+        engine.close()
+    engine = SlotEngine(base, data, slots=3, r_max=8, host_turns=True)
+    assert TURNS.active
+    results: dict[int, RunResult] = {}
+
+    def run(i: int) -> None:
+        results[i] = engine.run(configs[i], Recorder())
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(configs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+    finally:
+        engine.close()
+    assert not TURNS.active
+    for i, ref in enumerate(reference):
+        assert results[i].train.eval_loss == pytest.approx(ref.train.eval_loss, rel=1e-5)
+
+
+def test_the_engines_turn_holds_bookkeeping_back_and_waiting_sections_go_before_its_next_turn() -> None:
+    import threading
+    import time
+
+    from objectives.host_turns import HostTurns
+
+    turns = HostTurns()
+    with turns.bookkeeping(), turns.bookkeeping():  # inactive: nobody waits, sections nest
+        pass
+    turns.active = True
+    order: list[str] = []
+
+    def keep_books(name: str) -> None:
+        with turns.bookkeeping(), turns.bookkeeping():  # a nested section takes no second turn
+            order.append(name)
+
+    turns.take()
+    clerks = [threading.Thread(target=keep_books, args=(f"clerk{i}",)) for i in range(3)]
+    for t in clerks:
+        t.start()
+    time.sleep(0.2)
+    order.append("engine launched")
+    with turns.waiting():  # the engine waits for the device: the clerks go
+        for t in clerks:
+            t.join(timeout=5)
+    order.append("engine again")
+    assert order[0] == "engine launched" and sorted(order[1:4]) == ["clerk0", "clerk1", "clerk2"]
+    assert order[4] == "engine again"
+    late = threading.Thread(target=keep_books, args=("late",))
+    late.start()
+    time.sleep(0.1)
+    assert "late" not in order  # still the engine's turn
+    turns.stop()  # the engine is gone: everyone waiting goes
+    late.join(timeout=5)
+    assert order[-1] == "late"

@@ -1,0 +1,120 @@
+"""Turns at the interpreter between a slot engine and the threads that keep its trials' books.
+
+Every tensor operation lets go of Python's interpreter lock while it runs and takes it back after. While
+another thread runs Python, taking it back waits for that thread's switch interval (5 ms): one thread logging a
+trial slows an engine that launches thousands of small kernels per step from microseconds per launch to
+milliseconds (``bench/interpreter_lock.py``), and the GPU waits with it. So on CUDA the engine holds a turn
+while it launches a step's kernels and gives it up while it waits for the device; bookkeeping (sampling,
+logging, pruning decisions) runs in those gaps. On the CPU the kernels run on the host, so nobody takes turns.
+
+Bookkeeping that was already waiting when the engine gave up its turn goes before the engine's next turn:
+each waiting thread gets one section per step, and the engine waits for no one else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+ENGINE_PATIENCE_S = 1.0
+"""The longest the engine waits for bookkeeping sections to end before it launches its step anyway."""
+
+
+class HostTurns:
+    """The engine's turn against bookkeeping sections: a writer-first lock whose readers may nest.
+
+    Example:
+        >>> turns = HostTurns()
+        >>> turns.active = True
+        >>> with turns.bookkeeping():
+        ...     pass  # log a metric, ask the sampler
+        >>> with turns.engine():
+        ...     pass  # launch the step's kernels
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self._cond = threading.Condition()
+        self._holding = False
+        self._wanting = False
+        self._inside = 0
+        self._waiting = 0
+        self._window = 0
+        """Sections that were waiting when the engine's turn ended and may still go before its next one."""
+        self._depth = threading.local()
+
+    @contextmanager
+    def bookkeeping(self) -> Iterator[None]:
+        """A section of Python work beside the engine: it waits while the engine launches kernels."""
+        depth = getattr(self._depth, "n", 0)
+        self._depth.n = depth + 1
+        entered = False
+        try:
+            if depth == 0 and self.active:
+                self._enter()
+                entered = True
+            yield
+        finally:
+            self._depth.n = depth
+            if entered:
+                with self._cond:
+                    self._inside -= 1
+                    self._cond.notify_all()
+
+    def _enter(self) -> None:
+        with self._cond:
+            if self._holding or self._wanting:
+                self._waiting += 1
+                while self.active and (self._holding or (self._wanting and self._window == 0)):
+                    self._cond.wait()
+                self._waiting -= 1
+                self._window = max(0, self._window - 1)
+            self._inside += 1
+
+    @contextmanager
+    def engine(self) -> Iterator[None]:
+        """The engine's turn: bookkeeping sections that are running end first, new ones wait."""
+        self.take()
+        try:
+            yield
+        finally:
+            self.give_up()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Inside the engine's turn, while it waits for the device: bookkeeping may run meanwhile."""
+        self.give_up()
+        try:
+            yield
+        finally:
+            self.take()
+
+    def take(self) -> None:
+        if not self.active:
+            return
+        with self._cond:
+            self._wanting = True
+            self._cond.wait_for(lambda: not (self._inside or self._window), timeout=ENGINE_PATIENCE_S)
+            self._holding, self._wanting, self._window = True, False, 0
+            self._cond.notify_all()
+
+    def give_up(self) -> None:
+        with self._cond:
+            if not self._holding:
+                return
+            self._holding = False
+            self._window = self._waiting
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """No more turns: everyone waiting goes."""
+        with self._cond:
+            self.active = False
+            self._holding = self._wanting = False
+            self._window = 0
+            self._cond.notify_all()
+
+
+TURNS = HostTurns()
+"""The process's turns: a worker runs one slot engine at a time, and its trials' threads keep books beside it."""
