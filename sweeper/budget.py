@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from sweeper import interrupts
 from sweeper.records import TrialRecord
-from sweeper.study import FINISHED, DeadTrialHandler, dead_on_this_host, fail_trials_of
+from sweeper.study import FINISHED, DeadTrialHandler, dead_on_this_host, fail_trials_of, fresh_reads
 
 
 class BudgetReached(Exception):
@@ -42,7 +42,8 @@ class BudgetGuard:
     def wait_turn(self, study: optuna.Study, number: int) -> bool:
         """True when trial ``number`` may run; False when the budget is finished (or the time is up) without it."""
         while True:
-            trials = study.get_trials(deepcopy=False)
+            with fresh_reads():
+                trials = study.get_trials(deepcopy=False)
             if sum(t.state in FINISHED for t in trials) >= self.budget:
                 return False
             ahead = sum(t.number < number and t.state in (*FINISHED, TrialState.RUNNING) for t in trials)
@@ -59,7 +60,8 @@ class BudgetGuard:
             interrupts.check()
             if self._stopped.is_set():
                 return
-            with self._lock:  # threads whose trials ended in the same step must not all take the last turn
+            # Threads whose trials ended in the same step must not all take the last turn.
+            with self._lock, fresh_reads():
                 trials = study.get_trials(deepcopy=False)
                 finished = sum(t.state in FINISHED for t in trials)
                 if finished >= self.budget:

@@ -29,10 +29,13 @@ from sweeper.records import TrialRecord, record
 from sweeper.report import STATE_NAMES, trial_line
 from sweeper.slots import SlotPlan, plan_slots
 from sweeper.space import Param
-from sweeper.study import FINISHED, DeadTrialHandler, check_store_exists, finished_trials, open_study
+from sweeper.study import FINISHED, DeadTrialHandler, check_store_exists, finished_trials, open_study, reused_reads
 from sweeper.tracking import Tracker, finish_parent, make_tracker, parent_run, redact, update_parent
 
 log = logging.getLogger(__name__)
+READ_AGE_S = 1.0
+"""How old a read of the study a sweep in slots may reuse (see ``study.ReusedReads``): its trials' threads
+would otherwise read every running trial again a dozen times per trial."""
 
 
 @dataclass
@@ -237,8 +240,9 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     try:
         # With slots, one Optuna thread per slot asks a trial and waits for the engine to train it; no more threads
         # than trials are left to run.
-        study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), n_jobs=threads,
-                       callbacks=[MaxTrialsCallback(cfg.study.n_trials, states=FINISHED), after_trial])
+        with reused_reads(study, READ_AGE_S if threads > 1 else 0.0):
+            study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), n_jobs=threads,
+                           callbacks=[MaxTrialsCallback(cfg.study.n_trials, states=FINISHED), after_trial])
         status = "FINISHED" if finished_trials(study) >= cfg.study.n_trials else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.trial import TrialState
 
 from objectives.config import RECIPE_SECTIONS, ConfigError
@@ -193,6 +197,61 @@ def dead_on_this_host(worker: str) -> bool:
     return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
+_FRESH = threading.local()
+
+
+@contextmanager
+def fresh_reads() -> Iterator[None]:
+    """Reads of the study in this thread go to the database, whatever :class:`ReusedReads` would reuse."""
+    _FRESH.on = True
+    try:
+        yield
+    finally:
+        _FRESH.on = False
+
+
+class ReusedReads(_CachedStorage):
+    """An RDB storage (SQLite, PostgreSQL) whose read of the study's unfinished trials is reused for up to
+    ``max_age_s`` (0, the default: every read goes to the database, as Optuna's own wrapper does).
+
+    Optuna keeps finished trials and reads every unfinished one again on each read of the study: 45-60 ms with
+    64 running trials on SQLite, and a sweep in slots reads the study a dozen times per trial (the sampler, the
+    pruner at each evaluation, the progress line). At 64 slots on an H200 those reads held the interpreter's
+    lock for three quarters of the trials' bookkeeping (BENCHMARKS.md, benchmark 5). A read under a second old
+    serves the sampler, the pruner and the progress line as well; the budget guard reads in
+    :func:`fresh_reads`. Heartbeats and writes go to the database as before.
+    """
+
+    def __init__(self, backend: optuna.storages.RDBStorage) -> None:
+        super().__init__(backend)
+        self.max_age_s = 0.0
+        self._read_at: dict[int, float] = {}
+        self._reading = threading.Lock()
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        with self._reading:  # threads that find the study just read take that read
+            if not getattr(_FRESH, "on", False) and \
+                    time.monotonic() - self._read_at.get(study_id, -math.inf) < self.max_age_s:
+                return
+            super()._read_trials_from_remote_storage(study_id)
+            self._read_at[study_id] = time.monotonic()
+
+
+@contextmanager
+def reused_reads(study: optuna.Study, max_age_s: float) -> Iterator[None]:
+    """While inside, reads of the study may be up to ``max_age_s`` old (where its storage is :class:`ReusedReads`);
+    after, they are fresh again."""
+    storage = study._storage  # Optuna gives no public handle on a study's storage
+    if not isinstance(storage, ReusedReads):
+        yield
+        return
+    storage.max_age_s = max_age_s
+    try:
+        yield
+    finally:
+        storage.max_age_s = 0.0
+
+
 def storage_for(url: str, workers: WorkersConfig | None = None, tracking_uri: str | None = None) -> Any:
     """Optuna storage for a URL: an RDB URL (with heartbeats), or ``journal:<path>`` for a journal file."""
     if url.startswith("journal:"):
@@ -204,10 +263,10 @@ def storage_for(url: str, workers: WorkersConfig | None = None, tracking_uri: st
         return JournalStorage(JournalFileBackend(str(path)))
     try:
         if workers is None:
-            return optuna.storages.RDBStorage(url)
-        return optuna.storages.RDBStorage(
+            return ReusedReads(optuna.storages.RDBStorage(url))
+        return ReusedReads(optuna.storages.RDBStorage(
             url, heartbeat_interval=workers.heartbeat_s, grace_period=workers.grace_s,
-            heartbeat_stale_trial_callback=DeadTrialHandler(workers.max_retry, tracking_uri))
+            heartbeat_stale_trial_callback=DeadTrialHandler(workers.max_retry, tracking_uri)))
     except Exception as e:  # any connection problem is reported with the (redacted) URL
         raise ConfigError(f"study.storage: cannot open {redact(url)!r}: {type(e).__name__}: "
                           f"{first_line(e)}") from None

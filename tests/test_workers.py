@@ -362,3 +362,24 @@ def test_two_launches_at_once_in_a_new_folder_both_run(tmp_path: Path) -> None:
     assert [p.returncode for p in launches] == [0, 0], outputs
     study = optuna.load_study(study_name="qlora-default", storage=f"sqlite:///{out / 'optuna.db'}")
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 2
+
+
+def test_a_sweep_in_slots_reuses_a_read_of_the_study_and_the_budget_guard_reads_fresh(tmp_path: Path) -> None:
+    import optuna
+
+    from sweeper.study import ReusedReads, fresh_reads, reused_reads, storage_for
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = storage_for(url)
+    assert isinstance(storage, ReusedReads)
+    study = optuna.create_study(study_name="s", storage=storage)
+    other = optuna.load_study(study_name="s", storage=url)  # another process on the same database
+    study.ask()
+    with reused_reads(study, 60.0):
+        assert len(study.get_trials()) == 1
+        other.ask()
+        assert len(study.get_trials()) == 1  # the read a moment ago serves
+        with fresh_reads():
+            assert len(study.get_trials()) == 2
+        other.ask()
+    assert len(study.get_trials()) == 3  # outside a sweep in slots every read is fresh
