@@ -45,8 +45,7 @@ class SlotOptimizer:
 
     def reset(self, slot: int, cfg: OptimizerConfig, total_steps: int) -> None:
         """A new trial in ``slot``: fresh state, its own schedule over ``total_steps``."""
-        for buf in (*self.exp_avg, *self.exp_avg_sq):
-            buf[slot].zero_()
+        torch._foreach_zero_([buf[slot] for buf in (*self.exp_avg, *self.exp_avg_sq)])  # one launch, not 2 per weight
         self.configs[slot] = cfg
         self.schedules[slot] = lr_lambda(cfg, total_steps)
         self.total_steps[slot] = total_steps
