@@ -66,10 +66,12 @@ class HostTurns:
         with self._cond:
             if self._holding or self._wanting:
                 self._waiting += 1
-                while self.active and (self._holding or (self._wanting and self._window == 0)):
-                    self._cond.wait()
-                self._waiting -= 1
-                self._window = max(0, self._window - 1)
+                try:
+                    while self.active and (self._holding or (self._wanting and self._window == 0)):
+                        self._cond.wait()
+                finally:  # a signal raised while waiting must not leave a window nobody takes
+                    self._waiting -= 1
+                    self._window = max(0, self._window - 1)
             self._inside += 1
 
     @contextmanager
@@ -95,9 +97,12 @@ class HostTurns:
             return
         with self._cond:
             self._wanting = True
-            self._cond.wait_for(lambda: not (self._inside or self._window), timeout=ENGINE_PATIENCE_S)
-            self._holding, self._wanting, self._window = True, False, 0
-            self._cond.notify_all()
+            try:
+                self._cond.wait_for(lambda: not (self._inside or self._window), timeout=ENGINE_PATIENCE_S)
+                self._holding, self._window = True, 0
+            finally:
+                self._wanting = False
+                self._cond.notify_all()
 
     def give_up(self) -> None:
         with self._cond:

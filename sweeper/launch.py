@@ -29,7 +29,15 @@ from sweeper.records import TrialRecord, record
 from sweeper.report import STATE_NAMES, trial_line
 from sweeper.slots import SlotPlan, plan_slots
 from sweeper.space import Param
-from sweeper.study import FINISHED, DeadTrialHandler, check_store_exists, finished_trials, open_study, reused_reads
+from sweeper.study import (
+    FINISHED,
+    DeadTrialHandler,
+    check_store_exists,
+    finished_trials,
+    fresh_reads,
+    open_study,
+    reused_reads,
+)
 from sweeper.tracking import Tracker, finish_parent, make_tracker, parent_run, redact, update_parent
 
 log = logging.getLogger(__name__)
@@ -206,6 +214,8 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     bar = progress_bar(cfg.study.n_trials, f"sweep {cfg.study.name}", "trial", initial=done,
                        disable=not show_progress)
     recycle = False
+    parent_shows: str | None = None
+    """The best trial the parent run shows."""
     threads = min(plan.slots, cfg.study.n_trials - done)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -216,16 +226,18 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
 
     def report_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         """The trial's line, the bars and the parent run; False when the worker stops here."""
-        nonlocal recycle
+        nonlocal recycle, parent_shows
         if not TrialRecord.of(trial).surplus:  # a surplus trial never ran: the summary counts them
             tqdm.write(trial_line(study, trial))  # tqdm.write: above the bars, not through them
         bar.n = finished_trials(study)
         bar.refresh()
-        update_parent(tracker, parent_id, study)
+        parent_shows = update_parent(tracker, parent_id, study, parent_shows)
         if len(study.directions) == 1 and trial.state == TrialState.COMPLETE:
             bar.set_postfix(best=f"{study.best_value:.4f}", refresh=True)
         drift = objective.memory_mb - baseline
-        if failed_trials(study) - failed_before >= max_failures:
+        with fresh_reads():  # a read a moment old would not yet count the trials that just failed
+            failed = failed_trials(study)
+        if failed - failed_before >= max_failures:
             objective.guard.stop(study)
             return False
         if join and drift > cfg.workers.max_drift_mb:

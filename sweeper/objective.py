@@ -25,6 +25,7 @@ from sweeper.export import adapter_keeper
 from sweeper.progress import progress_bar
 from sweeper.records import TrialRecord, record
 from sweeper.space import Param
+from sweeper.study import fresh_reads
 from sweeper.tracking import RUN_STATUS, Tracker
 from sweeper.values import apply_values, sample
 
@@ -272,7 +273,9 @@ class QLoRAObjective:
         study = getattr(trial, "study", None)
         if study is None or self.tracker is None or len(values) > 1:
             return
-        holders = {t.number: t for t in study.get_trials(deepcopy=False)
+        with fresh_reads():  # a trial that finished a moment ago may hold the better adapter
+            trials = study.get_trials(deepcopy=False)
+        holders = {t.number: t for t in trials
                    if t.number != trial.number and t.state.is_finished() and TrialRecord.of(t).adapter_uri}
         complete = [(n, t.value) for n, t in holders.items() if t.state == optuna.trial.TrialState.COMPLETE]
         keeper = adapter_keeper(complete + ([(trial.number, values[0])] if kept else []), study.direction)

@@ -203,11 +203,12 @@ _FRESH = threading.local()
 @contextmanager
 def fresh_reads() -> Iterator[None]:
     """Reads of the study in this thread go to the database, whatever :class:`ReusedReads` would reuse."""
+    before = getattr(_FRESH, "on", False)
     _FRESH.on = True
     try:
         yield
     finally:
-        _FRESH.on = False
+        _FRESH.on = before
 
 
 class ReusedReads(_CachedStorage):

@@ -199,18 +199,24 @@ def parent_run(tracker: Tracker, study: optuna.Study, cfg: SweepConfig, params: 
     return run_id
 
 
-def update_parent(tracker: Tracker, run_id: str, study: optuna.Study) -> None:
-    """Keep the best value and trial on the parent run current."""
+def update_parent(tracker: Tracker, run_id: str, study: optuna.Study, written: str | None = None) -> str | None:
+    """Keep the best value and trial on the parent run current; returns what it shows, which the caller passes
+    back as ``written`` so that a trial that changed nothing writes nothing (a sweep in slots ends several
+    trials a second)."""
     if len(study.directions) > 1:
-        tracker.set_tags(run_id, {"pareto_trials": ",".join(str(t.number) for t in study.best_trials)})
-        return
+        pareto = ",".join(str(t.number) for t in study.best_trials)
+        if pareto != written:
+            tracker.set_tags(run_id, {"pareto_trials": pareto})
+        return pareto
     try:
         best = study.best_trial
     except ValueError:
-        return
-    tracker.log_metrics(run_id, best.number, {"best_value": float(best.value or 0.0)})
-    tracker.set_tags(run_id, {"best_trial": str(best.number), "best_value": f"{best.value:.6f}"})
-    tracker.flush(run_id)
+        return written
+    if str(best.number) != written:
+        tracker.log_metrics(run_id, best.number, {"best_value": float(best.value or 0.0)})
+        tracker.set_tags(run_id, {"best_trial": str(best.number), "best_value": f"{best.value:.6f}"})
+        tracker.flush(run_id)
+    return str(best.number)
 
 
 STRAY_REASON = "its worker died before the run was linked to its trial"
@@ -242,6 +248,7 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     finished = states["complete"] + states["pruned"]
     try:
+        update_parent(tracker, run_id, study)  # the trials' own updates may have read the study a moment old
         tracker.set_tags(run_id, {**{f"trials_{s}": n for s, n in states.items() if n},
                                   "budget_left": max(0, cfg.study.n_trials - finished)})
         tracker.end_run(run_id, status)
