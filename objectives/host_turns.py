@@ -86,11 +86,12 @@ class HostTurns:
     @contextmanager
     def waiting(self) -> Iterator[None]:
         """Inside the engine's turn, while it waits for the device: bookkeeping may run meanwhile."""
-        self.give_up()
+        held = self.give_up()
         try:
             yield
         finally:
-            self.take()
+            if held:
+                self.take()
 
     def take(self) -> None:
         if not self.active:
@@ -104,13 +105,15 @@ class HostTurns:
                 self._wanting = False
                 self._cond.notify_all()
 
-    def give_up(self) -> None:
+    def give_up(self) -> bool:
+        """End the engine's turn; False where it held none."""
         with self._cond:
             if not self._holding:
-                return
+                return False
             self._holding = False
             self._window = self._waiting
             self._cond.notify_all()
+            return True
 
     def stop(self) -> None:
         """No more turns: everyone waiting goes."""
