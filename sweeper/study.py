@@ -219,8 +219,11 @@ class ReusedReads(_CachedStorage):
     64 running trials on SQLite, and a sweep in slots reads the study a dozen times per trial (the sampler, the
     pruner at each evaluation, the progress line). At 64 slots on an H200 those reads held the interpreter's
     lock for three quarters of the trials' bookkeeping (BENCHMARKS.md, benchmark 5). A read under a second old
-    serves the sampler, the pruner and the progress line as well; the budget guard reads in
-    :func:`fresh_reads`. Heartbeats and writes go to the database as before.
+    serves the sampler, the pruner and the progress line as well. A read in :func:`fresh_reads` (the budget
+    guard, the failure count, the adapter clean-up) asks the database only for the states of the trials it
+    holds as unfinished, and reads in full just those whose state changed and the trials it has not seen: every
+    state is then current, while a running trial's other fields may be up to ``max_age_s`` old. Heartbeats and
+    writes go to the database as before.
     """
 
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
@@ -231,11 +234,37 @@ class ReusedReads(_CachedStorage):
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         with self._reading:  # threads that find the study just read take that read
-            if not getattr(_FRESH, "on", False) and \
-                    time.monotonic() - self._read_at.get(study_id, -math.inf) < self.max_age_s:
+            if time.monotonic() - self._read_at.get(study_id, -math.inf) < self.max_age_s:
+                if getattr(_FRESH, "on", False):
+                    self._read_changed(study_id)
                 return
             super()._read_trials_from_remote_storage(study_id)
             self._read_at[study_id] = time.monotonic()
+
+    def _read_changed(self, study_id: int) -> None:
+        """The trials whose state differs from the one held, and those created since the last read, in full."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with self._lock:
+            study = self._studies[study_id]
+            # Not only ``unfinished_trial_ids``: a trial this process created is held without being listed there.
+            held_state = {t._trial_id: t.state for t in study.trials.values() if not t.state.is_finished()}
+            last = max(study.trials, default=None)  # numbers grow with trial ids
+            newest = -1 if last is None else self._study_id_and_number_to_trial_id[(study_id, last)]
+            with _create_scoped_session(self._backend.scoped_session) as session:
+                states = session.query(models.TrialModel.trial_id, models.TrialModel.state).filter(
+                    models.TrialModel.trial_id.in_(held_state)).all() if held_state else []
+            changed = {i for i, state in states if state != held_state[i]}
+            trials = self._backend._get_trials(study_id, states=None, included_trial_ids=changed,
+                                               trial_id_greater_than=newest)
+            self._add_trials_to_cache(study_id, trials)
+            for trial in trials:  # as Optuna's own read keeps its sets
+                if not trial.state.is_finished():
+                    study.unfinished_trial_ids.add(trial._trial_id)
+                    continue
+                study.last_finished_trial_id = max(study.last_finished_trial_id, trial._trial_id)
+                study.unfinished_trial_ids.discard(trial._trial_id)
 
 
 @contextmanager

@@ -382,4 +382,19 @@ def test_a_sweep_in_slots_reuses_a_read_of_the_study_and_the_budget_guard_reads_
         with fresh_reads():
             assert len(study.get_trials()) == 2
         other.ask()
-    assert len(study.get_trials()) == 3  # outside a sweep in slots every read is fresh
+        other.tell(0, 1.5)
+        other.enqueue_trial({"x": 1.0})
+        mine = study.get_trials()[1]
+        other._storage.set_trial_user_attr(mine._trial_id, "seen", True)
+        with fresh_reads():  # every state is current; a running trial's other fields may be a moment old
+            trials = study.get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.RUNNING,
+                                             TrialState.WAITING]
+        assert trials[0].value == 1.5 and "seen" not in trials[1].user_attrs
+        other.ask()  # takes the waiting trial
+        other.tell(2, state=TrialState.FAIL)
+        with fresh_reads():
+            assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING,
+                                                             TrialState.FAIL, TrialState.RUNNING]
+    trials = study.get_trials()  # outside a sweep in slots every read is fresh
+    assert len(trials) == 4 and trials[1].user_attrs == {"seen": True}
