@@ -40,9 +40,23 @@ from objectives.loss import check_fused_loss, group_loss_sums, hidden_and_head
 from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
 from objectives.passes import merge_passes, row_losses
 from objectives.slot_optim import SlotOptimizer
-from objectives.slots import SlotAdapter, initialise_slot, inject_slots, remove_slots, slot_parameter_count
-from objectives.targets import resolve_targets
-from objectives.training import LossNotFinite, TrainResult, eval_passes, forward_passes, peak_memory_mb, to_device
+from objectives.slots import (
+    SlotAdapter,
+    SlotDraws,
+    initialise_slot,
+    inject_slots,
+    remove_slots,
+    slot_parameter_count,
+)
+from objectives.training import (
+    LossNotFinite,
+    TrainResult,
+    eval_passes,
+    forward_passes,
+    peak_memory_mb,
+    send,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +74,8 @@ class Job:
     """With :meth:`SlotEngine.run`, the hooks run in the caller's thread: the engine posts them here."""
     stop: BaseException | None = None
     """Set by the caller's thread when a hook raised: the engine ends the run at its next step."""
+    draws: SlotDraws | BaseException | None = None
+    """The run's first adapter weights, drawn in the caller's thread, or why they could not be."""
 
 
 @dataclass
@@ -109,6 +125,7 @@ class SlotEngine:
         self.pad_id = base.tokenizer.pad_token_id
         self.ctx, self.wrapped = inject_slots(base.model, list(base.linear_names), slots, r_max, base.device,
                                              data.max_length)
+        self.in_features = {name: layer.in_features for name, layer in self.wrapped.items()}
         params = [p for layer in self.wrapped.values() for p in (layer.lora_A, layer.lora_B)]
         self.optimizer = SlotOptimizer(params, slots)
         self.held_out = eval_passes(data, eval_batch_size, packing, self.pad_id)
@@ -135,6 +152,7 @@ class SlotEngine:
     def submit(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> Future[RunResult]:
         """Queue a run; its future holds the :class:`RunResult` or the exception that ended it."""
         job = Job(self.as_trained(cfg), hooks or RunHooks())
+        job.draws = self._draw(job.cfg)
         with self.lock:
             if self.closed:
                 raise RuntimeError("the engine is closed")
@@ -150,7 +168,7 @@ class SlotEngine:
         cfg = self.as_trained(cfg)
         with self.turns.bookkeeping():
             hooks.on_start(cfg)
-        job = Job(cfg, hooks, started=True, events=queue.SimpleQueue())
+        job = Job(cfg, hooks, started=True, events=queue.SimpleQueue(), draws=self._draw(cfg))
         with self.lock:
             if self.closed:
                 raise RuntimeError("the engine is closed")
@@ -168,6 +186,16 @@ class SlotEngine:
         if job.stop is not None:  # a hook raised: a pruner's decision, or saving the finished adapter failed
             raise job.stop
         return job.future.result()
+
+    def _draw(self, cfg: RecipeConfig) -> SlotDraws | BaseException:
+        """A run's first weights, drawn in the caller's thread; a failure (a rank over the engine's widest, unknown
+        targets) goes to the run's future when it is admitted, as every failure of a run does."""
+        try:
+            if cfg.lora.r > self.r_max:
+                raise ConfigError(f"lora.r: {cfg.lora.r} exceeds the engine's widest rank {self.r_max}")
+            return SlotDraws.draw(self.in_features, cfg.lora, cfg.train.seed, pin=self.base.device.type == "cuda")
+        except Exception as e:
+            return e
 
     def close(self) -> None:
         """Stop after the current step; unfinished runs fail; the base gets its bare linear layers back."""
@@ -219,14 +247,12 @@ class SlotEngine:
         slot = next(s for s in range(self.slots) if s not in self.running)
         cfg = job.cfg
         try:
-            if cfg.lora.r > self.r_max:
-                raise ConfigError(f"lora.r: {cfg.lora.r} exceeds the engine's widest rank {self.r_max}")
-            suffixes = resolve_targets(cfg.lora.targets, list(self.wrapped))
-            modules = [n for n in self.wrapped if any(n == s or n.endswith("." + s) for s in suffixes)]
             if not job.started:
                 job.started = True
                 job.hooks.on_start(cfg)
-            initialise_slot(self.wrapped, slot, modules, cfg.lora, cfg.train.seed)
+            if not isinstance(job.draws, SlotDraws):
+                raise job.draws or RuntimeError("a run reached the engine without its first weights")
+            initialise_slot(self.wrapped, slot, cfg.lora, job.draws)
             self.ctx.dropout[slot] = cfg.lora.dropout
             self.optimizer.reset(slot, cfg.optimizer, cfg.train.max_steps)
             batches = train_micro_batches(self.data.train, cfg.train.micro_batch_size, cfg.train.seed)
@@ -289,7 +315,7 @@ class SlotEngine:
             passes[slot] = forward_passes(window, self.packing, self.pad_id, self.data.max_length)
             scale[slot] = 1.0 / max(1, sum(targets_in(b) for b in passes[slot]))
             self._tokens[slot] = sum(len(r["input_ids"]) for rows in window for r in rows)
-        scale = scale.to(device)
+        scale = send(scale, device)
         loss_sum = torch.zeros(self.slots, device=device)
         for j in range(max(len(p) for p in passes.values())):
             parts = [(slot, p[j], hash((self.running[slot].job.cfg.train.seed, self.running[slot].step, j)))
@@ -299,7 +325,7 @@ class SlotEngine:
             rows = self._row_slots(keys, labels.shape[0])
             self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
             try:
-                per_slot = self._slot_loss_sums(to_device(batch, device), labels.to(device), keys, rows) * scale
+                per_slot = self._slot_loss_sums(to_device(batch, device), send(labels, device), keys, rows) * scale
                 per_slot.sum().backward()
             finally:
                 self.ctx.rows = None
@@ -319,19 +345,20 @@ class SlotEngine:
         """Held-out loss of the due runs, several runs' copies of each held-out pass in one forward."""
         device = self.base.device
         self.base.model.eval()
-        # At most about as many rows per pass as training uses: the memory the slots were sized for.
+        # Every due run's copy of every held-out pass, as few forwards as hold them: a forward costs the host the same
+        # launches at any width. At most about as many rows per forward as training uses: the memory the slots
+        # were sized for.
         train_rows = sum(r.job.cfg.train.micro_batch_size for r in self.running.values())
-        per_group = max(1, train_rows // self.held_out[0]["input_ids"].shape[0])
+        parts = [(slot, batch, 0) for slot in due for batch in self.held_out]
+        per_forward = max(1, train_rows // max(batch["input_ids"].shape[0] for batch in self.held_out))
         totals = torch.zeros(self.slots, device=device)
         try:
-            for first in range(0, len(due), per_group):
-                group = due[first:first + per_group]
-                for batch in self.held_out:
-                    merged, keys = merge_passes([(s, batch, 0) for s in group], self.pad_id)
-                    labels = merged.pop("labels")
-                    rows = self._row_slots(keys, labels.shape[0])
-                    self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
-                    totals += self._slot_loss_sums(to_device(merged, device), labels.to(device), keys, rows)
+            for first in range(0, len(parts), per_forward):
+                merged, keys = merge_passes(parts[first:first + per_forward], self.pad_id)
+                labels = merged.pop("labels")
+                rows = self._row_slots(keys, labels.shape[0])
+                self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
+                totals += self._slot_loss_sums(to_device(merged, device), send(labels, device), keys, rows)
         finally:
             self.ctx.rows = None
             self.base.model.train()
@@ -350,14 +377,14 @@ class SlotEngine:
         out = torch.zeros(self.slots, device=labels.device)
         if self.fused_loss:
             hidden, weight = hidden_and_head(self.base.model, batch)
-            slots = torch.tensor([slot for slot, _ in keys], device=labels.device)
+            slots = send(torch.tensor([slot for slot, _ in keys]), labels.device)
             return out.index_add(0, slots, group_loss_sums(hidden, weight, labels, len(keys)))
         logits = self.base.model(**batch).logits
         return out.index_add(0, rows, row_losses(logits, labels))
 
     def _row_slots(self, keys: list[tuple[int, int]], n_rows: int) -> torch.Tensor:
         per_slot = n_rows // len(keys)
-        return torch.tensor([slot for slot, _ in keys], device=self.base.device).repeat_interleave(per_slot)
+        return send(torch.tensor([slot for slot, _ in keys]).repeat_interleave(per_slot), self.base.device)
 
     def _call(self, slot: int, name: str, *args: Any) -> bool:
         """A hook of the slot's run: posted to the caller's thread (:meth:`run`), or run here (:meth:`submit`),

@@ -15,7 +15,7 @@ import torch
 
 from objectives import slot_kernels
 from objectives.config import OptimizerConfig
-from objectives.training import lr_lambda
+from objectives.training import lr_lambda, send
 
 # Each coefficient's neutral value: a slot that does not step, or whose optimizer does not use it, keeps its
 # weights and state. The order is the fused kernel's (objectives.slot_kernels).
@@ -67,7 +67,7 @@ class SlotOptimizer:
 
     def clip(self, norms: torch.Tensor, max_norms: list[float]) -> None:
         """Scale each slot's gradient to at most its ``max_grad_norm`` (``inf``: unclipped) in the next step."""
-        limit = torch.tensor(max_norms, device=self.device)
+        limit = send(torch.tensor(max_norms), self.device)
         self.clip_scale = torch.clamp(limit / (norms + 1e-6), max=1.0)
 
     @torch.no_grad()
@@ -146,7 +146,7 @@ class SlotOptimizer:
                                 ("into_buffer", 1.0 if m != 0 else 0.0), ("from_grad", from_grad),
                                 ("from_buffer", from_buffer), ("sgd_lr", lr)):
                     table[name][slot] = v
-        return torch.tensor(list(table.values()), dtype=self.params[0].dtype).to(self.device)
+        return send(torch.tensor(list(table.values()), dtype=self.params[0].dtype), self.device)
 
     def _cfg(self, slot: int) -> OptimizerConfig:
         cfg = self.configs[slot]

@@ -24,6 +24,8 @@ import torch
 
 from objectives import slot_kernels
 from objectives.config import LoraConfig
+from objectives.targets import resolve_targets
+from objectives.training import send
 
 
 @dataclass
@@ -54,11 +56,10 @@ class PassRows:
         order = [slot for slot, _ in keys]
         p = [dropout[slot] if dropout else 0.0 for slot in order]
         # One copy to the device per pass, not per layer: each small copy from the host waits for the device.
-        ints = torch.tensor([[k & 0x7FFF_FFFF for _, k in keys], [round(q * 2**24) for q in p]], dtype=torch.int32)
-        ints = ints.to(device)
-        scale = torch.tensor([1 / (1 - q) for q in p], dtype=torch.float32).to(device)
-        return cls(torch.tensor(order, device=device), keys, rows, ints[0], ints[1], scale, any(p),
-                   order == list(range(slots or 0)))
+        ints = send(torch.tensor([order, [k & 0x7FFF_FFFF for _, k in keys], [round(q * 2**24) for q in p]],
+                                 dtype=torch.int32), device)
+        scale = send(torch.tensor([1 / (1 - q) for q in p], dtype=torch.float32), device)
+        return cls(ints[0].long(), keys, rows, ints[1], ints[2], scale, any(p), order == list(range(slots or 0)))
 
 
 # lowbias32 (a 32-bit integer hash with good avalanche), in int32 arithmetic: products wrap, and a logical
@@ -181,35 +182,51 @@ def lora_scaling(lora: LoraConfig) -> float:
     return lora.effective_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
 
 
+@dataclass(frozen=True)
+class SlotDraws:
+    """A run's first adapter weights on the host, drawn before it takes a slot: in the caller's thread, so the
+    engine's thread only copies them (drawing there took an eighth of a 64-slot engine's time on an H200)."""
+
+    modules: list[str]
+    """The wrapped layers the run adapts, in the engine's order."""
+    flat: torch.Tensor
+    """Every layer's scaling (zero where the run has no adapter), then ``A`` of each adapted layer, flattened."""
+
+    @classmethod
+    @torch.no_grad()
+    def draw(cls, in_features: dict[str, int], lora: LoraConfig, seed: int, pin: bool) -> SlotDraws:
+        """``A`` as peft draws it: Kaiming-uniform, in module order, from ``seed`` on the CPU; ``in_features`` maps
+        each wrapped layer's name to its input width. ``pin``: page-locked, for a copy that does not wait."""
+        suffixes = resolve_targets(lora.targets, list(in_features))
+        modules = [n for n in in_features if any(n == s or n.endswith("." + s) for s in suffixes)]
+        chosen = set(modules)
+        generator = torch.Generator().manual_seed(seed)
+        scaling = lora_scaling(lora)
+        parts = [torch.tensor([scaling if name in chosen else 0.0 for name in in_features])]
+        for name in modules:
+            a = torch.empty(lora.r, in_features[name])
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            parts.append(a.flatten())
+        flat = torch.cat(parts)
+        return cls(modules, flat.pin_memory() if pin else flat)
+
+
 @torch.no_grad()
-def initialise_slot(wrapped: dict[str, SlotLinear], slot: int, modules: list[str], lora: LoraConfig,
-                    seed: int) -> None:
-    """Fresh weights for one slot: ``A`` as peft draws it (Kaiming-uniform, in module order, from ``seed`` on
-    the CPU), ``B`` zero; zero everywhere the trial has no adapter.
+def initialise_slot(wrapped: dict[str, SlotLinear], slot: int, lora: LoraConfig, draws: SlotDraws) -> None:
+    """Fresh weights for one slot: ``A`` from ``draws``, ``B`` zero; zero everywhere the run has no adapter.
 
     A trial starts every few steps in a busy engine, so this is a handful of launches whatever the layer count:
     the draws go to the device in one copy, and zeros, draws and scalings each in one multi-tensor operation
     (a copy and two fills per layer made admissions a third of a 64-slot engine's host time on an H200).
     """
-    generator = torch.Generator().manual_seed(seed)
-    chosen = set(modules)
+    chosen = set(draws.modules)
     layers = list(wrapped.values())
     for name, layer in wrapped.items():
         layer.used[slot] = name in chosen
     torch._foreach_zero_([t for layer in layers for t in (layer.lora_A[slot], layer.lora_B[slot])])
-    scaling = lora_scaling(lora)
-    values = torch.tensor([scaling if layer.used[slot] else 0.0 for layer in layers])
     targets = [layer for layer in layers if layer.used[slot]]
-    draws = []
-    for layer in targets:
-        a = torch.empty(lora.r, layer.in_features)
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        draws.append(a.flatten())
-    host = torch.cat([values, *draws])
-    device = layers[0].lora_A.device if layers else host.device
-    if device.type == "cuda":
-        host = host.pin_memory()
-    sent = host.to(device, non_blocking=True)
+    device = layers[0].lora_A.device if layers else draws.flat.device
+    sent = draws.flat.to(device, non_blocking=True)
     torch._foreach_copy_([layer.scaling[slot:slot + 1] for layer in layers],  # type: ignore[index]
                          list(sent[:len(layers)].split(1)))
     if targets:

@@ -84,11 +84,17 @@ def forward_passes(micro_batches: list[Rows], packing: bool, pad_id: int, width:
     return pack([r for rows in micro_batches for r in rows], pad_id, width, len(micro_batches[0]))
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The copy does not wait for the device to be idle."""
+def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, without waiting for the device to be idle: a copy from pageable host memory
+    first waits for every kernel queued before it (and a slot engine would hold its turn at the interpreter
+    meanwhile, :mod:`objectives.host_turns`)."""
     if device.type != "cuda":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: send(v, device) for k, v in batch.items()}
 
 
 def eval_passes(data: TokenizedSplits, batch_size: int, packing: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:
