@@ -90,6 +90,14 @@ class Running:
     busy: float = 0.0
     eval_loss: float = math.nan
     since: float = field(default_factory=time.perf_counter)
+    steps: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    """Steps not yet sent to the caller's thread (:meth:`SlotEngine.run`): sent with its next other hook, or
+    every :data:`STEPS_PER_MESSAGE`."""
+
+
+STEPS_PER_MESSAGE = 8
+"""A run's steps go to its caller's thread a few at a time: a message per step and run woke every trial's
+thread at every step, each of them to wait for a turn at the interpreter."""
 
 
 class SlotEngine:
@@ -180,7 +188,11 @@ class SlotEngine:
             if job.stop is None:
                 try:
                     with self.turns.bookkeeping():
-                        getattr(hooks, name)(*args)
+                        if name == "steps":
+                            for step, metrics in args[0]:
+                                hooks.on_step(step, metrics)
+                        else:
+                            getattr(hooks, name)(*args)
                 except BaseException as e:  # the engine hands it back through the future
                     job.stop = e
         if job.stop is not None:  # a hook raised: a pruner's decision, or saving the finished adapter failed
@@ -293,7 +305,12 @@ class SlotEngine:
             run.step += 1
             metrics = {"train_loss": losses[slot], "learning_rate": lrs[slot], "grad_norm": norms[slot],
                        "tokens_per_s": self._tokens.get(slot, 0) / elapsed, "peak_memory_mb": peak}
-            self._call(slot, "on_step", run.step, metrics)
+            if run.job.events is None:
+                self._call(slot, "on_step", run.step, metrics)
+                continue
+            run.steps.append((run.step, metrics))
+            if len(run.steps) >= STEPS_PER_MESSAGE:
+                self._send_steps(run)
         due = [s for s, r in self.running.items()
                if r.step % r.job.cfg.train.eval_every == 0 or r.step == r.job.cfg.train.max_steps]
         if due:
@@ -391,6 +408,7 @@ class SlotEngine:
         where an exception from it ends the run at once (a pruner stops a trial this way)."""
         job = self.running[slot].job
         if job.events is not None:
+            self._send_steps(self.running[slot])
             job.events.put((name, args))
             return True
         try:
@@ -399,6 +417,12 @@ class SlotEngine:
         except BaseException as e:  # handed to the run's caller through its future
             self._finish(slot, error=e)
             return False
+
+    @staticmethod
+    def _send_steps(run: Running) -> None:
+        if run.steps and run.job.events is not None:
+            run.job.events.put(("steps", (run.steps,)))
+            run.steps = []
 
     def _complete(self, slot: int) -> None:
         run = self.running[slot]
@@ -415,6 +439,8 @@ class SlotEngine:
     def _finish(self, slot: int, result: RunResult | None = None, error: BaseException | None = None,
                 job: Job | None = None) -> None:
         run = self.running.pop(slot, None)
+        if run is not None:
+            self._send_steps(run)
         job = job or (run.job if run is not None else None)
         for layer in self.wrapped.values():
             layer.used[slot] = False
@@ -451,7 +477,7 @@ class SlotEngine:
                     f"out of memory at one run per pass, micro_batch_size={job.cfg.train.micro_batch_size}, "
                     f"grad_accum={job.cfg.train.grad_accum} after {job.attempts} retries"))
                 continue
-            self.running.pop(slot)
+            self._send_steps(self.running.pop(slot))
             job.attempts += 1
             changes: dict[str, Any] = {"slots": self.capacity}
             if smaller is not None:

@@ -35,7 +35,12 @@ class HostTurns:
 
     def __init__(self) -> None:
         self.active = False
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        """Where sections wait for the engine's turn to end."""
+        self._engine_waits = threading.Condition(lock)
+        """Where the engine waits for sections to end: a section's end wakes the engine only, not every thread
+        waiting for a turn (64 of them in a 64-slot sweep)."""
         self._holding = False
         self._wanting = False
         self._inside = 0
@@ -60,7 +65,7 @@ class HostTurns:
             if entered:
                 with self._cond:
                     self._inside -= 1
-                    self._cond.notify_all()
+                    self._engine_waits.notify()
 
     def _enter(self) -> None:
         with self._cond:
@@ -72,6 +77,7 @@ class HostTurns:
                 finally:  # a signal raised while waiting must not leave a window nobody takes
                     self._waiting -= 1
                     self._window = max(0, self._window - 1)
+                    self._engine_waits.notify()
             self._inside += 1
 
     @contextmanager
@@ -99,11 +105,12 @@ class HostTurns:
         with self._cond:
             self._wanting = True
             try:
-                self._cond.wait_for(lambda: not (self._inside or self._window), timeout=ENGINE_PATIENCE_S)
-                self._holding, self._window = True, 0
-            finally:
+                self._engine_waits.wait_for(lambda: not (self._inside or self._window), timeout=ENGINE_PATIENCE_S)
+            except BaseException:  # interrupted: sections waiting for this turn go
                 self._wanting = False
                 self._cond.notify_all()
+                raise
+            self._holding, self._window, self._wanting = True, 0, False
 
     def give_up(self) -> bool:
         """End the engine's turn; False where it held none."""
@@ -122,6 +129,7 @@ class HostTurns:
             self._holding = self._wanting = False
             self._window = 0
             self._cond.notify_all()
+            self._engine_waits.notify_all()
 
 
 TURNS = HostTurns()
