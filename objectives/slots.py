@@ -255,22 +255,39 @@ class SlotAdapter:
         self.targets = targets
         self.base_model = base_model
         self._state: dict[str, torch.Tensor] | None = None
+        self._buffer: torch.Tensor | None = None
+        """What a frozen copy's weights are views of."""
 
     def frozen(self) -> SlotAdapter:
         """A copy of this slot's weights (on their device) that outlives the slot's reuse by the next run."""
         copy = SlotAdapter(self.wrapped, self.slot, self.lora, self.targets, self.base_model)
-        copy._state = {k: v.clone() for k, v in self.state_dict(to_cpu=False).items()}
+        views = self.state_dict(to_cpu=False)
+        if not views:
+            copy._state = {}
+            return copy
+        # Into one buffer with one multi-tensor copy: a copy per weight was a few hundred launches per finished run.
+        first = next(iter(views.values()))
+        buffer = torch.empty(sum(v.numel() for v in views.values()), dtype=first.dtype, device=first.device)
+        copies = [piece.view(v.shape) for piece, v in zip(buffer.split([v.numel() for v in views.values()]),
+                                                          views.values(), strict=True)]
+        torch._foreach_copy_(copies, list(views.values()))
+        copy._state = dict(zip(views, copies, strict=True))
+        copy._buffer = buffer
         return copy
 
     def state_dict(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
         if self._state is not None:
-            return {k: v.cpu() if to_cpu else v for k, v in self._state.items()}
+            if not to_cpu or self._buffer is None:
+                return dict(self._state)
+            # One copy from the device, not one per weight; then each its own tensor, as safetensors wants them.
+            pieces = self._buffer.cpu().split([v.numel() for v in self._state.values()])
+            return {k: piece.view(v.shape).clone() for (k, v), piece in zip(self._state.items(), pieces, strict=True)}
         r, slot, out = self.lora.r, self.slot, {}
         for name, layer in self.wrapped.items():
             if layer.used[slot]:
                 a, b = layer.lora_A[slot, :r].detach(), layer.lora_B[slot, :, :r].detach()
-                out[f"base_model.model.{name}.lora_A.weight"] = (a.cpu() if to_cpu else a).contiguous()
-                out[f"base_model.model.{name}.lora_B.weight"] = (b.cpu() if to_cpu else b).contiguous()
+                out[f"base_model.model.{name}.lora_A.weight"] = a.cpu().contiguous() if to_cpu else a
+                out[f"base_model.model.{name}.lora_B.weight"] = b.cpu().contiguous() if to_cpu else b
         return out
 
     def save_pretrained(self, folder: str | Path, save_embedding_layers: bool = False) -> None:

@@ -50,7 +50,8 @@ class Recorder(RunHooks):
 def train_together(engine: SlotEngine, configs: list[RecipeConfig]) -> tuple[list[Recorder], list[RunResult]]:
     """Submit every config to the engine at once; each run's recorded hooks and its result."""
     hooks = [Recorder() for _ in configs]
-    futures = [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]
+    with engine.lock:  # all of them in the first pass, so repeated runs share passes alike
+        futures = [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]
     return hooks, [f.result(timeout=600) for f in futures]
 
 
@@ -390,3 +391,37 @@ def test_the_engines_turn_holds_bookkeeping_back_and_waiting_sections_go_before_
     turns.stop()  # the engine is gone: everyone waiting goes
     late.join(timeout=5)
     assert order[-1] == "late"
+
+
+def test_a_section_waits_for_a_lock_outside_itself_so_the_engine_does_not_wait_for_it() -> None:
+    import threading
+    import time
+
+    from objectives.host_turns import HostTurns, PatientLock
+
+    turns = HostTurns()
+    turns.active = True
+    lock = PatientLock(turns=turns)
+    lock.acquire()  # held outside any section, as a heartbeat's write holds the study's storage
+    entered = threading.Event()
+
+    def keep_books() -> None:
+        with turns.bookkeeping():
+            entered.set()
+            with lock:
+                pass
+
+    clerk = threading.Thread(target=keep_books)
+    clerk.start()
+    assert entered.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while turns._inside and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert turns._inside == 0  # the clerk queues for the lock outside its section
+    turns.take()
+    assert turns._holding and clerk.is_alive()
+    lock.release()  # the clerk takes it and ends its section beside the engine's turn
+    clerk.join(timeout=5)
+    assert not clerk.is_alive() and turns._inside == 0
+    turns.give_up()
+    turns.stop()
