@@ -8,7 +8,9 @@ while it launches a step's kernels and gives it up while it waits for the device
 logging, pruning decisions) runs in those gaps. On the CPU the kernels run on the host, so nobody takes turns.
 
 Bookkeeping that was already waiting when the engine gave up its turn goes before the engine's next turn:
-each waiting thread gets one section per step, and the engine waits for no one else.
+each waiting thread gets one section per step, and the engine waits for no one else. A section that waits for
+a lock another thread holds (the study's storage, the tracker) waits outside its section (:class:`PatientLock`):
+the engine waits for sections that run, not for those that queue.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 ENGINE_PATIENCE_S = 1.0
 """The longest the engine waits for bookkeeping sections to end before it launches its step anyway."""
@@ -48,6 +51,8 @@ class HostTurns:
         self._window = 0
         """Sections that were waiting when the engine's turn ended and may still go before its next one."""
         self._depth = threading.local()
+        self._entered = threading.local()
+        """Whether this thread's outermost section counts against the engine (it was entered while active)."""
 
     @contextmanager
     def bookkeeping(self) -> Iterator[None]:
@@ -58,14 +63,34 @@ class HostTurns:
         try:
             if depth == 0 and self.active:
                 self._enter()
-                entered = True
+                entered = self._entered.on = True
             yield
         finally:
             self._depth.n = depth
             if entered:
-                with self._cond:
-                    self._inside -= 1
-                    self._engine_waits.notify()
+                self._entered.on = False
+                self._leave()
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        """Inside a section, wait for something another thread holds outside it; back in at once after, whatever
+        the engine does: what was waited for (a lock) is held then, and other threads may queue for it."""
+        if not getattr(self._entered, "on", False):
+            yield
+            return
+        self._entered.on = False
+        self._leave()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside += 1
+            self._entered.on = True
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            self._engine_waits.notify()
 
     def _enter(self) -> None:
         with self._cond:
@@ -130,6 +155,33 @@ class HostTurns:
             self._window = 0
             self._cond.notify_all()
             self._engine_waits.notify_all()
+
+
+class PatientLock:
+    """A lock (reentrant with ``reentrant=True``) whose waiters wait outside their bookkeeping section.
+
+    Sixty-four trials' threads share the study's storage and the tracker; one of them writing made the others
+    queue inside their sections, and the engine then waited for the whole queue before its next step.
+    """
+
+    def __init__(self, reentrant: bool = False, turns: HostTurns | None = None) -> None:
+        self._lock: Any = threading.RLock() if reentrant else threading.Lock()
+        self._turns = turns or TURNS
+
+    def acquire(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            with self._turns.aside():
+                self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> PatientLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 TURNS = HostTurns()

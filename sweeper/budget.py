@@ -8,6 +8,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
+from objectives.host_turns import PatientLock
 from sweeper import interrupts
 from sweeper.records import TrialRecord
 from sweeper.study import FINISHED, DeadTrialHandler, dead_on_this_host, fail_trials_of, fresh_reads
@@ -34,7 +35,7 @@ class BudgetGuard:
         self.poll_s = poll_s
         self.handler = handler
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._lock = threading.Lock()
+        self._lock = PatientLock()
         self._stopped = threading.Event()
         self._asking = 0
         """Threads let through to ask a trial that is not running yet."""

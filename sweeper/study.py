@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from optuna.storages._cached_storage import _CachedStorage
 from optuna.trial import TrialState
 
 from objectives.config import RECIPE_SECTIONS, ConfigError
+from objectives.host_turns import PatientLock
 from sweeper.config import SweepConfig, WorkersConfig, to_container
 from sweeper.records import StudyRecord, TrialRecord, record_study
 from sweeper.redaction import first_line
@@ -224,22 +226,26 @@ class ReusedReads(_CachedStorage):
     holds as unfinished, and reads in full just those whose state changed and the trials it has not seen: every
     state is then current, while a running trial's other fields may be up to ``max_age_s`` old. Heartbeats and
     writes go to the database as before.
+
+    One call at a time goes to the database: SQLite takes one writer at a time anyway (and others retry with
+    back-off meanwhile), and a trial's thread waiting for its turn waits outside its bookkeeping section
+    (:class:`objectives.host_turns.PatientLock`), so a slot engine does not wait for a queue of writers.
     """
 
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
         super().__init__(backend)
         self.max_age_s = 0.0
         self._read_at: dict[int, float] = {}
-        self._reading = threading.Lock()
+        self._calls = PatientLock(reentrant=True)
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
-        with self._reading:  # threads that find the study just read take that read
-            if time.monotonic() - self._read_at.get(study_id, -math.inf) < self.max_age_s:
-                if getattr(_FRESH, "on", False):
-                    self._read_changed(study_id)
-                return
-            super()._read_trials_from_remote_storage(study_id)
-            self._read_at[study_id] = time.monotonic()
+        # Under the call lock (every caller is a storage call): threads that find the study just read take that read.
+        if time.monotonic() - self._read_at.get(study_id, -math.inf) < self.max_age_s:
+            if getattr(_FRESH, "on", False):
+                self._read_changed(study_id)
+            return
+        super()._read_trials_from_remote_storage(study_id)
+        self._read_at[study_id] = time.monotonic()
 
     def _read_changed(self, study_id: int) -> None:
         """The trials whose state differs from the one held, and those created since the last read, in full."""
@@ -265,6 +271,23 @@ class ReusedReads(_CachedStorage):
                     continue
                 study.last_finished_trial_id = max(study.last_finished_trial_id, trial._trial_id)
                 study.unfinished_trial_ids.discard(trial._trial_id)
+
+
+def _one_call_at_a_time(name: str) -> Callable[..., Any]:
+    method = getattr(_CachedStorage, name)
+
+    @functools.wraps(method)
+    def call(self: ReusedReads, *args: Any, **kwargs: Any) -> Any:
+        with self._calls:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+for _name in [n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")] + [
+        "record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"]:
+    if callable(getattr(_CachedStorage, _name)):
+        setattr(ReusedReads, _name, _one_call_at_a_time(_name))
 
 
 @contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from objectives.config import ConfigError
+from objectives.host_turns import PatientLock
 from sweeper.config import SweepConfig, to_container
 from sweeper.records import StudyRecord, record_study
 from sweeper.redaction import REDACTED, SECRET_WORD, first_line, redact_text
@@ -93,7 +93,7 @@ class Tracker:
         self._pending: dict[str, list[Any]] = {}
         # Trials in slots log from one thread each: one write at a time, as SQLite takes them anyway (its
         # lock contention otherwise turns into retries with back-off inside MLflow).
-        self._lock = threading.RLock()
+        self._lock = PatientLock(reentrant=True)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None,
                   params: Mapping[str, Any] | None = None) -> str:
