@@ -171,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 launch(args, m, [*common, *PAIRED_SPACE], workdir, f"p{i}", args.seconds * 4, args.paired_trials)
     rate = {m.label: m.steady(args.seconds) for m in methods}
     steps = {m.label: m.step_rate(args.seconds) for m in methods}
-    base, base_steps = rate[methods[0].label], steps[methods[0].label]
+    # The ratios are against one at a time wherever it ran, whatever order the methods ran in.
+    reference = next((m.label for m in methods if m.overrides == ["workers.slots=1"]), methods[0].label)
+    base, base_steps = rate[reference], steps[reference]
     rows = []
     for m in methods:
         window = m.window(args.seconds)
