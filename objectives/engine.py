@@ -50,6 +50,7 @@ from objectives.slots import (
 )
 from objectives.training import (
     LossNotFinite,
+    Staging,
     TrainResult,
     eval_passes,
     forward_passes,
@@ -136,6 +137,7 @@ class SlotEngine:
         self.in_features = {name: layer.in_features for name, layer in self.wrapped.items()}
         params = [p for layer in self.wrapped.values() for p in (layer.lora_A, layer.lora_B)]
         self.optimizer = SlotOptimizer(params, slots)
+        self.staging = Staging()
         self.held_out = eval_passes(data, eval_batch_size, packing, self.pad_id)
         self.eval_targets = sum(targets_in(b) for b in self.held_out)
         self.pending: collections.deque[Job] = collections.deque()
@@ -171,7 +173,8 @@ class SlotEngine:
     def run(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> RunResult:
         """Run ``cfg`` in a slot and wait for it; its hooks run in this (the caller's) thread, so their logging
         and pruning decisions never stall the passes the other slots share. A hook that raises ends the run
-        at its next step (a pruned trial may train one step more than it reports)."""
+        at its next step (a pruned trial may train one step more than it reports). Steps reach ``on_step`` up to
+        :data:`STEPS_PER_MESSAGE` at a time, so a stop raised there ends the run up to that many steps later."""
         hooks = hooks or RunHooks()
         cfg = self.as_trained(cfg)
         with self.turns.bookkeeping():
@@ -205,7 +208,7 @@ class SlotEngine:
         try:
             if cfg.lora.r > self.r_max:
                 raise ConfigError(f"lora.r: {cfg.lora.r} exceeds the engine's widest rank {self.r_max}")
-            return SlotDraws.draw(self.in_features, cfg.lora, cfg.train.seed, pin=self.base.device.type == "cuda")
+            return SlotDraws.draw(self.in_features, cfg.lora, cfg.train.seed)
         except Exception as e:
             return e
 
@@ -217,6 +220,8 @@ class SlotEngine:
         if self.thread.is_alive():
             self.thread.join()
         self.turns.stop()
+        for run in self.running.values():  # the steps a stopped run trained are logged too
+            self._send_steps(run)
         for job in [*self.pending, *(r.job for r in self.running.values())]:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the engine stopped before this run finished"))
@@ -259,12 +264,13 @@ class SlotEngine:
         slot = next(s for s in range(self.slots) if s not in self.running)
         cfg = job.cfg
         try:
+            if not isinstance(job.draws, SlotDraws):
+                raise job.draws or RuntimeError("a run reached the engine without its first weights")
             if not job.started:
                 job.started = True
                 job.hooks.on_start(cfg)
-            if not isinstance(job.draws, SlotDraws):
-                raise job.draws or RuntimeError("a run reached the engine without its first weights")
-            initialise_slot(self.wrapped, slot, cfg.lora, job.draws)
+            on_device = self.staging.send(job.draws.flat, self.base.device)
+            initialise_slot(self.wrapped, slot, cfg.lora, dataclasses.replace(job.draws, flat=on_device))
             self.ctx.dropout[slot] = cfg.lora.dropout
             self.optimizer.reset(slot, cfg.optimizer, cfg.train.max_steps)
             batches = train_micro_batches(self.data.train, cfg.train.micro_batch_size, cfg.train.seed)

@@ -194,9 +194,9 @@ class SlotDraws:
 
     @classmethod
     @torch.no_grad()
-    def draw(cls, in_features: dict[str, int], lora: LoraConfig, seed: int, pin: bool) -> SlotDraws:
+    def draw(cls, in_features: dict[str, int], lora: LoraConfig, seed: int) -> SlotDraws:
         """``A`` as peft draws it: Kaiming-uniform, in module order, from ``seed`` on the CPU; ``in_features`` maps
-        each wrapped layer's name to its input width. ``pin``: page-locked, for a copy that does not wait."""
+        each wrapped layer's name to its input width."""
         suffixes = resolve_targets(lora.targets, list(in_features))
         modules = [n for n in in_features if any(n == s or n.endswith("." + s) for s in suffixes)]
         chosen = set(modules)
@@ -207,8 +207,7 @@ class SlotDraws:
             a = torch.empty(lora.r, in_features[name])
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             parts.append(a.flatten())
-        flat = torch.cat(parts)
-        return cls(modules, flat.pin_memory() if pin else flat)
+        return cls(modules, torch.cat(parts))
 
 
 @torch.no_grad()

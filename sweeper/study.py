@@ -213,6 +213,29 @@ def fresh_reads() -> Iterator[None]:
         _FRESH.on = before
 
 
+def _one_call_at_a_time(cls: type[_CachedStorage]) -> type[_CachedStorage]:
+    """Every storage call of ``cls`` under its ``_calls`` lock. Optuna calls its storage from many places (the
+    sampler, the pruner, ``tell``, the heartbeat thread), so the lock wraps the storage's methods, not its callers."""
+    names = [n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")]
+    names += ["record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval",
+              "get_heartbeat_stale_trial_callback"]
+    for name in names:
+        method = getattr(cls, name)
+        if callable(method):
+            setattr(cls, name, _under_calls_lock(method))
+    return cls
+
+
+def _under_calls_lock(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._calls:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+@_one_call_at_a_time
 class ReusedReads(_CachedStorage):
     """An RDB storage (SQLite, PostgreSQL) whose read of the study's unfinished trials is reused for up to
     ``max_age_s`` (0, the default: every read goes to the database, as Optuna's own wrapper does).
@@ -248,46 +271,39 @@ class ReusedReads(_CachedStorage):
         self._read_at[study_id] = time.monotonic()
 
     def _read_changed(self, study_id: int) -> None:
-        """The trials whose state differs from the one held, and those created since the last read, in full."""
+        """Every trial whose state differs from the one held, and every trial not held, in full.
+
+        Asks for the states of the trials held as unfinished and of every trial past the last finished one read:
+        another worker's trial may have an id below one this process created since (and holds without reading).
+        Uses Optuna's private RDB models and session helper, as its own cached storage does (pyproject pins
+        ``optuna<6``).
+        """
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
         with self._lock:
             study = self._studies[study_id]
-            # Not only ``unfinished_trial_ids``: a trial this process created is held without being listed there.
-            held_state = {t._trial_id: t.state for t in study.trials.values() if not t.state.is_finished()}
-            last = max(study.trials, default=None)  # numbers grow with trial ids
-            newest = -1 if last is None else self._study_id_and_number_to_trial_id[(study_id, last)]
+            held = {t._trial_id: t.state for t in study.trials.values()}
+            unfinished = [i for i, state in held.items() if not state.is_finished()]
+            trial = models.TrialModel
             with _create_scoped_session(self._backend.scoped_session) as session:
-                states = session.query(models.TrialModel.trial_id, models.TrialModel.state).filter(
-                    models.TrialModel.trial_id.in_(held_state)).all() if held_state else []
-            changed = {i for i, state in states if state != held_state[i]}
+                states = session.query(trial.trial_id, trial.state).filter(
+                    trial.study_id == study_id,
+                    trial.trial_id.in_(unfinished) | (trial.trial_id > study.last_finished_trial_id)).all()
+            if not states:
+                return
+            changed = {i for i, state in states if held.get(i) != state}
             trials = self._backend._get_trials(study_id, states=None, included_trial_ids=changed,
-                                               trial_id_greater_than=newest)
+                                               trial_id_greater_than=max(i for i, _ in states))
             self._add_trials_to_cache(study_id, trials)
-            for trial in trials:  # as Optuna's own read keeps its sets
-                if not trial.state.is_finished():
-                    study.unfinished_trial_ids.add(trial._trial_id)
+            # As Optuna's own read keeps its sets: every unfinished trial listed, the last finished one's id.
+            study.unfinished_trial_ids.update(i for i, state in states if not state.is_finished())
+            for read in trials:
+                if not read.state.is_finished():
+                    study.unfinished_trial_ids.add(read._trial_id)
                     continue
-                study.last_finished_trial_id = max(study.last_finished_trial_id, trial._trial_id)
-                study.unfinished_trial_ids.discard(trial._trial_id)
-
-
-def _one_call_at_a_time(name: str) -> Callable[..., Any]:
-    method = getattr(_CachedStorage, name)
-
-    @functools.wraps(method)
-    def call(self: ReusedReads, *args: Any, **kwargs: Any) -> Any:
-        with self._calls:
-            return method(self, *args, **kwargs)
-
-    return call
-
-
-for _name in [n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")] + [
-        "record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"]:
-    if callable(getattr(_CachedStorage, _name)):
-        setattr(ReusedReads, _name, _one_call_at_a_time(_name))
+                study.last_finished_trial_id = max(study.last_finished_trial_id, read._trial_id)
+                study.unfinished_trial_ids.discard(read._trial_id)
 
 
 @contextmanager

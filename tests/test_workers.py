@@ -398,3 +398,25 @@ def test_a_sweep_in_slots_reuses_a_read_of_the_study_and_the_budget_guard_reads_
                                                              TrialState.FAIL, TrialState.RUNNING]
     trials = study.get_trials()  # outside a sweep in slots every read is fresh
     assert len(trials) == 4 and trials[1].user_attrs == {"seen": True}
+
+
+def test_a_fresh_read_finds_another_workers_trial_below_one_of_its_own_and_later_reads_keep_every_trial(
+        tmp_path: Path) -> None:
+    from sweeper.study import ReusedReads, fresh_reads
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    mine, theirs = ReusedReads(optuna.storages.RDBStorage(url)), ReusedReads(optuna.storages.RDBStorage(url))
+    study = mine.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
+    mine.max_age_s = 60.0
+    mine.get_all_trials(study)
+    theirs.create_new_trial(study)  # trial 0, created by another worker after the last full read
+    running = mine.create_new_trial(study)  # trial 1: held by this process without a read
+    done = mine.create_new_trial(study)  # trial 2
+    mine.set_trial_state_values(done, TrialState.COMPLETE, [1.0])
+    with fresh_reads():
+        assert [t.state for t in mine.get_all_trials(study)] == [TrialState.RUNNING, TrialState.RUNNING,
+                                                                 TrialState.COMPLETE]
+    mine.set_trial_state_values(running, TrialState.COMPLETE, [0.5])
+    mine.max_age_s = 0.0  # Optuna's own reads from here: they must still see trials 0 and 1 as they are
+    assert [t.state for t in mine.get_all_trials(study)] == [TrialState.RUNNING, TrialState.COMPLETE,
+                                                             TrialState.COMPLETE]
