@@ -114,8 +114,7 @@ class Staging:
         staged = self._buffer[:host.numel()].view(host.shape)
         staged.copy_(host)
         sent = staged.to(device, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied = torch.cuda.current_stream(device).record_event()
         return sent
 
 

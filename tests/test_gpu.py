@@ -108,3 +108,13 @@ def test_the_slot_kernels_compute_what_the_torch_operations_compute(monkeypatch:
 
     for a, b in zip(train(False), train(True), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_staging_buffer_sends_each_tensor_as_it_was_given() -> None:
+    from objectives.training import Staging
+
+    staging, device = Staging(), torch.device("cuda")
+    first, second = torch.arange(1000, dtype=torch.float32), torch.arange(3000, dtype=torch.float32) * 2
+    sent = [staging.send(first, device), staging.send(second, device), staging.send(first[:10], device)]
+    assert all(t.device.type == "cuda" for t in sent)
+    assert [t.cpu().tolist() for t in sent] == [first.tolist(), second.tolist(), first[:10].tolist()]
