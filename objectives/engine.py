@@ -269,8 +269,7 @@ class SlotEngine:
             if not job.started:
                 job.started = True
                 job.hooks.on_start(cfg)
-            on_device = self.staging.send(job.draws.flat, self.base.device)
-            initialise_slot(self.wrapped, slot, cfg.lora, dataclasses.replace(job.draws, flat=on_device))
+            initialise_slot(self.wrapped, slot, cfg.lora, job.draws, self.staging)
             self.ctx.dropout[slot] = cfg.lora.dropout
             self.optimizer.reset(slot, cfg.optimizer, cfg.train.max_steps)
             batches = train_micro_batches(self.data.train, cfg.train.micro_batch_size, cfg.train.seed)

@@ -25,7 +25,7 @@ import torch
 from objectives import slot_kernels
 from objectives.config import LoraConfig
 from objectives.targets import resolve_targets
-from objectives.training import send
+from objectives.training import Staging, send
 
 
 @dataclass
@@ -211,8 +211,10 @@ class SlotDraws:
 
 
 @torch.no_grad()
-def initialise_slot(wrapped: dict[str, SlotLinear], slot: int, lora: LoraConfig, draws: SlotDraws) -> None:
-    """Fresh weights for one slot: ``A`` from ``draws``, ``B`` zero; zero everywhere the run has no adapter.
+def initialise_slot(wrapped: dict[str, SlotLinear], slot: int, lora: LoraConfig, draws: SlotDraws,
+                    staging: Staging) -> None:
+    """Fresh weights for one slot: ``A`` from ``draws`` (sent through ``staging``), ``B`` zero; zero everywhere the
+    run has no adapter.
 
     A trial starts every few steps in a busy engine, so this is a handful of launches whatever the layer count:
     the draws go to the device in one copy, and zeros, draws and scalings each in one multi-tensor operation
@@ -225,7 +227,7 @@ def initialise_slot(wrapped: dict[str, SlotLinear], slot: int, lora: LoraConfig,
     torch._foreach_zero_([t for layer in layers for t in (layer.lora_A[slot], layer.lora_B[slot])])
     targets = [layer for layer in layers if layer.used[slot]]
     device = layers[0].lora_A.device if layers else draws.flat.device
-    sent = draws.flat.to(device, non_blocking=True)
+    sent = staging.send(draws.flat, device)
     torch._foreach_copy_([layer.scaling[slot:slot + 1] for layer in layers],  # type: ignore[index]
                          list(sent[:len(layers)].split(1)))
     if targets:

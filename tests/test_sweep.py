@@ -211,12 +211,13 @@ def test_a_slot_adapter_names_the_configured_source(tmp_path: Path) -> None:
 
     from objectives.config import LoraConfig
     from objectives.slots import SlotAdapter, SlotDraws, initialise_slot, inject_slots
+    from objectives.training import Staging
 
     model = torch.nn.Sequential()
     model.add_module("q_proj", torch.nn.Linear(8, 8))
     _, wrapped = inject_slots(model, ["q_proj"], slots=2, r_max=4, device=torch.device("cpu"), max_length=16)
     lora = LoraConfig(r=2, targets="q_proj")
-    initialise_slot(wrapped, 1, lora, SlotDraws.draw({"q_proj": 8}, lora, seed=0))
+    initialise_slot(wrapped, 1, lora, SlotDraws.draw({"q_proj": 8}, lora, seed=0), Staging())
     SlotAdapter(wrapped, 1, lora, ["q_proj"], "hub-org/some-model").save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         "hub-org/some-model"
