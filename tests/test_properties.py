@@ -53,9 +53,10 @@ def test_a_row_is_usable_or_refused_naming_the_row_and_field(row: Any) -> None:
     except ConfigError as e:
         assert str(e).startswith("data.source: d.jsonl line 7: ") and fields_named(str(e)), str(e)
         return
-    # A row the check passes goes through templating without an error.
+    # A row the check passes goes through templating without an error. A conversation that does not end with the
+    # assistant's reply passes too: it has nothing to learn, and tokenizing skips it.
     messages = data.to_messages(row, "Be brief.")
-    assert messages[-1]["role"] == "assistant"
+    assert messages[-1]["role"] == "assistant" or row.get("messages") is not None
     assert isinstance(data._render(PLAIN, messages, prompt_only=False), str)
 
 
