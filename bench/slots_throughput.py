@@ -70,7 +70,8 @@ PAIRED_SPACE = ["search_space=none", "study/sampler=grid", "study/pruner=none", 
 
 
 def methods_from(spec: str) -> list[Method]:
-    """``1,8,16,auto,w8``: slots per process (``1`` one at a time), ``wN`` N worker processes on one GPU."""
+    """``1,8,16,auto,w8,64t``: slots per worker (``1`` one at a time; ``Kt``: the engine in the launch's own process,
+    not in one of its own), ``wN`` N worker processes on one GPU."""
     out = []
     for item in spec.split(","):
         item = item.strip()
@@ -79,6 +80,9 @@ def methods_from(spec: str) -> list[Method]:
             out.append(Method(f"{n} workers", [f"workers.count={n}", f"workers.per_gpu={n}", "workers.slots=1"]))
         elif item == "1":
             out.append(Method("one at a time", ["workers.slots=1"]))
+        elif item.endswith("t"):
+            out.append(Method(f"slots={item[:-1]}, engine in the launch's process",
+                              [f"workers.slots={item[:-1]}", "workers.engine_process=false"]))
         else:
             out.append(Method(f"slots={item}", [f"workers.slots={item}"]))
     return out
@@ -93,8 +97,12 @@ def launch(args: argparse.Namespace, method: Method, common: list[str], workdir:
     log = workdir / f"{name}.log"
     method.started = time.time()
     with open(log, "w") as fh:
-        method.exit_code = subprocess.run(cmd, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                          timeout=seconds + args.grace).returncode
+        try:
+            method.exit_code = subprocess.run(cmd, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                              timeout=seconds + args.grace).returncode
+        except subprocess.TimeoutExpired:  # killed: its finished trials are in the study all the same
+            method.exit_code = -9
+            say(f"  still running {seconds + args.grace:.0f} s after its start: killed")
     method.log = log_tail(log)
     method.trials = load_trials(out, name)
     say(f"  exit {method.exit_code}; {len(method.trials)} finished trials")

@@ -127,7 +127,7 @@ class ResidentBase:
             if self.checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
-        self.model = model
+        self.model: Any = model
         self.linear_names = linear_module_names(model)
         self._peft: Any = None
         self._shape: tuple[Any, ...] | None = None
@@ -137,7 +137,15 @@ class ResidentBase:
 
     @property
     def config(self) -> Any:
-        return self.model.config
+        return self._config if self.model is None else self.model.config
+
+    def unload(self) -> None:
+        """Let go of the weights, keeping the tokenizer, config and layer names: a slot engine in a process of its
+        own (:mod:`objectives.engine_process`) holds its own copy, and two would halve what its slots may use."""
+        self._config = self.model.config
+        self.release_adapter()
+        self.model = None
+        free_accelerator_memory(self.device)
 
     def use_checkpointing(self, on: bool) -> None:
         """Switch gradient checkpointing for the next trial (``model.gradient_checkpointing: auto``)."""

@@ -71,8 +71,9 @@ class Job:
     future: Future[RunResult] = field(default_factory=Future)
     started: bool = False
     attempts: int = 0
-    events: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] | None = None
-    """With :meth:`SlotEngine.run`, the hooks run in the caller's thread: the engine posts them here."""
+    events: Any = None
+    """With :meth:`SlotEngine.run`, the hooks run in the caller's thread: the engine posts them here (a queue's
+    ``put``; None at the run's end, after its future is set)."""
     stop: BaseException | None = None
     """Set by the caller's thread when a hook raised: the engine ends the run at its next step."""
     draws: SlotDraws | BaseException | None = None
@@ -99,6 +100,58 @@ class Running:
 STEPS_PER_MESSAGE = 8
 """A run's steps go to its caller's thread a few at a time: a message per step and run woke every trial's
 thread at every step, each of them to wait for a turn at the interpreter."""
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """What a caller needs of an engine to hand it a run: the settings its passes share and its layers' widths."""
+
+    r_max: int
+    in_features: dict[str, int]
+    checkpointing: bool
+    base_cache: bool
+    fused_loss: bool
+
+    def as_trained(self, cfg: RecipeConfig) -> RecipeConfig:
+        """``cfg`` with the settings every run of a pass shares as the engine and its base have them."""
+        return with_fused_loss(with_base_cache(with_checkpointing(cfg, self.checkpointing), self.base_cache),
+                               self.fused_loss)
+
+    def draw(self, cfg: RecipeConfig) -> SlotDraws | BaseException:
+        """A run's first weights, drawn in the caller's thread; a failure (a rank over the engine's widest, unknown
+        targets) goes to the run's future when it is admitted, as every failure of a run does."""
+        try:
+            if cfg.lora.r > self.r_max:
+                raise ConfigError(f"lora.r: {cfg.lora.r} exceeds the engine's widest rank {self.r_max}")
+            return SlotDraws.draw(self.in_features, cfg.lora, cfg.train.seed)
+        except Exception as e:
+            return e
+
+
+Event = tuple[str, tuple[Any, ...]]
+
+
+def follow(events: queue.SimpleQueue[Event | None], hooks: RunHooks, stop: Any) -> BaseException | None:
+    """Run the hooks an engine posts for one run, in this (the caller's) thread, until the run's end (None).
+
+    The first exception a hook raises (a pruner's decision, a failed save) is handed to ``stop`` (which ends the
+    run at its next step) and returned; the hooks of events after it are skipped."""
+    stopped: BaseException | None = None
+    while (event := events.get()) is not None:
+        if stopped is not None:
+            continue
+        name, args = event
+        try:
+            with TURNS.bookkeeping():
+                if name == "steps":
+                    for step, metrics in args[0]:
+                        hooks.on_step(step, metrics)
+                else:
+                    getattr(hooks, name)(*args)
+        except BaseException as e:  # the engine ends the run; the caller raises it
+            stopped = e
+            stop(e)
+    return stopped
 
 
 class SlotEngine:
@@ -134,7 +187,8 @@ class SlotEngine:
         self.pad_id = base.tokenizer.pad_token_id
         self.ctx, self.wrapped = inject_slots(base.model, list(base.linear_names), slots, r_max, base.device,
                                              data.max_length)
-        self.in_features = {name: layer.in_features for name, layer in self.wrapped.items()}
+        self.shape = EngineShape(r_max, {name: layer.in_features for name, layer in self.wrapped.items()},
+                                 base.checkpointing, base.base_cache, self.fused_loss)
         params = [p for layer in self.wrapped.values() for p in (layer.lora_A, layer.lora_B)]
         self.optimizer = SlotOptimizer(params, slots)
         self.staging = Staging()
@@ -154,20 +208,11 @@ class SlotEngine:
 
     # --- the caller's side -------------------------------------------------------------------------
 
-    def as_trained(self, cfg: RecipeConfig) -> RecipeConfig:
-        """``cfg`` with the settings every run of a pass shares as this engine and its base have them."""
-        cfg = with_base_cache(with_checkpointing(cfg, self.base.checkpointing), self.base.base_cache)
-        return with_fused_loss(cfg, self.fused_loss)
-
     def submit(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> Future[RunResult]:
         """Queue a run; its future holds the :class:`RunResult` or the exception that ended it."""
-        job = Job(self.as_trained(cfg), hooks or RunHooks())
-        job.draws = self._draw(job.cfg)
-        with self.lock:
-            if self.closed:
-                raise RuntimeError("the engine is closed")
-            self.pending.append(job)
-            self.lock.notify_all()
+        cfg = self.shape.as_trained(cfg)
+        job = Job(cfg, hooks or RunHooks(), draws=self.shape.draw(cfg))
+        self.enqueue(job)
         return job.future
 
     def run(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> RunResult:
@@ -176,41 +221,24 @@ class SlotEngine:
         at its next step (a pruned trial may train one step more than it reports). Steps reach ``on_step`` up to
         :data:`STEPS_PER_MESSAGE` at a time, so a stop raised there ends the run up to that many steps later."""
         hooks = hooks or RunHooks()
-        cfg = self.as_trained(cfg)
+        cfg = self.shape.as_trained(cfg)
         with self.turns.bookkeeping():
             hooks.on_start(cfg)
-        job = Job(cfg, hooks, started=True, events=queue.SimpleQueue(), draws=self._draw(cfg))
+        events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        job = Job(cfg, hooks, started=True, events=events, draws=self.shape.draw(cfg))
+        self.enqueue(job)
+        stopped = follow(events, hooks, lambda e: setattr(job, "stop", e))
+        if stopped is not None:
+            raise stopped
+        return job.future.result()
+
+    def enqueue(self, job: Job) -> None:
+        """Queue a prepared job: the next free slot takes it."""
         with self.lock:
             if self.closed:
                 raise RuntimeError("the engine is closed")
             self.pending.append(job)
             self.lock.notify_all()
-        assert job.events is not None
-        while (event := job.events.get()) is not None:
-            name, args = event
-            if job.stop is None:
-                try:
-                    with self.turns.bookkeeping():
-                        if name == "steps":
-                            for step, metrics in args[0]:
-                                hooks.on_step(step, metrics)
-                        else:
-                            getattr(hooks, name)(*args)
-                except BaseException as e:  # the engine hands it back through the future
-                    job.stop = e
-        if job.stop is not None:  # a hook raised: a pruner's decision, or saving the finished adapter failed
-            raise job.stop
-        return job.future.result()
-
-    def _draw(self, cfg: RecipeConfig) -> SlotDraws | BaseException:
-        """A run's first weights, drawn in the caller's thread; a failure (a rank over the engine's widest, unknown
-        targets) goes to the run's future when it is admitted, as every failure of a run does."""
-        try:
-            if cfg.lora.r > self.r_max:
-                raise ConfigError(f"lora.r: {cfg.lora.r} exceeds the engine's widest rank {self.r_max}")
-            return SlotDraws.draw(self.in_features, cfg.lora, cfg.train.seed)
-        except Exception as e:
-            return e
 
     def close(self) -> None:
         """Stop after the current step; unfinished runs fail; the base gets its bare linear layers back."""

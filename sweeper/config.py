@@ -103,6 +103,10 @@ class WorkersConfig:
     """Trials trained together in every pass over this worker's base, each row through its own trial's adapter:
     a small model leaves a GPU idle at one trial's batch. ``auto``: on CUDA the most that fit the worker's
     share of the device (at most 32), on the CPU 1. 1: one trial at a time (peft's adapter)."""
+    engine_process: Any = "auto"
+    """With slots, whether the engine trains in a process of its own, so that its passes never wait for the
+    trials' Optuna and MLflow work in this one. ``auto``: on CUDA (where the engine only launches kernels and
+    the bookkeeping of 64 slots held it back); true or false."""
     index: int | None = None
     """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
     None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""
@@ -116,6 +120,9 @@ class WorkersConfig:
         if self.slots != "auto" and (isinstance(self.slots, bool) or not isinstance(self.slots, int)
                                      or self.slots < 1):
             raise ConfigError(f"workers.slots: {self.slots!r} is not allowed; use auto or a whole number >= 1")
+        if self.engine_process not in ("auto", True, False):
+            raise ConfigError(f"workers.engine_process: {self.engine_process!r} is not allowed; use auto, true "
+                              "or false")
         check_positive("workers.per_gpu", self.per_gpu)
         check_positive("workers.heartbeat_s", self.heartbeat_s)
         if self.grace_s <= self.heartbeat_s:

@@ -17,10 +17,8 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from objectives.config import RecipeConfig
-from objectives.decisions import with_checkpointing
 from objectives.host_turns import TURNS
-from objectives.objective import RunHooks, RunResult
+from sweeper import progress
 from sweeper.budget import BudgetGuard, BudgetReached, fail_dead_trials, failed_trials
 from sweeper.config import SweepConfig
 from sweeper.objective import Runner
@@ -77,28 +75,39 @@ class Resources:
         memory = cfg.workers.memory_share(device_memory_bytes(self.base.device))
         return plan_slots(cfg, params, self.base.device.type, self.base.config, memory, self.base.linear_names)
 
-    def engine(self, cfg: SweepConfig, plan: SlotPlan, slots: int | None = None) -> Any:
-        """A slot engine on this base for the plan (None for one trial at a time on peft's adapter)."""
+    def engine(self, cfg: SweepConfig, plan: SlotPlan, slots: int | None = None, own_process: bool = True) -> Any:
+        """A slot engine on this base for the plan (None for one trial at a time on peft's adapter): in a process
+        of its own where ``workers.engine_process`` says so (and ``own_process`` allows it: a single run has no
+        bookkeeping to get away from), and this process then lets go of its base's weights."""
         if plan.slots == 1 and slots is None:
             return None
+        slots = slots or plan.slots
+        if own_process and plan.own_process:
+            from objectives.engine_process import EngineProcess, EngineSpec
+
+            self.base.unload()
+            return EngineProcess(EngineSpec(
+                cfg.model, str(self.base.device), self.data, slots, plan.r_max, plan.checkpointing, plan.base_cache,
+                cfg.train.micro_batch_size, cfg.train.packing, cfg.train.fused_loss,
+                prepare=None if progress.VERBOSE else quiet_child))
         from objectives.engine import SlotEngine
 
         self.base.use_checkpointing(plan.checkpointing)
         self.base.use_base_cache(plan.base_cache)
-        return SlotEngine(self.base, self.data, slots or plan.slots, plan.r_max,
-                          eval_batch_size=cfg.train.micro_batch_size, packing=cfg.train.packing,
-                          fused_loss=cfg.train.fused_loss)
+        return SlotEngine(self.base, self.data, slots, plan.r_max, eval_batch_size=cfg.train.micro_batch_size,
+                          packing=cfg.train.packing, fused_loss=cfg.train.fused_loss)
 
 
-def engine_runner(engine: Any, base: Any) -> Runner | None:
-    """A trial's run in the engine's shared passes, with the worker's checkpointing recorded as its own."""
-    if engine is None:
-        return None
+def quiet_child() -> None:
+    """The engine's process logs as quietly as the command that started it (see ``cli.quiet_third_party``)."""
+    from sweeper.cli import quiet_third_party
 
-    def run(cfg: RecipeConfig, hooks: RunHooks) -> RunResult:
-        return engine.run(with_checkpointing(cfg, base.checkpointing), hooks)  # type: ignore[no-any-return]
+    quiet_third_party()
 
-    return run
+
+def engine_runner(engine: Any) -> Runner | None:
+    """A trial's run in the engine's shared passes (the engine records the settings they share in its config)."""
+    return None if engine is None else engine.run
 
 
 class GuardedObjective:
@@ -205,7 +214,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     engine = resources.engine(cfg, plan)
     objective = GuardedObjective(
         QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id,
-                       show_progress and plan.slots == 1, runner=engine_runner(engine, resources.base)),
+                       show_progress and plan.slots == 1, runner=engine_runner(engine)),
         BudgetGuard(cfg.study.n_trials, cfg.workers.poll_s, handler, cfg.study.timeout_s), worker_id(),
         resources.base.device)
     baseline = objective.memory_mb
@@ -330,11 +339,11 @@ def run_single(cfg: SweepConfig, show_progress: bool = True, run: SingleRun | No
     resources = Resources.load(cfg)
     # Where a sweep on this device trains in slots, the reproduction does too (one slot): the same arithmetic.
     plan = resources.slot_plan(cfg, [])
-    engine = resources.engine(cfg, plan, slots=1) if plan.slots > 1 else None
+    engine = resources.engine(cfg, plan, slots=1, own_process=False) if plan.slots > 1 else None
     trial = optuna.trial.FixedTrial({}, number=0)
     try:
         objective = QLoRAObjective(cfg, [], resources.base, resources.data, tracker, None, show_progress,
-                                   runner=engine_runner(engine, resources.base), run_name=run.name, run_tags=run.tags)
+                                   runner=engine_runner(engine), run_name=run.name, run_tags=run.tags)
         value = objective(trial)
     finally:
         run.run_id = TrialRecord.of(trial).mlflow_run_id

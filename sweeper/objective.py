@@ -16,7 +16,7 @@ from objectives.base import ResidentBase
 from objectives.config import RECIPE_SECTIONS, RecipeConfig
 from objectives.data import TokenizedSplits
 from objectives.decisions import device_memory_bytes
-from objectives.host_turns import TURNS
+from objectives.host_turns import TURNS, PatientLock
 from objectives.objective import DoesNotFit, RunHooks, RunResult, run_recipe
 from objectives.training import LossNotFinite, TrainResult, evaluates_at
 from sweeper import interrupts
@@ -200,6 +200,7 @@ class QLoRAObjective:
         """A run outside a study (``train``): its MLflow run's name; ``run_tags`` replace the trial's tags."""
         self.run_tags = dict(run_tags or {})
         self._dropped: set[str] = set()
+        self._dropping = PatientLock()
 
     def trial_config(self, trial: AnyTrial) -> tuple[SweepConfig, dict[str, Any]]:
         """The sampled values applied to the sweep's config, and the values."""
@@ -295,20 +296,24 @@ class QLoRAObjective:
     def drop_adapter(self, run_id: str | None, reason: str) -> None:
         """Delete a run's saved adapter through its artifact repository, once (another worker or an earlier
         session may have done it: its run says so); a failure is logged, not raised."""
-        if self.tracker is None or run_id is None or run_id in self._dropped:
+        if self.tracker is None or run_id is None:
             return
         from mlflow.exceptions import MlflowException
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        try:
-            run = self.tracker.client.get_run(run_id)
-            if REMOVED_TAG not in run.data.tags:
-                repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracker.uri)
-                repo.delete_artifacts("adapter")
-                self.tracker.set_tags(run_id, {REMOVED_TAG: reason})
-                if ADAPTER_TAG in run.data.tags:
-                    self.tracker.client.delete_tag(run_id, ADAPTER_TAG)
-        except (MlflowException, OSError) as e:  # housekeeping: the sweep goes on, with one adapter too many
-            log.warning("could not delete the superseded adapter of run %s: %s", run_id, e)
-            return
-        self._dropped.add(run_id)
+        # One thread at a time: trials finishing together each found the same superseded adapter.
+        with self._dropping:
+            if run_id in self._dropped:
+                return
+            try:
+                run = self.tracker.client.get_run(run_id)
+                if REMOVED_TAG not in run.data.tags:
+                    repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracker.uri)
+                    repo.delete_artifacts("adapter")
+                    self.tracker.set_tags(run_id, {REMOVED_TAG: reason})
+                    if ADAPTER_TAG in run.data.tags:
+                        self.tracker.client.delete_tag(run_id, ADAPTER_TAG)
+            except (MlflowException, OSError) as e:  # housekeeping: the sweep goes on, with one adapter too many
+                log.warning("could not delete the superseded adapter of run %s: %s", run_id, e)
+                return
+            self._dropped.add(run_id)

@@ -220,6 +220,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
                  + (f"; each slot rank {slots.r_max} on every linear layer, checkpointing "
                     f"{'on' if slots.checkpointing else 'off'}, base cache {'on' if slots.base_cache else 'off'}, "
                     f"loss from {'the fused head' if cfg.train.fused_loss is True else 'full logits'}, "
+                    f"engine in {'a process of its own' if slots.own_process else 'the worker process'}, "
                     "predicted peak "
                     + gib(slots_memory_bytes(cfg, model_config, slots.slots, slots.r_max, slots.checkpointing,
                                              base_cache=slots.base_cache))

@@ -29,6 +29,15 @@ class SlotPlan:
     base_cache: bool = False
     """Whether the worker keeps the base's dequantized copy (``model.base_cache``) while its slots train; one trial
     at a time decides it per trial instead."""
+    own_process: bool = False
+    """Whether the engine trains in a process of its own (``workers.engine_process``)."""
+
+
+def engine_in_own_process(cfg: SweepConfig, device_kind: str) -> bool:
+    """``workers.engine_process`` decided: ``auto`` is on for CUDA, where the engine only launches kernels and the
+    trials' bookkeeping in its process held it back (on the CPU, torch's own threads do the work)."""
+    setting = cfg.workers.engine_process
+    return device_kind == "cuda" if setting == "auto" else bool(setting)
 
 
 def widest_rank(cfg: SweepConfig, params: Sequence[Param]) -> int:
@@ -56,12 +65,14 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
         return SlotPlan(1, r_max, checkpointing is not False,
                         "auto on the CPU: one trial at a time (a CPU is busy with one trial's step already)")
     cap = MAX_AUTO_SLOTS if requested == "auto" else int(requested)
+    own_process = engine_in_own_process(cfg, device_kind)
     fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes, r_max, cap, linear_names)
     if requested == "auto":
         cache = slots_base_cache(cfg, model_config, memory_bytes, fitting, r_max, needs_checkpointing, linear_names)
         return SlotPlan(fitting, r_max, needs_checkpointing,
-                        f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})", cache)
+                        f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})", cache,
+                        own_process)
     if checkpointing == "auto":
         checkpointing = needs_checkpointing if fitting >= cap else True
     cache = slots_base_cache(cfg, model_config, memory_bytes, cap, r_max, bool(checkpointing), linear_names)
-    return SlotPlan(cap, r_max, bool(checkpointing), f"workers.slots={cap}", cache)
+    return SlotPlan(cap, r_max, bool(checkpointing), f"workers.slots={cap}", cache, own_process)

@@ -57,6 +57,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("launch", ["workers.count=-1"], "workers.count"),
     ("launch", ["workers.slots=0"], "workers.slots"),
     ("launch", ["workers.slots=many"], "workers.slots"),
+    ("launch", ["workers.engine_process=sometimes"], "workers.engine_process: 'sometimes' is not allowed; use auto"),
     ("launch", ["workers.grace_s=5"], "workers.grace_s"),
     ("launch", ["model.gradient_checkpointing=sometimes"], "model.gradient_checkpointing: 'sometimes'"),
     ("launch", ["data.eval_fraction=1.5"], "data.eval_fraction"),

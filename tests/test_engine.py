@@ -425,3 +425,99 @@ def test_a_section_waits_for_a_lock_outside_itself_so_the_engine_does_not_wait_f
     assert not clerk.is_alive() and turns._inside == 0
     turns.give_up()
     turns.stop()
+
+
+# --- the engine in a process of its own (objectives.engine_process) ------------------------------------------
+
+
+def engine_spec(setup: Any, slots: int, **changes: Any) -> Any:
+    from objectives.engine_process import EngineSpec
+
+    cfg, base, data = setup
+    spec = EngineSpec(cfg.model, "cpu", data, slots, r_max=8, checkpointing=base.checkpointing, base_cache=False,
+                      eval_batch_size=4, packing=True, fused_loss="auto")
+    return dataclasses.replace(spec, **changes)
+
+
+def run_in_threads(engine: Any, configs: list[RecipeConfig],
+                   hooks: list[Recorder]) -> list[RunResult | BaseException]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> RunResult | BaseException:
+        try:
+            return engine.run(configs[i], hooks[i])  # type: ignore[no-any-return]
+        except BaseException as e:
+            return e
+
+    with ThreadPoolExecutor(len(configs)) as pool:
+        return list(pool.map(one, range(len(configs))))
+
+
+def test_runs_in_the_engines_own_process_match_each_run_alone(setup: Any) -> None:
+    """The same runs as the in-thread engine's parity test, each from a thread of its own (as a sweep's trials):
+    the hooks come back from the child in order, and the adapter crosses intact."""
+    from objectives.engine_process import EngineProcess
+
+    cfg, _, _ = setup
+    configs = [trial(cfg, **t) for t in TRIALS]
+    alone = [run_alone(setup, c) for c in configs]
+    engine = EngineProcess(engine_spec(setup, slots=3))
+    try:
+        hooks = [Recorder() for _ in configs]
+        results = run_in_threads(engine, configs, hooks)
+    finally:
+        engine.close()
+    assert not engine.process.is_alive()
+    for (ref_hooks, ref), hook, got in zip(alone, hooks, results, strict=True):
+        assert isinstance(got, RunResult), got
+        assert [s["train_loss"] for s in hook.steps] == pytest.approx([s["train_loss"] for s in ref_hooks.steps],
+                                                                     rel=1e-5)
+        assert [step for step, _ in hook.evals] == [step for step, _ in ref_hooks.evals]
+        assert got.train.eval_loss == pytest.approx(ref.train.eval_loss, rel=1e-5)
+        assert got.config == ref.config
+        assert hook.adapter.keys() == ref_hooks.adapter.keys()
+        for name, tensor in hook.adapter.items():
+            torch.testing.assert_close(tensor, ref_hooks.adapter[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_raising_hook_stops_its_run_in_the_child_and_a_dead_child_is_replaced(setup: Any) -> None:
+    import os
+    import signal
+    import threading
+
+    from objectives.engine_process import EngineProcess, EngineProcessDied
+
+    cfg, _, _ = setup
+    caller = threading.get_ident()
+
+    class Stop(Recorder):
+        def on_eval(self, step: int, loss: float) -> None:
+            assert threading.get_ident() == caller
+            raise ValueError(f"stopped at {step}")
+
+    class KillAtFirstStep(Recorder):
+        def on_step(self, step: int, metrics: dict[str, float]) -> None:
+            os.kill(engine.process.pid, signal.SIGKILL)
+
+    engine = EngineProcess(engine_spec(setup, slots=2))
+    try:
+        with pytest.raises(ValueError, match="stopped at 2"):
+            engine.run(trial(cfg, steps=6, **TRIALS[0]), Stop())
+        first = engine.process
+        with pytest.raises(EngineProcessDied, match="exit code -9"):
+            engine.run(trial(cfg, steps=40, **TRIALS[1]), KillAtFirstStep())
+        hooks = Recorder()
+        result = engine.run(trial(cfg, **TRIALS[1]), hooks)  # a fresh child trains it
+    finally:
+        engine.close()
+    assert engine.process is not first and engine.restarts == 1
+    assert math.isfinite(result.train.eval_loss) and hooks.adapter and len(hooks.steps) == 3
+
+
+def test_a_base_the_child_cannot_load_fails_the_engine_with_the_childs_reason(setup: Any, tmp_path: Any) -> None:
+    from objectives.engine_process import EngineProcess
+
+    cfg, _, _ = setup
+    model = dataclasses.replace(cfg.model, source=str(tmp_path / "missing"), random_init=False)
+    with pytest.raises(Exception, match="missing"):
+        EngineProcess(engine_spec(setup, slots=2, model=model))

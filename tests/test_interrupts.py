@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from optuna.trial import TrialState
 
@@ -29,12 +30,16 @@ def running_trials(db: Path) -> int:
 
 
 @pytest.mark.timeout(600)
-# One handler serves both signals: SIGINT one trial at a time, SIGTERM (a scheduler's) with trials in slots.
-@pytest.mark.parametrize(("sig", "code", "slots"), [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 2)])
-def test_a_signal_mid_trial_leaves_a_clean_record(tmp_path: Path, sig: signal.Signals, code: int, slots: int) -> None:
+# One handler serves both signals: SIGINT one trial at a time, SIGTERM (a scheduler's) with trials in slots, with
+# the engine in this process or its own (which the signal reaches too, and which leaves the stop to its parent).
+@pytest.mark.parametrize(("sig", "code", "slots", "own_process"), [
+    (signal.SIGINT, 130, 1, False), (signal.SIGTERM, 143, 2, False), (signal.SIGTERM, 143, 2, True)])
+def test_a_signal_mid_trial_leaves_a_clean_record(tmp_path: Path, sig: signal.Signals, code: int, slots: int,
+                                                  own_process: bool) -> None:
     from mlflow.tracking import MlflowClient
 
-    args = [*TINY, *LONG_TRIALS, f"workers.slots={slots}", f"output_dir={tmp_path}"]
+    args = [*TINY, *LONG_TRIALS, f"workers.slots={slots}", f"workers.engine_process={own_process}",
+            f"output_dir={tmp_path}"]
     proc = start_cli("launch", "--no-progress", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     try:
@@ -43,6 +48,9 @@ def test_a_signal_mid_trial_leaves_a_clean_record(tmp_path: Path, sig: signal.Si
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.5)
         time.sleep(3)  # into the training steps (of every slot)
+        # A scheduler (scancel) and the terminal (Ctrl-C) signal every process of the job: the engine's too.
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.send_signal(sig)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:

@@ -71,7 +71,11 @@ def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig,
     text = plan(replace(cfg, workers=replace(cfg.workers, slots=8)), params, 80 * 2**30, model_config=config,
                 device=gpu)
     assert re.search(r"trials per pass \(workers.slots=8\): 8 \(workers.slots=8\); each slot rank \d+", text)
+    assert "engine in a process of its own" in text  # auto on CUDA
     assert ", 8 at a time:" in text
+    thread = plan(replace(cfg, workers=replace(cfg.workers, slots=8, engine_process=False)), params, 80 * 2**30,
+                  model_config=config, device=gpu)
+    assert "engine in the worker process" in thread
 
 
 def test_workers_sharing_a_gpu_check_corners_against_their_share(
@@ -219,4 +223,4 @@ def test_the_plan_shows_the_base_cache_and_the_loss(tiny: tuple[SweepConfig, lis
     slots = plan(replace(cfg, workers=replace(cfg.workers, slots=8)), params, 80 * 2**30, model_config=config,
                  device=gpu)
     assert re.search(r"trials per pass \(workers.slots=8\): 8 .*checkpointing off, base cache on, "
-                     r"loss from full logits, predicted", slots)
+                     r"loss from full logits, engine in a process of its own, predicted", slots)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -85,10 +86,12 @@ def test_best_adapter_is_a_folder_peft_loads(tmp_path: Path) -> None:
     assert model.peft_config["default"].r == study.best_trial.params["lora.r"]
 
 
-@pytest.mark.parametrize(("slots", "budget"), [(3, 5), (4, 2)])
-def test_a_sweep_in_slots_finishes_its_budget_with_a_run_per_trial(tmp_path: Path, slots: int, budget: int) -> None:
+@pytest.mark.parametrize(("slots", "budget", "own_process"), [(3, 5, False), (4, 2, False), (3, 4, True)])
+def test_a_sweep_in_slots_finishes_its_budget_with_a_run_per_trial(tmp_path: Path, slots: int, budget: int,
+                                                                  own_process: bool) -> None:
     cfg, params = compose.load([*TINY, *SPACE, "train.max_steps=4", "train.eval_every=2", f"workers.slots={slots}",
-                                f"output_dir={tmp_path}", f"study.n_trials={budget}"])
+                                f"workers.engine_process={own_process}", f"output_dir={tmp_path}",
+                                f"study.n_trials={budget}"])
     study = run_sweep(cfg, params, show_progress=False)
     finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
                                                        optuna.trial.TrialState.PRUNED)]
@@ -98,6 +101,12 @@ def test_a_sweep_in_slots_finishes_its_budget_with_a_run_per_trial(tmp_path: Pat
     assert len(runs) == budget and all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     assert {r.data.tags["trial_number"] for r in runs} == {str(t.number) for t in finished}
     assert all("train_loss" in r.data.metrics for r in runs)
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in finished):  # the best's adapter, wherever it trained
+        from urllib.parse import urlparse
+
+        folder = Path(urlparse(study.best_trial.user_attrs["adapter_uri"]).path)
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == study.best_trial.params["lora.r"]
+        assert (folder / "adapter_model.safetensors").stat().st_size > 0
 
 
 # --- train --config: a reproduction of the exported trial ----------------------------------------------

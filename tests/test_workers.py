@@ -235,13 +235,17 @@ def test_a_killed_worker_is_recovered_by_heartbeat(postgres: str, tmp_path: Path
     assert run.info.status == "KILLED"
 
 
-@pytest.mark.parametrize("slots", [1, 2])
-def test_journal_workers_survive_a_sigkill(tmp_path: Path, slots: int) -> None:
-    """Two CPU workers on a journal file; one is killed mid-trial; the launcher recovers and finishes."""
+@pytest.mark.parametrize(("slots", "own_process"), [(1, False), (2, False), (2, True)])
+def test_journal_workers_survive_a_sigkill(tmp_path: Path, slots: int, own_process: bool) -> None:
+    """Two CPU workers on a journal file; one is killed mid-trial; the launcher recovers and finishes. A killed
+    worker's engine process ends with it."""
+    import psutil
+
     log = tmp_path / "launch.log"
     with open(log, "wb") as out:
         launcher = start_cli("launch", *TINY, *SPACE, "train.max_steps=30", "study.n_trials=4", "study/pruner=none",
                              "workers.count=2", "workers.poll_s=0.5", f"workers.slots={slots}",
+                             f"workers.engine_process={own_process}",
                              f"output_dir={tmp_path}", "--no-progress", stdout=out, stderr=subprocess.STDOUT)
         journal = tmp_path / "optuna.journal"
         deadline = time.monotonic() + 240
@@ -258,7 +262,12 @@ def test_journal_workers_survive_a_sigkill(tmp_path: Path, slots: int) -> None:
             if running:
                 victim = running[0]
         assert victim is not None, log.read_text()[-3000:]
-        os.kill(int(victim.user_attrs["worker"].split(":")[1]), signal.SIGKILL)
+        worker = psutil.Process(int(victim.user_attrs["worker"].split(":")[1]))
+        children = worker.children()  # the engine's process, and multiprocessing's resource tracker
+        assert bool(children) == own_process, children
+        worker.send_signal(signal.SIGKILL)
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive
         assert launcher.wait(timeout=600) == 0, log.read_text()[-3000:]
     study = optuna.load_study(study_name="qlora-default", storage=_journal(journal))
     by_number = {t.number: t for t in study.trials}
