@@ -475,8 +475,9 @@ class SlotEngine:
         if run is not None:
             self._send_steps(run)
         job = job or (run.job if run is not None else None)
-        for layer in self.wrapped.values():
-            layer.used[slot] = False
+        if slot >= 0:  # -1: a job that never took a slot (its stop came while it waited)
+            for layer in self.wrapped.values():
+                layer.used[slot] = False
         if job is None or job.future.done():
             return
         if error is not None:

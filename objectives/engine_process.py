@@ -15,6 +15,7 @@ fresh one (at most :data:`RESTARTS` times).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
@@ -124,20 +125,35 @@ class EngineProcess:
         self.process = context.Process(target=serve, args=(child_end, self.spec), name="slot-engine", daemon=True)
         self.process.start()
         child_end.close()
+        # Registered after multiprocessing's own exit handler, so it runs first: that handler joins daemon
+        # children after a SIGTERM, which this one ignores, and would wait for ever.
+        atexit.register(self._end_child, self.process, self._conn)
         try:
+            while not self._conn.poll(1.0):
+                if not self.process.is_alive():
+                    raise EOFError
             kind, payload = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):
-            self.process.join(timeout=10)
+            self._end_child(self.process, self._conn)
             raise RuntimeError(f"the engine's process ended while loading the base (exit code "
                                f"{self.process.exitcode})") from None
         if kind == "failed":
-            self.process.join(timeout=10)
+            self._end_child(self.process, self._conn)
             raise payload
         self.shape: EngineShape = payload
         self.alive = True
         self._receiver = threading.Thread(target=self._receive, args=(self._conn, self.process),
                                           name="slot-engine-receiver", daemon=True)
         self._receiver.start()
+
+    @staticmethod
+    def _end_child(process: Any, conn: Connection) -> None:
+        """Close the pipe (the child's cue to exit) and kill the child if it does not."""
+        conn.close()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=10)
 
     @property
     def slots(self) -> int:
@@ -158,12 +174,18 @@ class EngineProcess:
             job_id = next(self._ids)
             self._events[job_id] = events
             conn = self._conn
-        _send(conn, self._send_lock, ("run", job_id, cfg))
+        # A child that just died: the receiver's clean-up ends this run with the reason.
+        with contextlib.suppress(OSError):
+            _send(conn, self._send_lock, ("run", job_id, cfg))
+        followed = False
         try:
             stopped = follow(events, hooks, lambda e: self._stop(conn, job_id))
+            followed = True
         finally:
-            with contextlib.suppress(OSError):  # the finished adapter, if any: its hook is done with it
-                _send(conn, self._send_lock, ("release", job_id))
+            with contextlib.suppress(OSError):
+                if not followed:  # interrupted while it waited: the run need not go on
+                    _send(conn, self._send_lock, ("stop", job_id))
+                _send(conn, self._send_lock, ("release", job_id))  # its adapter: the hooks are done with it
         outcome = self._outcomes.pop(job_id)
         if stopped is not None:
             raise stopped
@@ -177,9 +199,11 @@ class EngineProcess:
         with self._lock:
             if not self.alive:
                 raise EngineProcessDied("the engine's process ended before the adapter was saved")
-            self._replies[job_id] = reply
+            request = next(self._ids)
+            self._replies[request] = reply
             conn = self._conn
-        _send(conn, self._send_lock, ("save", job_id, folder))
+        with contextlib.suppress(OSError):  # a child that just died: the receiver's clean-up answers
+            _send(conn, self._send_lock, ("save", request, job_id, folder))
         if (error := reply.get()) is not None:
             raise error
 
@@ -195,35 +219,45 @@ class EngineProcess:
         self._start()
 
     def _receive(self, conn: Connection, process: Any) -> None:
-        while True:
-            try:
-                message = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                break
-            if message[0] == "event":
-                _, job_id, name, args = message
-                if name == "on_finish":
-                    args[1].engine = self
-                self._events[job_id].put((name, args))
-            elif message[0] == "saved":
-                _, job_id, error = message
-                self._replies.pop(job_id).put(error)
-            else:  # done
-                _, job_id, outcome = message
-                with self._lock:
-                    self._outcomes[job_id] = outcome
-                    self._events.pop(job_id).put(None)
-        process.join(timeout=30)
-        with self._lock:
-            self.alive = False
-            died = f"the engine's process ended (exit code {process.exitcode})"
-            for job_id, events in self._events.items():
-                self._outcomes[job_id] = EngineProcessDied(f"{died} while this run trained")
-                events.put(None)
-            for reply in self._replies.values():
-                reply.put(EngineProcessDied(f"{died} before the adapter was saved"))
-            self._events.clear()
-            self._replies.clear()
+        try:
+            while True:
+                try:
+                    message = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    break
+                try:
+                    self._deliver(message)
+                except Exception:  # one bad message must not leave every run waiting
+                    log.exception("a message from the engine's process could not be delivered: %.200r", message)
+        finally:
+            process.join(timeout=30)
+            with self._lock:
+                self.alive = False
+                died = f"the engine's process ended (exit code {process.exitcode})"
+                for job_id, events in self._events.items():
+                    self._outcomes[job_id] = EngineProcessDied(f"{died} while this run trained")
+                    events.put(None)
+                for reply in self._replies.values():
+                    reply.put(EngineProcessDied(f"{died} before the adapter was saved"))
+                self._events.clear()
+                self._replies.clear()
+
+    def _deliver(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "event":
+            _, job_id, name, args = message
+            if name == "on_finish":
+                args[1].engine = self
+            self._events[job_id].put((name, args))
+        elif message[0] == "saved":
+            _, request, error = message
+            with self._lock:
+                reply = self._replies.pop(request)
+            reply.put(error)
+        else:  # done
+            _, job_id, outcome = message
+            with self._lock:
+                self._outcomes[job_id] = outcome
+                self._events.pop(job_id).put(None)
 
     def close(self) -> None:
         """Stop after the current step; unfinished runs fail; the child exits."""
@@ -233,10 +267,7 @@ class EngineProcess:
             with contextlib.suppress(OSError):
                 _send(self._conn, self._send_lock, ("close",))
             self._receiver.join(timeout=120)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=10)
-        self._conn.close()
+        self._end_child(self.process, self._conn)
 
 
 class AdapterInChild:
@@ -289,6 +320,11 @@ class _Outbox:
                 _send(self.conn, self.lock, message)
             except OSError:  # the parent is gone
                 return
+            except Exception as e:  # it did not pickle: the run must still end, and the others go on
+                log.exception("a message to the launch could not be sent: %.200r", message)
+                if message[0] in ("done", "saved"):
+                    with contextlib.suppress(OSError):
+                        _send(self.conn, self.lock, (*message[:2], RuntimeError(f"{type(e).__name__}: {e}")))
 
 
 class _JobEvents:
@@ -345,12 +381,12 @@ def serve(conn: Connection, spec: EngineSpec) -> None:
                 jobs[job_id] = job
                 engine.enqueue(job)
             elif message[0] == "save":
-                _, job_id, folder = message
+                _, request, job_id, folder = message
                 try:
                     adapters[job_id].save_pretrained(folder)
-                    outbox.put(("saved", job_id, None))
+                    outbox.put(("saved", request, None))
                 except Exception as e:
-                    outbox.put(("saved", job_id, _portable(e)))
+                    outbox.put(("saved", request, _portable(e)))
             elif message[0] == "release":
                 adapters.pop(message[1], None)
             elif message[0] == "stop":

@@ -521,3 +521,42 @@ def test_a_base_the_child_cannot_load_fails_the_engine_with_the_childs_reason(se
     model = dataclasses.replace(cfg.model, source=str(tmp_path / "missing"), random_init=False)
     with pytest.raises(Exception, match="missing"):
         EngineProcess(engine_spec(setup, slots=2, model=model))
+
+
+def test_a_job_stopped_while_it_waited_leaves_the_running_slots_alone(setup: Any) -> None:
+    """Its stop reaches it when a slot frees; it never takes one, and the run in the last slot keeps its adapter."""
+    cfg, base, data = setup
+    engine = SlotEngine(base, data, slots=2, r_max=8, start=False)
+    try:
+        short = engine.submit(trial(cfg, steps=1, **TRIALS[0]))
+        engine.submit(trial(cfg, steps=6, **TRIALS[1]))
+        waiting = engine.submit(trial(cfg, **TRIALS[2]))
+        engine.pending[-1].stop = ValueError("pruned while it waited")
+        engine.advance()  # both admitted; the short run ends after its one step
+        assert short.done() and list(engine.running) == [1]
+        used = [bool(layer.used[1]) for layer in engine.wrapped.values()]
+        engine.advance()  # the stopped job is taken out of line
+        with pytest.raises(ValueError, match="pruned while it waited"):
+            waiting.result(timeout=0)
+        assert [bool(layer.used[1]) for layer in engine.wrapped.values()] == used and any(used)
+    finally:
+        engine.close()
+
+
+def test_a_process_that_exits_without_closing_the_engine_ends_its_child(setup: Any, tmp_path: Any) -> None:
+    import pickle
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import ROOT
+
+    spec = tmp_path / "spec.pickle"
+    spec.write_bytes(pickle.dumps(engine_spec(setup, slots=2)))
+    script = ("import pickle, sys\nfrom objectives.engine_process import EngineProcess\n"
+              f"engine = EngineProcess(pickle.loads(open({str(spec)!r}, 'rb').read()))\n"
+              "print(engine.process.pid, flush=True)\n")  # and exits, the engine still open
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not psutil.pid_exists(int(done.stdout.split()[-1]))
