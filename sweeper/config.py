@@ -160,7 +160,8 @@ class LauncherConfig:
     """CPU cores per array task; the worker's intra-op threads. Tokenizing and the host's side of each step need
     a few; more only wait in the queue."""
     mem_gb: float = 32.0
-    """Host memory per array task, in GB: the base is read whole before it is quantized onto the GPU."""
+    """Host memory per array task, in GB: the base is read whole before it is quantized onto the GPU (twice, one
+    after the other, where a slot engine trains in a process of its own: ``workers.engine_process``)."""
     array_parallelism: int | None = None
     """Array tasks running at once; None: every worker at once."""
     additional_parameters: dict[str, Any] = field(default_factory=dict)

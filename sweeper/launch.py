@@ -23,6 +23,7 @@ from sweeper.budget import BudgetGuard, BudgetReached, fail_dead_trials, failed_
 from sweeper.config import SweepConfig
 from sweeper.objective import Runner
 from sweeper.progress import progress_bar
+from sweeper.quiet import quiet_third_party
 from sweeper.records import TrialRecord, record
 from sweeper.report import STATE_NAMES, trial_line
 from sweeper.slots import SlotPlan, plan_slots
@@ -89,20 +90,13 @@ class Resources:
             return EngineProcess(EngineSpec(
                 cfg.model, str(self.base.device), self.data, slots, plan.r_max, plan.checkpointing, plan.base_cache,
                 cfg.train.micro_batch_size, cfg.train.packing, cfg.train.fused_loss,
-                prepare=None if progress.VERBOSE else quiet_child))
+                prepare=None if progress.VERBOSE else quiet_third_party))
         from objectives.engine import SlotEngine
 
         self.base.use_checkpointing(plan.checkpointing)
         self.base.use_base_cache(plan.base_cache)
         return SlotEngine(self.base, self.data, slots, plan.r_max, eval_batch_size=cfg.train.micro_batch_size,
                           packing=cfg.train.packing, fused_loss=cfg.train.fused_loss)
-
-
-def quiet_child() -> None:
-    """The engine's process logs as quietly as the command that started it (see ``cli.quiet_third_party``)."""
-    from sweeper.cli import quiet_third_party
-
-    quiet_third_party()
 
 
 def engine_runner(engine: Any) -> Runner | None:
