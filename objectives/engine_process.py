@@ -1,10 +1,10 @@
 """A slot engine in a process of its own: its passes never wait for the trials' bookkeeping.
 
 In one process, every trial's Optuna and MLflow work (threads of Python) and the engine's kernel launches take
-turns at one interpreter lock; at 64 slots on an H200 the bookkeeping of the trials finishing every second cost
-the engine most of its turns (BENCHMARKS.md, benchmark 5). :class:`EngineProcess` starts the engine in a child
-process with the worker's base and data and runs each trial in it as :meth:`SlotEngine.run` would: the trial's
-hooks run in the caller's thread, from the events the child sends. A finished run's adapter stays in the child
+turns at one interpreter lock; at 64 slots on an H200 the engine in a process of its own ran 1.65x the trials per
+hour of the engine beside the bookkeeping (BENCHMARKS.md, benchmark 5). :class:`EngineProcess` starts the engine
+in a child process with the worker's base and data and runs each trial in it as :meth:`SlotEngine.run` would: the
+trial's hooks run in the caller's thread, from the events the child sends. A finished run's adapter stays in the child
 until its hook saves it (:class:`AdapterInChild`).
 
 The child ends when its parent does (its end of the pipe closes), whatever signal ended the parent; it ignores
@@ -154,10 +154,6 @@ class EngineProcess:
         if process.is_alive():
             process.kill()
             process.join(timeout=10)
-
-    @property
-    def slots(self) -> int:
-        return self.spec.slots
 
     def run(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> RunResult:
         """Run ``cfg`` in a slot of the child's engine and wait for it (see :meth:`SlotEngine.run`)."""
