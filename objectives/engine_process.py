@@ -26,7 +26,7 @@ import queue
 import signal
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -81,6 +81,15 @@ def _send(conn: Connection, lock: threading.Lock, message: tuple[Any, ...]) -> N
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     with lock:
         conn.send_bytes(data)
+
+
+def _received(conn: Connection) -> Iterator[tuple[Any, ...]]:
+    """The messages from the other side, until it closes its end."""
+    while True:
+        try:
+            yield pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -178,9 +187,9 @@ class EngineProcess:
             stopped = follow(events, hooks, lambda e: self._stop(conn, job_id))
             followed = True
         finally:
+            if not followed:  # interrupted while it waited: the run need not go on
+                self._stop(conn, job_id)
             with contextlib.suppress(OSError):
-                if not followed:  # interrupted while it waited: the run need not go on
-                    _send(conn, self._send_lock, ("stop", job_id))
                 _send(conn, self._send_lock, ("release", job_id))  # its adapter: the hooks are done with it
         outcome = self._outcomes.pop(job_id)
         if stopped is not None:
@@ -216,11 +225,7 @@ class EngineProcess:
 
     def _receive(self, conn: Connection, process: Any) -> None:
         try:
-            while True:
-                try:
-                    message = pickle.loads(conn.recv_bytes())
-                except (EOFError, OSError):
-                    break
+            for message in _received(conn):
                 try:
                     self._deliver(message)
                 except Exception:  # one bad message must not leave every run waiting
@@ -364,11 +369,7 @@ def serve(conn: Connection, spec: EngineSpec) -> None:
     jobs: dict[int, Job] = {}
     adapters: dict[int, Any] = {}
     try:
-        while True:
-            try:
-                message = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                break
+        for message in _received(conn):
             if message[0] == "run":
                 _, job_id, cfg = message
                 # Drawn here, not in the caller's process: tens of MB of draws cost more to pickle than to draw.
