@@ -70,14 +70,15 @@ PAIRED_SPACE = ["search_space=none", "study/sampler=grid", "study/pruner=none", 
 
 
 def methods_from(spec: str) -> list[Method]:
-    """``1,8,16,auto,w8,64t``: slots per worker (``1`` one at a time; ``Kt``: the engine in the launch's own process,
-    not in one of its own), ``wN`` N worker processes on one GPU."""
+    """``1,8,16,auto,w8,64t,w2x32``: slots per worker (``1`` one at a time; ``Kt``: the engine in the launch's own
+    process, not in one of its own), ``wN`` N worker processes on one GPU, ``wNxK`` N workers of K slots each."""
     out = []
     for item in spec.split(","):
         item = item.strip()
         if item.startswith("w"):
-            n = int(item[1:])
-            out.append(Method(f"{n} workers", [f"workers.count={n}", f"workers.per_gpu={n}", "workers.slots=1"]))
+            n, _, k = item[1:].partition("x")
+            label = f"{n} workers" + (f" of {k} slots" if k else "")
+            out.append(Method(label, [f"workers.count={n}", f"workers.per_gpu={n}", f"workers.slots={k or 1}"]))
         elif item == "1":
             out.append(Method("one at a time", ["workers.slots=1"]))
         elif item.endswith("t"):
@@ -147,7 +148,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = base_parser(__doc__ or "")
     p.add_argument("--shape", default="135m", choices=["135m", "1b", "8b"])
     p.add_argument("--weights", choices=["real", "random"], default="real")
-    p.add_argument("--methods", default="1,w8,8,16,32", help="1: one at a time; K: slots; wN: N workers")
+    p.add_argument("--methods", default="1,w8,8,16,32",
+                   help="1: one at a time; K: slots; wN: N workers; wNxK: N workers of K slots each")
     p.add_argument("--seconds", type=float, default=80.0, help="study.timeout_s of every method")
     p.add_argument("--paired", default="16", help="slots for the paired part ('' skips it)")
     p.add_argument("--paired-trials", type=int, default=16, help="16 covers the paired grid once")

@@ -24,7 +24,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,8 +166,10 @@ class SlotEngine:
 
     def __init__(self, base: ResidentBase, data: TokenizedSplits, slots: int, r_max: int,
                  eval_batch_size: int = 4, packing: bool = True, start: bool = True, fused_loss: Any = "auto",
-                 host_turns: bool | None = None) -> None:
-        """``fused_loss``: ``train.fused_loss`` for every pass. ``auto`` is off: one fused call per slot's rows made
+                 host_turns: bool | None = None, per_pass: Callable[[int, int], bool] | None = None) -> None:
+        """``per_pass``: whether a pass of (rows, width) trains with gradient checkpointing
+        (:class:`objectives.decisions.PassCheckpointing`); None keeps the base's setting for every pass.
+        ``fused_loss``: ``train.fused_loss`` for every pass. ``auto`` is off: one fused call per slot's rows made
         a 64-slot pass 1.6x slower on an H200 (BENCHMARKS.md, benchmark 5), and the slot count is already sized
         to fit with full logits. ``host_turns``: whether the engine takes turns at the interpreter with its runs'
         hooks (:mod:`objectives.host_turns`); None: on CUDA, where the engine launches kernels and waits for them.
@@ -184,6 +186,9 @@ class SlotEngine:
         self.capacity = slots
         self.r_max = r_max
         self.packing = packing
+        self.per_pass = per_pass
+        self.checkpointed = {False: 0, True: 0}
+        """Training passes without and with checkpointing, as ``per_pass`` decided them."""
         self.pad_id = base.tokenizer.pad_token_id
         self.ctx, self.wrapped = inject_slots(base.model, list(base.linear_names), slots, r_max, base.device,
                                              data.max_length)
@@ -258,6 +263,9 @@ class SlotEngine:
         self.pending.clear()
         self.running.clear()
         remove_slots(self.base.model, self.wrapped)
+        if self.per_pass is not None:
+            log.info("checkpointing per pass: %d of %d training passes with it", self.checkpointed[True],
+                     sum(self.checkpointed.values()))
 
     # --- the engine's thread ----------------------------------------------------------------------
 
@@ -372,6 +380,9 @@ class SlotEngine:
                      for slot, p in passes.items() if j < len(p)]
             batch, keys = merge_passes(parts, self.pad_id)
             labels = batch.pop("labels")
+            if self.per_pass is not None:
+                self.base.use_checkpointing(self.per_pass(*labels.shape))
+                self.checkpointed[self.base.checkpointing] += 1
             rows = self._row_slots(keys, labels.shape[0])
             self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
             try:

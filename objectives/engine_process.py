@@ -63,6 +63,8 @@ class EngineSpec:
     eval_batch_size: int
     packing: bool
     fused_loss: Any
+    per_pass: Callable[[int, int], bool] | None = None
+    """Checkpointing per pass (:class:`objectives.decisions.PassCheckpointing`; it crosses pickled)."""
     prepare: Callable[[], None] | None = None
     """Run first in the child (a module-level function: it crosses by name), e.g. the caller's log filters."""
 
@@ -74,7 +76,8 @@ class EngineSpec:
         base.use_base_cache(self.base_cache)
         # No bookkeeping shares this process: the engine need not take turns with it.
         return SlotEngine(base, self.data, self.slots, self.r_max, eval_batch_size=self.eval_batch_size,
-                          packing=self.packing, fused_loss=self.fused_loss, host_turns=False)
+                          packing=self.packing, fused_loss=self.fused_loss, host_turns=False,
+                          per_pass=self.per_pass)
 
 
 def _send(conn: Connection, lock: threading.Lock, message: tuple[Any, ...]) -> None:

@@ -89,14 +89,14 @@ class Resources:
             self.base.unload()
             return EngineProcess(EngineSpec(
                 cfg.model, str(self.base.device), self.data, slots, plan.r_max, plan.checkpointing, plan.base_cache,
-                cfg.train.micro_batch_size, cfg.train.packing, cfg.train.fused_loss,
+                cfg.train.micro_batch_size, cfg.train.packing, cfg.train.fused_loss, plan.per_pass,
                 prepare=None if progress.VERBOSE else quiet_third_party))
         from objectives.engine import SlotEngine
 
         self.base.use_checkpointing(plan.checkpointing)
         self.base.use_base_cache(plan.base_cache)
         return SlotEngine(self.base, self.data, slots, plan.r_max, eval_batch_size=cfg.train.micro_batch_size,
-                          packing=cfg.train.packing, fused_loss=cfg.train.fused_loss)
+                          packing=cfg.train.packing, fused_loss=cfg.train.fused_loss, per_pass=plan.per_pass)
 
 
 def engine_runner(engine: Any) -> Runner | None:

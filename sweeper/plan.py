@@ -26,7 +26,7 @@ from objectives.shape import ModelShape, TrialSettings, gib
 from objectives.sources import load_model_config
 from objectives.timing import CPU_FLOPS_PER_CORE, UTILIZATION, Device, detect_device, trial_seconds
 from sweeper.config import SweepConfig, to_container, to_schema
-from sweeper.slots import plan_slots
+from sweeper.slots import SlotPlan, plan_slots
 
 if TYPE_CHECKING:
     from sweeper.space import Param
@@ -218,7 +218,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     slots = plan_slots(cfg, params, device.kind, model_config, budget)
     lines.append(f"trials per pass (workers.slots={cfg.workers.slots}): {slots.slots} ({slots.reason})"
                  + (f"; each slot rank {slots.r_max} on every linear layer, checkpointing "
-                    f"{'on' if slots.checkpointing else 'off'}, base cache {'on' if slots.base_cache else 'off'}, "
+                    f"{_slot_checkpointing(slots)}, base cache {'on' if slots.base_cache else 'off'}, "
                     f"loss from {'the fused head' if cfg.train.fused_loss is True else 'full logits'}, "
                     f"engine in {'a process of its own' if slots.own_process else 'the worker process'}, "
                     "predicted peak "
@@ -264,3 +264,9 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
                      + (f": #{', #'.join(bad)}" if bad else ""))
     return "\n".join(lines)
 
+
+
+def _slot_checkpointing(plan: SlotPlan) -> str:
+    if not plan.checkpointing:
+        return "off"
+    return "per pass (off for a pass whose rows fit without it)" if plan.per_pass else "on"

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from objectives.decisions import slots_base_cache, slots_that_fit
+from objectives.decisions import PassCheckpointing, slots_base_cache, slots_that_fit
 from sweeper.config import SweepConfig
 from sweeper.space import Param
 
@@ -31,6 +31,9 @@ class SlotPlan:
     at a time decides it per trial instead."""
     own_process: bool = False
     """Whether the engine trains in a process of its own (``workers.engine_process``)."""
+    per_pass: PassCheckpointing | None = None
+    """With ``model.gradient_checkpointing: auto`` where the worst case needs checkpointing: the rule that turns
+    it off for each pass whose real rows fit without it."""
 
 
 def engine_in_own_process(cfg: SweepConfig, device_kind: str) -> bool:
@@ -68,11 +71,15 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     own_process = engine_in_own_process(cfg, device_kind)
     fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes, r_max, cap, linear_names)
     if requested == "auto":
-        cache = slots_base_cache(cfg, model_config, memory_bytes, fitting, r_max, needs_checkpointing, linear_names)
-        return SlotPlan(fitting, r_max, needs_checkpointing,
-                        f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})", cache,
-                        own_process)
-    if checkpointing == "auto":
-        checkpointing = needs_checkpointing if fitting >= cap else True
-    cache = slots_base_cache(cfg, model_config, memory_bytes, cap, r_max, bool(checkpointing), linear_names)
-    return SlotPlan(cap, r_max, bool(checkpointing), f"workers.slots={cap}", cache, own_process)
+        slots, reason = fitting, f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})"
+        checkpointing = needs_checkpointing
+    else:
+        slots, reason = cap, f"workers.slots={cap}"
+        if checkpointing == "auto":
+            checkpointing = needs_checkpointing if fitting >= cap else True
+    cache = slots_base_cache(cfg, model_config, memory_bytes, slots, r_max, bool(checkpointing), linear_names)
+    per_pass = None
+    if checkpointing and cfg.model.gradient_checkpointing == "auto":
+        per_pass = PassCheckpointing(cfg, model_config, memory_bytes, slots, r_max, cache,
+                                     None if linear_names is None else tuple(linear_names))
+    return SlotPlan(slots, r_max, bool(checkpointing), reason, cache, own_process, per_pass)

@@ -301,6 +301,36 @@ def test_slots_on_the_base_cache_train_exactly_as_on_the_4bit_layers(setup: Any)
         assert all(torch.equal(adapter[k], ref_adapter[k]) for k in ref_adapter)
 
 
+def test_checkpointing_switched_per_pass_trains_as_without_it(setup: Any) -> None:
+    """``PassCheckpointing`` turns checkpointing on and off between passes: recomputation redraws the same
+    dropout masks, so the runs train the same as with it off throughout."""
+    cfg, base, data = setup
+    configs = [trial(cfg, **t) for t in TRIALS[:2]]
+    asked: list[tuple[int, int]] = []
+
+    def every_other_pass(rows: int, width: int) -> bool:
+        asked.append((rows, width))
+        return len(asked) % 2 == 1
+
+    runs = []
+    try:
+        for per_pass in (None, every_other_pass):
+            engine = SlotEngine(base, data, slots=2, r_max=8, per_pass=per_pass)
+            try:
+                hooks, results = train_together(engine, configs)
+            finally:
+                engine.close()
+            runs.append([([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
+                         for h, r in zip(hooks, results, strict=True)])
+    finally:
+        base.use_checkpointing(False)
+    assert len(asked) == 3 and all(rows % 2 == 0 and width <= data.max_length for rows, width in asked)
+    for (losses, eval_loss, adapter), (ref_losses, ref_eval, ref_adapter) in zip(*runs, strict=True):
+        assert losses == pytest.approx(ref_losses, rel=1e-6) and eval_loss == pytest.approx(ref_eval, rel=1e-6)
+        for k in ref_adapter:
+            torch.testing.assert_close(adapter[k], ref_adapter[k], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.usefixtures("reference_fused_loss")  # the engine's per-run sums
 def test_fused_loss_passes_give_each_run_its_own_loss(setup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from objectives import loss

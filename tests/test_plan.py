@@ -224,3 +224,25 @@ def test_the_plan_shows_the_base_cache_and_the_loss(tiny: tuple[SweepConfig, lis
                  device=gpu)
     assert re.search(r"trials per pass \(workers.slots=8\): 8 .*checkpointing off, base cache on, "
                      r"loss from full logits, engine in a process of its own, predicted", slots)
+
+
+def test_checkpointing_auto_in_slots_is_decided_per_pass_where_the_worst_case_needs_it(
+        tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    from objectives.decisions import slots_memory_bytes
+    from objectives.timing import Device
+    from sweeper.slots import plan_slots
+
+    cfg, params, config = tiny
+    cfg = replace(cfg, workers=replace(cfg.workers, slots=8))
+    r_max, longest = 64, cfg.data.max_length
+    with_it, without = (slots_memory_bytes(cfg, config, 8, r_max, on) for on in (True, False))
+    memory = (with_it + without) // 2  # the worst case fits with checkpointing only
+    decided = plan_slots(cfg, params, "cuda", config, memory)
+    assert decided.checkpointing and decided.per_pass is not None and decided.r_max == r_max
+    assert decided.per_pass(8 * cfg.train.micro_batch_size, longest)  # every slot's rows at full length
+    assert not decided.per_pass(8, longest // 4)  # short examples packed into one row per slot
+    forced = replace(cfg, model=replace(cfg.model, gradient_checkpointing=True))
+    assert plan_slots(forced, params, "cuda", config, memory).per_pass is None
+    gpu = Device("cuda", "H100-class GPU", 989e12, 67e12)
+    assert "checkpointing per pass (off for a pass whose rows fit without it)" in plan(
+        cfg, params, memory, model_config=config, device=gpu)
