@@ -104,6 +104,26 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+class Prestarted:
+    """A child started early: it imports torch and the model libraries (the larger part of its start-up) while
+    the caller loads its own base and data, then builds the engine from the :class:`EngineSpec` that
+    :class:`EngineProcess` sends it. Closing it unused ends the child."""
+
+    def __init__(self, prepare: Callable[[], None] | None = None) -> None:
+        context = multiprocessing.get_context("spawn")  # a CUDA context does not survive a fork
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=serve_when_told, args=(child_end, prepare), name="slot-engine",
+                                       daemon=True)
+        self.process.start()
+        child_end.close()
+        # Registered after multiprocessing's own exit handler, so it runs first: that handler joins daemon
+        # children after a SIGTERM, which this one ignores, and would wait for ever.
+        atexit.register(EngineProcess._end_child, self.process, self.conn)
+
+    def close(self) -> None:
+        EngineProcess._end_child(self.process, self.conn)
+
+
 class EngineProcess:
     """The caller's side: :meth:`run` and :meth:`close` as :class:`SlotEngine` has them, the engine in a child.
 
@@ -114,13 +134,14 @@ class EngineProcess:
         >>> engine.close()  # doctest: +SKIP
     """
 
-    def __init__(self, spec: EngineSpec) -> None:
-        """Start the child and wait until its engine is built.
+    def __init__(self, spec: EngineSpec, prestarted: Prestarted | None = None) -> None:
+        """Start the child (or hand ``prestarted`` the spec) and wait until its engine is built.
 
         Raises:
             RuntimeError: the child could not build the engine (the reason is the child's), or it died doing so.
         """
         self.spec = spec
+        self._prestarted = prestarted
         self.restarts = 0
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -132,15 +153,14 @@ class EngineProcess:
         self._start()
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")  # a CUDA context does not survive a fork
-        self._conn, child_end = context.Pipe()
-        self.process = context.Process(target=serve, args=(child_end, self.spec), name="slot-engine", daemon=True)
-        self.process.start()
-        child_end.close()
-        # Registered after multiprocessing's own exit handler, so it runs first: that handler joins daemon
-        # children after a SIGTERM, which this one ignores, and would wait for ever.
-        atexit.register(self._end_child, self.process, self._conn)
+        prestarted, self._prestarted = self._prestarted, None
+        if prestarted is None or not prestarted.process.is_alive():
+            if prestarted is not None:
+                prestarted.close()
+            prestarted = Prestarted(self.spec.prepare)
+        self.process, self._conn = prestarted.process, prestarted.conn
         try:
+            _send(self._conn, self._send_lock, ("spec", self.spec))
             while not self._conn.poll(1.0):
                 if not self.process.is_alive():
                     raise EOFError
@@ -354,13 +374,26 @@ class _JobEvents:
         self.outbox.put(("done", self.job_id, _portable(error) if error is not None else job.future.result()))
 
 
-def serve(conn: Connection, spec: EngineSpec) -> None:
-    """The child: build the engine, run what the parent sends until it closes the pipe or says close."""
+def serve_when_told(conn: Connection, prepare: Callable[[], None] | None) -> None:
+    """The child: import what the engine needs, then wait for the parent's :class:`EngineSpec` and :func:`serve`
+    it; exit if the pipe closes first."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the parent decides when the engine stops
         signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s (engine process): %(message)s")
-    if spec.prepare is not None:
-        spec.prepare()
+    if prepare is not None:
+        prepare()
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    message = next(_received(conn), None)
+    if message is not None and message[0] == "spec":
+        serve(conn, message[1])
+    os._exit(0)
+
+
+def serve(conn: Connection, spec: EngineSpec) -> None:
+    """Build the engine, run what the parent sends until it closes the pipe or says close."""
     lock = threading.Lock()
     try:
         engine = spec.build()

@@ -26,7 +26,7 @@ from sweeper.progress import progress_bar
 from sweeper.quiet import quiet_third_party
 from sweeper.records import TrialRecord, record
 from sweeper.report import STATE_NAMES, trial_line
-from sweeper.slots import SlotPlan, plan_slots
+from sweeper.slots import SlotPlan, engine_in_own_process, plan_slots
 from sweeper.space import Param
 from sweeper.study import (
     FINISHED,
@@ -76,27 +76,49 @@ class Resources:
         memory = cfg.workers.memory_share(device_memory_bytes(self.base.device))
         return plan_slots(cfg, params, self.base.device.type, self.base.config, memory, self.base.linear_names)
 
-    def engine(self, cfg: SweepConfig, plan: SlotPlan, slots: int | None = None, own_process: bool = True) -> Any:
+    def engine(self, cfg: SweepConfig, plan: SlotPlan, slots: int | None = None, own_process: bool = True,
+               prestarted: Any = None) -> Any:
         """A slot engine on this base for the plan (None for one trial at a time on peft's adapter): in a process
         of its own where ``workers.engine_process`` says so (and ``own_process`` allows it: a single run has no
-        bookkeeping to get away from), and this process then lets go of its base's weights."""
+        bookkeeping to get away from), and this process then lets go of its base's weights. ``prestarted``
+        (:func:`prestart_engine`) becomes that process, or is closed."""
+        in_process = own_process and plan.own_process and (slots is not None or plan.slots > 1)
+        if prestarted is not None and not in_process:
+            prestarted.close()
         if plan.slots == 1 and slots is None:
             return None
         slots = slots or plan.slots
-        if own_process and plan.own_process:
+        if in_process:
             from objectives.engine_process import EngineProcess, EngineSpec
 
             self.base.unload()
             return EngineProcess(EngineSpec(
                 cfg.model, str(self.base.device), self.data, slots, plan.r_max, plan.checkpointing, plan.base_cache,
                 cfg.train.micro_batch_size, cfg.train.packing, cfg.train.fused_loss, plan.per_pass,
-                prepare=None if progress.VERBOSE else quiet_third_party))
+                prepare=_engine_prepare()), prestarted)
         from objectives.engine import SlotEngine
 
         self.base.use_checkpointing(plan.checkpointing)
         self.base.use_base_cache(plan.base_cache)
         return SlotEngine(self.base, self.data, slots, plan.r_max, eval_batch_size=cfg.train.micro_batch_size,
                           packing=cfg.train.packing, fused_loss=cfg.train.fused_loss, per_pass=plan.per_pass)
+
+
+def _engine_prepare() -> Any:
+    return None if progress.VERBOSE else quiet_third_party
+
+
+def prestart_engine(cfg: SweepConfig) -> Any:
+    """The engine's process started now where this worker will likely train in slots with the engine in a process
+    of its own (:class:`objectives.engine_process.Prestarted`): its imports then overlap this process's loading of
+    the base and the data. None otherwise."""
+    from objectives.base import pick_device
+
+    if cfg.workers.slots == 1 or not engine_in_own_process(cfg, pick_device(cfg.train.device).type):
+        return None
+    from objectives.engine_process import Prestarted
+
+    return Prestarted(_engine_prepare())
 
 
 def engine_runner(engine: Any) -> Runner | None:
@@ -201,11 +223,17 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     if done >= cfg.study.n_trials:
         print(f"study {cfg.study.name!r} already has {done} finished trials (budget {cfg.study.n_trials})")
         return study, False
-    resources = Resources.load(cfg)  # bad data or device settings fail here, before the parent run exists
-    plan = resources.slot_plan(cfg, params)
-    log.info("%d trial(s) per pass: %s", plan.slots, plan.reason)
-    parent_id = parent_run(tracker, study, cfg, params)
-    engine = resources.engine(cfg, plan)
+    prestarted = prestart_engine(cfg)
+    try:
+        resources = Resources.load(cfg)  # bad data or device settings fail here, before the parent run exists
+        plan = resources.slot_plan(cfg, params)
+        log.info("%d trial(s) per pass: %s", plan.slots, plan.reason)
+        parent_id = parent_run(tracker, study, cfg, params)
+        engine = resources.engine(cfg, plan, prestarted=prestarted)
+    except BaseException:
+        if prestarted is not None:
+            prestarted.close()
+        raise
     objective = GuardedObjective(
         QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id,
                        show_progress and plan.slots == 1, runner=engine_runner(engine)),

@@ -485,13 +485,19 @@ def run_in_threads(engine: Any, configs: list[RecipeConfig],
 
 def test_runs_in_the_engines_own_process_match_each_run_alone(setup: Any) -> None:
     """The same runs as the in-thread engine's parity test, each from a thread of its own (as a sweep's trials):
-    the hooks come back from the child in order, and the adapter crosses intact."""
-    from objectives.engine_process import EngineProcess
+    the hooks come back from the child in order, and the adapter crosses intact. The child was started before
+    the spec existed, as a launch starts it; one closed unused ends."""
+    from objectives.engine_process import EngineProcess, Prestarted
 
     cfg, _, _ = setup
+    unused = Prestarted()
+    unused.close()
+    assert not unused.process.is_alive()
     configs = [trial(cfg, **t) for t in TRIALS]
+    child = Prestarted()
     alone = [run_alone(setup, c) for c in configs]
-    engine = EngineProcess(engine_spec(setup, slots=3))
+    engine = EngineProcess(engine_spec(setup, slots=3), child)
+    assert engine.process is child.process
     try:
         hooks = [Recorder() for _ in configs]
         results = run_in_threads(engine, configs, hooks)
