@@ -68,10 +68,15 @@ class EngineSpec:
     prepare: Callable[[], None] | None = None
     """Run first in the child (a module-level function: it crosses by name), e.g. the caller's log filters."""
 
-    def build(self) -> SlotEngine:
+    def build(self, loaded: Any = None) -> SlotEngine:
+        """The engine on ``loaded`` (a base the child loaded for this model before the spec came, or the error
+        that loading it raised) or on a base loaded now."""
         from objectives.base import ResidentBase
 
-        base = ResidentBase(self.model, torch.device(self.device))
+        if isinstance(loaded, BaseException):
+            raise loaded
+        matches = loaded is not None and loaded.cfg == self.model and str(loaded.device) == self.device
+        base = loaded if matches else ResidentBase(self.model, torch.device(self.device))
         base.use_checkpointing(self.checkpointing)
         base.use_base_cache(self.base_cache)
         # No bookkeeping shares this process: the engine need not take turns with it.
@@ -105,15 +110,16 @@ def _portable(error: BaseException) -> BaseException:
 
 
 class Prestarted:
-    """A child started early: it imports torch and the model libraries (the larger part of its start-up) while
-    the caller loads its own base and data, then builds the engine from the :class:`EngineSpec` that
-    :class:`EngineProcess` sends it. Closing it unused ends the child."""
+    """A child started early: it imports torch and the model libraries and, given ``model``, loads that base on
+    ``device`` (the larger part of its start-up) while the caller loads its own base and data; then it builds the
+    engine from the :class:`EngineSpec` that :class:`EngineProcess` sends it. Closing it unused ends the child."""
 
-    def __init__(self, prepare: Callable[[], None] | None = None) -> None:
+    def __init__(self, prepare: Callable[[], None] | None = None, model: ModelConfig | None = None,
+                 device: str | None = None) -> None:
         context = multiprocessing.get_context("spawn")  # a CUDA context does not survive a fork
         self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=serve_when_told, args=(child_end, prepare), name="slot-engine",
-                                       daemon=True)
+        self.process = context.Process(target=serve_when_told, args=(child_end, prepare, model, device),
+                                       name="slot-engine", daemon=True)
         self.process.start()
         child_end.close()
         # Registered after multiprocessing's own exit handler, so it runs first: that handler joins daemon
@@ -374,9 +380,10 @@ class _JobEvents:
         self.outbox.put(("done", self.job_id, _portable(error) if error is not None else job.future.result()))
 
 
-def serve_when_told(conn: Connection, prepare: Callable[[], None] | None) -> None:
-    """The child: import what the engine needs, then wait for the parent's :class:`EngineSpec` and :func:`serve`
-    it; exit if the pipe closes first."""
+def serve_when_told(conn: Connection, prepare: Callable[[], None] | None, model: ModelConfig | None,
+                    device: str | None) -> None:
+    """The child: import what the engine needs and load the base it is told of, then wait for the parent's
+    :class:`EngineSpec` and :func:`serve` it; exit if the pipe closes first."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the parent decides when the engine stops
         signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s (engine process): %(message)s")
@@ -386,17 +393,26 @@ def serve_when_told(conn: Connection, prepare: Callable[[], None] | None) -> Non
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
+    loaded: Any = None
+    if model is not None and device is not None:
+        from objectives.base import ResidentBase
+
+        try:
+            loaded = ResidentBase(model, torch.device(device))
+        except BaseException as e:  # the spec's build reports it
+            loaded = e
     message = next(_received(conn), None)
     if message is not None and message[0] == "spec":
-        serve(conn, message[1])
+        serve(conn, message[1], loaded)
     os._exit(0)
 
 
-def serve(conn: Connection, spec: EngineSpec) -> None:
-    """Build the engine, run what the parent sends until it closes the pipe or says close."""
+def serve(conn: Connection, spec: EngineSpec, loaded: Any = None) -> None:
+    """Build the engine (on ``loaded``, see :meth:`EngineSpec.build`), run what the parent sends until it closes
+    the pipe or says close."""
     lock = threading.Lock()
     try:
-        engine = spec.build()
+        engine = spec.build(loaded)
     except BaseException as e:
         _send(conn, lock, ("failed", _portable(e)))
         return

@@ -110,15 +110,16 @@ def _engine_prepare() -> Any:
 
 def prestart_engine(cfg: SweepConfig) -> Any:
     """The engine's process started now where this worker will likely train in slots with the engine in a process
-    of its own (:class:`objectives.engine_process.Prestarted`): its imports then overlap this process's loading of
-    the base and the data. None otherwise."""
+    of its own (:class:`objectives.engine_process.Prestarted`): its imports and its loading of the base then overlap
+    this process's loading of the base and the data. None otherwise."""
     from objectives.base import pick_device
 
-    if cfg.workers.slots == 1 or not engine_in_own_process(cfg, pick_device(cfg.train.device).type):
+    device = pick_device(cfg.train.device)
+    if cfg.workers.slots == 1 or not engine_in_own_process(cfg, device.type):
         return None
     from objectives.engine_process import Prestarted
 
-    return Prestarted(_engine_prepare())
+    return Prestarted(_engine_prepare(), cfg.model, str(device))
 
 
 def engine_runner(engine: Any) -> Runner | None:

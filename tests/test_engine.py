@@ -485,8 +485,8 @@ def run_in_threads(engine: Any, configs: list[RecipeConfig],
 
 def test_runs_in_the_engines_own_process_match_each_run_alone(setup: Any) -> None:
     """The same runs as the in-thread engine's parity test, each from a thread of its own (as a sweep's trials):
-    the hooks come back from the child in order, and the adapter crosses intact. The child was started before
-    the spec existed, as a launch starts it; one closed unused ends."""
+    the hooks come back from the child in order, and the adapter crosses intact. The child was started, and loaded
+    the base, before the spec existed, as a launch starts it; one closed unused ends."""
     from objectives.engine_process import EngineProcess, Prestarted
 
     cfg, _, _ = setup
@@ -494,7 +494,7 @@ def test_runs_in_the_engines_own_process_match_each_run_alone(setup: Any) -> Non
     unused.close()
     assert not unused.process.is_alive()
     configs = [trial(cfg, **t) for t in TRIALS]
-    child = Prestarted()
+    child = Prestarted(model=cfg.model, device="cpu")  # it loads the base while the runs alone train
     alone = [run_alone(setup, c) for c in configs]
     engine = EngineProcess(engine_spec(setup, slots=3), child)
     assert engine.process is child.process
