@@ -5,7 +5,8 @@ turns at one interpreter lock; at 64 slots on an H200 the engine in a process of
 hour of the engine beside the bookkeeping (BENCHMARKS.md, benchmark 5). :class:`EngineProcess` starts the engine
 in a child process with the worker's base and data and runs each trial in it as :meth:`SlotEngine.run` would: the
 trial's hooks run in the caller's thread, from the events the child sends. A finished run's adapter stays in the child
-until its hook saves it (:class:`AdapterInChild`).
+until its hook saves it (:class:`AdapterInChild`). A launch starts the child before it loads its own base and data
+(:class:`Prestarted`), so the child's imports and its loading of the base overlap the launch's.
 
 The child ends when its parent does (its end of the pipe closes), whatever signal ended the parent; it ignores
 the terminal's interrupt and a scheduler's SIGTERM, which reach the whole process group: the parent stops its
