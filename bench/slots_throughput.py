@@ -76,9 +76,11 @@ def methods_from(spec: str) -> list[Method]:
     for item in spec.split(","):
         item = item.strip()
         if item.startswith("w"):
-            n, _, k = item[1:].partition("x")
-            label = f"{n} workers" + (f" of {k} slots" if k else "")
-            out.append(Method(label, [f"workers.count={n}", f"workers.per_gpu={n}", f"workers.slots={k or 1}"]))
+            n, x, k = item[1:].partition("x")
+            workers, slots = int(n), int(k) if x else 1
+            label = f"{workers} workers" + (f" of {slots} slots" if x else "")
+            out.append(Method(label, [f"workers.count={workers}", f"workers.per_gpu={workers}",
+                                      f"workers.slots={slots}"]))
         elif item == "1":
             out.append(Method("one at a time", ["workers.slots=1"]))
         elif item.endswith("t"):

@@ -25,7 +25,7 @@ def fits(cfg: Recipe, model_config: Any, device_memory_bytes: int,
     return total <= device_memory_bytes, total
 
 
-def with_checkpointing(cfg: Recipe, on: bool) -> Recipe:
+def with_checkpointing(cfg: Recipe, on: bool | str) -> Recipe:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=on))
 
 
@@ -170,7 +170,7 @@ def slots_base_cache(cfg: RecipeConfig, model_config: Any, memory_bytes: int, sl
     return need <= memory_bytes
 
 
-@dataclass
+@dataclass(eq=False)
 class PassCheckpointing:
     """Gradient checkpointing decided per training pass of a slot engine (``model.gradient_checkpointing: auto``
     where the worst case needs it): off for a pass whose real rows are predicted to fit without it.

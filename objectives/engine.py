@@ -108,7 +108,8 @@ class EngineShape:
 
     r_max: int
     in_features: dict[str, int]
-    checkpointing: bool
+    checkpointing: bool | str
+    """On, off, or ``auto`` where the engine decides it per pass (a run records that)."""
     base_cache: bool
     fused_loss: bool
 
@@ -193,7 +194,8 @@ class SlotEngine:
         self.ctx, self.wrapped = inject_slots(base.model, list(base.linear_names), slots, r_max, base.device,
                                              data.max_length)
         self.shape = EngineShape(r_max, {name: layer.in_features for name, layer in self.wrapped.items()},
-                                 base.checkpointing, base.base_cache, self.fused_loss)
+                                 base.checkpointing if per_pass is None else "auto", base.base_cache,
+                                 self.fused_loss)
         params = [p for layer in self.wrapped.values() for p in (layer.lora_A, layer.lora_B)]
         self.optimizer = SlotOptimizer(params, slots)
         self.staging = Staging()
@@ -263,9 +265,6 @@ class SlotEngine:
         self.pending.clear()
         self.running.clear()
         remove_slots(self.base.model, self.wrapped)
-        if self.per_pass is not None:
-            log.info("checkpointing per pass: %d of %d training passes with it", self.checkpointed[True],
-                     sum(self.checkpointed.values()))
 
     # --- the engine's thread ----------------------------------------------------------------------
 
@@ -499,9 +498,10 @@ class SlotEngine:
             job.events.put(None)
 
     def _fail_step(self, error: Exception) -> None:
-        """A step failed for every running run. Out of memory: half the slots, then (one slot left) half the
-        micro-batch with twice the accumulation, up to each run's ``train.oom_retries``; the runs start over,
-        those beyond the new capacity first in line. Anything else fails them all."""
+        """A step failed for every running run. Out of memory: checkpointing for every pass where ``per_pass``
+        had turned it off, else half the slots, then (one slot left) half the micro-batch with twice the
+        accumulation, up to each run's ``train.oom_retries``; the runs start over, those beyond the new capacity
+        first in line. Anything else fails them all."""
         for p in self.optimizer.params:
             p.grad = None
         if not is_out_of_memory(error):
@@ -509,15 +509,22 @@ class SlotEngine:
                 self._finish(slot, error=error)
             return
         free_accelerator_memory(self.base.device)
-        halve_slots = self.capacity > 1
-        if halve_slots:
+        # A pass the memory model let go without checkpointing comes first: checkpoint every pass, same slots.
+        checkpoint_all = self.per_pass is not None and not self.base.checkpointing
+        halve_slots = not checkpoint_all and self.capacity > 1
+        if checkpoint_all:
+            self.per_pass = None
+            self.base.use_checkpointing(True)
+            log.warning("out of memory in a pass without checkpointing; every pass checkpoints from now on")
+        elif halve_slots:
             self.capacity //= 2
             log.warning("out of memory with %d runs per pass; continuing with %d", len(self.running), self.capacity)
+        halve_batch = not (checkpoint_all or halve_slots)
         restart = []
         for slot in sorted(self.running):
             job = self.running[slot].job
-            smaller = None if halve_slots else halve_micro_batch(job.cfg.train)
-            if not halve_slots and (smaller is None or job.attempts >= job.cfg.train.oom_retries):
+            smaller = halve_micro_batch(job.cfg.train) if halve_batch else None
+            if halve_batch and (smaller is None or job.attempts >= job.cfg.train.oom_retries):
                 self._finish(slot, error=TrialOutOfMemory(
                     f"out of memory at one run per pass, micro_batch_size={job.cfg.train.micro_batch_size}, "
                     f"grad_accum={job.cfg.train.grad_accum} after {job.attempts} retries"))
@@ -525,6 +532,8 @@ class SlotEngine:
             self._send_steps(self.running.pop(slot))
             job.attempts += 1
             changes: dict[str, Any] = {"slots": self.capacity}
+            if checkpoint_all:
+                changes = {"gradient_checkpointing": True}
             if smaller is not None:
                 job.cfg = dataclasses.replace(job.cfg, train=smaller)
                 changes = {"micro_batch_size": smaller.micro_batch_size, "grad_accum": smaller.grad_accum}

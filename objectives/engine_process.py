@@ -44,6 +44,8 @@ from objectives.objective import RunHooks, RunResult
 log = logging.getLogger(__name__)
 RESTARTS = 2
 """How often a worker starts a fresh engine process after one died, before its runs fail at once."""
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+"""The terminal's interrupt and a scheduler's stop, which reach the whole process group."""
 
 
 class EngineProcessDied(RuntimeError):
@@ -67,17 +69,15 @@ class EngineSpec:
     per_pass: Callable[[int, int], bool] | None = None
     """Checkpointing per pass (:class:`objectives.decisions.PassCheckpointing`; it crosses pickled)."""
     prepare: Callable[[], None] | None = None
-    """Run first in the child (a module-level function: it crosses by name), e.g. the caller's log filters."""
+    """Run first in a child that :class:`EngineProcess` starts (a module-level function: it crosses by name), e.g.
+    the caller's log filters; a :class:`Prestarted` child was given its own."""
 
     def build(self, loaded: Any = None) -> SlotEngine:
-        """The engine on ``loaded`` (a base the child loaded for this model before the spec came, or the error
-        that loading it raised) or on a base loaded now."""
+        """The engine on ``loaded`` (this spec's base, loaded by the child before the spec came) or on a base
+        loaded now."""
         from objectives.base import ResidentBase
 
-        if isinstance(loaded, BaseException):
-            raise loaded
-        matches = loaded is not None and loaded.cfg == self.model and str(loaded.device) == self.device
-        base = loaded if matches else ResidentBase(self.model, torch.device(self.device))
+        base = loaded if loaded is not None else ResidentBase(self.model, torch.device(self.device))
         base.use_checkpointing(self.checkpointing)
         base.use_base_cache(self.base_cache)
         # No bookkeeping shares this process: the engine need not take turns with it.
@@ -121,14 +121,23 @@ class Prestarted:
         self.conn, child_end = context.Pipe()
         self.process = context.Process(target=serve_when_told, args=(child_end, prepare, model, device),
                                        name="slot-engine", daemon=True)
-        self.process.start()
+        # Born with the terminal's and a scheduler's signals blocked (the mask survives exec), so an interrupt
+        # during its start-up does not end it with a traceback; it ignores them, then unblocks.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_end.close()
         # Registered after multiprocessing's own exit handler, so it runs first: that handler joins daemon
         # children after a SIGTERM, which this one ignores, and would wait for ever.
         atexit.register(EngineProcess._end_child, self.process, self.conn)
 
     def close(self) -> None:
-        EngineProcess._end_child(self.process, self.conn)
+        """End a child that was never handed a spec: it holds nothing that needs a clean exit."""
+        self.conn.close()
+        self.process.kill()
+        self.process.join(timeout=10)
 
 
 class EngineProcess:
@@ -168,6 +177,12 @@ class EngineProcess:
         self.process, self._conn = prestarted.process, prestarted.conn
         try:
             _send(self._conn, self._send_lock, ("spec", self.spec))
+        except OSError:
+            pass  # the child is gone: the wait below says so
+        except BaseException:  # the spec did not pickle
+            prestarted.close()
+            raise
+        try:
             while not self._conn.poll(1.0):
                 if not self.process.is_alive():
                     raise EOFError
@@ -385,8 +400,9 @@ def serve_when_told(conn: Connection, prepare: Callable[[], None] | None, model:
                     device: str | None) -> None:
     """The child: import what the engine needs and load the base it is told of, then wait for the parent's
     :class:`EngineSpec` and :func:`serve` it; exit if the pipe closes first."""
-    for signum in (signal.SIGINT, signal.SIGTERM):  # the parent decides when the engine stops
+    for signum in STOP_SIGNALS:  # the parent decides when the engine stops
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s (engine process): %(message)s")
     if prepare is not None:
         prepare()
@@ -398,13 +414,22 @@ def serve_when_told(conn: Connection, prepare: Callable[[], None] | None, model:
     if model is not None and device is not None:
         from objectives.base import ResidentBase
 
-        try:
+        # If this fails (the parent's base may hold the memory now), the spec's build loads it again and reports.
+        with contextlib.suppress(Exception):
             loaded = ResidentBase(model, torch.device(device))
-        except BaseException as e:  # the spec's build reports it
-            loaded = e
-    message = next(_received(conn), None)
+    try:
+        message = next(_received(conn), None)
+    except Exception as e:  # the spec did not unpickle here
+        _send(conn, threading.Lock(), ("failed", _portable(e)))
+        os._exit(1)
     if message is not None and message[0] == "spec":
-        serve(conn, message[1], loaded)
+        spec = message[1]
+        if loaded is not None and (loaded.cfg != spec.model or str(loaded.device) != spec.device):
+            from objectives.base import free_accelerator_memory
+
+            loaded = None  # another model: let it go before the spec's loads
+            free_accelerator_memory(torch.device(spec.device))
+        serve(conn, spec, loaded)
     os._exit(0)
 
 

@@ -26,7 +26,7 @@ from sweeper.progress import progress_bar
 from sweeper.quiet import quiet_third_party
 from sweeper.records import TrialRecord, record
 from sweeper.report import STATE_NAMES, trial_line
-from sweeper.slots import SlotPlan, engine_in_own_process, plan_slots
+from sweeper.slots import SlotPlan, engine_in_own_process, pass_settings_sampled, plan_slots
 from sweeper.space import Param
 from sweeper.study import (
     FINISHED,
@@ -108,14 +108,14 @@ def _engine_prepare() -> Any:
     return None if progress.VERBOSE else quiet_third_party
 
 
-def prestart_engine(cfg: SweepConfig) -> Any:
+def prestart_engine(cfg: SweepConfig, params: Sequence[Param]) -> Any:
     """The engine's process started now where this worker will likely train in slots with the engine in a process
     of its own (:class:`objectives.engine_process.Prestarted`): its imports and its loading of the base then overlap
     this process's loading of the base and the data. None otherwise."""
     from objectives.base import pick_device
 
     device = pick_device(cfg.train.device)
-    if cfg.workers.slots == 1 or not engine_in_own_process(cfg, device.type):
+    if cfg.workers.slots == 1 or pass_settings_sampled(params) or not engine_in_own_process(cfg, device.type):
         return None
     from objectives.engine_process import Prestarted
 
@@ -224,7 +224,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     if done >= cfg.study.n_trials:
         print(f"study {cfg.study.name!r} already has {done} finished trials (budget {cfg.study.n_trials})")
         return study, False
-    prestarted = prestart_engine(cfg)
+    prestarted = prestart_engine(cfg, params)
     try:
         resources = Resources.load(cfg)  # bad data or device settings fail here, before the parent run exists
         plan = resources.slot_plan(cfg, params)

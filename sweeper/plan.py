@@ -224,6 +224,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
                     "predicted peak "
                     + gib(slots_memory_bytes(cfg, model_config, slots.slots, slots.r_max, slots.checkpointing,
                                              base_cache=slots.base_cache))
+                    + (f" (a pass without checkpointing: within {gib(budget)})" if slots.per_pass else "")
                     if slots.slots > 1 else ""))
     if cfg.launcher.name == "slurm":
         from sweeper.slurm import request_lines

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from objectives.config import RECIPE_SECTIONS, RecipeConfig
 from objectives.decisions import PassCheckpointing, slots_base_cache, slots_that_fit
 from sweeper.config import SweepConfig
 from sweeper.space import Param
@@ -43,6 +44,11 @@ def engine_in_own_process(cfg: SweepConfig, device_kind: str) -> bool:
     return device_kind == "cuda" if setting == "auto" else bool(setting)
 
 
+def pass_settings_sampled(params: Sequence[Param]) -> list[str]:
+    """The sampled settings that every trial of a pass would share (then trials run one at a time)."""
+    return [p.path for p in params if p.path.startswith(SHARED_PREFIXES)]
+
+
 def widest_rank(cfg: SweepConfig, params: Sequence[Param]) -> int:
     """The largest ``lora.r`` a trial can get: the fixed value, or the top of its sampled range or choices."""
     for p in params:
@@ -58,7 +64,7 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     """Decide ``workers.slots`` for a worker on ``device_kind`` (cuda or cpu) with ``memory_bytes`` of it."""
     r_max = widest_rank(cfg, params)
     checkpointing = cfg.model.gradient_checkpointing
-    shared = [p.path for p in params if p.path.startswith(SHARED_PREFIXES)]
+    shared = pass_settings_sampled(params)
     if shared:
         return SlotPlan(1, r_max, checkpointing is not False,
                         f"one trial at a time: the space samples {', '.join(shared)}, which every trial of a pass "
@@ -80,6 +86,7 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     cache = slots_base_cache(cfg, model_config, memory_bytes, slots, r_max, bool(checkpointing), linear_names)
     per_pass = None
     if checkpointing and cfg.model.gradient_checkpointing == "auto":
-        per_pass = PassCheckpointing(cfg, model_config, memory_bytes, slots, r_max, cache,
+        recipe = RecipeConfig(**{name: getattr(cfg, name) for name in RECIPE_SECTIONS})  # no storage URLs
+        per_pass = PassCheckpointing(recipe, model_config, memory_bytes, slots, r_max, cache,
                                      None if linear_names is None else tuple(linear_names))
     return SlotPlan(slots, r_max, bool(checkpointing), reason, cache, own_process, per_pass)

@@ -255,6 +255,37 @@ def test_out_of_memory_halves_the_slots_then_the_micro_batch_and_runs_start_over
         assert got.train.eval_loss == pytest.approx(ref.train.eval_loss, rel=1e-3)  # same examples per step
 
 
+def test_out_of_memory_in_a_pass_without_checkpointing_turns_it_on_for_every_pass_at_the_same_slots(
+        setup: Any) -> None:
+    """The memory model let a pass go without checkpointing and the 'device' disagrees: the runs start over with
+    checkpointing on every pass, in as many slots as before."""
+    cfg, base, data = setup
+    configs = [trial(cfg, **t) for t in TRIALS[:2]]
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if torch.is_grad_enabled() and not base.checkpointing:
+            raise torch.OutOfMemoryError("out of memory: a pass without checkpointing (test)")
+
+    retries: list[dict[str, Any]] = []
+
+    class Retries(Recorder):
+        def on_retry(self, cfg: RecipeConfig, attempt: int, changes: dict[str, Any]) -> None:
+            retries.append(changes)
+
+    engine = SlotEngine(base, data, slots=2, r_max=8, per_pass=lambda rows, width: False)
+    handle = base.model.get_input_embeddings().register_forward_pre_hook(hook)
+    try:
+        hooks = [Retries() for _ in configs]
+        results = [f.result(timeout=600) for f in [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]]
+    finally:
+        handle.remove()
+        engine.close()
+        base.use_checkpointing(False)
+    assert engine.capacity == 2 and engine.per_pass is None
+    assert retries == [{"gradient_checkpointing": True}] * 2
+    assert all(len(h.steps) == 3 for h in hooks) and all(r.train.eval_loss > 0 for r in results)
+
+
 def test_run_calls_the_hooks_in_the_callers_thread_and_a_raising_hook_stops_the_run(setup: Any) -> None:
     import threading
 
@@ -325,6 +356,7 @@ def test_checkpointing_switched_per_pass_trains_as_without_it(setup: Any) -> Non
     finally:
         base.use_checkpointing(False)
     assert len(asked) == 3 and all(rows % 2 == 0 and width <= data.max_length for rows, width in asked)
+    assert engine.checkpointed == {True: 2, False: 1}  # the rule's answers, not the base's setting
     for (losses, eval_loss, adapter), (ref_losses, ref_eval, ref_adapter) in zip(*runs, strict=True):
         assert losses == pytest.approx(ref_losses, rel=1e-6) and eval_loss == pytest.approx(ref_eval, rel=1e-6)
         for k in ref_adapter:
