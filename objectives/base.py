@@ -151,14 +151,18 @@ class ResidentBase:
         """Switch gradient checkpointing for the next trial (``model.gradient_checkpointing: auto``)."""
         if on == self.checkpointing:
             return
-        with warnings.catch_warnings():  # transformers 5.2x renamed these to activation_checkpointing_*
-            warnings.filterwarnings("ignore", message=".*gradient_checkpointing_", category=FutureWarning)
-            if on:
-                if hasattr(self.model, "_require_grads_hook"):  # newer transformers add one per enable
-                    self.model.disable_input_require_grads()
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed these to activation_checkpointing_* and warns at the old names. No
+        # catch_warnings here: a slot engine switches per pass, in a thread beside others that warn.
+        model = self.model
+        if on:
+            if hasattr(model, "_require_grads_hook"):  # newer transformers add one per enable
+                model.disable_input_require_grads()
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                self.model.gradient_checkpointing_disable()
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
         self.checkpointing = on
 
     def use_base_cache(self, on: bool) -> None:

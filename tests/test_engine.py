@@ -276,7 +276,9 @@ def test_out_of_memory_in_a_pass_without_checkpointing_turns_it_on_for_every_pas
     handle = base.model.get_input_embeddings().register_forward_pre_hook(hook)
     try:
         hooks = [Retries() for _ in configs]
-        results = [f.result(timeout=600) for f in [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]]
+        with engine.lock:  # both in the first pass
+            futures = [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]
+        results = [f.result(timeout=600) for f in futures]
     finally:
         handle.remove()
         engine.close()
