@@ -48,11 +48,14 @@ class Recorder(RunHooks):
 
 
 def train_together(engine: SlotEngine, configs: list[RecipeConfig]) -> tuple[list[Recorder], list[RunResult]]:
-    """Submit every config to the engine at once; each run's recorded hooks and its result."""
-    hooks = [Recorder() for _ in configs]
-    with engine.lock:  # all of them in the first pass, so repeated runs share passes alike
-        futures = [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]
-    return hooks, [f.result(timeout=600) for f in futures]
+    """Submit every config to the engine at once, then close it; each run's recorded hooks and its result."""
+    try:
+        hooks = [Recorder() for _ in configs]
+        with engine.lock:  # all of them in the first pass, so repeated runs share passes alike
+            futures = [engine.submit(c, h) for c, h in zip(configs, hooks, strict=True)]
+        return hooks, [f.result(timeout=600) for f in futures]
+    finally:
+        engine.close()
 
 
 def trial(cfg: RecipeConfig, steps: int = 3, **changes: Any) -> RecipeConfig:
@@ -89,10 +92,7 @@ def test_runs_trained_together_match_each_run_alone(setup: Any) -> None:
     configs = [trial(cfg, **t) for t in TRIALS]
     alone = [run_alone(setup, c) for c in configs]
     engine = SlotEngine(base, data, slots=3, r_max=8)
-    try:
-        hooks, together = train_together(engine, configs)
-    finally:
-        engine.close()
+    hooks, together = train_together(engine, configs)
     for (ref_hooks, ref), hook, got in zip(alone, hooks, together, strict=True):
         assert [s["train_loss"] for s in hook.steps] == pytest.approx([s["train_loss"] for s in ref_hooks.steps],
                                                                      rel=1e-5)
@@ -319,10 +319,7 @@ def test_slots_on_the_base_cache_train_exactly_as_on_the_4bit_layers(setup: Any)
         for cache in (False, True):
             base.use_base_cache(cache)
             engine = SlotEngine(base, data, slots=2, r_max=8)
-            try:
-                hooks, results = train_together(engine, configs)
-            finally:
-                engine.close()
+            hooks, results = train_together(engine, configs)
             assert all(r.config.model.base_cache is cache for r in results)  # the run records what trained it
             runs[cache] = [([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
                            for h, r in zip(hooks, results, strict=True)]
@@ -349,10 +346,7 @@ def test_checkpointing_switched_per_pass_trains_as_without_it(setup: Any) -> Non
     try:
         for per_pass in (None, every_other_pass):
             engine = SlotEngine(base, data, slots=2, r_max=8, per_pass=per_pass)
-            try:
-                hooks, results = train_together(engine, configs)
-            finally:
-                engine.close()
+            hooks, results = train_together(engine, configs)
             runs.append([([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
                          for h, r in zip(hooks, results, strict=True)])
     finally:
@@ -375,10 +369,7 @@ def test_fused_loss_passes_give_each_run_its_own_loss(setup: Any, monkeypatch: p
     runs = {}
     for fused in (False, True):
         engine = SlotEngine(base, data, slots=3, r_max=8, fused_loss=fused)
-        try:
-            hooks, results = train_together(engine, configs)
-        finally:
-            engine.close()
+        hooks, results = train_together(engine, configs)
         assert all(r.config.train.fused_loss is fused for r in results)
         runs[fused] = [([s["train_loss"] for s in h.steps], r.train.eval_loss) for h, r in zip(hooks, results,
                                                                                               strict=True)]
@@ -396,10 +387,7 @@ def test_hooks_run_in_turns_with_the_engine_and_the_runs_train_the_same(setup: A
     cfg, base, data = setup
     configs = [trial(cfg, **t) for t in TRIALS]
     engine = SlotEngine(base, data, slots=3, r_max=8)
-    try:
-        _, reference = train_together(engine, configs)
-    finally:
-        engine.close()
+    _, reference = train_together(engine, configs)
     engine = SlotEngine(base, data, slots=3, r_max=8, host_turns=True)
     assert TURNS.active
     results: dict[int, RunResult] = {}
