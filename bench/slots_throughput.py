@@ -71,10 +71,11 @@ PAIRED_SPACE = ["search_space=none", "study/sampler=grid", "study/pruner=none", 
 
 def methods_from(spec: str) -> list[Method]:
     """``1,8,16,auto,w8,64t,w2x32``: slots per worker (``1`` one at a time; ``Kt``: the engine in the launch's own
-    process, not in one of its own), ``wN`` N worker processes on one GPU, ``wNxK`` N workers of K slots each."""
+    process, not in one of its own), ``wN`` N worker processes on one GPU, ``wNxK`` N workers of K slots each;
+    ``+key=value`` after any of them adds an override to that method alone (``1+model.lean_layers=false``)."""
     out = []
-    for item in spec.split(","):
-        item = item.strip()
+    for entry in spec.split(","):
+        item, *extra = entry.strip().split("+")
         if item.startswith("w"):
             n, x, k = item[1:].partition("x")
             workers, slots = int(n), int(k) if x else 1
@@ -88,6 +89,9 @@ def methods_from(spec: str) -> list[Method]:
                               [f"workers.slots={item[:-1]}", "workers.engine_process=false"]))
         else:
             out.append(Method(f"slots={item}", [f"workers.slots={item}"]))
+        if extra:
+            out[-1].label += ", " + " ".join(extra)
+            out[-1].overrides += extra
     return out
 
 

@@ -21,7 +21,10 @@ and the same batches in the same order go through:
   as a trial decides it: the memory-for-speed switches at fp32 activations), ours-tf32 (the same with
   ``model.tf32=true``), ours-fast (ours-cache-auto with bf16 activations and the fused loss where it runs),
   ours-fastest (ours-fast with tf32) and ours-lean (bf16 activations and the fused loss, no base
-  cache, checkpointing on: the memory-for-speed switches off, as on a 24 GB GPU).
+  cache, checkpointing on: the memory-for-speed switches off, as on a 24 GB GPU);
+- ``--methods layers`` runs ours-packed, ours-tf32 and ours-fastest, each also with ``model.lean_layers=true``
+  (LoRA layers as one autograd step, RMSNorm as one operation); ours-lean-layers is ours-lean with them. Every
+  other method runs without them.
 
 ``--checkpointing`` pins gradient checkpointing for every method (true, as Trainer + peft's recipe: the
 identical configuration), or lets each of our methods decide it as a trial would (auto: off where the memory
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import sys
 import time
@@ -57,7 +61,8 @@ from bench.report import markdown_table, num, ratio, render_report, say, write_r
 from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 
 METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed", "ours-cache",
-           "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32", "ours-fastest")
+           "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32", "ours-fastest",
+           "ours-packed-layers", "ours-tf32-layers", "ours-fastest-layers", "ours-lean-layers")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
           "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
           "ours-bf16": "ours, upcast_unquantized=false",
@@ -69,12 +74,19 @@ LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing
           "ours-lean": "ours, packing + upcast_unquantized=false + fused_loss, checkpointing on",
           "ours-tf32": "ours, packing + base_cache=on + checkpointing auto + tf32",
           "ours-fastest": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + fused_loss "
-                          "+ tf32"}
+                          "+ tf32",
+          "ours-packed-layers": "ours, train.packing=true + lean_layers",
+          "ours-tf32-layers": "ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers",
+          "ours-fastest-layers": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + "
+                                 "fused_loss + tf32 + lean_layers",
+          "ours-lean-layers": "ours, packing + upcast_unquantized=false + fused_loss, checkpointing on + lean_layers"}
 # --methods switches: today's path beside each faster-step switch alone and all of them together
 SWITCHES = ("ours-packed", "ours-cache", "ours-fused", "ours-bf16-packed", "ours-all")
 # --methods fastest: today's path beside the switches as a trial on a large GPU decides them, and as a small one
 FASTEST = ("ours-packed", "ours-cache-auto", "ours-tf32", "ours-fast", "ours-fastest", "ours-lean")
-GROUPS = {"switches": SWITCHES, "fastest": FASTEST}
+# --methods layers: each of today's path, the fastest at fp32 activations and the fastest, with and without lean layers
+LAYERS = ("ours-packed", "ours-packed-layers", "ours-tf32", "ours-tf32-layers", "ours-fastest", "ours-fastest-layers")
+GROUPS = {"switches": SWITCHES, "fastest": FASTEST, "layers": LAYERS}
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class Variant:
     checkpointing: str | None = None
     """model.gradient_checkpointing for this method (true, false or auto); None: --checkpointing."""
     tf32: bool = False
+    lean_layers: bool = False
 
 
 OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Variant(False, upcast=False),
@@ -101,6 +114,8 @@ OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Varia
         "ours-tf32": Variant(True, base_cache=True, checkpointing="auto", tf32=True),
         "ours-fastest": Variant(True, upcast=False, base_cache=True, fused_loss="auto", checkpointing="auto",
                                 tf32=True)}
+OURS |= {f"{name}-layers": dataclasses.replace(OURS[name], lean_layers=True)
+         for name in ("ours-packed", "ours-tf32", "ours-fastest", "ours-lean")}
 # micro-batch, steps per shape: the steps keep the 8B shape's share of the run affordable
 SIZES = {"tiny": (2, 4), "135m": (16, 10), "1b": (16, 10), "8b": (16, 6)}
 DEFAULT_METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16")
@@ -212,13 +227,14 @@ def ours_config(base: Any, cfg: Any, variant: Variant) -> tuple[Any, str]:
 
 
 def train_ours(base: Any, data: Any, cfg: Any, base_cache: bool, on_step: Any,
-               around: contextlib.AbstractContextManager[Any] | None = None) -> Any:
-    """One run of our loop on the resident base with ``cfg`` as decided (checkpointing resolved) and the base
-    cache on or off; ``around`` (a profiler, say) is entered once the adapter is in place."""
+               around: contextlib.AbstractContextManager[Any] | None = None, lean_layers: bool = False) -> Any:
+    """One run of our loop on the resident base with ``cfg`` as decided (checkpointing resolved), the base
+    cache and lean layers on or off; ``around`` (a profiler, say) is entered once the adapter is in place."""
     from objectives.training import train_adapter
 
     base.use_checkpointing(cfg.model.gradient_checkpointing)
     base.use_base_cache(base_cache)
+    base.use_lean_layers(lean_layers)
     try:
         with base.adapter(cfg.lora, cfg.train.seed) as model, around or contextlib.nullcontext():
             return train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
@@ -240,7 +256,7 @@ def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, var
 
     use_tf32(variant.tf32)
     try:
-        result = train_ours(base, data, cfg, variant.base_cache, on_step)
+        result = train_ours(base, data, cfg, variant.base_cache, on_step, lean_layers=variant.lean_layers)
     finally:
         use_tf32(False)
     peak = result.peak_memory_mb / 1024 if base.device.type == "cuda" else None
@@ -282,6 +298,7 @@ def run_trainer(base: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: l
             stamps.append(time.perf_counter())
 
     base.use_checkpointing(cfg.model.gradient_checkpointing is not False)  # as prepare_model_for_kbit_training
+    base.use_lean_layers(False)
     targs = TrainingArguments(**trainer_fixed_arguments(workdir / "trainer", cfg, device, bf16),
                               **trainer_arguments(cfg), logging_steps=1)
     with base.adapter(cfg.lora, cfg.train.seed) as model:

@@ -134,6 +134,8 @@ class ResidentBase:
         # Loaded without the copy unless it is asked for: "auto" decides per trial.
         self.base_cache = False
         self.use_base_cache(cfg.base_cache is True)
+        self.lean_layers = False
+        self.use_lean_layers(cfg.lean_layers)
 
     @property
     def config(self) -> Any:
@@ -180,6 +182,16 @@ class ResidentBase:
             free_accelerator_memory(self.device, collect=False)  # the copies hold no cycles
         self.base_cache = on
 
+    def use_lean_layers(self, on: bool) -> None:
+        """LoRA layers and RMSNorm with fewer operations per call, or peft's and transformers' own
+        (``model.lean_layers``, :mod:`objectives.lean_layers`)."""
+        from objectives.lean_layers import use_fused_norms, use_lean_layers
+
+        use_fused_norms(self.model, on)
+        if self._peft is not None:
+            use_lean_layers(self._peft, on)
+        self.lean_layers = on
+
     def check_packing(self) -> None:
         """Packed examples must not see each other. transformers splits attention at restarted position ids
         for most decoder models under sdpa and eager attention, but a model whose code builds its own mask,
@@ -225,6 +237,8 @@ class ResidentBase:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
+        from objectives.lean_layers import use_lean_layers
+
         targets = resolve_targets(lora.targets, self.linear_names)
         shape = (lora.r, tuple(targets), lora.use_rslora, lora.dropout > 0)
         if self._peft is not None and self._shape != shape:
@@ -238,6 +252,7 @@ class ResidentBase:
                 # peft reads transformers' deprecated alias once per injection: noise in every trial's output
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 self._peft, self._shape = get_peft_model(self.model, peft_cfg), shape
+            use_lean_layers(self._peft, self.lean_layers)
             # peft records the directory the weights were loaded from (a machine-local cache for a GGUF or
             # random-init source); the adapter's config must name the source as configured, which another
             # machine can resolve. save_pretrained keeps a name that is already set.

@@ -89,6 +89,10 @@ class ModelConfig:
     """On CUDA, run fp32 matrix products (the adapters; with upcast_unquantized, also the head) on TensorFloat-32
     tensor cores: their inputs rounded to 10 mantissa bits, finer than the bf16 products of the base (7 bits),
     and several times faster than fp32's. Off: full fp32 products. Applies to the whole process."""
+    lean_layers: bool = True
+    """Run each LoRA layer on a 4-bit linear layer as one autograd step, and RMSNorm as one fused operation
+    (``objectives/lean_layers.py``): the same arithmetic with a fraction of the host's work per call. Off:
+    peft's and transformers' own layers."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
     cache_dir: str | None = None

@@ -200,6 +200,8 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         fused = "fused with the head (liger-kernel)"
     else:
         fused = "auto (per trial: fused with the head only where the trial would not fit with full logits)"
+    layers = ("lean layers (LoRA as one autograd step, fused RMSNorm)" if m.lean_layers
+              else "peft's and transformers' own layers")
     lines = [f"plan for study {cfg.study.name!r} ({cfg.study.n_trials} trials); nothing is trained",
              f"model: {_describe_model(cfg, model_config)}",
              f"base: {m.quant_type}{' (double quant)' if m.double_quant and four_bit else ''}, "
@@ -207,7 +209,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
              f"sequence length up to data.max_length={cfg.data.max_length}",
              f"step: {'fp32' if four_bit and m.upcast_unquantized else m.compute_dtype} activations"
              f"{', fp32 products on TF32' if m.tf32 and device.kind == 'cuda' else ''}; "
-             f"base cache {base_cache}; loss from {fused}",
+             f"base cache {base_cache}; loss from {fused}; {layers}",
              f"search space: {len(params)} parameters, "
              f"{'continuous' if math.isinf(size) else f'{int(size)} configurations'}"]
     for p in params:

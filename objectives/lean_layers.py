@@ -1,0 +1,157 @@
+"""Fewer operations and autograd nodes per layer call: peft's LoRA linear layer as one autograd step, and RMSNorm
+as ``torch.nn.functional.rms_norm``.
+
+peft's layer runs about ten tensor operations per call (casts, a defensive clone, dropout, two products, the
+scaling, the sum), each recorded as its own autograd node, through five module calls. A small pass spends
+more time on that bookkeeping than on the products (BENCHMARKS.md, benchmark 2's profile). Here one
+:class:`torch.autograd.Function` computes the same operations in the same order with the same dtypes, and its
+backward runs the products autograd would run. Dropout draws its mask as ``torch.nn.functional.dropout`` does
+on the device (the same random numbers), so a trial's run matches peft's up to the order in which gradients
+from a layer's several consumers are summed (float rounding).
+
+RMSNorm as transformers writes it for Llama and most decoders is seven operations (casts, square, mean, add,
+reciprocal square root, two products); ``functional.rms_norm`` is one, the same arithmetic in fp32. It replaces
+the ``forward`` of a norm whose output it reproduces on a probe (Gemma's ``1 + weight`` does not, and keeps its
+own).
+
+The layer stays peft's: only its ``forward`` is replaced on the instance, so its weights, state dict and
+saved adapter are peft's. Anything this path does not cover (a merged or disabled adapter, a variant such as
+DoRA, autocast, more than one active adapter, extra arguments) goes through peft's own ``forward``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn import functional
+
+from objectives.base_cache import BUFFER
+
+ADAPTER = "default"
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``functional.dropout(x, p, training=True)`` for ``0 < p < 1`` and what its backward multiplies by: the
+    fused kernel's mask on CUDA, the scaled noise on the CPU (ATen's two paths, the same random numbers)."""
+    if x.device.type == "cpu":
+        noise = torch.empty_like(x).bernoulli_(1 - p)
+        noise.div_(1 - p)
+        return x * noise, noise
+    return torch.native_dropout(x, p, True)
+
+
+class _LoraProduct(torch.autograd.Function):
+    """``base(x) + (B @ A @ dropout(x)) * scaling`` with the base weight dense (``None``: the base's output is
+    added outside, by autograd)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+        xa = x.to(lora_a.dtype)
+        mask = None
+        if p > 0:
+            xa, mask = _dropout(xa, p)
+        hidden = functional.linear(xa, lora_a)
+        update = (functional.linear(hidden, lora_b) * scaling).to(x.dtype)
+        if weight is not None:
+            # The sum promotes the base's output to x's dtype in the same kernel: peft's separate cast, without it.
+            update = torch.add(update, functional.linear(x.to(weight.dtype), weight, bias)).to(x.dtype)
+        ctx.save_for_backward(weight, lora_a, lora_b, xa, hidden, mask)
+        ctx.scaling, ctx.p, ctx.x_dtype = scaling, p, x.dtype
+        return update
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, lora_a, lora_b, xa, hidden, mask = ctx.saved_tensors
+        grad_update = grad.to(lora_a.dtype) * ctx.scaling
+        flat_grad = grad_update.reshape(-1, grad_update.shape[-1])
+        grad_b = flat_grad.t().mm(hidden.reshape(-1, hidden.shape[-1]))
+        grad_hidden = flat_grad.mm(lora_b)
+        grad_a = grad_hidden.t().mm(xa.reshape(-1, xa.shape[-1]))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_xa = grad_hidden.mm(lora_a).view(xa.shape)
+            if mask is not None:
+                grad_xa = (grad_xa * mask if mask.dtype != torch.bool
+                           else torch.ops.aten.native_dropout_backward(grad_xa, mask, 1.0 / (1.0 - ctx.p)))
+            grad_x = grad_xa.to(ctx.x_dtype)
+            if weight is not None:
+                flat = grad.to(weight.dtype).reshape(-1, grad.shape[-1])
+                grad_x = torch.add(grad_x, flat.mm(weight).view(xa.shape)).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+class _Forward:
+    """A module's ``forward`` replaced on the instance without a reference back to it: a bound method would make
+    a cycle (module -> method -> module) that keeps a released adapter's layers alive until a full collection."""
+
+    def __init__(self, module: torch.nn.Module, forward: Callable[..., torch.Tensor]) -> None:
+        self.module = weakref.ref(module)
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.forward(self.module(), *args, **kwargs)
+
+
+def _lean_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if (args or kwargs or layer.disable_adapters or layer.merged or layer.active_adapters != [ADAPTER]
+            or ADAPTER in layer.lora_variant or torch.is_autocast_enabled()):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    dropout = layer.lora_dropout[ADAPTER]
+    p = dropout.p if layer.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    base = layer.base_layer
+    weight = base._buffers.get(BUFFER)
+    if weight is None:
+        return base(x) + _LoraProduct.apply(x, None, None, a, b, layer.scaling[ADAPTER], p)
+    bias = None if base.bias is None else base.bias.to(weight.dtype)
+    return _LoraProduct.apply(x, weight, bias, a, b, layer.scaling[ADAPTER], p)
+
+
+def use_lean_layers(model: torch.nn.Module, on: bool = True) -> int:
+    """Route every peft LoRA layer on a 4-bit linear layer of ``model`` through :class:`_LoraProduct` (``on``)
+    or back through peft's own ``forward``; returns how many layers."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and type(m).__name__ == "Linear4bit"]
+    for layer in layers:
+        if on:
+            layer.forward = _Forward(layer, _lean_forward)
+        elif "forward" in layer.__dict__:
+            del layer.forward
+    return len(layers)
+
+
+def _rms_norm_forward(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    return functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon).to(x.dtype)
+
+
+def use_fused_norms(model: torch.nn.Module, on: bool = True) -> int:
+    """Give every RMSNorm of ``model`` whose output ``functional.rms_norm`` reproduces (checked once per class
+    on a probe input) that one operation (``on``), or its own ``forward`` back; returns how many norms."""
+    verdict: dict[type, bool] = {}
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (not type(module).__name__.endswith("RMSNorm") or not hasattr(module, "variance_epsilon")
+                or not isinstance(weight, torch.Tensor) or weight.dim() != 1):
+            continue
+        if not on:
+            if "forward" in module.__dict__:
+                del module.forward
+                count += 1
+            continue
+        if type(module) not in verdict:
+            with torch.no_grad():
+                probe = torch.randn(2, 3, weight.shape[0], generator=torch.Generator().manual_seed(0))
+                probe = probe.to(device=weight.device, dtype=weight.dtype)
+                verdict[type(module)] = torch.allclose(_rms_norm_forward(module, probe).float(),
+                                                       type(module).forward(module, probe).float(), rtol=1e-2,
+                                                       atol=1e-2)
+        if verdict[type(module)]:
+            module.forward = _Forward(module, _rms_norm_forward)
+            count += 1
+    return count
