@@ -187,7 +187,8 @@ class ResidentBase:
         (``model.lean_layers``, :mod:`objectives.lean_layers`)."""
         from objectives.lean_layers import use_fused_norms, use_lean_layers
 
-        use_fused_norms(self.model, on)
+        if self.model is not None:  # an unloaded base has no layers to switch
+            use_fused_norms(self.model, on)
         if self._peft is not None:
             use_lean_layers(self._peft, on)
         self.lean_layers = on

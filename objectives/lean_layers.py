@@ -10,13 +10,16 @@ on the device (the same random numbers), so a trial's run matches peft's up to t
 from a layer's several consumers are summed (float rounding).
 
 RMSNorm as transformers writes it for Llama and most decoders is seven operations (casts, square, mean, add,
-reciprocal square root, two products); ``functional.rms_norm`` is one, the same arithmetic in fp32. It replaces
-the ``forward`` of a norm whose output it reproduces on a probe (Gemma's ``1 + weight`` does not, and keeps its
-own).
+reciprocal square root, two products); ``functional.rms_norm`` is one. With fp32 activations (the default) it is
+the same arithmetic, bit for bit on the CPU; with bf16 activations it rounds once where transformers rounds twice
+(before and after the weight: one bf16 unit apart in about a quarter of the outputs). It replaces the ``forward``
+of a norm whose output it reproduces on a probe (a ``1 + weight`` norm does not, and keeps its own), for inputs in
+the weight's dtype (others go through the norm's own).
 
 The layer stays peft's: only its ``forward`` is replaced on the instance, so its weights, state dict and
 saved adapter are peft's. Anything this path does not cover (a merged or disabled adapter, a variant such as
-DoRA, autocast, more than one active adapter, extra arguments) goes through peft's own ``forward``.
+DoRA, a LoRA bias, autocast, more than one active adapter, extra arguments, hooks on the base layer, a trainable
+base bias) goes through peft's own ``forward``.
 """
 
 from __future__ import annotations
@@ -26,17 +29,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional
 
 from objectives.base_cache import BUFFER
 
 ADAPTER = "default"
+FUSED_DROPOUT_DEVICES = ("cuda", "xpu")
+"""Where ATen's dropout runs its fused kernel (``native_dropout``) rather than a Bernoulli noise tensor."""
 
 
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``functional.dropout(x, p, training=True)`` for ``0 < p < 1`` and what its backward multiplies by: the
-    fused kernel's mask on CUDA, the scaled noise on the CPU (ATen's two paths, the same random numbers)."""
-    if x.device.type == "cpu":
+    fused kernel's mask on CUDA, the scaled noise elsewhere (ATen's two paths, the same random numbers)."""
+    if x.device.type not in FUSED_DROPOUT_DEVICES:
         noise = torch.empty_like(x).bernoulli_(1 - p)
         noise.div_(1 - p)
         return x * noise, noise
@@ -64,13 +70,14 @@ class _LoraProduct(torch.autograd.Function):
         return update
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, lora_a, lora_b, xa, hidden, mask = ctx.saved_tensors
         grad_update = grad.to(lora_a.dtype) * ctx.scaling
         flat_grad = grad_update.reshape(-1, grad_update.shape[-1])
-        grad_b = flat_grad.t().mm(hidden.reshape(-1, hidden.shape[-1]))
+        grad_b = flat_grad.t().mm(hidden.reshape(-1, hidden.shape[-1])) if ctx.needs_input_grad[4] else None
         grad_hidden = flat_grad.mm(lora_b)
-        grad_a = grad_hidden.t().mm(xa.reshape(-1, xa.shape[-1]))
+        grad_a = grad_hidden.t().mm(xa.reshape(-1, xa.shape[-1])) if ctx.needs_input_grad[3] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_xa = grad_hidden.mm(lora_a).view(xa.shape)
@@ -95,15 +102,27 @@ class _Forward:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.forward(self.module(), *args, **kwargs)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Forward:
+        # A module's copy registers itself in ``memo`` before its attributes are copied: bind to the copy.
+        module = self.module()
+        assert module is not None  # the module being copied holds this forward
+        return _Forward(memo.get(id(module), module), self.forward)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Forward, (self.module(), self.forward)
+
 
 def _lean_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    base = layer.base_layer
     if (args or kwargs or layer.disable_adapters or layer.merged or layer.active_adapters != [ADAPTER]
-            or ADAPTER in layer.lora_variant or torch.is_autocast_enabled()):
+            or ADAPTER not in layer.lora_A or ADAPTER in layer.lora_variant or layer.lora_bias.get(ADAPTER)
+            or not getattr(layer, "cast_input_dtype_enabled", True) or torch.is_autocast_enabled(x.device.type)
+            or base._forward_hooks or base._forward_pre_hooks
+            or (base.bias is not None and base.bias.requires_grad)):
         return type(layer).forward(layer, x, *args, **kwargs)
     dropout = layer.lora_dropout[ADAPTER]
     p = dropout.p if layer.training and isinstance(dropout, torch.nn.Dropout) else 0.0
     a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-    base = layer.base_layer
     weight = base._buffers.get(BUFFER)
     if weight is None:
         return base(x) + _LoraProduct.apply(x, None, None, a, b, layer.scaling[ADAPTER], p)
@@ -126,7 +145,9 @@ def use_lean_layers(model: torch.nn.Module, on: bool = True) -> int:
 
 
 def _rms_norm_forward(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    return functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon).to(x.dtype)
+    if x.dtype != norm.weight.dtype:  # transformers' formula returns the weight's dtype: keep its arithmetic
+        return type(norm).forward(norm, x)
+    return functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def use_fused_norms(model: torch.nn.Module, on: bool = True) -> int:

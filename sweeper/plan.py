@@ -200,8 +200,8 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         fused = "fused with the head (liger-kernel)"
     else:
         fused = "auto (per trial: fused with the head only where the trial would not fit with full logits)"
-    layers = ("lean layers (LoRA as one autograd step, fused RMSNorm)" if m.lean_layers
-              else "peft's and transformers' own layers")
+    layers = ("peft's and transformers' own layers" if not m.lean_layers
+              else "lean layers (LoRA as one autograd step, fused RMSNorm)" if four_bit else "fused RMSNorm")
     lines = [f"plan for study {cfg.study.name!r} ({cfg.study.n_trials} trials); nothing is trained",
              f"model: {_describe_model(cfg, model_config)}",
              f"base: {m.quant_type}{' (double quant)' if m.double_quant and four_bit else ''}, "

@@ -9,6 +9,7 @@ activations); bf16 activations round those sums to bf16.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,30 +73,93 @@ def test_the_lean_product_has_the_gradients_autograd_computes() -> None:
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProduct.apply(x, None, None, a, b, 2.0, 0.0), (x, a, b))
 
 
-def test_what_the_lean_layer_does_not_cover_goes_through_peft(tmp_path: Path) -> None:
+def _layer_step(layer: Any, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    """One forward and backward of a LoRA layer from a fixed random state: its output and the gradients of its
+    input and adapter weights."""
+    torch.manual_seed(7)
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    out.backward(grad)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    grads = [out.detach(), x.grad, a.grad.clone(), b.grad.clone()]
+    a.grad = b.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [False, True])
+def test_one_lean_layer_computes_peft_layers_output_and_gradients(activations: torch.dtype, cache: bool,
+                                                                  tmp_path: Path) -> None:
+    """A single layer sums no gradients from several consumers: on the CPU every value is peft's, bit for bit,
+    with dropout on and a live adapter, for fp32 and bf16 activations, with and without the base cache."""
+    from objectives.lean_layers import use_lean_layers
+
     cfg, _ = compose.load([*TINY, "search_space=none", f"output_dir={tmp_path}"])
     res = Resources.load(cfg)
-    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    res.base.use_base_cache(cache)
+    with res.base.adapter(LoraConfig(r=4, targets="qv", dropout=0.3), seed=0) as model:
+        layer = model.base_model.model.model.layers[0].self_attn.v_proj
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+        model.train()
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 9, layer.in_features, generator=gen).to(activations)
+        grad = torch.randn(2, 9, layer.out_features, generator=gen).to(activations)
+        use_lean_layers(model, on=False)
+        plain = _layer_step(layer, x, grad)
+        use_lean_layers(model, on=True)
+        lean = _layer_step(layer, x, grad)
+    for name, ours, theirs in zip(("output", "input grad", "A grad", "B grad"), lean, plain, strict=True):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
+
+
+def test_what_the_lean_layer_does_not_cover_goes_through_peft(tmp_path: Path) -> None:
+    """Autocast (here the CPU's) and a disabled adapter take peft's own forward: the same outputs and gradients."""
+    from objectives.lean_layers import use_lean_layers
+
+    cfg, _ = compose.load([*TINY, "search_space=none", f"output_dir={tmp_path}"])
+    res = Resources.load(cfg)
+    res.base.use_base_cache(True)
     with res.base.adapter(LoraConfig(r=4, targets="qv"), seed=0) as model:
-        torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
-        model.eval()
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 5, layer.in_features, generator=gen)
+        grad = torch.randn(2, 5, layer.out_features, generator=gen)
+        runs = {}
+        for lean in (False, True):
+            use_lean_layers(model, on=lean)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                runs[lean] = _layer_step(layer, x, grad)
+            with model.disable_adapter(), torch.no_grad():
+                runs[lean].append(layer(x))
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(runs[True], runs[False], strict=True))
+
+
+def test_a_copied_model_computes_with_its_own_weights(tmp_path: Path) -> None:
+    import copy
+    import pickle
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from objectives.lean_layers import use_fused_norms
+
+    cfg, _ = compose.load([*TINY, "search_space=none", f"output_dir={tmp_path}"])
+    res = Resources.load(cfg)
+    with res.base.adapter(LoraConfig(r=4, targets="qv"), seed=0) as model:
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+        twin = copy.deepcopy(layer)
+        torch.nn.init.zeros_(twin.lora_B["default"].weight)
+        x = torch.randn(1, 3, layer.in_features)
         with torch.no_grad():
-            with model.disable_adapter():
-                bare = model(input_ids=ids).logits
-            adapted = model(input_ids=ids).logits
-            res.base.use_lean_layers(False)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                peft_autocast = model(input_ids=ids).logits
-            res.base.use_lean_layers(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                lean_autocast = model(input_ids=ids).logits
-    res.base.use_lean_layers(False)
-    with res.base.adapter(LoraConfig(r=4, targets="qv"), seed=0) as model:
-        model.eval()
-        with torch.no_grad(), model.disable_adapter():
-            assert torch.equal(model(input_ids=ids).logits, bare)
-    assert not torch.equal(adapted, bare)
-    assert torch.equal(lean_autocast, peft_autocast)
+            assert torch.equal(twin(x), layer.base_layer(x)) and not torch.equal(layer(x), twin(x))
+    norm = LlamaRMSNorm(8)
+    assert use_fused_norms(norm) == 1
+    restored = pickle.loads(pickle.dumps(norm))
+    with torch.no_grad():
+        restored.weight.mul_(2)
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(restored(x), 2 * norm(x))
 
 
 def test_a_norm_is_fused_only_where_rms_norm_reproduces_it() -> None:
@@ -104,16 +168,26 @@ def test_a_norm_is_fused_only_where_rms_norm_reproduces_it() -> None:
 
     from objectives.lean_layers import use_fused_norms
 
-    llama, gemma = LlamaRMSNorm(16, eps=1e-5), GemmaRMSNorm(16, eps=1e-5)
+    class OffsetRMSNorm(LlamaRMSNorm):
+        """Scales by ``1 + weight``, as Gemma does, with Llama's attribute names: the probe must reject it."""
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return super().forward(hidden_states) / self.weight * (1 + self.weight)
+
+    llama, gemma, offset = LlamaRMSNorm(16, eps=1e-5), GemmaRMSNorm(16, eps=1e-5), OffsetRMSNorm(16, eps=1e-5)
     with torch.no_grad():
         llama.weight.normal_()
-    model = torch.nn.ModuleList([llama, gemma])
+        offset.weight.normal_()
+    model = torch.nn.ModuleList([llama, gemma, offset])
     x = torch.randn(3, 4, 16)
     before = [m(x) for m in model]
     assert use_fused_norms(model) == 1
-    assert "forward" in llama.__dict__ and "forward" not in gemma.__dict__
-    torch.testing.assert_close(llama(x), before[0])
-    assert torch.equal(gemma(x), before[1])
+    assert "forward" in llama.__dict__ and "forward" not in gemma.__dict__ and "forward" not in offset.__dict__
+    assert torch.equal(llama(x), before[0])  # fp32: the same arithmetic
+    assert torch.equal(gemma(x), before[1]) and torch.equal(offset(x), before[2])
+    # An input in another dtype than the weight's keeps transformers' arithmetic (its output in the weight's dtype).
+    half = x.to(torch.bfloat16)
+    assert torch.equal(llama(half), LlamaRMSNorm.forward(llama, half))
     assert use_fused_norms(model, on=False) == 1 and "forward" not in llama.__dict__
 
 
