@@ -65,7 +65,9 @@ class _LoraProduct(torch.autograd.Function):
         if weight is not None:
             # The sum promotes the base's output to x's dtype in the same kernel: peft's separate cast, without it.
             update = torch.add(update, functional.linear(x.to(weight.dtype), weight, bias)).to(x.dtype)
-        ctx.save_for_backward(weight, lora_a, lora_b, xa, hidden, mask)
+        # The mask serves only the input's gradient: a layer whose input needs none (the first layer's, from the
+        # frozen embedding) keeps none, as autograd keeps none for peft's dropout there.
+        ctx.save_for_backward(weight, lora_a, lora_b, xa, hidden, mask if ctx.needs_input_grad[0] else None)
         ctx.scaling, ctx.p, ctx.x_dtype = scaling, p, x.dtype
         return update
 
