@@ -114,6 +114,14 @@ class _Forward:
         return _Forward, (self.module(), self.forward)
 
 
+def _route(module: torch.nn.Module, forward: Callable[..., torch.Tensor] | None) -> None:
+    """Put ``forward`` in place of the module's own, or (``None``) give the module its own back."""
+    if forward is not None:
+        module.forward = _Forward(module, forward)
+    elif "forward" in module.__dict__:
+        del module.forward
+
+
 def _lean_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     base = layer.base_layer
     if (args or kwargs or layer.disable_adapters or layer.merged or layer.active_adapters != [ADAPTER]
@@ -139,10 +147,7 @@ def use_lean_layers(model: torch.nn.Module, on: bool = True) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and type(m).__name__ == "Linear4bit"]
     for layer in layers:
-        if on:
-            layer.forward = _Forward(layer, _lean_forward)
-        elif "forward" in layer.__dict__:
-            del layer.forward
+        _route(layer, _lean_forward if on else None)
     return len(layers)
 
 
@@ -163,9 +168,8 @@ def use_fused_norms(model: torch.nn.Module, on: bool = True) -> int:
                 or not isinstance(weight, torch.Tensor) or weight.dim() != 1):
             continue
         if not on:
-            if "forward" in module.__dict__:
-                del module.forward
-                count += 1
+            count += "forward" in module.__dict__
+            _route(module, None)
             continue
         if type(module) not in verdict:
             with torch.no_grad():
@@ -175,6 +179,6 @@ def use_fused_norms(model: torch.nn.Module, on: bool = True) -> int:
                                                        type(module).forward(module, probe).float(), rtol=1e-2,
                                                        atol=1e-2)
         if verdict[type(module)]:
-            module.forward = _Forward(module, _rms_norm_forward)
+            _route(module, _rms_norm_forward)
             count += 1
     return count
