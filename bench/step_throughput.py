@@ -25,6 +25,10 @@ and the same batches in the same order go through:
 - ``--methods layers`` runs ours-packed, ours-tf32 and ours-fastest, each also with ``model.lean_layers=true``
   (LoRA layers as one autograd step, RMSNorm as one operation); ours-lean-layers is ours-lean with them. Every
   other method runs without them.
+- ``--methods graphs`` runs ours-packed beside the fastest paths with the plain loss, each with and without
+  ``train.cuda_graphs=on`` (a step's pass captured once per shape and replayed): ours-tf32-layers and
+  ours-tf32-graphs at fp32 activations, ours-bf16-layers and ours-bf16-graphs at bf16. Every other method runs
+  without graphs.
 
 ``--checkpointing`` pins gradient checkpointing for every method (true, as Trainer + peft's recipe: the
 identical configuration), or lets each of our methods decide it as a trial would (auto: off where the memory
@@ -62,7 +66,8 @@ from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 
 METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed", "ours-cache",
            "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32", "ours-fastest",
-           "ours-packed-layers", "ours-tf32-layers", "ours-fastest-layers", "ours-lean-layers")
+           "ours-packed-layers", "ours-tf32-layers", "ours-fastest-layers", "ours-lean-layers", "ours-tf32-graphs",
+           "ours-bf16-layers", "ours-bf16-graphs")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
           "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
           "ours-bf16": "ours, upcast_unquantized=false",
@@ -79,14 +84,21 @@ LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing
           "ours-tf32-layers": "ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers",
           "ours-fastest-layers": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + "
                                  "fused_loss + tf32 + lean_layers",
-          "ours-lean-layers": "ours, packing + upcast_unquantized=false + fused_loss, checkpointing on + lean_layers"}
+          "ours-lean-layers": "ours, packing + upcast_unquantized=false + fused_loss, checkpointing on + lean_layers",
+          "ours-tf32-graphs": "ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers + cuda_graphs",
+          "ours-bf16-layers": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + tf32 + "
+                              "lean_layers",
+          "ours-bf16-graphs": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + tf32 + "
+                              "lean_layers + cuda_graphs"}
 # --methods switches: today's path beside each faster-step switch alone and all of them together
 SWITCHES = ("ours-packed", "ours-cache", "ours-fused", "ours-bf16-packed", "ours-all")
 # --methods fastest: today's path beside the switches as a trial on a large GPU decides them, and as a small one
 FASTEST = ("ours-packed", "ours-cache-auto", "ours-tf32", "ours-fast", "ours-fastest", "ours-lean")
 # --methods layers: each of today's path, the fastest at fp32 activations and the fastest, with and without lean layers
 LAYERS = ("ours-packed", "ours-packed-layers", "ours-tf32", "ours-tf32-layers", "ours-fastest", "ours-fastest-layers")
-GROUPS = {"switches": SWITCHES, "fastest": FASTEST, "layers": LAYERS}
+# --methods graphs: today's path, and the fastest plain-loss paths at fp32 and bf16 activations with and without graphs
+GRAPHS = ("ours-packed", "ours-tf32-layers", "ours-tf32-graphs", "ours-bf16-layers", "ours-bf16-graphs")
+GROUPS = {"switches": SWITCHES, "fastest": FASTEST, "layers": LAYERS, "graphs": GRAPHS}
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,8 @@ class Variant:
     """model.gradient_checkpointing for this method (true, false or auto); None: --checkpointing."""
     tf32: bool = False
     lean_layers: bool = False
+    cuda_graphs: bool = False
+    """train.cuda_graphs, where it can run (CUDA, checkpointing off as decided, the plain loss)."""
 
 
 OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Variant(False, upcast=False),
@@ -116,6 +130,9 @@ OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Varia
                                 tf32=True)}
 OURS |= {f"{name}-layers": dataclasses.replace(OURS[name], lean_layers=True)
          for name in ("ours-packed", "ours-tf32", "ours-fastest", "ours-lean")}
+OURS["ours-tf32-graphs"] = dataclasses.replace(OURS["ours-tf32-layers"], cuda_graphs=True)
+OURS["ours-bf16-layers"] = dataclasses.replace(OURS["ours-fastest-layers"], fused_loss=False)
+OURS["ours-bf16-graphs"] = dataclasses.replace(OURS["ours-bf16-layers"], cuda_graphs=True)
 # micro-batch, steps per shape: the steps keep the 8B shape's share of the run affordable
 SIZES = {"tiny": (2, 4), "135m": (16, 10), "1b": (16, 10), "8b": (16, 6)}
 DEFAULT_METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16")
@@ -209,7 +226,13 @@ def ours_config(base: Any, cfg: Any, variant: Variant) -> tuple[Any, str]:
     """The method's config with checkpointing decided as a trial decides it (``auto``), and what was decided."""
     import dataclasses
 
-    from objectives.decisions import device_memory_bytes, resolve_checkpointing, with_fused_loss
+    from objectives.decisions import (
+        cuda_graphs_unavailable,
+        device_memory_bytes,
+        resolve_checkpointing,
+        with_cuda_graphs,
+        with_fused_loss,
+    )
     from objectives.loss import fused_loss_unavailable
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=variant.packing))
@@ -223,6 +246,10 @@ def ours_config(base: Any, cfg: Any, variant: Variant) -> tuple[Any, str]:
     notes = [f"checkpointing auto: {'on' if cfg.model.gradient_checkpointing else 'off'}"] if auto else []
     if variant.fused_loss == "auto" and unavailable is not None:
         notes.append(f"fused loss not run: {unavailable}")
+    no_graphs = cuda_graphs_unavailable(cfg, base.device.type)
+    cfg = with_cuda_graphs(cfg, variant.cuda_graphs and no_graphs is None)
+    if variant.cuda_graphs and no_graphs is not None:
+        notes.append(f"CUDA graphs not run: {no_graphs}")
     return cfg, "; ".join(notes)
 
 
@@ -260,6 +287,8 @@ def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, var
     finally:
         use_tf32(False)
     peak = result.peak_memory_mb / 1024 if base.device.type == "cuda" else None
+    if cfg.train.cuda_graphs is True:
+        note = "; ".join(filter(None, [note, f"{result.graph_replays} of {len(stamps)} steps replayed"]))
     return (steady_tokens_per_s(stamps, tokens, warmup), peak, median_step(stamps, warmup),
             statistics.fmean(losses), note)
 

@@ -242,9 +242,16 @@ class TrainConfig:
     cross-entropy) instead of materialising batch x sequence x vocabulary logits: less memory but more time, the
     same loss up to rounding. ``auto``: per trial, on only where a trial would not fit with full logits (CUDA,
     liger-kernel installed, a model family it supports); off in a slot engine; on (true), off (false)."""
+    cuda_graphs: Any = "auto"
+    """Capture a step's forward and backward pass as a CUDA graph and replay it (``objectives/step_graphs.py``): one
+    launch instead of a few thousand kernel dispatches from the host, which bound a small model's step. Passes are
+    widened to data.max_length tokens, so the graphs' shapes are fixed. ``auto``: per trial, on where it can run
+    (CUDA, gradient checkpointing off, the plain loss) and the memory model predicts the trial fits with the
+    graph's memory held between steps; on (true), off (false). A step that takes several passes runs without."""
 
     def __post_init__(self) -> None:
         self.fused_loss = on_off_auto("train.fused_loss", self.fused_loss)
+        self.cuda_graphs = on_off_auto("train.cuda_graphs", self.cuda_graphs)
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every"):
             check_positive(f"train.{name}", getattr(self, name))
         check_positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)

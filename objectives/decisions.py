@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from objectives.config import FOUR_BIT, ConfigError, RecipeConfig
 from objectives.memory import ALLOCATOR_SLACK, estimate_worst
 from objectives.shape import TrialSettings
+from objectives.timing import host_bound
 
 Recipe = TypeVar("Recipe", bound=RecipeConfig)
 
@@ -100,14 +101,57 @@ def resolve_fused_loss(cfg: Recipe, device_kind: str, model_config: Any = None, 
     return cfg
 
 
+def with_cuda_graphs(cfg: Recipe, on: bool) -> Recipe:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graphs=on))
+
+
+def cuda_graphs_unavailable(cfg: RecipeConfig, device_kind: str) -> str | None:
+    """Why a trial's passes cannot be replayed as CUDA graphs, its other switches as decided (None: they can)."""
+    if device_kind != "cuda":
+        return f"needs CUDA (the trial trains on the {device_kind})"
+    if cfg.model.gradient_checkpointing is not False:
+        return "needs gradient checkpointing off (its recomputation reads the random state on the host)"
+    if cfg.train.fused_loss is not False:
+        return "needs the plain loss (train.fused_loss=off)"
+    return None
+
+
+def resolve_cuda_graphs(cfg: Recipe, device_kind: str, model_config: Any = None, memory_bytes: int | None = None,
+                        linear_names: Sequence[str] | None = None) -> Recipe:
+    """A trial's config with ``train.cuda_graphs: auto`` decided: on where the graphs can run, the time model
+    predicts the host bounds the step (:func:`objectives.timing.host_bound`: where the device bounds it, a replay
+    saves nothing and the captures cost), and the trial is predicted to fit with its activations counted twice (a
+    graph's memory pool keeps a step's activations between steps, and an evaluation's forward allocates beside
+    them); without ``memory_bytes``, wherever they can run.
+
+    Raises:
+        ConfigError: ``train.cuda_graphs`` is on where the graphs cannot run.
+    """
+    reason = cuda_graphs_unavailable(cfg, device_kind)
+    if cfg.train.cuda_graphs is True and reason is not None:
+        raise ConfigError(f"train.cuda_graphs: on {reason}; use auto or off")
+    if cfg.train.cuda_graphs != "auto":
+        return cfg
+    if reason is not None or memory_bytes is None:
+        return with_cuda_graphs(cfg, reason is None)
+    settings = TrialSettings.from_config(cfg)
+    try:
+        need = estimate_worst(model_config, settings, linear_names)
+        pays = host_bound(model_config, settings)
+    except ConfigError:
+        return with_cuda_graphs(cfg, False)
+    return with_cuda_graphs(cfg, pays and need.total + need.activations <= memory_bytes)
+
+
 def resolve_trial(cfg: Recipe, model_config: Any, memory_bytes: int, device_kind: str,
                   linear_names: Sequence[str] | None = None) -> Recipe:
     """Every ``auto`` of a trial decided, in this order: the fused loss (on where it can run and the trial does not
     fit without it), gradient checkpointing (off where the trial fits without it), the base cache (on where it
-    still fits)."""
+    still fits), CUDA graphs (on where they can run and the trial fits with their memory held)."""
     cfg = resolve_fused_loss(cfg, device_kind, model_config, memory_bytes, linear_names)
     cfg = resolve_checkpointing(cfg, model_config, memory_bytes, linear_names)
-    return resolve_base_cache(cfg, model_config, memory_bytes, linear_names)
+    cfg = resolve_base_cache(cfg, model_config, memory_bytes, linear_names)
+    return resolve_cuda_graphs(cfg, device_kind, model_config, memory_bytes, linear_names)
 
 
 def device_memory_bytes(device: Any = None) -> int:

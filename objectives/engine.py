@@ -34,7 +34,7 @@ import torch
 from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig
 from objectives.data import Rows, TokenizedSplits, targets_in, train_micro_batches
-from objectives.decisions import with_base_cache, with_checkpointing, with_fused_loss
+from objectives.decisions import with_base_cache, with_checkpointing, with_cuda_graphs, with_fused_loss
 from objectives.host_turns import TURNS
 from objectives.loss import check_fused_loss, group_loss_sums, hidden_and_head
 from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
@@ -48,16 +48,8 @@ from objectives.slots import (
     remove_slots,
     slot_parameter_count,
 )
-from objectives.training import (
-    LossNotFinite,
-    Staging,
-    TrainResult,
-    eval_passes,
-    forward_passes,
-    peak_memory_mb,
-    send,
-    to_device,
-)
+from objectives.training import LossNotFinite, TrainResult, eval_passes, forward_passes, peak_memory_mb
+from objectives.transfer import Staging, send, to_device
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +107,8 @@ class EngineShape:
 
     def as_trained(self, cfg: RecipeConfig) -> RecipeConfig:
         """``cfg`` with the settings every run of a pass shares as the engine and its base have them."""
-        return with_fused_loss(with_base_cache(with_checkpointing(cfg, self.checkpointing), self.base_cache),
-                               self.fused_loss)
+        shared = with_base_cache(with_checkpointing(cfg, self.checkpointing), self.base_cache)
+        return with_cuda_graphs(with_fused_loss(shared, self.fused_loss), False)
 
     def draw(self, cfg: RecipeConfig) -> SlotDraws | BaseException:
         """A run's first weights, drawn in the caller's thread; a failure (a rank over the engine's widest, unknown

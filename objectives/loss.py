@@ -92,7 +92,8 @@ def fused_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return _FUSED["sum"](weight, flat, shifted_labels(labels).reshape(-1))  # type: ignore[no-any-return]
 
 
-def pass_loss(model: Any, batch: dict[str, torch.Tensor], num_items: int, fused: bool) -> torch.Tensor:
+def pass_loss(model: Any, batch: dict[str, torch.Tensor], num_items: int | torch.Tensor,
+              fused: bool) -> torch.Tensor:
     """The pass's loss: summed over its predicted tokens and divided by ``num_items`` (the step's, so passes
     add up to the step's mean)."""
     if not fused:

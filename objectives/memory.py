@@ -211,6 +211,12 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+def captured_shapes(s: TrialSettings) -> int:
+    """How many sets of gradients a trial keeps: one, or with CUDA graphs one per pass shape a graph captures (a
+    packed pass has 1 to micro_batch_size rows; the graphs keep theirs between steps)."""
+    return (s.micro_batch_size if s.packed else 1) if s.cuda_graphs else 1
+
+
 def optimizer_state_bytes(name: str, tensor_sizes: Sequence[int], momentum: float = 0.9) -> int:
     """Persistent optimizer state for fp32 parameters of these sizes."""
     n = sum(tensor_sizes)
@@ -427,7 +433,8 @@ def estimate(config: Any, settings: TrialSettings, linear_names: Sequence[str] |
     workspace = (CUBLAS_THREADS * CUBLAS_WORKSPACE_BYTES if cuda else 0) + 3 * 8 * s.tokens
     static = dict(base_weights=quantized_weight_bytes(shape, s), base_cache=base_cache_bytes(shape, s),
                   unquantized_weights=unquantized_weight_bytes(shape, s), adapter=4 * n_adapter,
-                  gradients=4 * n_adapter, optimizer=optimizer_state_bytes(s.optimizer, sizes, s.momentum),
+                  gradients=4 * n_adapter * captured_shapes(s),
+                  optimizer=optimizer_state_bytes(s.optimizer, sizes, s.momentum),
                   workspace=workspace)
     wrapped = _wrapped_suffixes(shape, s, linear_names)
     shared = _shared_bytes(shape, s)

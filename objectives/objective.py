@@ -16,7 +16,14 @@ import torch
 from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig, TrainConfig
 from objectives.data import TokenizedSplits
-from objectives.decisions import Recipe, fits, resolve_trial, with_base_cache, with_checkpointing
+from objectives.decisions import (
+    Recipe,
+    fits,
+    resolve_trial,
+    with_base_cache,
+    with_checkpointing,
+    with_cuda_graphs,
+)
 from objectives.training import TrainResult, train_adapter
 
 log = logging.getLogger(__name__)
@@ -124,6 +131,7 @@ def run_recipe(cfg: RecipeConfig, base: ResidentBase, data: TokenizedSplits, mem
     started = time.perf_counter()
     auto = cfg.model.gradient_checkpointing == "auto"
     auto_cache = cfg.model.base_cache == "auto"
+    auto_graphs = cfg.train.cuda_graphs == "auto"
     cfg = plan_run(cfg, base, memory_bytes)
     hooks.on_start(cfg)
     forecast(cfg, base, memory_bytes, hooks)
@@ -146,9 +154,11 @@ def run_recipe(cfg: RecipeConfig, base: ResidentBase, data: TokenizedSplits, mem
             undo["base_cache"] = False
         if auto and not base.checkpointing:
             undo["gradient_checkpointing"] = True
+        if cfg.train.cuda_graphs is True and (auto_graphs or "gradient_checkpointing" in undo):
+            undo["cuda_graphs"] = False  # a graph's pool holds a step's activations; they need checkpointing off
         if attempt < cfg.train.oom_retries and undo:
-            # The forecast said the same batch fits with the base cache and without checkpointing, and it did not:
-            # first that batch with the memory-saving choices, one retry for both.
+            # The forecast said the same batch fits with the base cache, without checkpointing and with CUDA graphs,
+            # and it did not: first that batch with the memory-saving choices, one retry for all.
             log.warning("out of memory with the memory model's choices; retrying with %s",
                         ", ".join(f"{k}={v}" for k, v in undo.items()))
             if "base_cache" in undo:
@@ -157,6 +167,8 @@ def run_recipe(cfg: RecipeConfig, base: ResidentBase, data: TokenizedSplits, mem
             if "gradient_checkpointing" in undo:
                 base.use_checkpointing(True)
                 cfg = with_checkpointing(cfg, True)
+            if "cuda_graphs" in undo:
+                cfg = with_cuda_graphs(cfg, False)
             hooks.on_retry(cfg, attempt, undo)
             continue
         smaller = halve_micro_batch(cfg.train)

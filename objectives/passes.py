@@ -18,18 +18,24 @@ def merge_passes(parts: list[tuple[int, dict[str, torch.Tensor], int]],
     rows = max(batch["input_ids"].shape[0] for _, batch, _ in parts)
     out: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
     for _, batch, _ in parts:
-        n, extra = batch["input_ids"].shape
-        extra = width - extra
-        for name, t in batch.items():
-            if extra:
-                if name == "position_ids":  # the padding is one more segment of its own
-                    t = torch.cat([t, torch.arange(extra).expand(n, extra)], dim=1)
-                else:
-                    t = torch.nn.functional.pad(t, (0, extra), value=PAD_VALUES[name](pad_id))
+        n = batch["input_ids"].shape[0]
+        for name, t in widen(batch, width, pad_id).items():
             if rows > n:
                 t = torch.cat([t, padding_rows(name, rows - n, width, pad_id)])
             out[name].append(t)
     return {k: torch.cat(v) for k, v in out.items()}, [(slot, key) for slot, _, key in parts]
+
+
+def widen(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``batch`` padded on the right to ``width`` tokens (wider batches stay as they are): in every row the padding
+    is one more segment of its own, with its own positions and no labels, so the other tokens' outputs and the
+    loss keep their values."""
+    n, extra = batch["input_ids"].shape
+    extra = width - extra
+    if extra <= 0:
+        return batch
+    return {name: torch.cat([t, torch.arange(extra).expand(n, extra)], dim=1) if name == "position_ids"
+            else torch.nn.functional.pad(t, (0, extra), value=PAD_VALUES[name](pad_id)) for name, t in batch.items()}
 
 
 PAD_VALUES = {"input_ids": lambda pad: pad, "labels": lambda pad: IGNORE_INDEX, "attention_mask": lambda pad: 0}

@@ -129,6 +129,8 @@ class TrialSettings:
     """model.base_cache: a compute-dtype copy of the 4-bit linear weights is kept."""
     fused_loss: bool = False
     """train.fused_loss: the loss comes from the hidden state in chunks, without full logits."""
+    cuda_graphs: bool = False
+    """train.cuda_graphs: each captured pass shape (a row count, with packing) keeps gradients of its own."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
@@ -155,7 +157,7 @@ class TrialSettings:
                    upcast=cfg.model.upcast_unquantized, packed=cfg.train.packing, padded=padded, device=device,
                    # "auto" before a trial decides counts as off: the plain path's memory, the larger
                    base_cache=cfg.model.base_cache is True and cfg.model.quant_type in FOUR_BIT,
-                   fused_loss=cfg.train.fused_loss is True)
+                   fused_loss=cfg.train.fused_loss is True, cuda_graphs=cfg.train.cuda_graphs is True)
 
     @property
     def quantized(self) -> bool:

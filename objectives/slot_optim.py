@@ -15,7 +15,8 @@ import torch
 
 from objectives import slot_kernels
 from objectives.config import OptimizerConfig
-from objectives.training import lr_lambda, send
+from objectives.training import lr_lambda
+from objectives.transfer import send
 
 # Each coefficient's neutral value: a slot that does not step, or whose optimizer does not use it, keeps its
 # weights and state. The order is the fused kernel's (objectives.slot_kernels).

@@ -25,7 +25,7 @@ import torch
 from objectives import slot_kernels
 from objectives.config import LoraConfig
 from objectives.targets import resolve_targets
-from objectives.training import Staging, send
+from objectives.transfer import Staging, send
 
 
 @dataclass

@@ -44,6 +44,12 @@ LAYER_OVERHEAD_S = 3e-3
 """Host time per decoder layer per pass (forward, backward, recompute) on a GPU: Python and kernel launches."""
 ADAPTER_OVERHEAD_S = 0.6e-3
 """Host time per wrapped module per layer per pass (peft's LoRA forward adds a handful of kernels)."""
+HOST_BOUND = 1.5
+"""A step whose predicted host time is over this many times its device time is host-bound. Fitted on an H200 with
+CUDA graphs (``train.cuda_graphs``), median step with and without them (predicted host/device ratio): a default
+SmolLM2-135M trial 0.19 to 0.02 s (ratio 50-300), a Llama-3.2-1B pass at bf16 activations 0.13 to 0.09 s (3.2);
+no gain for the 1B pass at fp32 (0.13 s both, ratio 0.8) or Llama-3-8B's (0.33 to 0.39 s at fp32, ratio 0.5;
+0.28 s both at bf16, ratio 1.1), where the captures come on top."""
 CPU_FLOPS_PER_CORE = 147e9
 """Effective FLOP/s per CPU thread for this loop, fitted to the default sweep's complete trials on 2 cores."""
 
@@ -101,16 +107,29 @@ def step_flops(config: Any, s: TrialSettings, train: bool = True) -> tuple[float
 def step_seconds(config: Any, s: TrialSettings, device: Device | str = "cuda", train: bool = True) -> float:
     """Rough seconds of one micro-step (see the module docstring for the assumptions)."""
     dev = _device(device)
-    bf16, fp32 = step_flops(config, s, train)
     if dev.kind != "cuda":
-        return (bf16 + fp32) / dev.bf16_flops
+        return sum(step_flops(config, s, train)) / dev.bf16_flops
+    # The host issues kernels while the GPU runs earlier ones: the slower of the two sets the pace.
+    return max(_device_and_host_seconds(config, s, dev, train))
+
+
+def host_bound(config: Any, s: TrialSettings, device: Device | str = "cuda") -> bool:
+    """Whether the host's dispatch clearly sets the pace of a training micro-step on a GPU: its predicted time is
+    over :data:`HOST_BOUND` times the device's. There, replaying the step as a CUDA graph pays."""
+    dev = _device(device)
+    if dev.kind != "cuda":
+        return False
+    compute, launches = _device_and_host_seconds(config, s, dev, True)
+    return launches > HOST_BOUND * compute
+
+
+def _device_and_host_seconds(config: Any, s: TrialSettings, dev: Device, train: bool) -> tuple[float, float]:
+    bf16, fp32 = step_flops(config, s, train)
     compute = bf16 / (dev.bf16_flops * UTILIZATION) + fp32 / (dev.fp32_flops * UTILIZATION)
     shape = ModelShape.from_config(config)
     wrapped = len(adapter_modules(shape, s.targets)) / shape.num_layers
     passes = (2 + (1 if s.gradient_checkpointing else 0)) if train else 1
-    # The host issues kernels while the GPU runs earlier ones: the slower of the two sets the pace.
-    launches = shape.num_layers * passes * (LAYER_OVERHEAD_S + ADAPTER_OVERHEAD_S * wrapped)
-    return max(compute, launches)
+    return compute, shape.num_layers * passes * (LAYER_OVERHEAD_S + ADAPTER_OVERHEAD_S * wrapped)
 
 
 def _device(device: Device | str) -> Device:

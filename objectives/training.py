@@ -21,6 +21,8 @@ from objectives.data import (
     train_micro_batches,
 )
 from objectives.loss import fused_loss_on, pass_loss
+from objectives.step_graphs import PassGraphs
+from objectives.transfer import to_device
 
 
 class LossNotFinite(RuntimeError):
@@ -37,6 +39,8 @@ class TrainResult:
     peak_memory_mb: float
     seconds: float
     """Wall time inside training and evaluation steps (excludes setup and logging)."""
+    graph_replays: int = 0
+    """Passes replayed from a CUDA graph (``train.cuda_graphs``)."""
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -82,44 +86,6 @@ def forward_passes(micro_batches: list[Rows], packing: bool, pad_id: int, width:
     if not packing:
         return [collate(rows, pad_id) for rows in micro_batches]
     return pack([r for rows in micro_batches for r in rows], pad_id, width, len(micro_batches[0]))
-
-
-def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``, without waiting for the device to be idle: a copy from pageable host memory
-    first waits for every kernel queued before it (and a slot engine would hold its turn at the interpreter
-    meanwhile, :mod:`objectives.host_turns`)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-class Staging:
-    """One page-locked buffer for copies to the device that go one at a time (a slot engine's new runs' first
-    weights): page-locking each run's weights would keep them locked for the whole run, and page-locked memory, once
-    allocated, is kept for reuse, not given back."""
-
-    def __init__(self) -> None:
-        self._buffer: torch.Tensor | None = None
-        self._copied: Any = None
-        """When the last copy out of the buffer is done (a CUDA event)."""
-
-    def send(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``host`` on ``device``, without waiting for the device to be idle (see :func:`send`)."""
-        if device.type != "cuda":
-            return host.to(device)
-        if self._copied is not None:
-            self._copied.synchronize()  # the buffer's last copy has left it before it is written again
-        if self._buffer is None or self._buffer.numel() < host.numel() or self._buffer.dtype != host.dtype:
-            self._buffer = torch.empty(host.numel(), dtype=host.dtype, pin_memory=True)
-        staged = self._buffer[:host.numel()].view(host.shape)
-        staged.copy_(host)
-        sent = staged.to(device, non_blocking=True)
-        self._copied = torch.cuda.current_stream(device).record_event()
-        return sent
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: send(v, device) for k, v in batch.items()}
 
 
 def eval_passes(data: TokenizedSplits, batch_size: int, packing: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -181,47 +147,55 @@ def train_adapter(
     held_out = eval_passes(data, train.micro_batch_size, train.packing, pad_id)
     max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
     fused = fused_loss_on(train.fused_loss, device, model)
+    graphs = PassGraphs(model, params, device, data.max_length, pad_id) if train.cuda_graphs is True else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     busy = 0.0
     eval_loss = math.nan
     peak = 0.0
-    for step in range(1, train.max_steps + 1):
-        start = time.perf_counter()
-        window = [next(micro_batches) for _ in range(train.grad_accum)]
-        passes = forward_passes(window, train.packing, pad_id, data.max_length)
-        # Every response token of the step weighs the same, however the step is split into passes:
-        # halving the micro-batch after an out-of-memory error, or packing, leaves the objective unchanged.
-        targets = sum(targets_in(batch) for batch in passes)
-        loss_sum = torch.zeros((), device=device)
-        for batch in passes:
-            loss = pass_loss(model, to_device(batch, device), targets, fused)
-            loss.backward()
-            loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        train_loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
-        if not math.isfinite(train_loss):
-            raise LossNotFinite(f"loss is {train_loss} at step {step}")
-        if not math.isfinite(norm):
-            raise LossNotFinite(f"gradient norm is {norm} at step {step} (loss {train_loss:.4f})")
-        lr = float(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        busy += elapsed
-        peak = max(peak, peak_memory_mb(device))
-        tokens = sum(len(r["input_ids"]) for rows in window for r in rows)
-        on_step(step, {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm,
-                       "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
-        if evaluates_at(step, train.eval_every, train.max_steps):
+    try:
+        for step in range(1, train.max_steps + 1):
             start = time.perf_counter()
-            eval_loss = evaluate(model, held_out, device, fused)
-            busy += time.perf_counter() - start
-            on_eval(step, eval_loss)
-            if not math.isfinite(eval_loss):
-                raise LossNotFinite(f"eval loss is {eval_loss} at step {step}")
+            window = [next(micro_batches) for _ in range(train.grad_accum)]
+            passes = forward_passes(window, train.packing, pad_id, data.max_length)
+            # Every response token of the step weighs the same, however the step is split into passes:
+            # halving the micro-batch after an out-of-memory error, or packing, leaves the objective unchanged.
+            targets = sum(targets_in(batch) for batch in passes)
+            loss_sum = torch.zeros((), device=device)
+            if graphs is not None and len(passes) == 1:  # a graph's pass writes gradients; it cannot add to them
+                loss_sum += graphs.loss(passes[0], targets)
+            else:
+                for batch in passes:
+                    loss = pass_loss(model, to_device(batch, device), targets, fused)
+                    loss.backward()
+                    loss_sum += loss.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            train_loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
+            if not math.isfinite(train_loss):
+                raise LossNotFinite(f"loss is {train_loss} at step {step}")
+            if not math.isfinite(norm):
+                raise LossNotFinite(f"gradient norm is {norm} at step {step} (loss {train_loss:.4f})")
+            lr = float(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - start
+            busy += elapsed
+            peak = max(peak, peak_memory_mb(device))
+            tokens = sum(len(r["input_ids"]) for rows in window for r in rows)
+            on_step(step, {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm,
+                           "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
+            if evaluates_at(step, train.eval_every, train.max_steps):
+                start = time.perf_counter()
+                eval_loss = evaluate(model, held_out, device, fused)
+                busy += time.perf_counter() - start
+                on_eval(step, eval_loss)
+                if not math.isfinite(eval_loss):
+                    raise LossNotFinite(f"eval loss is {eval_loss} at step {step}")
+    finally:
+        if graphs is not None:
+            graphs.close()
     return TrainResult(eval_loss=eval_loss, steps=train.max_steps,
                        trainable_params=sum(p.numel() for p in params), peak_memory_mb=peak,
-                       seconds=busy)
+                       seconds=busy, graph_replays=graphs.replays if graphs is not None else 0)

@@ -200,6 +200,10 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         fused = "fused with the head (liger-kernel)"
     else:
         fused = "auto (per trial: fused with the head only where the trial would not fit with full logits)"
+    graphs = {True: "on", False: "off"}.get(cfg.train.cuda_graphs, "auto (per trial: on where the step can be replayed "
+                                                                      "and the trial fits with its memory held)")
+    if device.kind != "cuda":
+        graphs = "off (CUDA only)"
     layers = ("peft's and transformers' own layers" if not m.lean_layers
               else "lean layers (LoRA as one autograd step, fused RMSNorm)" if four_bit else "fused RMSNorm")
     lines = [f"plan for study {cfg.study.name!r} ({cfg.study.n_trials} trials); nothing is trained",
@@ -209,7 +213,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
              f"sequence length up to data.max_length={cfg.data.max_length}",
              f"step: {'fp32' if four_bit and m.upcast_unquantized else m.compute_dtype} activations"
              f"{', fp32 products on TF32' if m.tf32 and device.kind == 'cuda' else ''}; "
-             f"base cache {base_cache}; loss from {fused}; {layers}",
+             f"base cache {base_cache}; loss from {fused}; {layers}; CUDA graphs {graphs}",
              f"search space: {len(params)} parameters, "
              f"{'continuous' if math.isinf(size) else f'{int(size)} configurations'}"]
     for p in params:

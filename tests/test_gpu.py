@@ -85,6 +85,39 @@ def test_lean_layers_match_peft_layers_on_cuda(tmp_path: Path, cache: bool) -> N
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cuda_graphs_train_as_the_eager_step_does(tmp_path: Path, dropout: float) -> None:
+    """The replayed passes are the eager passes widened to data.max_length: the same losses up to the products'
+    rounding at the wider shape; a fresh dropout mask at every replay."""
+    import dataclasses
+
+    from objectives.training import train_adapter
+    from sweeper.launch import Resources
+
+    cfg, _ = compose.load([*TINY, *SOURCE, "search_space=none", "train.device=cuda", "train.max_steps=8",
+                           "train.eval_every=4", f"lora.dropout={dropout}", "lora.targets=all-linear",
+                           "model.gradient_checkpointing=false", "train.fused_loss=off", f"output_dir={tmp_path}"])
+    res = Resources.load(cfg)
+    runs = {}
+    for graphs in (False, True):
+        losses: list[float] = []
+        with res.base.adapter(cfg.lora, seed=0) as model:
+            result = train_adapter(model, res.data, dataclasses.replace(cfg.train, cuda_graphs=graphs), cfg.optimizer,
+                                   res.base.device, res.base.tokenizer.pad_token_id,
+                                   on_step=lambda s, m, losses=losses: losses.append(m["train_loss"]))
+            weights = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+        runs[graphs] = (losses, result, weights)
+    (eager, eager_result, eager_weights), (replayed, result, weights) = runs[False], runs[True]
+    assert result.graph_replays >= 3 and eager_result.graph_replays == 0
+    tolerance = 1e-4 if dropout == 0 else 2e-2  # with dropout the masks need not be drawn in the same order
+    assert replayed == pytest.approx(eager, rel=tolerance)
+    assert result.eval_loss == pytest.approx(eager_result.eval_loss, rel=tolerance)
+    # AdamW moves a weight by about the learning rate whatever its gradient's size: where a gradient is near zero,
+    # the rounding of the wider pass's products can turn a step's direction
+    steps = cfg.optimizer.lr * cfg.train.max_steps
+    torch.testing.assert_close(weights, eager_weights, rtol=0, atol=max(tolerance, 2 * steps))
+
+
 def test_the_slot_kernels_compute_what_the_torch_operations_compute(monkeypatch: pytest.MonkeyPatch) -> None:
     from objectives import slot_kernels
     from objectives.config import OptimizerConfig
@@ -130,7 +163,7 @@ def test_the_slot_kernels_compute_what_the_torch_operations_compute(monkeypatch:
 
 
 def test_the_staging_buffer_sends_each_tensor_as_it_was_given() -> None:
-    from objectives.training import Staging
+    from objectives.transfer import Staging
 
     staging, device = Staging(), torch.device("cuda")
     first, second = torch.arange(1000, dtype=torch.float32), torch.arange(3000, dtype=torch.float32) * 2

@@ -204,6 +204,34 @@ def test_base_cache_auto_is_on_where_the_trial_still_fits_with_it(tiny: tuple[Sw
     assert resolve_base_cache(bf16, config, 2**50).model.base_cache is False  # nothing to dequantize
 
 
+def test_cuda_graphs_auto_is_on_where_the_host_bounds_the_step_and_the_trial_fits(
+        tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    from objectives.decisions import resolve_cuda_graphs, with_checkpointing, with_cuda_graphs, with_fused_loss
+
+    cfg, _, config = tiny
+    ready = with_fused_loss(with_checkpointing(cfg, False), False)
+    need = fits(ready, config, 0)[1]
+    eight_b = replace(ready, data=replace(ready.data, max_length=1024),
+                      lora=replace(ready.lora, r=16, targets="all-linear"))
+    for trial, device, model, memory, expected in [
+            (ready, "cuda", config, 2**50, True),          # a tiny model: the host bounds its step
+            (ready, "cuda", config, 2 * need, True),
+            (ready, "cuda", config, need, False),          # no room for the graph's pool beside an evaluation
+            (ready, "cpu", config, 2**50, False),
+            (with_checkpointing(ready, True), "cuda", config, 2**50, False),
+            (with_fused_loss(ready, True), "cuda", config, 2**50, False),
+            (eight_b, "cuda", LLAMA_8B, 2**50, False)]:  # the device bounds it: a replay saves nothing
+        assert resolve_cuda_graphs(trial, device, model, memory).train.cuda_graphs is expected, (device, memory)
+    assert resolve_cuda_graphs(with_cuda_graphs(ready, False), "cuda", config, 2**50).train.cuda_graphs is False
+    assert resolve_cuda_graphs(ready, "cuda").train.cuda_graphs is True  # no memory given: wherever it can run
+    for trial, device, why in [(with_cuda_graphs(ready, True), "cpu", "needs CUDA"),
+                               (with_cuda_graphs(with_checkpointing(ready, True), True), "cuda",
+                                "needs gradient checkpointing off"),
+                               (with_cuda_graphs(with_fused_loss(ready, True), True), "cuda", "train.fused_loss=off")]:
+        with pytest.raises(ConfigError, match=f"train.cuda_graphs: on .*{why}"):
+            resolve_cuda_graphs(trial, device, config, 2**50)
+
+
 def test_the_plan_shows_the_base_cache_and_the_loss(tiny: tuple[SweepConfig, list[Any], Any]) -> None:
     from objectives.timing import Device
 
@@ -213,6 +241,7 @@ def test_the_plan_shows_the_base_cache_and_the_loss(tiny: tuple[SweepConfig, lis
     text = plan(cfg, params, memory, model_config=config, device=CPU)
     assert "base cache auto (per trial: a compute-dtype copy of the 4-bit weights where" in text
     assert "loss from full logits (fused loss: it needs CUDA)" in text
+    assert "; CUDA graphs off (CUDA only)" in text
     column = next(ln.split() for ln in text.splitlines() if ln.strip().startswith("#")).index("cache")
     table = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit() and ln.strip().endswith(("yes", "NO"))]
     assert {row[column] for row in table} == {"on", "off"}

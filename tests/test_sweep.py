@@ -220,7 +220,7 @@ def test_a_slot_adapter_names_the_configured_source(tmp_path: Path) -> None:
 
     from objectives.config import LoraConfig
     from objectives.slots import SlotAdapter, SlotDraws, initialise_slot, inject_slots
-    from objectives.training import Staging
+    from objectives.transfer import Staging
 
     model = torch.nn.Sequential()
     model.add_module("q_proj", torch.nn.Linear(8, 8))

@@ -1,0 +1,132 @@
+"""A trial's training pass replayed as a CUDA graph (``train.cuda_graphs``).
+
+A small model's step is bound by the host: it dispatches a few thousand kernels one at a time (Python, peft's
+and transformers' layers, the autograd engine), each shorter than its dispatch (BENCHMARKS.md, benchmark 2).
+Captured once, the same forward and backward are launched with one call. What a graph fixes at capture, and how
+the loop keeps it true:
+
+- shapes: every pass is widened to ``data.max_length`` tokens (:func:`objectives.passes.widen`: a padding segment
+  of its own, no labels), so a trial's passes take as many shapes as row counts, one graph each;
+- the inputs and the step's token count (which divides the loss) live in tensors the graph reads; each step
+  copies its own into them;
+- the gradients: captured where the parameters have none, so each replay writes fresh ones, which the loop
+  hands back to the parameters; clipping, the optimizer and the schedule run outside the graph, as before;
+- dropout: the CUDA generator moves on by the graph's draws at each replay, so every step draws new masks.
+
+A shape's first pass runs eagerly on the capture stream (the warm-up a capture needs: cuBLAS' workspace for that
+stream, lazily built state); its second is captured, and every later one replays. A capture that fails turns the
+graphs off for the rest of the trial and says why; the trial goes on eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from objectives.loss import pass_loss
+from objectives.passes import widen
+from objectives.transfer import to_device
+
+log = logging.getLogger(__name__)
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's one stream for captures and their warm-ups: cuBLAS keeps a workspace for every stream it ever
+    ran on (64 MB on an H200), so a stream per trial would keep that much more memory after every trial."""
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
+class _Graph:
+    """One captured pass: its graph, the tensors it reads and the loss and gradients it writes."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], count: torch.Tensor,
+                 loss: torch.Tensor, grads: list[torch.Tensor | None]) -> None:
+        self.graph, self.inputs, self.count, self.loss, self.grads = graph, inputs, count, loss, grads
+
+
+class PassGraphs:
+    """The captured passes of one trial; :meth:`loss` runs a pass, forward and backward, through them."""
+
+    def __init__(self, model: Any, params: list[torch.nn.Parameter], device: torch.device, width: int,
+                 pad_id: int) -> None:
+        self.model, self.params, self.device, self.width, self.pad_id = model, params, device, width, pad_id
+        self.stream = capture_stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, ...], _Graph] = {}
+        self.warm: set[tuple[int, ...]] = set()
+        self.failure: str | None = None
+        self.replays = 0
+
+    def loss(self, batch: dict[str, torch.Tensor], num_items: int) -> torch.Tensor:
+        """The pass's loss (summed over its tokens, divided by ``num_items``) with its gradients in the parameters'
+        ``.grad``, as ``pass_loss(...).backward()`` leaves them where the parameters had none. ``batch`` is on
+        the host."""
+        if self.failure is not None:
+            return self._eager(batch, num_items)
+        batch = widen(batch, self.width, self.pad_id)
+        key = tuple(batch["input_ids"].shape)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key not in self.warm:
+                self.warm.add(key)
+                return self._eager(batch, num_items, self.stream)
+            try:
+                graph = self.graphs[key] = self._capture(batch)
+            except RuntimeError as e:
+                if "out of memory" in str(e).lower():
+                    raise
+                self.failure = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                log.warning("CUDA graphs off for the rest of this trial: the capture failed (%s)", self.failure)
+                self._drop_grads()
+                return self._eager(batch, num_items)
+        for name, tensor in batch.items():
+            graph.inputs[name].copy_(tensor.pin_memory(), non_blocking=True)
+        graph.count.fill_(num_items)
+        graph.graph.replay()
+        self.replays += 1
+        for p, g in zip(self.params, graph.grads, strict=True):
+            p.grad = g
+        return graph.loss.detach()
+
+    def _eager(self, batch: dict[str, torch.Tensor], num_items: int,
+               stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+        if stream is None:
+            loss = pass_loss(self.model, to_device(batch, self.device), num_items, False)
+            loss.backward()
+            return loss.detach()
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            loss = pass_loss(self.model, to_device(batch, self.device), num_items, False)
+            loss.backward()
+        current.wait_stream(stream)
+        return loss.detach()
+
+    def _capture(self, batch: dict[str, torch.Tensor]) -> _Graph:
+        self._drop_grads()
+        inputs = {name: t.to(self.device) for name, t in batch.items()}
+        count = torch.ones((), device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        # thread_local: another thread's CUDA call (a logger reading memory) does not void the capture
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            loss = pass_loss(self.model, inputs, count, False)
+            loss.backward()
+        grads = [p.grad for p in self.params]
+        return _Graph(graph, inputs, count, loss, grads)
+
+    def _drop_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def close(self) -> None:
+        """Release the graphs and their memory pool (the parameters' gradients are dropped too)."""
+        self._drop_grads()
+        self.graphs.clear()
