@@ -13,9 +13,10 @@ the loop keeps it true:
   hands back to the parameters; clipping, the optimizer and the schedule run outside the graph, as before;
 - dropout: the CUDA generator moves on by the graph's draws at each replay, so every step draws new masks.
 
-A shape's first pass runs eagerly on the capture stream (the warm-up a capture needs: cuBLAS' workspace for that
-stream, lazily built state); its second is captured, and every later one replays. A capture that fails turns the
-graphs off for the rest of the trial and says why; the trial goes on eagerly.
+The first pass on a device runs eagerly on the capture stream (the warm-up a capture needs: cuBLAS' workspace
+for that stream, kernels loaded on first use); every pass shape is captured when it first comes, and replayed
+from then on. A capture that fails turns the graphs off for the rest of the trial and says why; the trial goes on
+eagerly.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_WARM: set[torch.device] = set()
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -60,7 +62,6 @@ class PassGraphs:
         self.stream = capture_stream(device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, ...], _Graph] = {}
-        self.warm: set[tuple[int, ...]] = set()
         self.failure: str | None = None
         self.replays = 0
 
@@ -74,8 +75,8 @@ class PassGraphs:
         key = tuple(batch["input_ids"].shape)
         graph = self.graphs.get(key)
         if graph is None:
-            if key not in self.warm:
-                self.warm.add(key)
+            if self.device not in _WARM:
+                _WARM.add(self.device)
                 return self._eager(batch, num_items, self.stream)
             try:
                 graph = self.graphs[key] = self._capture(batch)
