@@ -10,6 +10,8 @@ and the same batches in the same order go through:
 - trainer: ``transformers.Trainer`` (its default fused AdamW) on the same peft model, computing like our
   loop (no autocast);
 - trainer-bf16: the same with ``bf16=True`` (autocast), as the usual QLoRA recipe sets it;
+- trainer-liger: trainer with ``use_liger_kernel=True`` (liger-kernel's patched model: fused RMSNorm, SwiGLU, RoPE
+  and linear cross-entropy; CUDA only). Its patches stay on the base, so it runs after every other method of a shape;
 - ours-bf16, ours-bf16-packed: our loop on a base loaded with ``model.upcast_unquantized=false``
   (embeddings, head and norms stay bf16, so activations are bf16 and sdpa gets bf16 queries, keys and
   values), padded and packed (not in the default --methods);
@@ -64,12 +66,13 @@ from bench.models import SHAPE_NAMES, model_overrides
 from bench.report import markdown_table, num, ratio, render_report, say, write_report
 from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 
-METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "ours-bf16", "ours-bf16-packed", "ours-cache",
-           "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32", "ours-fastest",
+METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "trainer-liger", "ours-bf16", "ours-bf16-packed",
+           "ours-cache", "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32", "ours-fastest",
            "ours-packed-layers", "ours-tf32-layers", "ours-fastest-layers", "ours-lean-layers", "ours-tf32-graphs",
            "ours-bf16-layers", "ours-bf16-graphs")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
           "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
+          "trainer-liger": "Trainer + peft, use_liger_kernel",
           "ours-bf16": "ours, upcast_unquantized=false",
           "ours-bf16-packed": "ours, upcast_unquantized=false + packing",
           "ours-cache": "ours, packing + base_cache=on", "ours-fused": "ours, packing + fused_loss=on",
@@ -309,9 +312,18 @@ def peak_share(base: Any, cfg: Any, tokens_per_s: float | None) -> float | None:
     return tokens_per_s * per_token / detect_device(cfg).bf16_flops
 
 
+def unavailable_liger(device_kind: str) -> str | None:
+    import importlib.util
+
+    if device_kind != "cuda":
+        return "liger-kernel's Trainer path runs on CUDA only"
+    return None if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed"
+
+
 def run_trainer(base: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: list[int], warmup: int,
-                bf16: bool, workdir: Path) -> Measured:
-    """A plain Trainer on the same peft model (same initialisation), reading the same rows in order."""
+                bf16: bool, workdir: Path, liger: bool = False) -> Measured:
+    """A plain Trainer on the same peft model (same initialisation), reading the same rows in order; ``liger``:
+    with ``use_liger_kernel``, which patches the base in place."""
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -329,7 +341,7 @@ def run_trainer(base: Any, cfg: Any, rows: list[dict[str, list[int]]], tokens: l
     base.use_checkpointing(cfg.model.gradient_checkpointing is not False)  # as prepare_model_for_kbit_training
     base.use_lean_layers(False)
     targs = TrainingArguments(**trainer_fixed_arguments(workdir / "trainer", cfg, device, bf16),
-                              **trainer_arguments(cfg), logging_steps=1)
+                              **trainer_arguments(cfg), logging_steps=1, use_liger_kernel=liger)
     with base.adapter(cfg.lora, cfg.train.seed) as model:
         trainer = Trainer(model=model, args=targs, train_dataset=rows,
                           data_collator=partial(collate, pad_id=base.tokenizer.pad_token_id), callbacks=[StepClock()])
@@ -379,10 +391,14 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
                 f"{cfg.train.micro_batch_size} examples, {statistics.fmean(tokens):.0f} real tokens per step on "
                 "average, padding is "
                 f"{100 * (1 - sum(tokens) / padded):.0f}% of the padded batches")
-        for method in todo:
+        for method in sorted(todo, key=lambda m: m == "trainer-liger"):  # its patches stay on the base
             say(f"[{time.strftime('%H:%M:%S')}] {shape} {method} ...")
             if method == "trainer-bf16" and base.device.type != "cuda":
                 runs.append(Run(shape, method, None, None, None, None, "skipped: bf16 autocast is run on CUDA only"))
+                continue
+            if method == "trainer-liger" and unavailable_liger(base.device.type):
+                runs.append(Run(shape, method, None, None, None, None,
+                                f"skipped: {unavailable_liger(base.device.type)}"))
                 continue
             unavailable = fused_loss_unavailable(base.device.type, base.config)
             if method in OURS and OURS[method].fused_loss is True and unavailable is not None:
@@ -393,7 +409,7 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
             else:
                 rows = [r for batch in batches for r in batch]
                 out = run_trainer(base, cfg, rows, tokens, args.warmup_steps, method == "trainer-bf16",
-                                  workdir)
+                                  workdir, liger=method == "trainer-liger")
             runs.append(Run(shape, method, *out, peak_share=peak_share(base, cfg, out[0])))
             free_accelerator()
         del base, data, resources
