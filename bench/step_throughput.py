@@ -67,9 +67,9 @@ from bench.report import markdown_table, num, ratio, render_report, say, write_r
 from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 
 METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "trainer-liger", "ours-bf16", "ours-bf16-packed",
-           "ours-cache", "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32", "ours-fastest",
-           "ours-packed-layers", "ours-tf32-layers", "ours-fastest-layers", "ours-lean-layers", "ours-tf32-graphs",
-           "ours-bf16-layers", "ours-bf16-graphs")
+           "ours-cache", "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32",
+           "ours-fastest", "ours-packed-layers", "ours-tf32-layers", "ours-fastest-layers", "ours-lean-layers",
+           "ours-tf32-graphs", "ours-bf16-layers", "ours-bf16-graphs")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
           "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
           "trainer-liger": "Trainer + peft, use_liger_kernel",
