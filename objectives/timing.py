@@ -50,6 +50,9 @@ CUDA graphs (``train.cuda_graphs``), median step with and without them (predicte
 SmolLM2-135M trial 0.19 to 0.02 s (ratio 50-300), a Llama-3.2-1B pass at bf16 activations 0.13 to 0.09 s (3.2);
 no gain for the 1B pass at fp32 (0.13 s both, ratio 0.8) or Llama-3-8B's (0.33 to 0.39 s at fp32, ratio 0.5;
 0.28 s both at bf16, ratio 1.1), where the captures come on top."""
+REPLAY_OVERHEAD_S = 15e-3
+"""Host time of a step replayed from a CUDA graph: the copies into the graph's inputs, the replay, clipping and the
+optimizer step (a default SmolLM2-135M trial's step took 0.018-0.020 s on an H200, its kernels a few ms)."""
 CPU_FLOPS_PER_CORE = 147e9
 """Effective FLOP/s per CPU thread for this loop, fitted to the default sweep's complete trials on 2 cores."""
 
@@ -109,8 +112,11 @@ def step_seconds(config: Any, s: TrialSettings, device: Device | str = "cuda", t
     dev = _device(device)
     if dev.kind != "cuda":
         return sum(step_flops(config, s, train)) / dev.bf16_flops
+    compute, launches = _device_and_host_seconds(config, s, dev, train)
+    if train and s.cuda_graphs:
+        return max(compute, REPLAY_OVERHEAD_S)
     # The host issues kernels while the GPU runs earlier ones: the slower of the two sets the pace.
-    return max(_device_and_host_seconds(config, s, dev, train))
+    return max(compute, launches)
 
 
 def host_bound(config: Any, s: TrialSettings, device: Device | str = "cuda") -> bool:

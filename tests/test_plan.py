@@ -223,6 +223,8 @@ def test_cuda_graphs_auto_is_on_where_the_host_bounds_the_step_and_the_trial_fit
             (eight_b, "cuda", LLAMA_8B, 2**50, False)]:  # the device bounds it: a replay saves nothing
         assert resolve_cuda_graphs(trial, device, model, memory).train.cuda_graphs is expected, (device, memory)
     assert resolve_cuda_graphs(with_cuda_graphs(ready, False), "cuda", config, 2**50).train.cuda_graphs is False
+    replayed = TrialSettings.from_config(with_cuda_graphs(ready, True))
+    assert step_seconds(SMOLLM2, replayed) < step_seconds(SMOLLM2, replace(replayed, cuda_graphs=False)) / 10
     assert resolve_cuda_graphs(ready, "cuda").train.cuda_graphs is True  # no memory given: wherever it can run
     for trial, device, why in [(with_cuda_graphs(ready, True), "cpu", "needs CUDA"),
                                (with_cuda_graphs(with_checkpointing(ready, True), True), "cuda",
