@@ -2,7 +2,7 @@
 # make test    set up (Python packages, Chromium, PostgreSQL, SLURM), then run the whole test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PYTEST ?= -q
+PYTEST ?= -q --durations=15
 
 .PHONY: setup system sweep test lint clean
 
