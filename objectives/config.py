@@ -246,8 +246,10 @@ class TrainConfig:
     """Capture a step's forward and backward pass as a CUDA graph and replay it (``objectives/step_graphs.py``): one
     launch instead of a few thousand kernel dispatches from the host, which bound a small model's step. Passes are
     widened to data.max_length tokens, so the graphs' shapes are fixed. ``auto``: per trial, on where it can run
-    (CUDA, gradient checkpointing off, the plain loss) and the memory model predicts the trial fits with the
-    graph's memory held between steps; on (true), off (false). A step that takes several passes runs without."""
+    (CUDA, gradient checkpointing off, the plain loss, one pass per step), the time model predicts the host bounds
+    the step, and the memory model predicts the trial fits with the graph's memory held between steps; on (true):
+    wherever it can run (a trial that needs checkpointing or the fused loss fails); off (false). Slots
+    (workers.slots above 1) run without them."""
 
     def __post_init__(self) -> None:
         self.fused_loss = on_off_auto("train.fused_loss", self.fused_loss)

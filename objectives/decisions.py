@@ -113,6 +113,8 @@ def cuda_graphs_unavailable(cfg: RecipeConfig, device_kind: str) -> str | None:
         return "needs gradient checkpointing off (its recomputation reads the random state on the host)"
     if cfg.train.fused_loss is not False:
         return "needs the plain loss (train.fused_loss=off)"
+    if not cfg.train.packing and cfg.train.grad_accum > 1:
+        return "needs one pass per step (train.packing=true, or train.grad_accum=1)"
     return None
 
 
@@ -134,7 +136,7 @@ def resolve_cuda_graphs(cfg: Recipe, device_kind: str, model_config: Any = None,
         return cfg
     if reason is not None or memory_bytes is None:
         return with_cuda_graphs(cfg, reason is None)
-    settings = TrialSettings.from_config(cfg)
+    settings = TrialSettings.from_config(with_cuda_graphs(cfg, True))
     try:
         need = estimate_worst(model_config, settings, linear_names)
         pays = host_bound(model_config, settings)
@@ -176,7 +178,8 @@ def slots_memory_bytes(cfg: RecipeConfig, model_config: Any, slots: int, r_max: 
     settings = dataclasses.replace(
         TrialSettings.from_config(cfg), r=r_max, targets="all-linear", optimizer="adamw",
         micro_batch_size=rows or slots * cfg.train.micro_batch_size, seq_len=width or cfg.data.max_length,
-        gradient_checkpointing=checkpointing, base_cache=base_cache and cfg.model.quant_type in FOUR_BIT)
+        gradient_checkpointing=checkpointing, base_cache=base_cache and cfg.model.quant_type in FOUR_BIT,
+        cuda_graphs=False)
     one = estimate_worst(model_config, settings, linear_names)
     per_slot = one.adapter + one.gradients + one.optimizer
     return int(one.total + (slots - 1) * per_slot * (1 + ALLOCATOR_SLACK))

@@ -11,8 +11,9 @@ own norm, its optimizer, schedule, data order and dropout masks are its own (:mo
 A NaN or infinite loss stops that run only. Runs due for evaluation are evaluated together.
 
 Settings that cannot differ within a pass are the engine's: the base (model.*, with gradient checkpointing and
-the base cache as the base has them), data.*, train.packing and train.fused_loss; a run's recorded config
-says what the engine trained it with.
+the base cache as the base has them), data.*, train.packing and train.fused_loss; passes change their mix of runs
+from step to step, so none is replayed from a CUDA graph (train.cuda_graphs is off). A run's recorded config says
+what the engine trained it with.
 """
 
 from __future__ import annotations

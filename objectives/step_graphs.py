@@ -15,12 +15,13 @@ the loop keeps it true:
 
 The first pass on a device runs eagerly on the capture stream (the warm-up a capture needs: cuBLAS' workspace
 for that stream, kernels loaded on first use); every pass shape is captured when it first comes, and replayed
-from then on. A capture that fails turns the graphs off for the rest of the trial and says why; the trial goes on
-eagerly.
+from then on. A capture that fails turns the graphs off on its device for the rest of the process and says why;
+the trial goes on eagerly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 _WARM: set[torch.device] = set()
+_FAILED: dict[torch.device, str] = {}
+"""Why a capture failed on a device: the graphs stay off there for the rest of the process, since a failed capture
+can leave the allocator holding its pool."""
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -62,8 +66,12 @@ class PassGraphs:
         self.stream = capture_stream(device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, ...], _Graph] = {}
-        self.failure: str | None = None
         self.replays = 0
+
+    @property
+    def failure(self) -> str | None:
+        """Why the graphs are off on this device (None: they are on)."""
+        return _FAILED.get(self.device)
 
     def loss(self, batch: dict[str, torch.Tensor], num_items: int) -> torch.Tensor:
         """The pass's loss (summed over its tokens, divided by ``num_items``) with its gradients in the parameters'
@@ -76,15 +84,16 @@ class PassGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             if self.device not in _WARM:
+                loss = self._eager(batch, num_items, self.stream)
                 _WARM.add(self.device)
-                return self._eager(batch, num_items, self.stream)
+                return loss
             try:
                 graph = self.graphs[key] = self._capture(batch)
             except RuntimeError as e:
                 if "out of memory" in str(e).lower():
                     raise
-                self.failure = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                log.warning("CUDA graphs off for the rest of this trial: the capture failed (%s)", self.failure)
+                _FAILED[self.device] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                log.warning("CUDA graphs off on %s from now on: a capture failed (%s)", self.device, self.failure)
                 self._drop_grads()
                 return self._eager(batch, num_items)
         for name, tensor in batch.items():
@@ -94,7 +103,7 @@ class PassGraphs:
         self.replays += 1
         for p, g in zip(self.params, graph.grads, strict=True):
             p.grad = g
-        return graph.loss.detach()
+        return graph.loss
 
     def _eager(self, batch: dict[str, torch.Tensor], num_items: int,
                stream: torch.cuda.Stream | None = None) -> torch.Tensor:
@@ -107,21 +116,41 @@ class PassGraphs:
         with torch.cuda.stream(stream):
             loss = pass_loss(self.model, to_device(batch, self.device), num_items, False)
             loss.backward()
+        # The gradients made on the capture stream are used and freed on this one after this wait; the allocator
+        # hands their blocks out again only on the capture stream, whose next work (a capture) comes later still.
         current.wait_stream(stream)
         return loss.detach()
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> _Graph:
         self._drop_grads()
-        inputs = {name: t.to(self.device) for name, t in batch.items()}
+        # The capture records kernels without running them: the inputs' values arrive with each replay.
+        inputs = {name: torch.empty_like(t, device=self.device) for name, t in batch.items()}
         count = torch.ones((), device=self.device)
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        # thread_local: another thread's CUDA call (a logger reading memory) does not void the capture
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            loss = pass_loss(self.model, inputs, count, False)
-            loss.backward()
-        grads = [p.grad for p in self.params]
-        return _Graph(graph, inputs, count, loss, grads)
+        # Not torch.cuda.graph: where the body fails, its exit raises from capture_end and never gives the stream
+        # back. thread_local: another thread's CUDA call (a logger reading memory) does not void the capture.
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                loss = pass_loss(self.model, inputs, count, False)
+                loss.backward()
+            except BaseException:
+                self._abandon(graph)
+                raise
+            graph.capture_end()
+        return _Graph(graph, inputs, count, loss.detach(), [p.grad for p in self.params])
+
+    def _abandon(self, graph: torch.cuda.CUDAGraph) -> None:
+        """End a capture whose body failed, and let the allocator stop filling its pool (capture_end raises before
+        that where the capture was voided)."""
+        try:
+            graph.capture_end()
+        except RuntimeError:
+            end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+            if end is not None:
+                with contextlib.suppress(RuntimeError):
+                    end(self.device.index or 0, self.pool)
 
     def _drop_grads(self) -> None:
         for p in self.params:

@@ -136,13 +136,13 @@ class TrialHooks(RunHooks):
 
     def on_finish(self, result: TrainResult, adapter: Any) -> None:
         record(self.trial, trainable_params=result.trainable_params, peak_memory_mb=result.peak_memory_mb,
-               train_seconds=result.seconds)
+               train_seconds=result.seconds, graph_replays=result.graph_replays)
         if self.tracker is None or self.run_id is None:
             return
         seconds = time.perf_counter() - self.started
         self.tracker.log_metrics(self.run_id, result.steps, {
             "final_eval_loss": result.eval_loss, "trainable_params": result.trainable_params,
-            "trial_seconds": seconds, "train_seconds": result.seconds})
+            "trial_seconds": seconds, "train_seconds": result.seconds, "graph_replays": result.graph_replays})
         values = objective_values(self.objective.cfg.study.objectives, result, seconds)
         kept = self.objective.keep_adapter(self.trial, values)
         if kept:

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from objectives.config import ConfigError
+from objectives.decisions import cuda_graphs_unavailable, with_checkpointing, with_fused_loss
 from sweeper.config import SweepConfig
 from sweeper.redaction import first_line
 from sweeper.space import Param
@@ -47,12 +48,38 @@ def check_launch(cfg: SweepConfig, params: Sequence[Param], *, study: bool = Tru
     check_output_dir(cfg.output_path)
     if cfg.launcher.name == "local":  # else the workers train on other machines and check their own device
         check_device(cfg.train.device)
+    check_cuda_graphs(cfg)
     model_config = check_model(cfg)
     check_targets(cfg, params, model_config)
     check_data(cfg)
     if study:
         check_storage(cfg.storage_url)
     check_tracking(cfg.tracking_uri)
+
+
+def check_cuda_graphs(cfg: SweepConfig) -> None:
+    """``train.cuda_graphs=on`` where no trial could replay its step: on the CPU, with checkpointing or the fused loss
+    on, with several passes per step, or in slots. (A trial whose ``auto`` turns checkpointing or the fused loss on
+    still fails alone.)"""
+    if cfg.train.cuda_graphs is not True:
+        return
+    if isinstance(cfg.workers.slots, int) and cfg.workers.slots > 1:
+        raise ConfigError("train.cuda_graphs: on is not run in slots (workers.slots > 1); use auto or off, or "
+                          "workers.slots=1")
+    device = "cpu" if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not _cuda()) else "cuda"
+    assumed = {"auto": False}
+    trial = with_fused_loss(with_checkpointing(cfg, assumed.get(cfg.model.gradient_checkpointing,
+                                                               cfg.model.gradient_checkpointing)),
+                            assumed.get(cfg.train.fused_loss, cfg.train.fused_loss))
+    reason = cuda_graphs_unavailable(trial, device)
+    if reason is not None:
+        raise ConfigError(f"train.cuda_graphs: on {reason}; use auto or off")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def nearest_existing(path: Path) -> Path:

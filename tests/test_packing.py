@@ -87,21 +87,22 @@ def test_a_widened_pass_keeps_its_loss_and_gradients(resources) -> None:  # type
     cfg, res = resources
     rows = res.data.train[:6]
     pad = res.base.tokenizer.pad_token_id
-    (batch,) = data.pack(rows, pad, res.data.max_length, len(rows))
-    wide = widen(batch, res.data.max_length, pad)
-    assert wide["input_ids"].shape == (batch["input_ids"].shape[0], res.data.max_length) != batch["input_ids"].shape
-    assert data.targets_in(wide) == data.targets_in(batch)
-    results = []
+    (packed,) = data.pack(rows, pad, res.data.max_length, len(rows))
     with res.base.adapter(LoraConfig(r=4, targets="all-linear", dropout=0.0), seed=0) as model:
         params = [p for p in model.parameters() if p.requires_grad]
         torch.nn.init.normal_(params[1])  # B starts at zero: a random one lets the input gradients show
-        for b in (batch, wide):
-            loss = model(**to_device(b, res.base.device)).loss
-            results.append((float(loss), torch.autograd.grad(loss, params)))
-    (narrow_loss, narrow_grads), (wide_loss, wide_grads) = results
-    assert wide_loss == pytest.approx(narrow_loss, rel=1e-6)
-    for a, b in zip(narrow_grads, wide_grads, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+        for batch in (packed, data.collate(rows, pad)):
+            wide = widen(batch, res.data.max_length, pad)
+            assert wide["input_ids"].shape == (len(batch["input_ids"]), res.data.max_length) != batch["input_ids"].shape
+            assert data.targets_in(wide) == data.targets_in(batch)
+            results = []
+            for b in (batch, wide):
+                loss = model(**to_device(b, res.base.device)).loss
+                results.append((float(loss), torch.autograd.grad(loss, params)))
+            (narrow_loss, narrow_grads), (wide_loss, wide_grads) = results
+            assert wide_loss == pytest.approx(narrow_loss, rel=1e-6), sorted(batch)
+            for a, b in zip(narrow_grads, wide_grads, strict=True):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
 def test_a_packed_trial_reaches_the_padded_trials_objective(resources) -> None:  # type: ignore[no-untyped-def]

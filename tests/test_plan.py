@@ -220,6 +220,7 @@ def test_cuda_graphs_auto_is_on_where_the_host_bounds_the_step_and_the_trial_fit
             (ready, "cpu", config, 2**50, False),
             (with_checkpointing(ready, True), "cuda", config, 2**50, False),
             (with_fused_loss(ready, True), "cuda", config, 2**50, False),
+            (replace(ready, train=replace(ready.train, packing=False, grad_accum=2)), "cuda", config, 2**50, False),
             (eight_b, "cuda", LLAMA_8B, 2**50, False)]:  # the device bounds it: a replay saves nothing
         assert resolve_cuda_graphs(trial, device, model, memory).train.cuda_graphs is expected, (device, memory)
     assert resolve_cuda_graphs(with_cuda_graphs(ready, False), "cuda", config, 2**50).train.cuda_graphs is False
