@@ -30,6 +30,8 @@ class TrialRecord:
     peak_memory_mb: float | None = None
     train_seconds: float | None = None
     """Wall time inside training and evaluation steps."""
+    graph_replays: int | None = None
+    """Training passes replayed from a CUDA graph (``train.cuda_graphs``)."""
     worker: str | None = None
     """``host:pid`` of the process that ran it."""
     slurm_job: str | None = None
