@@ -238,8 +238,8 @@ def test_a_killed_worker_is_recovered_by_heartbeat(postgres: str, tmp_path: Path
 @pytest.mark.parametrize(("slots", "own_process"), [(1, False), (2, True)])
 def test_journal_workers_survive_a_sigkill(tmp_path: Path, slots: int, own_process: bool) -> None:
     """Two CPU workers on a journal file; one is killed mid-trial; the launcher recovers and finishes. A killed
-    worker's engine process ends with it. (Slots in the worker's own process die with it as one trial does: the
-    case of one slot covers them.)"""
+    worker's engine process ends with it. (Slots inside the worker's process die with it, as its one trial does;
+    several slots' trials retried are covered by the engine of its own.)"""
     import psutil
 
     log = tmp_path / "launch.log"
