@@ -107,18 +107,17 @@ class PassGraphs:
 
     def _eager(self, batch: dict[str, torch.Tensor], num_items: int,
                stream: torch.cuda.Stream | None = None) -> torch.Tensor:
-        if stream is None:
-            loss = pass_loss(self.model, to_device(batch, self.device), num_items, False)
-            loss.backward()
-            return loss.detach()
+        """The pass without a graph, on ``stream`` (the capture stream, for the warm-up) or the current one."""
         current = torch.cuda.current_stream(self.device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
+        if stream is not None:
+            stream.wait_stream(current)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             loss = pass_loss(self.model, to_device(batch, self.device), num_items, False)
             loss.backward()
-        # The gradients made on the capture stream are used and freed on this one after this wait; the allocator
-        # hands their blocks out again only on the capture stream, whose next work (a capture) comes later still.
-        current.wait_stream(stream)
+        if stream is not None:
+            # The gradients made on the capture stream are used and freed on this one after this wait; the
+            # allocator hands their blocks out again only on the capture stream, whose next work comes later still.
+            current.wait_stream(stream)
         return loss.detach()
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> _Graph:

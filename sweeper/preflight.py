@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from objectives.config import ConfigError
 from objectives.decisions import cuda_graphs_unavailable, with_checkpointing, with_fused_loss
+from objectives.timing import detect_device
 from sweeper.config import SweepConfig
 from sweeper.redaction import first_line
 from sweeper.space import Param
@@ -66,20 +67,12 @@ def check_cuda_graphs(cfg: SweepConfig) -> None:
     if isinstance(cfg.workers.slots, int) and cfg.workers.slots > 1:
         raise ConfigError("train.cuda_graphs: on is not run in slots (workers.slots > 1); use auto or off, or "
                           "workers.slots=1")
-    device = "cpu" if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not _cuda()) else "cuda"
-    assumed = {"auto": False}
-    trial = with_fused_loss(with_checkpointing(cfg, assumed.get(cfg.model.gradient_checkpointing,
-                                                               cfg.model.gradient_checkpointing)),
-                            assumed.get(cfg.train.fused_loss, cfg.train.fused_loss))
-    reason = cuda_graphs_unavailable(trial, device)
+    # "auto" counts as off here: a trial's own resolution may still turn checkpointing or the fused loss on
+    ckpt, fused = cfg.model.gradient_checkpointing, cfg.train.fused_loss
+    trial = with_fused_loss(with_checkpointing(cfg, ckpt is True), fused is True)
+    reason = cuda_graphs_unavailable(trial, detect_device(cfg).kind)
     if reason is not None:
         raise ConfigError(f"train.cuda_graphs: on {reason}; use auto or off")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def nearest_existing(path: Path) -> Path:
