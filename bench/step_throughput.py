@@ -361,6 +361,7 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
     """Every method on one shape; the bf16-stream methods get a second base, loaded after the first is gone."""
     from objectives.loss import fused_loss_unavailable
     from objectives.sources import weights_path
+    from objectives.training import forward_passes
     from sweeper import compose
     from sweeper.launch import Resources
 
@@ -386,11 +387,16 @@ def run_shape(args: argparse.Namespace, shape: str, methods: list[str], workdir:
         tokens = [sum(len(r["input_ids"]) for rows in batches[i:i + accum] for r in rows)
                   for i in range(0, len(batches), accum)]
         padded = sum(len(rows) * max(len(r["input_ids"]) for r in rows) for rows in batches)
+        passes = [forward_passes(batches[i:i + accum], True, 0, cfg.data.max_length)
+                  for i in range(0, len(batches), accum)]
+        rows_filled = [int(p["input_ids"].numel()) for step in passes for p in step]
         info = (f"{SHAPE_NAMES[shape]}: random weights ready in {made:.1f} s (written once, then cached), data + "
                 f"load + quantize {' and '.join(loaded)}; {cfg.train.max_steps} steps of {accum} micro-batches of "
                 f"{cfg.train.micro_batch_size} examples, {statistics.fmean(tokens):.0f} real tokens per step on "
                 "average, padding is "
-                f"{100 * (1 - sum(tokens) / padded):.0f}% of the padded batches")
+                f"{100 * (1 - sum(tokens) / padded):.0f}% of the padded batches; packed, "
+                f"{len(rows_filled) / len(passes):.1f} passes per step of at most {cfg.train.micro_batch_size} x "
+                f"{cfg.data.max_length} tokens, {100 * sum(tokens) / sum(rows_filled):.0f}% of their tokens real")
         for method in sorted(todo, key=lambda m: m == "trainer-liger"):  # its patches stay on the base
             say(f"[{time.strftime('%H:%M:%S')}] {shape} {method} ...")
             if method == "trainer-bf16" and base.device.type != "cuda":
