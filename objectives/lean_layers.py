@@ -7,7 +7,9 @@ more time on that bookkeeping than on the products (BENCHMARKS.md, benchmark 2's
 :class:`torch.autograd.Function` computes the same operations in the same order with the same dtypes, and its
 backward runs the products autograd would run. Dropout draws its mask as ``torch.nn.functional.dropout`` does
 on the device (the same random numbers), so a trial's run matches peft's up to the order in which gradients
-from a layer's several consumers are summed (float rounding).
+from a layer's several consumers are summed (float rounding). With 16-bit activations
+(``model.upcast_unquantized=false``) the adapter's products run in the activations' dtype instead, as peft's do
+under autocast (:class:`_LoraProductHalf`): that run matches peft's within bf16 rounding.
 
 RMSNorm as transformers writes it for Llama and most decoders is seven operations (casts, square, mean, add,
 reciprocal square root, two products); ``functional.rms_norm`` is one. With fp32 activations (the default) it is
@@ -37,6 +39,8 @@ from objectives.base_cache import BUFFER
 ADAPTER = "default"
 FUSED_DROPOUT_DEVICES = ("cuda", "xpu")
 """Where ATen's dropout runs its fused kernel (``native_dropout``) rather than a Bernoulli noise tensor."""
+HALF = (torch.bfloat16, torch.float16)
+"""16-bit activations: the adapter's products then run in the activations' dtype (:class:`_LoraProductHalf`)."""
 
 
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +97,57 @@ class _LoraProduct(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * (m1 @ m2)`` in one product: the scaling applied to the fp32 accumulator, one rounding."""
+    return m1.new_empty((m1.shape[0], m2.shape[1])).addmm_(m1, m2, beta=0, alpha=scaling)
+
+
+class _LoraProductHalf(torch.autograd.Function):
+    """:class:`_LoraProduct` for 16-bit activations: the adapter's products run in the activations' dtype, as
+    peft's layer runs them under autocast (the usual bf16 recipe), and the scaling and the sum with the base's
+    output are the products' epilogue (``addmm``). The layer then makes no fp32 copy of its input, its output or
+    their gradients: on the 8B shape those copies, casts and scalings cost the device as much time as the base's
+    products (BENCHMARKS.md, benchmark 2). The adapter's gradients come out of 16-bit products with fp32
+    accumulation, as under autocast."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        xd, mask = _dropout(x, p) if p > 0 else (x, None)
+        hidden = xd.reshape(-1, x.shape[-1]).mm(a.t())
+        if weight is None:
+            update = _scaled_mm(hidden, b.t(), scaling)
+        else:
+            update = functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype).reshape(hidden.shape[0], -1)
+            update.addmm_(hidden, b.t(), alpha=scaling)
+        ctx.save_for_backward(weight, lora_a, lora_b, xd, hidden, mask if ctx.needs_input_grad[0] else None)
+        ctx.scaling, ctx.p = scaling, p
+        return update.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, lora_a, lora_b, xd, hidden, mask = ctx.saved_tensors
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_b = (_scaled_mm(flat_grad.t(), hidden, ctx.scaling).to(lora_b.dtype)
+                  if ctx.needs_input_grad[4] else None)
+        grad_hidden = _scaled_mm(flat_grad, lora_b.to(grad.dtype), ctx.scaling)
+        flat_xd = xd.reshape(-1, xd.shape[-1])
+        grad_a = grad_hidden.t().mm(flat_xd).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_hidden.mm(lora_a.to(grad.dtype))
+            if mask is not None:
+                grad_x = (grad_x * mask.reshape(grad_x.shape) if mask.dtype != torch.bool
+                          else torch.ops.aten.native_dropout_backward(grad_x, mask.reshape(grad_x.shape),
+                                                                      1.0 / (1.0 - ctx.p)))
+            if weight is not None:
+                grad_x = grad_x.to(weight.dtype).addmm_(flat_grad.to(weight.dtype), weight).to(grad.dtype)
+            grad_x = grad_x.view(xd.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
 class _Forward:
     """A module's ``forward`` replaced on the instance without a reference back to it: a bound method would make
     a cycle (module -> method -> module) that keeps a released adapter's layers alive until a full collection."""
@@ -133,11 +188,12 @@ def _lean_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     dropout = layer.lora_dropout[ADAPTER]
     p = dropout.p if layer.training and isinstance(dropout, torch.nn.Dropout) else 0.0
     a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    product = _LoraProductHalf if x.dtype in HALF and a.dtype not in HALF else _LoraProduct
     weight = base._buffers.get(BUFFER)
     if weight is None:
-        return base(x) + _LoraProduct.apply(x, None, None, a, b, layer.scaling[ADAPTER], p)
+        return base(x) + product.apply(x, None, None, a, b, layer.scaling[ADAPTER], p)
     bias = None if base.bias is None else base.bias.to(weight.dtype)
-    return _LoraProduct.apply(x, weight, bias, a, b, layer.scaling[ADAPTER], p)
+    return product.apply(x, weight, bias, a, b, layer.scaling[ADAPTER], p)
 
 
 def use_lean_layers(model: torch.nn.Module, on: bool = True) -> int:

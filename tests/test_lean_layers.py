@@ -3,7 +3,8 @@ transformers' own layers do.
 
 On the CPU the operations and their order are peft's, so a step's values agree exactly except where a layer's
 input gradient is summed from its several consumers in another order (float rounding, ~1e-8 on fp32
-activations); bf16 activations round those sums to bf16.
+activations). With bf16 activations the adapter's products run in bf16, as peft's do under autocast: those
+runs agree within bf16 rounding.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def test_lean_layers_train_the_same_adapter_weights(tmp_path: Path) -> None:
 
 
 def test_the_lean_product_has_the_gradients_autograd_computes() -> None:
-    from objectives.lean_layers import _LoraProduct
+    from objectives.lean_layers import _LoraProduct, _LoraProductHalf
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -71,6 +72,9 @@ def test_the_lean_product_has_the_gradients_autograd_computes() -> None:
     b = torch.randn(7, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProduct.apply(x, weight, None, a, b, 0.5, 0.0), (x, a, b))
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProduct.apply(x, None, None, a, b, 2.0, 0.0), (x, a, b))
+    # the 16-bit activations' product is the same function: in float64 its products run in float64
+    assert torch.autograd.gradcheck(lambda x, a, b: _LoraProductHalf.apply(x, weight, None, a, b, 0.5, 0.0), (x, a, b))
+    assert torch.autograd.gradcheck(lambda x, a, b: _LoraProductHalf.apply(x, None, None, a, b, 2.0, 0.0), (x, a, b))
 
 
 def _layer_step(layer: Any, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
@@ -86,30 +90,52 @@ def _layer_step(layer: Any, x: torch.Tensor, grad: torch.Tensor) -> list[torch.T
     return grads
 
 
-@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cache", [False, True])
-def test_one_lean_layer_computes_peft_layers_output_and_gradients(activations: torch.dtype, cache: bool,
-                                                                  tmp_path: Path) -> None:
-    """A single layer sums no gradients from several consumers: on the CPU every value is peft's, bit for bit,
-    with dropout on and a live adapter, for fp32 and bf16 activations, with and without the base cache."""
+def _layer_runs(tmp_path: Path, activations: torch.dtype, cache: bool, dropout: float,
+                runs: dict[str, tuple[bool, bool]]) -> dict[str, list[torch.Tensor]]:
+    """:func:`_layer_step` of one LoRA layer of the tiny model per named run of (lean layers, CPU autocast)."""
     from objectives.lean_layers import use_lean_layers
 
     cfg, _ = compose.load([*TINY, "search_space=none", f"output_dir={tmp_path}"])
     res = Resources.load(cfg)
     res.base.use_base_cache(cache)
-    with res.base.adapter(LoraConfig(r=4, targets="qv", dropout=0.3), seed=0) as model:
+    out = {}
+    with res.base.adapter(LoraConfig(r=4, targets="qv", dropout=dropout, alpha=12), seed=0) as model:
         layer = model.base_model.model.model.layers[0].self_attn.v_proj
         torch.nn.init.normal_(layer.lora_B["default"].weight)
         model.train()
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, 9, layer.in_features, generator=gen).to(activations)
         grad = torch.randn(2, 9, layer.out_features, generator=gen).to(activations)
-        use_lean_layers(model, on=False)
-        plain = _layer_step(layer, x, grad)
-        use_lean_layers(model, on=True)
-        lean = _layer_step(layer, x, grad)
-    for name, ours, theirs in zip(("output", "input grad", "A grad", "B grad"), lean, plain, strict=True):
+        for name, (lean, autocast) in runs.items():
+            use_lean_layers(model, on=lean)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out[name] = _layer_step(layer, x, grad)
+    return out
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_one_lean_layer_computes_peft_layers_output_and_gradients(cache: bool, tmp_path: Path) -> None:
+    """A single layer sums no gradients from several consumers: on the CPU every value is peft's, bit for bit,
+    with dropout on and a live adapter, with and without the base cache (fp32 activations)."""
+    runs = _layer_runs(tmp_path, torch.float32, cache, 0.3, {"peft": (False, False), "lean": (True, False)})
+    for name, ours, theirs in zip(("output", "input grad", "A grad", "B grad"), runs["lean"], runs["peft"],
+                                  strict=True):
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_with_bf16_activations_the_adapter_products_round_no_more_than_under_autocast(cache: bool,
+                                                                                      tmp_path: Path) -> None:
+    """bf16 activations: the lean layer's adapter products run in bf16, as peft's do under autocast (the usual
+    recipe). Against peft's fp32 adapter products, its output and gradients are off by no more than autocast's
+    (or a bf16 rounding), and in the same dtypes as peft's."""
+    runs = _layer_runs(tmp_path, torch.bfloat16, cache, 0.0,
+                       {"peft": (False, False), "lean": (True, False), "autocast": (False, True)})
+    for i, name in enumerate(("output", "input grad", "A grad", "B grad")):
+        exact, ours, autocast = (runs[run][i].double() for run in ("peft", "lean", "autocast"))
+        assert runs["lean"][i].dtype == runs["peft"][i].dtype, name
+        error, allowed = ((t - exact).norm() / exact.norm() for t in (ours, autocast))
+        assert error <= max(2 * allowed, 2**-8), name
 
 
 def test_what_the_lean_layer_does_not_cover_goes_through_peft(tmp_path: Path) -> None:
