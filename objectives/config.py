@@ -91,8 +91,9 @@ class ModelConfig:
     and several times faster than fp32's. Off: full fp32 products. Applies to the whole process."""
     lean_layers: bool = True
     """Run each LoRA layer on a 4-bit linear layer as one autograd step, and RMSNorm as one fused operation
-    (``objectives/lean_layers.py``): the same arithmetic with a fraction of the host's work per call. Off:
-    peft's and transformers' own layers."""
+    (``objectives/lean_layers.py``): the same arithmetic with a fraction of the host's work per call (with
+    ``upcast_unquantized=false``, the adapter's products in bf16, as under autocast). Off: peft's and
+    transformers' own layers."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
     cache_dir: str | None = None

@@ -116,14 +116,13 @@ class _LoraProductHalf(torch.autograd.Function):
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         xd, mask = _dropout(x, p) if p > 0 else (x, None)
         hidden = xd.reshape(-1, x.shape[-1]).mm(a.t())
-        if weight is None:
-            update = _scaled_mm(hidden, b.t(), scaling)
-        else:
-            update = functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype).reshape(hidden.shape[0], -1)
-            update.addmm_(hidden, b.t(), alpha=scaling)
+        # A fresh tensor, not a view (a view made inside a Function cannot be changed in place by its consumer).
+        update = (x.new_empty((*x.shape[:-1], b.shape[0])) if weight is None
+                  else functional.linear(x, weight, bias).contiguous())
+        update.view(-1, b.shape[0]).addmm_(hidden, b.t(), beta=0 if weight is None else 1, alpha=scaling)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, hidden, mask if ctx.needs_input_grad[0] else None)
         ctx.scaling, ctx.p = scaling, p
-        return update.view(*x.shape[:-1], -1)
+        return update
 
     @staticmethod
     @once_differentiable
@@ -143,7 +142,7 @@ class _LoraProductHalf(torch.autograd.Function):
                           else torch.ops.aten.native_dropout_backward(grad_x, mask.reshape(grad_x.shape),
                                                                       1.0 / (1.0 - ctx.p)))
             if weight is not None:
-                grad_x = grad_x.to(weight.dtype).addmm_(flat_grad.to(weight.dtype), weight).to(grad.dtype)
+                grad_x.addmm_(flat_grad, weight)
             grad_x = grad_x.view(xd.shape)
         return grad_x, None, None, grad_a, grad_b, None, None
 
@@ -188,8 +187,9 @@ def _lean_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     dropout = layer.lora_dropout[ADAPTER]
     p = dropout.p if layer.training and isinstance(dropout, torch.nn.Dropout) else 0.0
     a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-    product = _LoraProductHalf if x.dtype in HALF and a.dtype not in HALF else _LoraProduct
     weight = base._buffers.get(BUFFER)
+    half = x.dtype in HALF and a.dtype not in HALF and (weight is None or weight.dtype == x.dtype)
+    product = _LoraProductHalf if half else _LoraProduct
     if weight is None:
         return base(x) + product.apply(x, None, None, a, b, layer.scaling[ADAPTER], p)
     bias = None if base.bias is None else base.bias.to(weight.dtype)
@@ -197,8 +197,9 @@ def _lean_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 
 
 def use_lean_layers(model: torch.nn.Module, on: bool = True) -> int:
-    """Route every peft LoRA layer on a 4-bit linear layer of ``model`` through :class:`_LoraProduct` (``on``)
-    or back through peft's own ``forward``; returns how many layers."""
+    """Route every peft LoRA layer on a 4-bit linear layer of ``model`` through :class:`_LoraProduct`
+    (:class:`_LoraProductHalf` for 16-bit inputs) (``on``) or back through peft's own ``forward``; returns how
+    many layers."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and type(m).__name__ == "Linear4bit"]

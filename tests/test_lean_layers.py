@@ -73,6 +73,16 @@ def test_the_lean_product_has_the_gradients_autograd_computes() -> None:
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProduct.apply(x, weight, None, a, b, 0.5, 0.0), (x, a, b))
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProduct.apply(x, None, None, a, b, 2.0, 0.0), (x, a, b))
     # the 16-bit activations' product is the same function: in float64 its products run in float64
+    for weight_or_none in (weight, None):
+        torch.manual_seed(3)  # with dropout: the same noise for both
+        ours = _LoraProductHalf.apply(x, weight_or_none, None, a, b, 0.5, 0.3)
+        ours_grads = torch.autograd.grad(ours.square().sum(), (x, a, b))
+        torch.manual_seed(3)
+        theirs = _LoraProduct.apply(x, weight_or_none, None, a, b, 0.5, 0.3)
+        torch.testing.assert_close(ours, theirs)
+        for g, h in zip(ours_grads, torch.autograd.grad(theirs.square().sum(), (x, a, b)), strict=True):
+            torch.testing.assert_close(g, h)
+        assert ours._base is None  # a fresh tensor: its consumer may change it in place
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProductHalf.apply(x, weight, None, a, b, 0.5, 0.0), (x, a, b))
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProductHalf.apply(x, None, None, a, b, 2.0, 0.0), (x, a, b))
 
