@@ -7,6 +7,8 @@ differ only in arithmetic), three ways from the same adapter initialisation and 
 - again: today's run repeated, the device's own run-to-run difference (CUDA's kernels are not all
   deterministic);
 - tf32: today's run with ``model.tf32=true``, fp32 products on TensorFloat-32;
+- attention: tf32 with ``model.bf16_attention=true`` (the defaults): attention on bf16 copies of the fp32
+  stream's queries, keys and values, as autocast runs it (CUDA only; on the CPU the same as tf32);
 - autocast: the same loop under ``torch.autocast(dtype=bfloat16)``, the mixed precision that Trainer's
   ``bf16=True`` (the usual QLoRA recipe) runs: matrix products in bf16, the residual stream and norms in fp32;
 - bf16: ``model.upcast_unquantized=false``, every activation in bf16.
@@ -32,7 +34,7 @@ from bench.gpu import free_accelerator
 from bench.models import model_overrides
 from bench.report import markdown_table, num, render_report, say, write_report
 
-VARIANTS = ("today", "again", "tf32", "autocast", "bf16")
+VARIANTS = ("today", "again", "tf32", "attention", "autocast", "bf16")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -50,6 +52,7 @@ def overrides(args: argparse.Namespace, variant: str) -> list[str]:
     return [*model, "search_space=none", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
             "lora.dropout=0", "model.base_cache=off", "train.fused_loss=off",
             f"model.upcast_unquantized={'false' if variant == 'bf16' else 'true'}",
+            f"model.bf16_attention={'true' if variant == 'attention' else 'false'}",
             *(["data.max_length=64", "data.max_eval_examples=8"] if args.cpu_smoke else [])]
 
 
@@ -65,13 +68,15 @@ def run(cfg: Any, variant: str, resources: Any) -> tuple[list[float], float, flo
     autocast = torch.autocast(base.device.type, dtype=torch.bfloat16) if variant == "autocast" \
         else contextlib.nullcontext()
     start = time.perf_counter()
-    use_tf32(variant == "tf32")
+    use_tf32(variant in ("tf32", "attention"))
+    base.use_bf16_attention(variant == "attention")
     try:
         with base.adapter(cfg.lora, cfg.train.seed) as model, autocast:
             result = train_adapter(model, resources.data, cfg.train, cfg.optimizer, base.device,
                                    base.tokenizer.pad_token_id, on_step=lambda s, m: losses.append(m["train_loss"]))
     finally:
         use_tf32(False)
+        base.use_bf16_attention(False)
     return losses, result.eval_loss, time.perf_counter() - start
 
 

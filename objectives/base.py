@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from objectives import attention
 from objectives.config import FOUR_BIT, ConfigError, LoraConfig, ModelConfig
 from objectives.sources import weights_path
 from objectives.targets import resolve_targets
@@ -128,6 +129,8 @@ class ResidentBase:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
         self.model: Any = model
+        self.bf16_attention = False
+        self.use_bf16_attention(cfg.bf16_attention)
         self.linear_names = linear_module_names(model)
         self._peft: Any = None
         self._shape: tuple[Any, ...] | None = None
@@ -181,6 +184,11 @@ class ResidentBase:
             drop_base_cache(self.model)
             free_accelerator_memory(self.device, collect=False)  # the copies hold no cycles
         self.base_cache = on
+
+    def use_bf16_attention(self, on: bool) -> None:
+        """Attention on bf16 copies of an fp32 stream's inputs (``on``, CUDA only) or in the stream's own dtype
+        (``model.bf16_attention``, :mod:`objectives.attention`)."""
+        self.bf16_attention = attention.use_bf16_attention(self.model, on and self.device.type == "cuda")
 
     def use_lean_layers(self, on: bool) -> None:
         """LoRA layers and RMSNorm with fewer operations per call, or peft's and transformers' own

@@ -96,6 +96,10 @@ class ModelConfig:
     transformers' own layers."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
+    bf16_attention: bool = True
+    """On CUDA, with the fp32 activations of the k-bit upcast, run sdpa's attention on bf16 copies of its
+    queries, keys and values, as the usual recipe's autocast does (``objectives/attention.py``): sdpa's bf16
+    kernels instead of its fp32 ones, the output back in fp32. Off: fp32 attention."""
     cache_dir: str | None = None
     """Where converted (GGUF) and random-init models are cached; None: $QLORA_SWEEP_CACHE or ~/.cache/qlora-sweep."""
 

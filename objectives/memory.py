@@ -294,16 +294,18 @@ def layer_saved_bytes(shape: ModelShape, s: TrialSettings, wrapped: set[str], in
     qkv_grad = in_grad or bool(wrapped & {"q_proj", "k_proj", "v_proj"})
     extra = 0
     math_kernel = attention_kernel(shape, s) == "math"
+    a = s.attention_bytes  # bf16 copies with bf16 attention: o_proj then reads a cast of the kernel's output
     if qkv_grad and math_kernel:
         # scaled query, repeated keys and values, and the (b, heads, s, s) probabilities
-        per_token += e * (3 * q_dim + shape.num_heads * s.seq_len)
+        per_token += a * (3 * q_dim + shape.num_heads * s.seq_len)
     elif qkv_grad:
         k_size = q_dim if s.has_mask else kv_dim  # repeat_kv when a mask rules out sdpa's GQA path
-        per_token += e * (2 * q_dim + 2 * k_size) + 4 * shape.num_heads
+        per_token += a * (2 * q_dim + 2 * k_size) + 4 * shape.num_heads
         if s.has_mask:
-            extra += s.micro_batch_size * s.seq_len * s.seq_len * e  # the float bias sdpa keeps
-    # o_proj reads the attention output, which a fused kernel already keeps.
-    per_token += _lora_group_bytes(("o_proj",), wrapped, q_dim, qkv_grad, s, qkv_grad and not math_kernel)
+            extra += s.micro_batch_size * s.seq_len * s.seq_len * a  # the float bias sdpa keeps
+    # o_proj reads the attention output, which a fused kernel already keeps (unless o_proj reads its fp32 cast).
+    per_token += _lora_group_bytes(("o_proj",), wrapped, q_dim, qkv_grad, s,
+                                   qkv_grad and not math_kernel and a == e)
     mid_grad = qkv_grad or "o_proj" in wrapped
     if mid_grad:
         per_token += 4 * h + 4  # post-attention RMSNorm
@@ -330,7 +332,7 @@ def attention_kernel(shape: ModelShape, s: TrialSettings) -> str:
     memory-efficient kernel runs; the CPU's flash kernel takes grouped-query heads in fp32.
     """
     gqa = shape.num_kv_heads < shape.num_heads
-    return "math" if s.device == "cuda" and s.act_bytes == 4 and gqa and not s.has_mask else "fused"
+    return "math" if s.device == "cuda" and s.attention_bytes == 4 and gqa and not s.has_mask else "fused"
 
 
 def attention_backward_scratch(shape: ModelShape, s: TrialSettings) -> int:

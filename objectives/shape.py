@@ -131,6 +131,8 @@ class TrialSettings:
     """train.fused_loss: the loss comes from the hidden state in chunks, without full logits."""
     cuda_graphs: bool = False
     """train.cuda_graphs: each captured pass shape (a row count, with packing) keeps gradients of its own."""
+    bf16_attention: bool = False
+    """model.bf16_attention: on CUDA, an fp32 stream's attention runs on bf16 copies of its inputs."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
@@ -157,7 +159,8 @@ class TrialSettings:
                    upcast=cfg.model.upcast_unquantized, packed=cfg.train.packing, padded=padded, device=device,
                    # "auto" before a trial decides counts as off: the plain path's memory, the larger
                    base_cache=cfg.model.base_cache is True and cfg.model.quant_type in FOUR_BIT,
-                   fused_loss=cfg.train.fused_loss is True, cuda_graphs=cfg.train.cuda_graphs is True)
+                   fused_loss=cfg.train.fused_loss is True, cuda_graphs=cfg.train.cuda_graphs is True,
+                   bf16_attention=cfg.model.bf16_attention)
 
     @property
     def quantized(self) -> bool:
@@ -176,6 +179,11 @@ class TrialSettings:
     def act_bytes(self) -> int:
         """Bytes per activation value: fp32 after the kbit upcast, else the compute dtype."""
         return 4 if self.fp32_unquantized else DTYPE_BYTES[self.compute_dtype]
+
+    @property
+    def attention_bytes(self) -> int:
+        """Bytes per value of sdpa's inputs and output: bf16 copies of an fp32 stream's with bf16 attention."""
+        return 2 if self.bf16_attention and self.device == "cuda" and self.act_bytes == 4 else self.act_bytes
 
     @property
     def has_mask(self) -> bool:

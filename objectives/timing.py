@@ -6,7 +6,8 @@ Assumptions (rough, upper bound on the sequence length)
     gradient) and ``2N`` more when gradient checkpointing recomputes the forward; the output head,
     attention (``2 * s * heads * head_dim`` per layer forward, 2.5x that backward) and the adapter
     (6 FLOPs per adapter weight) come on top. The base's products run in bf16; with a quantized base the
-    head, attention and adapter run in fp32 (the kbit upcast leaves an fp32 residual stream). FLOPs are
+    head, attention and adapter run in fp32 (the kbit upcast leaves an fp32 residual stream; with
+    ``model.bf16_attention`` on CUDA, attention runs in bf16). FLOPs are
     divided by the device's peak rate for each dtype times :data:`UTILIZATION`. On a GPU the host's
     work (Python and kernel launches: :data:`LAYER_OVERHEAD_S` per decoder layer and pass, plus
     :data:`ADAPTER_OVERHEAD_S` per wrapped module) runs ahead of the device, so a step takes the larger of
@@ -102,6 +103,8 @@ def step_flops(config: Any, s: TrialSettings, train: bool = True) -> tuple[float
         head *= 2
         attention *= 1 + 2.5 + recompute
         adapter *= 3 + recompute
+    if s.fp32_unquantized and s.attention_bytes == 2:
+        return base + attention, head + adapter
     if s.fp32_unquantized:
         return base, head + attention + adapter
     return base + head + attention, adapter

@@ -209,7 +209,7 @@ def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path)
             for ln in lines[header + 2:] if ln.startswith("|")]
     losses = {r["method"]: float(r["mean train loss"]) for r in rows
               if r["method"].startswith("ours") and r["mean train loss"] != "n/a"}
-    assert len(losses) == 18
+    assert len(losses) == 20
     packed = losses["ours, train.packing=true"]
     assert losses["ours (padded per batch)"] == pytest.approx(packed, abs=2e-3)
     bf16 = "ours, upcast_unquantized=false"
@@ -234,10 +234,13 @@ def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path)
             assert loss == pytest.approx(losses[method.removesuffix(" + lean_layers")], abs=2e-4), method
     # --methods graphs: CUDA graphs are a CUDA matter; on the CPU the same loop runs
     graphed = [r for r in rows if r["method"].endswith(" + cuda_graphs")]
-    assert len(graphed) == 2
+    assert len(graphed) == 3
     for r in graphed:
         assert r["note"].endswith("CUDA graphs not run: needs CUDA (the trial trains on the cpu)")
         assert losses[r["method"]] == losses[r["method"].removesuffix(" + cuda_graphs")]
+    # --methods attention: bf16 attention is a CUDA matter too
+    assert losses["ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers + bf16_attention"] == \
+        losses["ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers"]
 
 
 @pytest.mark.slow
@@ -304,4 +307,5 @@ def test_bf16_numerics_smoke_compares_each_run_with_today(tmp_path: Path) -> Non
     text = run_bench("bf16_numerics.py", tmp_path)
     assert re.search(r"\| today \| 0\.00% \| 0\.00% \| \d+\.\d+ \| \+0\.00% \|", text)
     assert re.search(r"\| autocast \| \d+\.\d\d% \|", text) and re.search(r"\| bf16 \| \d+\.\d\d% \|", text)
+    assert re.search(r"\| attention \| 0\.00% \| 0\.00% \|", text)  # bf16 attention is a CUDA matter
     assert len(re.findall(r"^\| [123] \| ", text, flags=re.M)) == 3
