@@ -204,6 +204,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
                                                                       "and the trial fits with its memory held)")
     if device.kind != "cuda":
         graphs = "off (CUDA only)"
+    bf16_attention = m.bf16_attention and four_bit and m.upcast_unquantized and device.kind == "cuda"
     layers = ("peft's and transformers' own layers" if not m.lean_layers
               else "lean layers (LoRA as one autograd step, fused RMSNorm)" if four_bit else "fused RMSNorm")
     lines = [f"plan for study {cfg.study.name!r} ({cfg.study.n_trials} trials); nothing is trained",
@@ -212,7 +213,8 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
              f"compute {m.compute_dtype}, gradient checkpointing {checkpointing}; "
              f"sequence length up to data.max_length={cfg.data.max_length}",
              f"step: {'fp32' if four_bit and m.upcast_unquantized else m.compute_dtype} activations"
-             f"{', fp32 products on TF32' if m.tf32 and device.kind == 'cuda' else ''}; "
+             f"{', fp32 products on TF32' if m.tf32 and device.kind == 'cuda' else ''}"
+             f"{', attention in bf16' if bf16_attention else ''}; "
              f"base cache {base_cache}; loss from {fused}; {layers}; CUDA graphs {graphs}",
              f"search space: {len(params)} parameters, "
              f"{'continuous' if math.isinf(size) else f'{int(size)} configurations'}"]

@@ -53,7 +53,7 @@ def stored_space(study: optuna.Study) -> list[Param]:
 
 # Settings a worker may choose for its own device: they change where and how fast a trial runs, not its result.
 PER_DEVICE = ("train.device", "model.gradient_checkpointing", "model.base_cache", "train.fused_loss", "model.tf32",
-              "model.lean_layers", "train.cuda_graphs")
+              "model.lean_layers", "train.cuda_graphs", "model.bf16_attention")
 
 
 def fixed_setup(cfg: SweepConfig, params: Sequence[Param]) -> dict[str, Any]:
