@@ -99,7 +99,8 @@ def settings_for(case: Case, device: str = "cuda") -> Any:
 
     return TrialSettings(quant_type="nf4", double_quant=True, r=case.r, targets=case.targets, dropout=case.dropout,
                          optimizer=case.optimizer, micro_batch_size=case.batch, seq_len=case.seq,
-                         gradient_checkpointing=case.checkpointing, padded=case.padded, device=device)
+                         gradient_checkpointing=case.checkpointing, padded=case.padded, device=device,
+                         bf16_attention=True)  # the default the measured runs load with
 
 
 def predict(case: Case, device: str = "cuda") -> Result:

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     fixed = [*model_overrides("tiny" if args.cpu_smoke else "135m", args.model_source, False),
              "search_space=none", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
-             f"train.micro_batch_size={args.batch}", "optimizer.scheduler=cosine"]
+             f"train.micro_batch_size={args.batch}", "optimizer.scheduler=cosine",
+             "model.bf16_attention=false"]  # Trainer + peft's attention
     if args.cpu_smoke:
         fixed += ["data.max_length=64", "data.max_eval_examples=8"]
     resources = None

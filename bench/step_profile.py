@@ -4,7 +4,8 @@ Each ``--variants`` entry is one way our loop runs the same steps (same examples
 optimizer): packing always, and a ``+``-joined set of switches:
 
 - ``cache``: ``model.base_cache=on``; ``bf16``: ``model.upcast_unquantized=false``; ``fused``:
-  ``train.fused_loss=on``; ``tf32``: ``model.tf32=true``; ``layers``: ``model.lean_layers=true``; ``nockpt``:
+  ``train.fused_loss=on``; ``tf32``: ``model.tf32=true``; ``layers``: ``model.lean_layers=true``; ``attn``:
+  ``model.bf16_attention=true``; ``nockpt``:
   gradient checkpointing off (``ckpt`` on; ``auto`` is the default); ``today``: none of them.
 
 For each variant the report gives the wall time per step, the GPU's kernel time per step (its share of the
@@ -30,7 +31,7 @@ from bench.models import SHAPE_NAMES, model_overrides
 from bench.report import markdown_table, num, render_report, say, write_report
 from bench.step_throughput import median_step, train_ours
 
-SWITCHES = {"today", "cache", "bf16", "fused", "nockpt", "ckpt", "tf32", "layers"}
+SWITCHES = {"today", "cache", "bf16", "fused", "nockpt", "ckpt", "tf32", "layers", "attn"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -64,7 +65,8 @@ def overrides(args: argparse.Namespace, switches: set[str]) -> list[str]:
            f"train.fused_loss={'on' if 'fused' in switches else 'off'}",
            f"model.upcast_unquantized={'false' if 'bf16' in switches else 'true'}",
            f"model.tf32={'true' if 'tf32' in switches else 'false'}",
-           f"model.lean_layers={'true' if 'layers' in switches else 'false'}"]
+           f"model.lean_layers={'true' if 'layers' in switches else 'false'}",
+           f"model.bf16_attention={'true' if 'attn' in switches else 'false'}"]
     return out + (["data.max_eval_examples=8"] if shape == "tiny" else [])
 
 
@@ -96,7 +98,7 @@ def profile_variant(args: argparse.Namespace, name: str, resources: Any, cfg: An
     use_tf32(cfg.model.tf32)
     try:
         train_ours(base, data, cfg, cfg.model.base_cache is True, on_step, around=prof,
-                   lean_layers=cfg.model.lean_layers)
+                   lean_layers=cfg.model.lean_layers, bf16_attention=cfg.model.bf16_attention)
     finally:
         use_tf32(False)
     events = prof.key_averages()

@@ -202,7 +202,8 @@ def shape_overrides(args: argparse.Namespace, shape: str) -> list[str]:
            f"lora.r={args.rank}", f"lora.targets={args.targets}", "optimizer.name=adamw", "optimizer.scheduler=cosine",
            # true: Trainer + peft's recipe checkpoints, the identical configuration
            f"model.gradient_checkpointing={args.checkpointing}",
-           "model.base_cache=off", "train.fused_loss=off", "model.tf32=false"]  # each method sets its own
+           "model.base_cache=off", "train.fused_loss=off", "model.tf32=false",  # each method sets its own
+           "model.bf16_attention=false"]
     return out + (["data.max_eval_examples=8"] if shape == "tiny" else [])
 
 
@@ -250,7 +251,8 @@ def ours_config(base: Any, cfg: Any, variant: Variant) -> tuple[Any, str]:
     )
     from objectives.loss import fused_loss_unavailable
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=variant.packing))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=variant.packing),
+                              model=dataclasses.replace(cfg.model, bf16_attention=variant.bf16_attention))
     if variant.checkpointing is not None:
         pinned = {"true": True, "false": False}.get(variant.checkpointing, variant.checkpointing)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=pinned))

@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def fixed_overrides(args: argparse.Namespace) -> list[str]:
     """Everything but the search space, identical for every method."""
     shape = "tiny" if args.cpu_smoke else "135m"
-    out = [*model_overrides(shape, args.model_source, args.weights == "random"),
+    out = [*model_overrides(shape, args.model_source, args.weights == "random"), "model.bf16_attention=false",
            f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", f"train.micro_batch_size={args.batch}",
            "optimizer.scheduler=cosine", "study/sampler=tpe", f"study.sampler.seed={args.seed}", "study/pruner=none",
            f"train.seed={args.train_seed}"]

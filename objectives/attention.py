@@ -46,10 +46,13 @@ def _register() -> None:
 
 def use_bf16_attention(model: torch.nn.Module, on: bool = True) -> bool:
     """Route ``model``'s sdpa attention through :func:`sdpa_in_bf16` (``on``) or back to sdpa's own; returns
-    whether it is routed now. A model on another attention implementation keeps it."""
+    whether it is routed now. A model on another attention implementation, or whose code does not look its
+    attention up in transformers' interface, keeps its own."""
     config: Any = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if current not in (SDPA, NAME):
+    # Some models test for the name "sdpa" in their own code (Falcon's causal mask): only a model that looks its
+    # attention up in transformers' interface takes another name safely.
+    if current not in (SDPA, NAME) or not getattr(model, "_supports_attention_backend", False):
         return False
     if on:
         _register()

@@ -160,7 +160,7 @@ class TrialSettings:
                    # "auto" before a trial decides counts as off: the plain path's memory, the larger
                    base_cache=cfg.model.base_cache is True and cfg.model.quant_type in FOUR_BIT,
                    fused_loss=cfg.train.fused_loss is True, cuda_graphs=cfg.train.cuda_graphs is True,
-                   bf16_attention=cfg.model.bf16_attention)
+                   bf16_attention=cfg.model.bf16_attention and cfg.model.attn_implementation == "sdpa")
 
     @property
     def quantized(self) -> bool:

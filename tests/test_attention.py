@@ -39,8 +39,13 @@ def _example(first: int, n: int) -> dict[str, list[int]]:
 def test_bf16_attention_is_routed_on_and_off_and_keeps_other_implementations(base: Any) -> None:
     assert use_bf16_attention(base.model, on=True) and base.model.config._attn_implementation == NAME
     assert not use_bf16_attention(base.model, on=False) and base.model.config._attn_implementation == SDPA
-    eager = type("Model", (), {"config": type("Config", (), {"_attn_implementation": "eager"})()})()
-    assert not use_bf16_attention(eager, on=True) and eager.config._attn_implementation == "eager"
+    def model(implementation: str, backend: bool) -> Any:
+        config = type("Config", (), {"_attn_implementation": implementation})()
+        return type("Model", (), {"config": config, "_supports_attention_backend": backend})()
+
+    for other in (model("eager", True), model(SDPA, False)):  # another kernel; a model testing for "sdpa" itself
+        before = other.config._attn_implementation
+        assert not use_bf16_attention(other, on=True) and other.config._attn_implementation == before
 
 
 def test_bf16_attention_keeps_packed_examples_apart_and_rounds_as_bf16_does(base: Any) -> None:
@@ -57,9 +62,24 @@ def test_bf16_attention_keeps_packed_examples_apart_and_rounds_as_bf16_does(base
         use_bf16_attention(base.model, on=False)
     assert ours.dtype == torch.float32
     # first fit by decreasing length: the longer (second) example comes first in the row
-    assert torch.equal(ours[30:], other[30:]) and not torch.equal(ours[:30], other[:30])
+    assert torch.equal(ours[30:], other[30:])
     assert not torch.equal(ours, fp32)
     torch.testing.assert_close(ours, fp32, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_attention_keeps_the_padding_mask(base: Any) -> None:
+    """A padded batch: a row's real tokens do not see the padding, whatever its ids."""
+    rows = [_example(3, 20), _example(11, 12)]
+    batch = data.collate(rows, 0)
+    use_bf16_attention(base.model, on=True)
+    try:
+        with torch.no_grad():
+            ours = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch["input_ids"][1, 12:] = 77
+            other = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        use_bf16_attention(base.model, on=False)
+    assert torch.equal(ours[1, :12], other[1, :12]) and torch.equal(ours[0], other[0])
 
 
 def test_the_memory_and_time_models_count_bf16_attention_on_cuda_with_fp32_activations() -> None:
