@@ -43,6 +43,14 @@ HALF = (torch.bfloat16, torch.float16)
 """16-bit activations: the adapter's products then run in the activations' dtype (:class:`_LoraProductHalf`)."""
 
 
+def _dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """The gradient through :func:`_dropout` with what it returned for backward (``mask``), shaped as ``grad``."""
+    mask = mask.reshape(grad.shape)
+    if mask.dtype != torch.bool:
+        return grad * mask
+    return torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
+
+
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``functional.dropout(x, p, training=True)`` for ``0 < p < 1`` and what its backward multiplies by: the
     fused kernel's mask on CUDA, the scaled noise elsewhere (ATen's two paths, the same random numbers)."""
@@ -88,8 +96,7 @@ class _LoraProduct(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_xa = grad_hidden.mm(lora_a).view(xa.shape)
             if mask is not None:
-                grad_xa = (grad_xa * mask if mask.dtype != torch.bool
-                           else torch.ops.aten.native_dropout_backward(grad_xa, mask, 1.0 / (1.0 - ctx.p)))
+                grad_xa = _dropout_backward(grad_xa, mask, ctx.p)
             grad_x = grad_xa.to(ctx.x_dtype)
             if weight is not None:
                 flat = grad.to(weight.dtype).reshape(-1, grad.shape[-1])
@@ -138,9 +145,7 @@ class _LoraProductHalf(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_hidden.mm(lora_a.to(grad.dtype))
             if mask is not None:
-                grad_x = (grad_x * mask.reshape(grad_x.shape) if mask.dtype != torch.bool
-                          else torch.ops.aten.native_dropout_backward(grad_x, mask.reshape(grad_x.shape),
-                                                                      1.0 / (1.0 - ctx.p)))
+                grad_x = _dropout_backward(grad_x, mask, ctx.p)
             if weight is not None:
                 grad_x.addmm_(flat_grad, weight)
             grad_x = grad_x.view(xd.shape)

@@ -204,8 +204,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
                                                                       "and the trial fits with its memory held)")
     if device.kind != "cuda":
         graphs = "off (CUDA only)"
-    bf16_attention = (m.bf16_attention and m.attn_implementation == "sdpa" and m.quant_type != "none"
-                      and m.upcast_unquantized and device.kind == "cuda")
+    bf16_attention = TrialSettings.from_config(cfg, device=device.kind).attention_bytes == 2
     layers = ("peft's and transformers' own layers" if not m.lean_layers
               else "lean layers (LoRA as one autograd step, fused RMSNorm)" if four_bit else "fused RMSNorm")
     lines = [f"plan for study {cfg.study.name!r} ({cfg.study.n_trials} trials); nothing is trained",
