@@ -32,8 +32,11 @@ and the same batches in the same order go through:
   ours-tf32-graphs at fp32 activations, ours-bf16-layers and ours-bf16-graphs at bf16. Every other method runs
   without graphs.
 - ``--methods attention`` runs ours-packed and ours-tf32-layers beside ours-attn (the same with
-  ``model.bf16_attention=true``: attention on bf16 copies of the fp32 stream's inputs, the default) and
-  ours-attn-graphs (with graphs too). Every other method runs with fp32 attention.
+  ``model.bf16_attention=true``: attention on bf16 copies of the fp32 stream's inputs, packed rows through flash's
+  variable-length kernel, the default), ours-attn-mask (bf16 attention with sdpa's block-diagonal mask for packed
+  rows instead) and ours-attn-graphs (with graphs too); and ours-bf16-layers beside ours-bf16-attn (with
+  ``model.bf16_attention=true``: packed rows through the variable-length kernel). Every other method runs with
+  sdpa's own attention.
 
 ``--checkpointing`` pins gradient checkpointing for every method (true, as Trainer + peft's recipe: the
 identical configuration), or lets each of our methods decide it as a trial would (auto: off where the memory
@@ -72,7 +75,8 @@ from bench.trainer import loop_rows, trainer_arguments, trainer_fixed_arguments
 METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16", "trainer-liger", "ours-bf16", "ours-bf16-packed",
            "ours-cache", "ours-fused", "ours-all", "ours-cache-auto", "ours-fast", "ours-lean", "ours-tf32",
            "ours-fastest", "ours-packed-layers", "ours-tf32-layers", "ours-fastest-layers", "ours-lean-layers",
-           "ours-tf32-graphs", "ours-bf16-layers", "ours-bf16-graphs", "ours-attn", "ours-attn-graphs")
+           "ours-tf32-graphs", "ours-bf16-layers", "ours-bf16-graphs", "ours-attn", "ours-attn-graphs",
+           "ours-attn-mask", "ours-bf16-attn")
 LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing=true",
           "trainer": "Trainer + peft", "trainer-bf16": "Trainer + peft, bf16 autocast",
           "trainer-liger": "Trainer + peft, use_liger_kernel",
@@ -98,7 +102,11 @@ LABELS = {"ours": "ours (padded per batch)", "ours-packed": "ours, train.packing
                               "lean_layers + cuda_graphs",
           "ours-attn": "ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers + bf16_attention",
           "ours-attn-graphs": "ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers + "
-                              "bf16_attention + cuda_graphs"}
+                              "bf16_attention + cuda_graphs",
+          "ours-attn-mask": "ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers + "
+                            "bf16_attention with sdpa's block mask",
+          "ours-bf16-attn": "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + tf32 + "
+                            "lean_layers + bf16_attention"}
 # --methods switches: today's path beside each faster-step switch alone and all of them together
 SWITCHES = ("ours-packed", "ours-cache", "ours-fused", "ours-bf16-packed", "ours-all")
 # --methods fastest: today's path beside the switches as a trial on a large GPU decides them, and as a small one
@@ -107,8 +115,9 @@ FASTEST = ("ours-packed", "ours-cache-auto", "ours-tf32", "ours-fast", "ours-fas
 LAYERS = ("ours-packed", "ours-packed-layers", "ours-tf32", "ours-tf32-layers", "ours-fastest", "ours-fastest-layers")
 # --methods graphs: today's path, and the fastest plain-loss paths at fp32 and bf16 activations with and without graphs
 GRAPHS = ("ours-packed", "ours-tf32-layers", "ours-tf32-graphs", "ours-bf16-layers", "ours-bf16-graphs")
-# --methods attention: today's path, the fastest at fp32 activations with and without bf16 attention, and with graphs
-ATTENTION = ("ours-packed", "ours-tf32-layers", "ours-attn", "ours-attn-graphs")
+# --methods attention: today's path, the fastest paths with and without bf16 attention (and its block mask), and graphs
+ATTENTION = ("ours-packed", "ours-tf32-layers", "ours-attn-mask", "ours-attn", "ours-attn-graphs", "ours-bf16-layers",
+             "ours-bf16-attn")
 GROUPS = {"switches": SWITCHES, "fastest": FASTEST, "layers": LAYERS, "graphs": GRAPHS, "attention": ATTENTION}
 
 
@@ -129,6 +138,8 @@ class Variant:
     """train.cuda_graphs, where it can run (CUDA, checkpointing off as decided, the plain loss)."""
     bf16_attention: bool = False
     """model.bf16_attention: attention on bf16 copies of the fp32 stream's inputs (CUDA)."""
+    varlen: bool = True
+    """With bf16 attention, packed rows through flash's variable-length kernel; False: sdpa's block mask."""
 
 
 OURS = {"ours": Variant(False), "ours-packed": Variant(True), "ours-bf16": Variant(False, upcast=False),
@@ -148,6 +159,8 @@ OURS["ours-bf16-layers"] = dataclasses.replace(OURS["ours-fastest-layers"], fuse
 OURS["ours-bf16-graphs"] = dataclasses.replace(OURS["ours-bf16-layers"], cuda_graphs=True)
 OURS["ours-attn"] = dataclasses.replace(OURS["ours-tf32-layers"], bf16_attention=True)
 OURS["ours-attn-graphs"] = dataclasses.replace(OURS["ours-attn"], cuda_graphs=True)
+OURS["ours-attn-mask"] = dataclasses.replace(OURS["ours-attn"], varlen=False)
+OURS["ours-bf16-attn"] = dataclasses.replace(OURS["ours-bf16-layers"], bf16_attention=True)
 # micro-batch, steps per shape: the steps keep the 8B shape's share of the run affordable
 SIZES = {"tiny": (2, 4), "135m": (16, 10), "1b": (16, 10), "8b": (16, 6)}
 DEFAULT_METHODS = ("ours", "ours-packed", "trainer", "trainer-bf16")
@@ -272,16 +285,22 @@ def ours_config(base: Any, cfg: Any, variant: Variant) -> tuple[Any, str]:
 
 def train_ours(base: Any, data: Any, cfg: Any, base_cache: bool, on_step: Any,
                around: contextlib.AbstractContextManager[Any] | None = None, lean_layers: bool = False,
-               bf16_attention: bool = False) -> Any:
+               bf16_attention: bool = False, varlen: bool = True) -> Any:
     """One run of our loop on the resident base with ``cfg`` as decided (checkpointing resolved), the base
-    cache, lean layers and bf16 attention on or off; ``around`` (a profiler, say) is entered once the adapter is
-    in place."""
+    cache, lean layers and bf16 attention on or off (``varlen`` off: bf16 attention masks packed rows as sdpa
+    does); ``around`` (a profiler, say) is entered once the adapter is in place."""
     from objectives.training import train_adapter
 
     base.use_checkpointing(cfg.model.gradient_checkpointing)
     base.use_base_cache(base_cache)
     base.use_lean_layers(lean_layers)
     base.use_bf16_attention(bf16_attention)
+    if not varlen:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        from objectives.attention import NAME
+
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # the next use_bf16_attention(True) registers ours again
     try:
         with base.adapter(cfg.lora, cfg.train.seed) as model, around or contextlib.nullcontext():
             return train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
@@ -305,7 +324,7 @@ def run_ours(base: Any, data: Any, cfg: Any, tokens: list[int], warmup: int, var
     use_tf32(variant.tf32)
     try:
         result = train_ours(base, data, cfg, variant.base_cache, on_step, lean_layers=variant.lean_layers,
-                            bf16_attention=variant.bf16_attention)
+                            bf16_attention=variant.bf16_attention, varlen=variant.varlen)
     finally:
         use_tf32(False)
     peak = result.peak_memory_mb / 1024 if base.device.type == "cuda" else None

@@ -188,7 +188,7 @@ class ResidentBase:
     def use_bf16_attention(self, on: bool) -> None:
         """Attention on bf16 copies of an fp32 stream's inputs (``on``, CUDA only) or in the stream's own dtype
         (``model.bf16_attention``, :mod:`objectives.attention`)."""
-        cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         self.bf16_attention = attention.use_bf16_attention(self.model, on and cuda_bf16)
 
     def use_lean_layers(self, on: bool) -> None:

@@ -50,7 +50,7 @@ from objectives.slots import (
     slot_parameter_count,
 )
 from objectives.training import LossNotFinite, TrainResult, eval_passes, forward_passes, peak_memory_mb
-from objectives.transfer import Staging, send, to_device
+from objectives.transfer import Staging, on_device, send
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,8 @@ class SlotEngine:
             rows = self._row_slots(keys, labels.shape[0])
             self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
             try:
-                per_slot = self._slot_loss_sums(to_device(batch, device), send(labels, device), keys, rows) * scale
+                per_slot = self._slot_loss_sums(on_device(self.base.model, batch, device), send(labels, device), keys,
+                                                 rows) * scale
                 per_slot.sum().backward()
             finally:
                 self.ctx.rows = None
@@ -411,7 +412,8 @@ class SlotEngine:
                 labels = merged.pop("labels")
                 rows = self._row_slots(keys, labels.shape[0])
                 self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
-                totals += self._slot_loss_sums(to_device(merged, device), send(labels, device), keys, rows)
+                totals += self._slot_loss_sums(on_device(self.base.model, merged, device), send(labels, device), keys,
+                                                rows)
         finally:
             self.ctx.rows = None
             self.base.model.train()
@@ -423,7 +425,7 @@ class SlotEngine:
             if self._call(slot, "on_eval", run.step, run.eval_loss) and not math.isfinite(run.eval_loss):
                 self._finish(slot, error=LossNotFinite(f"eval loss is {run.eval_loss} at step {run.step}"))
 
-    def _slot_loss_sums(self, batch: dict[str, torch.Tensor], labels: torch.Tensor, keys: list[tuple[int, int]],
+    def _slot_loss_sums(self, batch: dict[str, Any], labels: torch.Tensor, keys: list[tuple[int, int]],
                         rows: torch.Tensor) -> torch.Tensor:
         """Each slot's summed loss over its rows of a merged pass (zero for slots not in it): from full logits
         row by row, or fused with the head in one call per slot's rows (:mod:`objectives.loss`)."""

@@ -65,7 +65,7 @@ def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def hidden_and_head(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_and_head(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder's last hidden state for ``batch`` (without labels) and the output head's weight: the
     causal LM's forward up to its head. peft's LoRA wrapper adds nothing to that forward."""
     lm = causal_lm(model)
@@ -92,7 +92,7 @@ def fused_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return _FUSED["sum"](weight, flat, shifted_labels(labels).reshape(-1))  # type: ignore[no-any-return]
 
 
-def pass_loss(model: Any, batch: dict[str, torch.Tensor], num_items: int | torch.Tensor,
+def pass_loss(model: Any, batch: dict[str, Any], num_items: int | torch.Tensor,
               fused: bool) -> torch.Tensor:
     """The pass's loss: summed over its predicted tokens and divided by ``num_items`` (the step's, so passes
     add up to the step's mean)."""

@@ -120,7 +120,8 @@ class TrialSettings:
     upcast: bool = True
     """model.upcast_unquantized: a quantized base's embeddings, head and norms are fp32."""
     packed: bool = False
-    """train.packing: rows of several examples, kept apart by a block-diagonal mask even in a batch of one."""
+    """train.packing: rows of several examples, kept apart by a block-diagonal mask even in a batch of one (or, with
+    bf16 attention on CUDA, by the variable-length kernel)."""
     padded: bool = True
     """Whether batches may hold padding (then sdpa gets a mask). A batch of one never does."""
     device: str = "cuda"
@@ -187,6 +188,11 @@ class TrialSettings:
 
     @property
     def has_mask(self) -> bool:
+        """Whether sdpa gets a mask: padding in a batch of more than one, or packed rows; but packed rows under
+        bf16 attention on CUDA go through the variable-length kernel without one (:mod:`objectives.attention`),
+        except in a CUDA graph's capture."""
+        if self.packed and self.bf16_attention and self.device == "cuda" and not self.cuda_graphs:
+            return False
         return self.padded and (self.micro_batch_size > 1 or self.packed)
 
     @property

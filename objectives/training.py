@@ -22,7 +22,7 @@ from objectives.data import (
 )
 from objectives.loss import fused_loss_on, pass_loss
 from objectives.step_graphs import PassGraphs
-from objectives.transfer import to_device
+from objectives.transfer import on_device
 
 
 class LossNotFinite(RuntimeError):
@@ -112,7 +112,7 @@ def evaluate(model: Any, passes: list[dict[str, torch.Tensor]], device: torch.de
         for batch in passes:
             n = targets_in(batch)
             if n:
-                total += pass_loss(model, to_device(batch, device), n, fused).float() * n
+                total += pass_loss(model, on_device(model, batch, device), n, fused).float() * n
                 count += n
     finally:
         model.train(was_training)
@@ -167,7 +167,7 @@ def train_adapter(
                 loss_sum += graphs.loss(passes[0], targets)
             else:
                 for batch in passes:
-                    loss = pass_loss(model, to_device(batch, device), targets, fused)
+                    loss = pass_loss(model, on_device(model, batch, device), targets, fused)
                     loss.backward()
                     loss_sum += loss.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -9,16 +9,18 @@ from typing import Any
 import pytest
 import torch
 
-from objectives import data
+from objectives import attention, data
 from objectives.attention import NAME, SDPA, use_bf16_attention
 from sweeper import compose
 from sweeper.launch import Resources
 from tests.conftest import TINY
+from tests.test_gpu import SOURCE
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    cfg, _ = compose.load([*TINY, "search_space=none", f"output_dir={tmp_path_factory.mktemp('attention')}"])
+    cfg, _ = compose.load([*TINY, *SOURCE, "search_space=none", "train.device=cpu",
+                           f"output_dir={tmp_path_factory.mktemp('attention')}"])
     res = Resources.load(cfg)
     assert not res.base.bf16_attention  # CUDA only: the CPU keeps fp32 attention
     yield res.base
@@ -96,6 +98,12 @@ def test_the_memory_and_time_models_count_bf16_attention_on_cuda_with_fp32_activ
     for kept_as_is in (TrialSettings(bf16_attention=True, device="cpu"),
                        TrialSettings(bf16_attention=True, upcast=False)):
         assert kept_as_is.attention_bytes == kept_as_is.act_bytes
+    packed = TrialSettings(micro_batch_size=4, seq_len=512, packed=True, bf16_attention=True)
+    assert not packed.has_mask  # the variable-length kernel keeps packed examples apart
+    for masked in (TrialSettings(micro_batch_size=4, seq_len=512, packed=True),
+                   TrialSettings(micro_batch_size=4, seq_len=512, packed=True, bf16_attention=True, cuda_graphs=True),
+                   TrialSettings(micro_batch_size=4, seq_len=512, packed=True, bf16_attention=True, device="cpu")):
+        assert masked.has_mask
     (bf16, fp32), (bf16_routed, fp32_routed) = step_flops(SMOLLM2, plain), step_flops(SMOLLM2, routed)
     assert bf16_routed > bf16 and fp32_routed < fp32 and bf16_routed + fp32_routed == pytest.approx(bf16 + fp32)
 
@@ -103,3 +111,108 @@ def test_the_memory_and_time_models_count_bf16_attention_on_cuda_with_fp32_activ
 def test_bf16_attention_is_a_model_setting(tmp_path: Path) -> None:
     cfg, _ = compose.load([*TINY, "model.bf16_attention=false", f"output_dir={tmp_path}"])
     assert cfg.model.bf16_attention is False
+
+
+@pytest.mark.parametrize(("positions", "offsets", "longest"), [
+    ([[0, 1, 2, 3]], [0, 4], 4),  # one example
+    ([[0, 1, 0, 1, 2, 0]], [0, 2, 5, 6], 3),  # three packed examples
+    ([[0, 1, 2], [0, 0, 1]], [0, 3, 4, 6], 3),  # every row starts an example
+    ([[5, 6, 7], [5, 6, 7]], [0, 3, 6], 3),  # offset positions still count on by one
+])
+def test_example_bounds_split_packed_rows_where_the_positions_restart(
+        positions: list[list[int]], offsets: list[int], longest: int) -> None:
+    bounds, most = attention.example_bounds(torch.tensor(positions), len(positions))
+    assert bounds.dtype == torch.int32 and bounds.tolist() == offsets and most == longest
+
+
+def test_position_ids_broadcast_over_rows_as_transformers_passes_them() -> None:
+    bounds, most = attention.example_bounds(torch.arange(4).unsqueeze(0), 3)
+    assert bounds.tolist() == [0, 4, 8, 12] and most == 4
+
+
+@pytest.mark.parametrize("model_type", attention.PLAIN_CAUSAL)
+def test_plain_causal_models_hand_their_attention_the_position_ids(model_type: str) -> None:
+    """The variable-length kernel reads each example's bounds from the position ids: every model type that may
+    take it must pass them to its attention function."""
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen: list[Any] = []
+
+    def spy(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("position_ids"))
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("spy", spy)
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  sliding_window=None)
+    assert attention.plain_causal(config)
+    config._attn_implementation = "spy"
+    model = AutoModelForCausalLM.from_config(config)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with torch.no_grad():
+        model(input_ids=torch.arange(6).unsqueeze(0), position_ids=positions)
+    assert len(seen) == 2 and all(p is not None and torch.equal(p, positions) for p in seen)
+
+
+def test_the_mask_stays_sdpa_s_off_cuda(base: Any) -> None:
+    """The CPU never takes the variable-length kernel: packed rows keep their block-diagonal mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs = dict(batch_size=1, q_length=6, kv_length=6, q_offset=0, kv_offset=0, attention_mask=None,
+                  device=torch.device("cpu"), config=base.model.config, allow_is_causal_skip=False)
+    assert torch.equal(attention.packed_mask(**kwargs), sdpa_mask(**kwargs))
+    assert not attention.plain_causal(type("Config", (), {"model_type": "llama", "sliding_window": 4096})())
+    use_bf16_attention(base.model, on=True)
+    try:
+        (batch,) = data.pack([_example(3, 20), _example(11, 30)], 0, 64, 1)
+        assert attention.bounds_kwargs(base.model, batch, torch.device("cpu")) == {}
+    finally:
+        use_bf16_attention(base.model, on=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_rows_take_the_variable_length_kernel_on_cuda(tmp_path: Path) -> None:
+    """On CUDA a packed pass builds no mask and runs causal attention within each example, with the bounds from the
+    device or, as the training loop hands them in, from the host: the first example's logits do not depend on the
+    second's tokens, and logits and adapter gradients agree with sdpa's masked bf16 kernel to bf16 rounding."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from objectives.transfer import on_device, to_device
+
+    cfg, _ = compose.load([*TINY, *SOURCE, "search_space=none", "train.device=cuda", "lora.dropout=0",
+                           f"output_dir={tmp_path}"])
+    res = Resources.load(cfg)
+    model = res.base.model
+    assert res.base.bf16_attention
+    (batch,) = data.pack([_example(3, 20), _example(11, 30)], 0, 64, 2)
+    (other,) = data.pack([_example(3, 20), _example(29, 30)], 0, 64, 2)
+
+    def run(pass_: dict[str, torch.Tensor], host: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        inputs = {k: v for k, v in pass_.items() if k != "labels"}
+        with res.base.adapter(cfg.lora, seed=0) as peft:
+            sent = on_device(peft, inputs, torch.device("cuda")) if host else to_device(inputs, torch.device("cuda"))
+            assert ("cu_seq_lens_q" in sent) == host
+            logits = peft(**sent).logits
+            logits.float().square().mean().backward()
+            grads = [p.grad.float().clone() for p in peft.parameters() if p.requires_grad]
+        return logits.detach().float()[0], grads
+
+    attention._bounds.clear()
+    varlen, varlen_grads = run(batch)
+    assert attention._bounds.get("ids") is not None  # the kernel ran, reading the bounds from the device
+    host, host_grads = run(batch, host=True)  # the training loop's pass: the bounds from the host
+    torch.testing.assert_close(host, varlen, rtol=0, atol=0)
+    for ours, theirs in zip(host_grads, varlen_grads, strict=True):  # flash's backward sums in no fixed order
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
+    assert torch.equal(varlen[30:], run(other)[0][30:])
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    try:
+        masked, masked_grads = run(batch)
+    finally:
+        use_bf16_attention(model, on=True)
+    torch.testing.assert_close(varlen, masked, rtol=2e-2, atol=2e-2)
+    for ours, theirs in zip(varlen_grads, masked_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=5e-2 * float(theirs.abs().max()))
