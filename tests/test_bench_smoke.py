@@ -209,7 +209,7 @@ def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path)
             for ln in lines[header + 2:] if ln.startswith("|")]
     losses = {r["method"]: float(r["mean train loss"]) for r in rows
               if r["method"].startswith("ours") and r["mean train loss"] != "n/a"}
-    assert len(losses) == 20
+    assert len(losses) == 22
     packed = losses["ours, train.packing=true"]
     assert losses["ours (padded per batch)"] == pytest.approx(packed, abs=2e-3)
     bf16 = "ours, upcast_unquantized=false"
@@ -239,8 +239,11 @@ def test_step_throughput_smoke_packing_trains_on_the_same_tokens(tmp_path: Path)
         assert r["note"].endswith("CUDA graphs not run: needs CUDA (the trial trains on the cpu)")
         assert losses[r["method"]] == losses[r["method"].removesuffix(" + cuda_graphs")]
     # --methods attention: bf16 attention is a CUDA matter too
-    assert losses["ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers + bf16_attention"] == \
-        losses["ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers"]
+    fp32 = "ours, packing + base_cache=on + checkpointing auto + tf32 + lean_layers"
+    bf16_layers = "ours, packing + upcast_unquantized=false + base_cache=on + checkpointing auto + tf32 + lean_layers"
+    for routed, plain in ((fp32 + " + bf16_attention", fp32), (fp32 + " + bf16_attention with sdpa's block mask", fp32),
+                          (bf16_layers + " + bf16_attention", bf16_layers)):
+        assert losses[routed] == losses[plain], routed
 
 
 @pytest.mark.slow
