@@ -295,17 +295,18 @@ def train_ours(base: Any, data: Any, cfg: Any, base_cache: bool, on_step: Any,
     base.use_base_cache(base_cache)
     base.use_lean_layers(lean_layers)
     base.use_bf16_attention(bf16_attention)
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from objectives.attention import NAME, packed_mask
+
     if not varlen:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        from objectives.attention import NAME
-
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # the next use_bf16_attention(True) registers ours again
+        AttentionMaskInterface.register(NAME, sdpa_mask)
     try:
         with base.adapter(cfg.lora, cfg.train.seed) as model, around or contextlib.nullcontext():
             return train_adapter(model, data, cfg.train, cfg.optimizer, base.device, base.tokenizer.pad_token_id,
                                  on_step=on_step)
     finally:
+        AttentionMaskInterface.register(NAME, packed_mask)
         base.use_base_cache(False)
         base.use_bf16_attention(False)
 

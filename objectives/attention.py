@@ -11,14 +11,14 @@ kernels, the output back in fp32. Everything around attention stays as it was.
 
 Packed rows (``train.packing``) keep their examples apart by restarted position ids; sdpa needs them as a
 block-diagonal mask, which rules out its flash kernel and makes the memory-efficient kernel compute every block of
-the square, across examples and above the diagonal. On CUDA, for models whose every layer is plain causal
-attention (:data:`PLAIN_CAUSAL`), :func:`packed_mask` builds no mask, and :func:`sdpa_in_bf16` runs flash's
-variable-length kernel with one sequence per example, as transformers' flash-attention path does: causal blocks
-within each example only. The training loop hands the examples' bounds in with the pass, computed on the host
-(:func:`bounds_kwargs`, transformers' flash-attention arguments); a caller that does not is served from the
-position ids on the device, which waits for the device once per pass. Anything else (a padding mask, a cache
-offset, attention dropout, a CUDA-graph capture, which cannot wait for the examples' bounds) takes sdpa's mask and
-kernels.
+the square, across examples and above the diagonal. Where flash runs (:func:`takes_varlen`: CUDA, Ampere or newer,
+a model whose every layer is plain causal attention, outside a CUDA-graph capture), :func:`packed_mask` builds no
+mask for a pass without a padding mask or a cache offset, and only for such a pass: elsewhere on that route it
+always builds one. A pass without a mask then runs flash's variable-length kernel in :func:`sdpa_in_bf16`, one
+sequence per example, as transformers' flash-attention path does: causal blocks within each example only. The
+training loop hands the examples' bounds in with the pass (:func:`on_device`, transformers' flash-attention
+arguments, computed on the host); a caller that does not is served from the position ids on the device, which
+waits for the device twice per pass.
 
 The route is a registered attention implementation of its own name, with its own mask, selected on the model's
 config: transformers looks both up at every call.
@@ -26,11 +26,15 @@ config: transformers looks both up at every call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from objectives.transfer import send, to_device
 
 NAME = "sdpa_bf16"
 SDPA = "sdpa"
@@ -38,45 +42,60 @@ PLAIN_CAUSAL = ("llama", "mistral", "qwen2", "qwen3")
 """Model types whose decoder layers all run causal attention with the position ids in their attention's
 arguments, when the config has no sliding window: their packed rows can go through the variable-length kernel."""
 
-_bounds: dict[str, Any] = {}
-"""The last position ids' example bounds: every layer of a pass reads the same position ids."""
+_sdpa_only = [0]
+"""How many :func:`sdpa_only` blocks are open."""
 
 
 def plain_causal(config: Any) -> bool:
     """Whether every attention layer of a model with ``config`` is causal over its whole input, without dropout."""
-    return (getattr(config, "model_type", None) in PLAIN_CAUSAL and getattr(config, "sliding_window", None) is None
-            and not getattr(config, "attention_dropout", 0.0))
+    return (getattr(config, "model_type", None) in PLAIN_CAUSAL and getattr(config, "is_causal", True)
+            and getattr(config, "sliding_window", None) is None and not getattr(config, "attention_dropout", 0.0))
 
 
 def takes_varlen(config: Any, device: Any) -> bool:
     """Whether a pass of a model with ``config`` on ``device`` can go through the variable-length kernel: a plain
     causal model (:func:`plain_causal`) with flash's head sizes, on a CUDA device flash runs on (Ampere or newer),
-    outside a CUDA-graph capture (the kernel's bounds are read when it is launched)."""
-    if device is None or not plain_causal(config):
+    outside a CUDA-graph capture (the kernel's bounds are read when it is launched) and :func:`sdpa_only`."""
+    if device is None or _sdpa_only[0] or not plain_causal(config):
         return False
     heads = getattr(config, "num_attention_heads", 0) or 1
     head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
-    return (0 < head_dim <= 256 and head_dim % 8 == 0 and _flash_runs(torch.device(device))
-            and not torch.cuda.is_current_stream_capturing())
+    device = torch.device(device)
+    return (0 < head_dim <= 256 and head_dim % 8 == 0 and _flash_runs(device)
+            and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
 
 
 @functools.cache
 def _flash_runs(device: torch.device) -> bool:
+    """Asked once per device: every attention layer of every pass asks."""
     return (device.type == "cuda" and torch.backends.cuda.is_flash_attention_available()
             and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
+@contextlib.contextmanager
+def sdpa_only() -> Iterator[None]:
+    """Passes inside run sdpa's own mask and kernels: the warm-up before a CUDA-graph capture loads the kernels
+    the capture will record."""
+    _sdpa_only[0] += 1
+    try:
+        yield
+    finally:
+        _sdpa_only[0] -= 1
+
+
 def packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """sdpa's mask, or none (causal within each example, :func:`sdpa_in_bf16`) for a whole pass without a padding
-    mask or a cache offset that can take the variable-length kernel (:func:`takes_varlen`)."""
+    """sdpa's mask; on the variable-length route (:func:`takes_varlen`) none for a whole pass without a padding
+    mask or a cache offset, and a mask for every other pass, even a plain causal one (where sdpa's own would be
+    none): there a pass without a mask is split at its restarted position ids."""
     from transformers.masking_utils import sdpa_mask
 
+    if args or kwargs.get("use_vmap") or not takes_varlen(kwargs.get("config"), kwargs.get("device")):
+        return sdpa_mask(*args, **kwargs)
     whole_pass = (kwargs.get("q_length") is not None and kwargs.get("q_length") == kwargs.get("kv_length")
                   and not kwargs.get("q_offset") and not kwargs.get("kv_offset"))
-    if (not args and whole_pass and kwargs.get("attention_mask") is None
-            and takes_varlen(kwargs.get("config"), kwargs.get("device"))):
+    if whole_pass and kwargs.get("attention_mask") is None:
         return None
-    return sdpa_mask(*args, **kwargs)
+    return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
 
 
 def example_bounds(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
@@ -92,25 +111,47 @@ def example_bounds(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor,
     return offsets, int((offsets[1:] - offsets[:-1]).max())
 
 
-def _cached_bounds(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
-    key = (position_ids._version, rows, position_ids.device)
-    if _bounds.get("ids") is None or _bounds["ids"]() is not position_ids or _bounds["key"] != key:
-        _bounds.update(ids=weakref.ref(position_ids), key=key, value=example_bounds(position_ids, rows))
-    value: tuple[torch.Tensor, int] = _bounds["value"]
-    return value
+class _LastBounds:
+    """The bounds of the last position ids read on the device: every layer of a pass gets the same tensor, and
+    reading them waits for the device. A changed tensor in the same place (a graph's inputs are refilled in place)
+    has a new version."""
+
+    def __init__(self) -> None:
+        self.ids: weakref.ref[torch.Tensor] | None = None
+        self.key: tuple[Any, ...] = ()
+        self.value: tuple[torch.Tensor, int] | None = None
+
+    def get(self, position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
+        key = (position_ids._version, rows)
+        if self.value is None or self.ids is None or self.ids() is not position_ids or self.key != key:
+            self.ids, self.key, self.value = weakref.ref(position_ids), key, example_bounds(position_ids, rows)
+        return self.value
 
 
-def bounds_kwargs(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """The examples' bounds of a pass on the host (``batch``) as the model's forward takes them (transformers'
-    flash-attention arguments), where the model's attention on ``device`` reads them (:func:`sdpa_in_bf16`,
-    :func:`takes_varlen`); otherwise nothing."""
+_last_bounds = _LastBounds()
+
+
+def on_device(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """A pass on the device, with the examples' bounds as the model's forward takes them (transformers'
+    flash-attention arguments) where the model's attention reads them (:func:`sdpa_in_bf16`): computed on the host,
+    so the attention need not read them back from the device."""
     config = getattr(model, "config", None)
     positions = batch.get("position_ids")
-    if (positions is None or getattr(config, "_attn_implementation", None) != NAME
-            or not takes_varlen(config, device)):
-        return {}
+    sent: dict[str, Any] = to_device(batch, device)
+    if positions is None or getattr(config, "_attn_implementation", None) != NAME or not takes_varlen(config, device):
+        return sent
     offsets, longest = example_bounds(positions, positions.shape[0])
-    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
+    offsets = send(offsets, device)
+    return sent | {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest,
+                   "max_length_k": longest}
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,
+           scale: float | None) -> torch.Tensor:
+    """Flash's causal variable-length kernel on (tokens, heads, head_dim) inputs."""
+    out: torch.Tensor = torch.ops.aten._flash_attention_forward(q, k, v, offsets, offsets, longest, longest, 0.0,
+                                                                True, False, scale=scale)[0]
+    return out
 
 
 def varlen_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: tuple[torch.Tensor, int],
@@ -121,15 +162,13 @@ def varlen_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
     rows, heads, width, dim = query.shape
     offsets, longest = bounds
     q, k, v = (t.transpose(1, 2).reshape(rows * width, t.shape[1], dim) for t in (query, key, value))
-    out = torch.ops.aten._flash_attention_forward(q, k, v, offsets, offsets, longest, longest, 0.0, True, False,
-                                                  scale=scale)[0]
-    return out.view(rows, width, heads, dim)
+    return _flash(q, k, v, offsets, longest, scale).view(rows, width, heads, dim)
 
 
 def sdpa_in_bf16(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """transformers' sdpa attention, on bf16 copies of fp32 inputs (other inputs go through as they are); without
-    a mask, on CUDA, packed rows through :func:`varlen_causal`."""
+    """transformers' sdpa attention, on bf16 copies of fp32 inputs (other inputs go through as they are); a pass
+    without a mask on the variable-length route through :func:`varlen_causal`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
@@ -142,13 +181,11 @@ def sdpa_in_bf16(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
             and query.shape[2] == key.shape[2] and not kwargs.get("dropout")
             and takes_varlen(getattr(module, "config", None), query.device)):
         bounds = ((kwargs["cu_seq_lens_q"], kwargs["max_length_q"]) if kwargs.get("cu_seq_lens_q") is not None
-                  else _cached_bounds(position_ids, query.shape[0]))
+                  else _last_bounds.get(position_ids, query.shape[0]))
         out, weights = varlen_causal(query, key, value, bounds, kwargs.get("scaling")), None
     else:
         out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return out.to(dtype), weights
-
-
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from objectives.attention import on_device
 from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig
 from objectives.data import Rows, TokenizedSplits, targets_in, train_micro_batches
@@ -50,7 +51,7 @@ from objectives.slots import (
     slot_parameter_count,
 )
 from objectives.training import LossNotFinite, TrainResult, eval_passes, forward_passes, peak_memory_mb
-from objectives.transfer import Staging, on_device, send
+from objectives.transfer import Staging, send
 
 log = logging.getLogger(__name__)
 

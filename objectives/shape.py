@@ -120,8 +120,7 @@ class TrialSettings:
     upcast: bool = True
     """model.upcast_unquantized: a quantized base's embeddings, head and norms are fp32."""
     packed: bool = False
-    """train.packing: rows of several examples, kept apart by a block-diagonal mask even in a batch of one (or, with
-    bf16 attention on CUDA, by the variable-length kernel)."""
+    """train.packing: rows of several examples, kept apart by a block-diagonal mask even in a batch of one."""
     padded: bool = True
     """Whether batches may hold padding (then sdpa gets a mask). A batch of one never does."""
     device: str = "cuda"
@@ -188,11 +187,9 @@ class TrialSettings:
 
     @property
     def has_mask(self) -> bool:
-        """Whether sdpa gets a mask: padding in a batch of more than one, or packed rows; but packed rows under
-        bf16 attention on CUDA go through the variable-length kernel without one (:mod:`objectives.attention`),
-        except in a CUDA graph's capture."""
-        if self.packed and self.bf16_attention and self.device == "cuda" and not self.cuda_graphs:
-            return False
+        """Whether sdpa gets a mask: padding in a batch of more than one, or packed rows. Packed rows that go
+        through the variable-length kernel have none (:mod:`objectives.attention`), but whether they do depends on
+        the model and the GPU, which settings do not know: counting the mask errs on the safe side."""
         return self.padded and (self.micro_batch_size > 1 or self.packed)
 
     @property

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from objectives.attention import on_device, sdpa_only
 from objectives.loss import pass_loss
 from objectives.passes import widen
-from objectives.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,10 @@ class PassGraphs:
         current = torch.cuda.current_stream(self.device)
         if stream is not None:
             stream.wait_stream(current)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            loss = pass_loss(self.model, to_device(batch, self.device), num_items, False)
+        # The warm-up runs the kernels the capture will record: sdpa's, not the variable-length one.
+        with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
+              sdpa_only() if stream is not None else contextlib.nullcontext()):
+            loss = pass_loss(self.model, on_device(self.model, batch, self.device), num_items, False)
             loss.backward()
         if stream is not None:
             # The gradients made on the capture stream are used and freed on this one after this wait; the

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from objectives.attention import on_device
 from objectives.config import OptimizerConfig, TrainConfig
 from objectives.data import (
     Rows,
@@ -22,7 +23,6 @@ from objectives.data import (
 )
 from objectives.loss import fused_loss_on, pass_loss
 from objectives.step_graphs import PassGraphs
-from objectives.transfer import on_device
 
 
 class LossNotFinite(RuntimeError):

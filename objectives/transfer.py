@@ -6,8 +6,6 @@ from typing import Any
 
 import torch
 
-from objectives.attention import bounds_kwargs
-
 
 def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device``, without waiting for the device to be idle: a copy from pageable host memory
@@ -46,9 +44,3 @@ class Staging:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: send(v, device) for k, v in batch.items()}
 
-
-def on_device(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """A pass on the device, with what the model's attention would otherwise read back from the device: the
-    examples' bounds in packed rows (:func:`objectives.attention.bounds_kwargs`)."""
-    return {k: send(v, device) if isinstance(v, torch.Tensor) else v
-            for k, v in (batch | bounds_kwargs(model, batch, device)).items()}

@@ -24,6 +24,8 @@ SECRET = "Sec-4711"
 # A 2-layer Llama with real NF4 layers; trials of two steps.
 TINY = ["model=tiny_random", "train.max_steps=2", "train.eval_every=1", "train.micro_batch_size=2",
         "data.max_length=64", "data.max_eval_examples=8"]
+# Where the model package is not installed (a GPU machine), point at the GGUF file itself.
+SOURCE = [f"model.source={os.environ['QLORA_SWEEP_MODEL_SOURCE']}"] if "QLORA_SWEEP_MODEL_SOURCE" in os.environ else []
 
 
 # Architecture fields of two real models, for the memory model's tests (no weights needed).

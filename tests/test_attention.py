@@ -13,8 +13,7 @@ from objectives import attention, data
 from objectives.attention import NAME, SDPA, use_bf16_attention
 from sweeper import compose
 from sweeper.launch import Resources
-from tests.conftest import TINY
-from tests.test_gpu import SOURCE
+from tests.conftest import SOURCE, TINY
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +97,6 @@ def test_the_memory_and_time_models_count_bf16_attention_on_cuda_with_fp32_activ
     for kept_as_is in (TrialSettings(bf16_attention=True, device="cpu"),
                        TrialSettings(bf16_attention=True, upcast=False)):
         assert kept_as_is.attention_bytes == kept_as_is.act_bytes
-    packed = TrialSettings(micro_batch_size=4, seq_len=512, packed=True, bf16_attention=True)
-    assert not packed.has_mask  # the variable-length kernel keeps packed examples apart
-    for masked in (TrialSettings(micro_batch_size=4, seq_len=512, packed=True),
-                   TrialSettings(micro_batch_size=4, seq_len=512, packed=True, bf16_attention=True, cuda_graphs=True),
-                   TrialSettings(micro_batch_size=4, seq_len=512, packed=True, bf16_attention=True, device="cpu")):
-        assert masked.has_mask
     (bf16, fp32), (bf16_routed, fp32_routed) = step_flops(SMOLLM2, plain), step_flops(SMOLLM2, routed)
     assert bf16_routed > bf16 and fp32_routed < fp32 and bf16_routed + fp32_routed == pytest.approx(bf16 + fp32)
 
@@ -167,52 +160,97 @@ def test_the_mask_stays_sdpa_s_off_cuda(base: Any) -> None:
     use_bf16_attention(base.model, on=True)
     try:
         (batch,) = data.pack([_example(3, 20), _example(11, 30)], 0, 64, 1)
-        assert attention.bounds_kwargs(base.model, batch, torch.device("cpu")) == {}
+        assert attention.on_device(base.model, batch, torch.device("cpu")).keys() == batch.keys()
     finally:
         use_bf16_attention(base.model, on=False)
+
+
+def _flash_by_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,
+                       scale: float | None) -> torch.Tensor:
+    """The variable-length kernel's arithmetic, segment by segment, with sdpa: where flash does not run."""
+    out = []
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        assert end - start <= longest
+        segment = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            *segment, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def _packed_passes() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Two rows of 40 tokens: 30 + 10 tokens, and 20 (first fit by decreasing length); and the same with the
+    10-token example's tokens changed."""
+    examples = [_example(3, 20), _example(11, 30), _example(17, 10)]
+    (batch,) = data.pack(examples, 0, 40, 2)
+    (other,) = data.pack([*examples[:2], _example(29, 10)], 0, 40, 2)
+    assert batch["input_ids"].shape == (2, 40) and not torch.equal(batch["input_ids"], other["input_ids"])
+    return batch, other
+
+
+def _adapter_run(res: Any, cfg: Any, pass_: dict[str, torch.Tensor], device: torch.device,
+                 host: bool) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any]]:
+    """Logits and adapter gradients of one pass, with the bounds handed in from the host (as the training loop
+    does) or read from the position ids on the device; and what went into the model."""
+    from objectives.transfer import to_device
+
+    inputs = {k: v for k, v in pass_.items() if k != "labels"}
+    with res.base.adapter(cfg.lora, seed=0) as peft:
+        sent = attention.on_device(peft, inputs, device) if host else to_device(inputs, device)
+        logits = peft(**sent).logits
+        logits.float().square().mean().backward()
+        grads = [p.grad.float().clone() for p in peft.parameters() if p.requires_grad]
+    return logits.detach().float(), grads, sent
+
+
+def _check_variable_length_route(res: Any, cfg: Any, device: torch.device) -> None:
+    """Packed rows without a mask: examples stay apart, the host's and the device's bounds agree, and logits and
+    gradients agree with sdpa's block mask to bf16 rounding; a pass with a mask of all ones keeps sdpa's kernels
+    and attends across the examples, as sdpa does."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    batch, other = _packed_passes()
+    use_bf16_attention(res.base.model, on=True)
+    try:
+        host, host_grads, sent = _adapter_run(res, cfg, batch, device, host=True)
+        assert "cu_seq_lens_q" in sent
+        assert sent["cu_seq_lens_q"].tolist() == [0, 30, 40, 60, 80] and sent["max_length_q"] == 30
+        device_read, device_grads, _ = _adapter_run(res, cfg, batch, device, host=False)
+        torch.testing.assert_close(device_read, host, rtol=0, atol=0)
+        for ours, theirs in zip(device_grads, host_grads, strict=True):  # flash's backward sums in no fixed order
+            torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
+        changed, _, _ = _adapter_run(res, cfg, other, device, host=True)
+        assert torch.equal(changed[0, :30], host[0, :30]) and torch.equal(changed[1], host[1])
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        try:
+            masked, masked_grads, _ = _adapter_run(res, cfg, batch, device, host=False)
+        finally:
+            use_bf16_attention(res.base.model, on=True)
+        torch.testing.assert_close(host, masked, rtol=2e-2, atol=2e-2)
+        for ours, theirs in zip(host_grads, masked_grads, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=5e-2 * float(theirs.abs().max()))
+        ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
+        with torch.no_grad():
+            across = res.base.model(input_ids=ids, position_ids=positions,
+                                    attention_mask=torch.ones_like(ids)).logits.float()
+        assert not torch.allclose(across[0, 30:], host[0, 30:], rtol=2e-2, atol=2e-2)
+    finally:
+        use_bf16_attention(res.base.model, on=False)
+
+
+def test_the_variable_length_route_where_flash_would_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The route as it runs on CUDA, on the CPU: flash's kernel replaced by its arithmetic, segment by segment."""
+    monkeypatch.setattr(attention, "_flash_runs", lambda device: True)
+    monkeypatch.setattr(attention, "_flash", _flash_by_segments)
+    cfg, _ = compose.load([*TINY, *SOURCE, "search_space=none", "train.device=cpu", "lora.dropout=0",
+                           f"output_dir={tmp_path}"])
+    _check_variable_length_route(Resources.load(cfg), cfg, torch.device("cpu"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_packed_rows_take_the_variable_length_kernel_on_cuda(tmp_path: Path) -> None:
-    """On CUDA a packed pass builds no mask and runs causal attention within each example, with the bounds from the
-    device or, as the training loop hands them in, from the host: the first example's logits do not depend on the
-    second's tokens, and logits and adapter gradients agree with sdpa's masked bf16 kernel to bf16 rounding."""
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from objectives.transfer import on_device, to_device
-
     cfg, _ = compose.load([*TINY, *SOURCE, "search_space=none", "train.device=cuda", "lora.dropout=0",
                            f"output_dir={tmp_path}"])
     res = Resources.load(cfg)
-    model = res.base.model
-    assert res.base.bf16_attention
-    (batch,) = data.pack([_example(3, 20), _example(11, 30)], 0, 64, 2)
-    (other,) = data.pack([_example(3, 20), _example(29, 30)], 0, 64, 2)
-
-    def run(pass_: dict[str, torch.Tensor], host: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        inputs = {k: v for k, v in pass_.items() if k != "labels"}
-        with res.base.adapter(cfg.lora, seed=0) as peft:
-            sent = on_device(peft, inputs, torch.device("cuda")) if host else to_device(inputs, torch.device("cuda"))
-            assert ("cu_seq_lens_q" in sent) == host
-            logits = peft(**sent).logits
-            logits.float().square().mean().backward()
-            grads = [p.grad.float().clone() for p in peft.parameters() if p.requires_grad]
-        return logits.detach().float()[0], grads
-
-    attention._bounds.clear()
-    varlen, varlen_grads = run(batch)
-    assert attention._bounds.get("ids") is not None  # the kernel ran, reading the bounds from the device
-    host, host_grads = run(batch, host=True)  # the training loop's pass: the bounds from the host
-    torch.testing.assert_close(host, varlen, rtol=0, atol=0)
-    for ours, theirs in zip(host_grads, varlen_grads, strict=True):  # flash's backward sums in no fixed order
-        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
-    assert torch.equal(varlen[30:], run(other)[0][30:])
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    try:
-        masked, masked_grads = run(batch)
-    finally:
-        use_bf16_attention(model, on=True)
-    torch.testing.assert_close(varlen, masked, rtol=2e-2, atol=2e-2)
-    for ours, theirs in zip(varlen_grads, masked_grads, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=5e-2 * float(theirs.abs().max()))
+    assert res.base.bf16_attention and attention.takes_varlen(res.base.model.config, res.base.device)
+    _check_variable_length_route(res, cfg, res.base.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,7 @@ import torch
 
 from sweeper import compose
 from sweeper.launch import run_sweep
-from tests.conftest import TINY, step_losses
-
-# Where the model package is not installed, point at the GGUF file itself.
-SOURCE = [f"model.source={os.environ['QLORA_SWEEP_MODEL_SOURCE']}"] if "QLORA_SWEEP_MODEL_SOURCE" in os.environ else []
+from tests.conftest import SOURCE, TINY, step_losses
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
