@@ -43,4 +43,3 @@ class Staging:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: send(v, device) for k, v in batch.items()}
-
