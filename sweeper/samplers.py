@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import optuna
 
 from objectives.config import ConfigError, TrainConfig, check_choice
+from sweeper.pruning import PeerPercentilePruner
 from sweeper.space import Param
 from sweeper.values import grid_values
 
@@ -187,11 +188,12 @@ class PrunerConfig:
 
 @dataclass
 class MedianPrunerConfig(PrunerConfig):
-    """Stop a trial whose evaluation is worse than the median of finished trials' at the same step."""
+    """Stop a trial whose evaluation is worse than the median of its peers' at the same step: the other trials that
+    reported that step and were not pruned, finished or running alongside (``sweeper.pruning``)."""
 
     name: str = "median"
     n_startup_trials: int = 2
-    """Trials that must finish unpruned before any is pruned: fewer prune sooner, on a noisier median."""
+    """Peers a step needs before a trial is pruned there: fewer prune sooner, on a noisier median."""
     n_warmup_steps: int = 0
     """Steps inside a trial before it may be pruned: protects configs that start slowly (long warmups)."""
     interval_steps: int = 1
@@ -266,13 +268,11 @@ def first_rung(cfg: SuccessiveHalvingPrunerConfig, train: TrainConfig) -> int:
 
 
 def _median(cfg: MedianPrunerConfig, train: TrainConfig) -> optuna.pruners.BasePruner:
-    return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
-                                       interval_steps=cfg.interval_steps)
+    return PeerPercentilePruner(50.0, cfg.n_startup_trials, cfg.n_warmup_steps, cfg.interval_steps)
 
 
 def _percentile(cfg: PercentilePrunerConfig, train: TrainConfig) -> optuna.pruners.BasePruner:
-    return optuna.pruners.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials,
-                                           n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps)
+    return PeerPercentilePruner(cfg.percentile, cfg.n_startup_trials, cfg.n_warmup_steps, cfg.interval_steps)
 
 
 def _successive_halving(cfg: SuccessiveHalvingPrunerConfig, train: TrainConfig) -> optuna.pruners.BasePruner:

@@ -21,6 +21,7 @@ from sweeper import compose
 from sweeper.config import to_schema
 from sweeper.launch import Resources, summary
 from sweeper.objective import QLoRAObjective
+from sweeper.pruning import PeerPercentilePruner
 from sweeper.samplers import (
     PRUNERS,
     SAMPLERS,
@@ -287,7 +288,7 @@ SAMPLER_CLASSES = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.
                    "grid": optuna.samplers.GridSampler, "cmaes": optuna.samplers.CmaEsSampler,
                    "gp": optuna.samplers.GPSampler, "qmc": optuna.samplers.QMCSampler,
                    "nsga2": optuna.samplers.NSGAIISampler}
-PRUNER_CLASSES = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+PRUNER_CLASSES = {"median": PeerPercentilePruner, "percentile": PeerPercentilePruner,
                   "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
                   "asha": optuna.pruners.SuccessiveHalvingPruner, "hyperband": optuna.pruners.HyperbandPruner,
                   "none": optuna.pruners.NopPruner}
