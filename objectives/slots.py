@@ -133,9 +133,13 @@ class SlotLinear(torch.nn.Module):
         b: torch.Tensor = self.lora_B
         if not rows.every_slot:
             a, b, scaling = a[rows.slots], b[rows.slots], scaling[rows.slots]
-        hidden = torch.bmm(x, a.transpose(1, 2))
-        update = torch.bmm(hidden, b.transpose(1, 2)) * scaling.view(-1, 1, 1)
-        return (result + update.view(result.shape)).to(result.dtype)
+        hidden = torch.bmm(x, a.transpose(1, 2)) * scaling.view(-1, 1, 1)
+        if result.dtype == hidden.dtype:
+            # The sum in the second product's epilogue: the scaling on the narrow hidden product, and no update
+            # tensor of the output's size written, scaled and added (three passes over the widest activations).
+            return torch.baddbmm(result.reshape(hidden.shape[0], -1, self.out_features), hidden, b.transpose(1, 2)
+                                 ).view(result.shape)
+        return (result + torch.bmm(hidden, b.transpose(1, 2)).view(result.shape)).to(result.dtype)
 
     def _dropout(self, x: torch.Tensor, rows: PassRows) -> torch.Tensor:
         """Each slot's dropout, drawn for all slots at once (see the module docstring). A slot without an adapter
