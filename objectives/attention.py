@@ -131,14 +131,20 @@ class _LastBounds:
 _last_bounds = _LastBounds()
 
 
+def routed(model: Any, device: Any) -> bool:
+    """Whether ``model``'s packed passes on ``device`` go through the variable-length kernel: its attention is this
+    module's (:func:`use_bf16_attention`) and :func:`takes_varlen` holds."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == NAME and takes_varlen(config, device)
+
+
 def on_device(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
     """A pass on the device, with the examples' bounds as the model's forward takes them (transformers'
     flash-attention arguments) where the model's attention reads them (:func:`sdpa_in_bf16`): computed on the host,
     so the attention need not read them back from the device."""
-    config = getattr(model, "config", None)
     positions = batch.get("position_ids")
     sent: dict[str, Any] = to_device(batch, device)
-    if positions is None or getattr(config, "_attn_implementation", None) != NAME or not takes_varlen(config, device):
+    if positions is None or not routed(model, device):
         return sent
     offsets, longest = example_bounds(positions, positions.shape[0])
     offsets = send(offsets, device)

@@ -188,9 +188,10 @@ def collate(rows: Rows, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def pack(rows: Rows, pad_id: int, width: int, max_rows: int) -> list[dict[str, torch.Tensor]]:
+def pack(rows: Rows, pad_id: int, width: int, max_rows: int, one_row: bool = False) -> list[dict[str, torch.Tensor]]:
     """Forward passes without padding between examples: examples share rows of ``width`` tokens, at most
-    ``max_rows`` rows per pass, so a pass holds no more tokens than a padded micro-batch could.
+    ``max_rows`` rows per pass, so a pass holds no more tokens than a padded micro-batch could; ``one_row``: each
+    pass's rows laid end to end as one row (the same examples in each pass).
 
     First-fit by decreasing length fills the rows; position ids restart at every example, which is how the
     model keeps attention within an example (no attention mask). The rest of a row is one padding segment
@@ -210,6 +211,8 @@ def pack(rows: Rows, pad_id: int, width: int, max_rows: int) -> list[dict[str, t
     passes = []
     for first in range(0, len(lines), max_rows):
         chunk = lines[first:first + max_rows]
+        if one_row:
+            chunk = [[i for line in chunk for i in line]]
         wide = max(sum(len(rows[i]["input_ids"]) for i in line) for line in chunk)
         ids = torch.full((len(chunk), wide), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), wide), IGNORE_INDEX, dtype=torch.long)

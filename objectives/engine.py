@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from objectives.attention import on_device
+from objectives.attention import on_device, routed
 from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig
 from objectives.data import Rows, TokenizedSplits, targets_in, train_micro_batches
@@ -360,10 +360,11 @@ class SlotEngine:
         passes: dict[int, list[dict[str, torch.Tensor]]] = {}
         scale = torch.zeros(self.slots)
         self._tokens = {}
+        one_row = self._one_row_per_run()
         for slot, run in self.running.items():
             train = run.job.cfg.train
             window = [next(run.batches) for _ in range(train.grad_accum)]
-            passes[slot] = forward_passes(window, self.packing, self.pad_id, self.data.max_length)
+            passes[slot] = forward_passes(window, self.packing, self.pad_id, self.data.max_length, one_row)
             scale[slot] = 1.0 / max(1, sum(targets_in(b) for b in passes[slot]))
             self._tokens[slot] = sum(len(r["input_ids"]) for rows in window for r in rows)
         scale = send(scale, device)
@@ -394,6 +395,14 @@ class SlotEngine:
             values = torch.stack([loss_sum, norms]).tolist()
         self.optimizer.clip(norms, limits)
         return dict(enumerate(values[0])), dict(enumerate(values[1]))
+
+    def _one_row_per_run(self) -> bool:
+        """Whether each run's packed pass is one row, its examples end to end (otherwise rows of
+        ``data.max_length``). A merged pass pads every run to the most rows and the widest row of any: on the
+        default data 32 runs' packed rows were half padding, one row per run a quarter. Only where the pass goes
+        through the variable-length kernel, whose cost follows the examples: sdpa's block mask grows with the
+        square of a row's width. A run's dropout masks follow its own layout, which no other run changes."""
+        return self.packing and routed(self.base.model, self.base.device)
 
     @torch.no_grad()
     def _evaluate(self, due: list[int]) -> None:

@@ -81,11 +81,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def forward_passes(micro_batches: list[Rows], packing: bool, pad_id: int, width: int) -> list[dict[str, torch.Tensor]]:
-    """One step's micro-batches as padded batches, or with packing as few passes as fit the same rows."""
+def forward_passes(micro_batches: list[Rows], packing: bool, pad_id: int, width: int,
+                   one_row: bool = False) -> list[dict[str, torch.Tensor]]:
+    """One step's micro-batches as padded batches, or with packing as few passes as fit the same rows (``one_row``:
+    each pass's rows end to end in one, :func:`objectives.data.pack`)."""
     if not packing:
         return [collate(rows, pad_id) for rows in micro_batches]
-    return pack([r for rows in micro_batches for r in rows], pad_id, width, len(micro_batches[0]))
+    return pack([r for rows in micro_batches for r in rows], pad_id, width, len(micro_batches[0]), one_row)
 
 
 def eval_passes(data: TokenizedSplits, batch_size: int, packing: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:

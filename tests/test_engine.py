@@ -87,7 +87,15 @@ def run_alone(setup: Any, cfg: RecipeConfig) -> tuple[Recorder, RunResult]:
         engine.close()
 
 
-def test_runs_trained_together_match_each_run_alone(setup: Any) -> None:
+@pytest.fixture(params=[False, True], ids=["rows", "one-row"])
+def one_row(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Each run's packed pass as rows of data.max_length, or as one row (as where the variable-length kernel
+    runs): attention on the CPU keeps the examples apart either way."""
+    monkeypatch.setattr(SlotEngine, "_one_row_per_run", lambda self: request.param)
+    return bool(request.param)
+
+
+def test_runs_trained_together_match_each_run_alone(setup: Any, one_row: bool) -> None:
     cfg, base, data = setup
     configs = [trial(cfg, **t) for t in TRIALS]
     alone = [run_alone(setup, c) for c in configs]
@@ -106,7 +114,7 @@ def test_runs_trained_together_match_each_run_alone(setup: Any) -> None:
             torch.testing.assert_close(tensor, ref_hooks.adapter[name], rtol=1e-4, atol=1e-6)
 
 
-def test_one_slot_trains_like_the_peft_recipe_without_dropout(setup: Any) -> None:
+def test_one_slot_trains_like_the_peft_recipe_without_dropout(setup: Any, one_row: bool) -> None:
     """Same init, same data, same loss and optimizer: the slot path and peft's adapter agree."""
     cfg, base, data = setup
     one = trial(cfg, r=4, targets="qkvo", name="adamw", lr=2e-3, dropout=0.0, seed=5)
@@ -114,6 +122,9 @@ def test_one_slot_trains_like_the_peft_recipe_without_dropout(setup: Any) -> Non
     peft = Recorder()
     reference = run_recipe(one, base, data, 2**40, peft)
     base.release_adapter()
+    # The module's base as the fixture left it: an engine records the base's settings in its runs' configs.
+    base.use_checkpointing(False)
+    base.use_base_cache(False)
     assert [s["train_loss"] for s in hooks.steps] == pytest.approx([s["train_loss"] for s in peft.steps], rel=1e-4)
     assert result.train.eval_loss == pytest.approx(reference.train.eval_loss, rel=1e-4)
     assert result.train.trainable_params == reference.train.trainable_params

@@ -47,6 +47,11 @@ def test_pack_fills_rows_and_passes(lengths: tuple[int, ...], width: int, max_ro
             assert batch["position_ids"][j].tolist() == expected + list(range(wide - len(expected)))
     padded = data.collate(examples, 0)
     assert sum(data.targets_in(b) for b in out) == data.targets_in(padded)
+    # One row per pass: the same examples in each pass, its rows end to end.
+    ends = data.pack(examples, 0, width, max_rows, one_row=True)
+    assert [b["position_ids"].tolist() for b in ends] == [
+        [[p for line in rows for n in line for p in range(n)]] for rows in passes]
+    assert [data.targets_in(b) for b in ends] == [data.targets_in(b) for b in out]
 
 
 def test_pack_masks_each_examples_first_label() -> None:
