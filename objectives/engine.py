@@ -193,7 +193,7 @@ class SlotEngine:
         params = [p for layer in self.wrapped.values() for p in (layer.lora_A, layer.lora_B)]
         self.optimizer = SlotOptimizer(params, slots)
         self.staging = Staging()
-        self.held_out = eval_passes(data, eval_batch_size, packing, self.pad_id)
+        self.held_out = eval_passes(data, eval_batch_size, packing, self.pad_id, self._one_row_per_run())
         self.eval_targets = sum(targets_in(b) for b in self.held_out)
         self.pending: collections.deque[Job] = collections.deque()
         self.running: dict[int, Running] = {}
@@ -397,8 +397,8 @@ class SlotEngine:
         return dict(enumerate(values[0])), dict(enumerate(values[1]))
 
     def _one_row_per_run(self) -> bool:
-        """Whether each run's packed pass is one row, its examples end to end (otherwise rows of
-        ``data.max_length``). A merged pass pads every run to the most rows and the widest row of any: on the
+        """Whether each run's packed pass, and each held-out pass, is one row, its examples end to end (otherwise
+        rows of ``data.max_length``). A merged pass pads every run to the most rows and the widest row of any: on the
         default data 32 runs' packed rows were half padding, one row per run a quarter. Only where the pass goes
         through the variable-length kernel, whose cost follows the examples: sdpa's block mask grows with the
         square of a row's width. A run's dropout masks follow its own layout, which no other run changes."""
@@ -410,11 +410,12 @@ class SlotEngine:
         device = self.base.device
         self.base.model.eval()
         # Every due run's copy of every held-out pass, as few forwards as hold them: a forward costs the host the same
-        # launches at any width. At most about as many rows per forward as training uses: the memory the slots
-        # were sized for.
-        train_rows = sum(r.job.cfg.train.micro_batch_size for r in self.running.values())
-        parts = [(slot, batch, 0) for slot in due for batch in self.held_out]
-        per_forward = max(1, train_rows // max(batch["input_ids"].shape[0] for batch in self.held_out))
+        # launches at any width. At most as many tokens per forward as the slots' micro-batches at data.max_length:
+        # the memory the slots were sized for.
+        budget = self.data.max_length * sum(r.job.cfg.train.micro_batch_size for r in self.running.values())
+        # Pass by pass: a forward then merges copies of one held-out pass, which need no padding to each other.
+        parts = [(slot, batch, 0) for batch in self.held_out for slot in due]
+        per_forward = max(1, budget // max(batch["input_ids"].numel() for batch in self.held_out))
         totals = torch.zeros(self.slots, device=device)
         try:
             for first in range(0, len(parts), per_forward):

@@ -90,9 +90,10 @@ def forward_passes(micro_batches: list[Rows], packing: bool, pad_id: int, width:
     return pack([r for rows in micro_batches for r in rows], pad_id, width, len(micro_batches[0]), one_row)
 
 
-def eval_passes(data: TokenizedSplits, batch_size: int, packing: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:
+def eval_passes(data: TokenizedSplits, batch_size: int, packing: bool, pad_id: int,
+                one_row: bool = False) -> list[dict[str, torch.Tensor]]:
     """The held-out set as forward passes, built once per trial."""
-    return forward_passes(list(eval_micro_batches(data.eval, batch_size)), packing, pad_id, data.max_length)
+    return forward_passes(list(eval_micro_batches(data.eval, batch_size)), packing, pad_id, data.max_length, one_row)
 
 
 def evaluates_at(step: int, eval_every: int, max_steps: int) -> bool:
