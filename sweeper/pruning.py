@@ -3,9 +3,14 @@
 Optuna's percentile pruner compares a trial with finished trials only. A sweep that runs many trials at once
 (``workers.slots``, worker processes) starts a whole wave of them before any finishes: none of that wave is ever
 pruned, and its unpruned trials then hold the median lenient for the waves after it (on the 1B shape, 32 slots ran
-16 steps per finished trial where one trial at a time ran 10). Here a trial's peers at a step are every other trial
-that reported that step and has not been pruned: the finished ones and the running ones. One trial at a time has no
-running peers, so it prunes as Optuna's pruner does.
+16 steps per finished trial where one trial at a time ran 10). Here a trial's peers at a step are the finished
+trials and the trials alongside it that reported the step: those still running, and those pruned at that very step
+while it ran, so that a wave's decisions do not depend on the order in which its trials check. One trial at a time
+has no trials alongside, so it decides as Optuna's pruner does.
+
+Running peers are read as the study's storage serves them: a sweep in slots reuses a read of the study for up to a
+second (:class:`sweeper.study.ReusedReads`), with this process's own reports written into it at once; another
+worker's reports may be that old. A killed worker's trials count as running peers until they are failed.
 """
 
 from __future__ import annotations
@@ -28,21 +33,39 @@ def checks_at(step: int, reported: Collection[int], warmup: int, interval: int) 
     return not any(last_check <= s < step for s in reported)
 
 
-def peer_values(trials: Iterable[FrozenTrial], number: int, step: int) -> list[float]:
-    """The values at ``step`` of every trial but ``number`` that finished or still runs (neither pruned nor
-    failed)."""
-    alive = (TrialState.COMPLETE, TrialState.RUNNING)
-    return [t.intermediate_values[step] for t in trials
-            if t.number != number and t.state in alive and step in t.intermediate_values]
+def alongside(peer: FrozenTrial, trial: FrozenTrial, step: int) -> bool:
+    """Whether ``peer`` reported ``step`` while ``trial`` ran: it still runs, or it was pruned at that step after
+    ``trial`` started."""
+    if peer.number == trial.number or step not in peer.intermediate_values:
+        return False
+    if peer.state == TrialState.RUNNING:
+        return True
+    return (peer.state == TrialState.PRUNED and peer.last_step == step and peer.datetime_complete is not None
+            and trial.datetime_start is not None and peer.datetime_complete >= trial.datetime_start)
 
 
-def falls_behind(best: float, peers: list[float], percentile: float, n_startup: int, minimize: bool) -> bool:
+def peer_values(trials: Iterable[FrozenTrial], trial: FrozenTrial, step: int) -> tuple[int, list[float]]:
+    """How many peers ``trial`` has at ``step`` (every finished trial, and those alongside it that reported the
+    step), and the values of those that reported it."""
+    count, values = 0, []
+    for t in trials:
+        if t.state == TrialState.COMPLETE or alongside(t, trial, step):
+            count += 1
+            if step in t.intermediate_values:
+                values.append(t.intermediate_values[step])
+    return count, values
+
+
+def falls_behind(best: float, peers: int, values: list[float], percentile: float, n_startup: int,
+                 minimize: bool) -> bool:
     """Whether a trial whose best report so far is ``best`` lies outside the best ``percentile`` percent of its
-    peers' values at the step; never with fewer than ``n_startup`` peers (or one, if that is 0)."""
+    peers' ``values`` at the step; never with fewer than ``n_startup`` peers (and at least one)."""
+    if peers < max(n_startup, 1):
+        return False
     if math.isnan(best):
         return True
-    reported = [v for v in peers if not math.isnan(v)]
-    if len(peers) < max(n_startup, 1) or not reported:
+    reported = [v for v in values if not math.isnan(v)]
+    if not reported:
         return False
     cut = float(np.percentile(reported, percentile if minimize else 100 - percentile))
     return best > cut if minimize else best < cut
@@ -68,6 +91,6 @@ class PeerPercentilePruner(optuna.pruners.BasePruner):
         minimize = study.direction == StudyDirection.MINIMIZE
         reported = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
         best = (min(reported) if minimize else max(reported)) if reported else math.nan
-        peers = peer_values(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)),
-                            trial.number, step)
-        return falls_behind(best, peers, self.percentile, self.n_startup_trials, minimize)
+        states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
+        peers, values = peer_values(study.get_trials(deepcopy=False, states=states), trial, step)
+        return falls_behind(best, peers, values, self.percentile, self.n_startup_trials, minimize)

@@ -248,8 +248,9 @@ class ReusedReads(_CachedStorage):
     serves the sampler, the pruner and the progress line as well. A read in :func:`fresh_reads` (the budget
     guard, the failure count, the adapter clean-up) asks the database only for the states of the trials it
     holds as unfinished, and reads in full just those whose state changed and the trials it has not seen: every
-    state is then current, while a running trial's other fields may be up to ``max_age_s`` old. Heartbeats and
-    writes go to the database as before.
+    state is then current, while a running trial's other fields may be up to ``max_age_s`` old, except its reports
+    from this process, which enter the reused read as they are written. Heartbeats and writes go to the database as
+    before.
 
     One call at a time goes to the database: SQLite takes one writer at a time anyway (and others retry with
     back-off meanwhile), and a trial's thread waiting for its turn waits outside its bookkeeping section
@@ -270,6 +271,17 @@ class ReusedReads(_CachedStorage):
             return
         super()._read_trials_from_remote_storage(study_id)
         self._read_at[study_id] = time.monotonic()
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+        # Into the read this process reuses, at once: the trials of a wave report a step together, and each one's
+        # pruner compares it with the others' reports (sweeper.pruning). A new dict, not the held one changed:
+        # other threads may be reading it.
+        with self._lock:
+            where = self._trial_id_to_study_id_and_number.get(trial_id)
+            held = self._studies[where[0]].trials.get(where[1]) if where else None
+            if held is not None and not held.state.is_finished():
+                held.intermediate_values = {**held.intermediate_values, step: intermediate_value}
 
     def _read_changed(self, study_id: int) -> None:
         """Every trial whose state differs from the one held, and every trial not held, in full.
