@@ -40,7 +40,7 @@ from objectives.decisions import with_base_cache, with_checkpointing, with_cuda_
 from objectives.host_turns import TURNS
 from objectives.loss import check_fused_loss, group_loss_sums, hidden_and_head
 from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
-from objectives.passes import merge_passes, row_losses
+from objectives.passes import merge_passes, merged_chunks, row_losses
 from objectives.slot_optim import SlotOptimizer
 from objectives.slots import (
     SlotAdapter,
@@ -348,7 +348,11 @@ class SlotEngine:
         due = [s for s, r in self.running.items()
                if r.step % r.job.cfg.train.eval_every == 0 or r.step == r.job.cfg.train.max_steps]
         if due:
-            self._evaluate(due)
+            try:
+                self._evaluate(due)
+            except Exception as e:  # out of memory as in a training pass: fewer runs per pass, the runs start over
+                self._fail_step(e)
+                return
         for slot, run in list(self.running.items()):
             if run.step >= run.job.cfg.train.max_steps:
                 self._complete(slot)
@@ -375,7 +379,11 @@ class SlotEngine:
             batch, keys = merge_passes(parts, self.pad_id)
             labels = batch.pop("labels")
             if self.per_pass is not None:
-                self.base.use_checkpointing(self.per_pass(*labels.shape))
+                # One row per run holds a run's rows end to end: the memory model counts them as rows of
+                # data.max_length, as they would be laid out without the variable-length kernel's route.
+                counted = (-(-labels.numel() // self.data.max_length), self.data.max_length) if one_row else (
+                    labels.shape[0], labels.shape[1])
+                self.base.use_checkpointing(self.per_pass(*counted))
                 self.checkpointed[self.base.checkpointing] += 1
             rows = self._row_slots(keys, labels.shape[0])
             self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
@@ -410,16 +418,16 @@ class SlotEngine:
         device = self.base.device
         self.base.model.eval()
         # Every due run's copy of every held-out pass, as few forwards as hold them: a forward costs the host the same
-        # launches at any width. At most as many tokens per forward as the slots' micro-batches at data.max_length:
-        # the memory the slots were sized for.
+        # launches at any width. At most as many tokens per forward, padding included, as the slots' micro-batches
+        # at data.max_length: the memory the slots were sized for. Pass by pass, so that a forward mostly merges
+        # copies of one held-out pass, which need no padding to each other.
         budget = self.data.max_length * sum(r.job.cfg.train.micro_batch_size for r in self.running.values())
-        # Pass by pass: a forward then merges copies of one held-out pass, which need no padding to each other.
         parts = [(slot, batch, 0) for batch in self.held_out for slot in due]
-        per_forward = max(1, budget // max(batch["input_ids"].numel() for batch in self.held_out))
         totals = torch.zeros(self.slots, device=device)
         try:
-            for first in range(0, len(parts), per_forward):
-                merged, keys = merge_passes(parts[first:first + per_forward], self.pad_id)
+            shapes = [(batch["input_ids"].shape[0], batch["input_ids"].shape[1]) for _, batch, _ in parts]
+            for first, end in merged_chunks(shapes, budget):
+                merged, keys = merge_passes(parts[first:end], self.pad_id)
                 labels = merged.pop("labels")
                 rows = self._row_slots(keys, labels.shape[0])
                 self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)

@@ -26,18 +26,39 @@ def merge_passes(parts: list[tuple[int, dict[str, torch.Tensor], int]],
     return {k: torch.cat(v) for k, v in out.items()}, [(slot, key) for slot, _, key in parts]
 
 
+def merged_chunks(shapes: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:
+    """Consecutive (start, end) ranges of passes with (rows, width) ``shapes``, each merged into one forward: as
+    many passes as stay within ``budget`` tokens once padded to the range's most rows and widest row (a pass over
+    the budget alone gets a forward of its own)."""
+    chunks: list[tuple[int, int]] = []
+    start, rows, width = 0, 0, 0
+    for i, (r, w) in enumerate(shapes):
+        if i > start and (i - start + 1) * max(rows, r) * max(width, w) > budget:
+            chunks.append((start, i))
+            start, rows, width = i, 0, 0
+        rows, width = max(rows, r), max(width, w)
+    if shapes:
+        chunks.append((start, len(shapes)))
+    return chunks
+
+
 def widen(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """``batch`` padded on the right to ``width`` tokens (wider batches stay as they are): in every row the padding
-    is one more segment of its own, with its own positions and no labels, so the other tokens' outputs and the
-    loss keep their values."""
+    is more segments of their own, with their own positions and no labels, so the other tokens' outputs and the
+    loss keep their values. A segment is at most ``PAD_SEGMENT`` tokens: one row per run (the slot engine) can pad
+    by several rows' worth, whose positions would pass the model's range and whose attention, one segment, would
+    grow with its square."""
     n, extra = batch["input_ids"].shape
     extra = width - extra
     if extra <= 0:
         return batch
-    return {name: torch.cat([t, torch.arange(extra).expand(n, extra)], dim=1) if name == "position_ids"
+    positions = (torch.arange(extra) % PAD_SEGMENT).expand(n, extra)
+    return {name: torch.cat([t, positions], dim=1) if name == "position_ids"
             else torch.nn.functional.pad(t, (0, extra), value=PAD_VALUES[name](pad_id)) for name, t in batch.items()}
 
 
+PAD_SEGMENT = 128
+"""The most padding tokens in one segment: a block of flash's kernel, and inside any model's positions."""
 PAD_VALUES = {"input_ids": lambda pad: pad, "labels": lambda pad: IGNORE_INDEX, "attention_mask": lambda pad: 0}
 
 

@@ -11,6 +11,7 @@ import torch
 
 from objectives import data
 from objectives.config import LoraConfig
+from objectives.passes import merged_chunks
 from objectives.transfer import to_device
 from sweeper import compose
 from sweeper.launch import Resources
@@ -52,6 +53,19 @@ def test_pack_fills_rows_and_passes(lengths: tuple[int, ...], width: int, max_ro
     assert [b["position_ids"].tolist() for b in ends] == [
         [[p for line in rows for n in line for p in range(n)]] for rows in passes]
     assert [data.targets_in(b) for b in ends] == [data.targets_in(b) for b in out]
+
+
+@pytest.mark.parametrize(("shapes", "budget", "chunks"), [
+    ([(1, 100)] * 4, 400, [(0, 4)]),                    # copies of one pass: as many as the budget holds
+    ([(1, 100)] * 4, 250, [(0, 2), (2, 4)]),
+    ([(4, 100), (1, 192)], 400, [(0, 1), (1, 2)]),      # merged they would pad to 4 x 192
+    ([(1, 500), (1, 100)], 400, [(0, 1), (1, 2)]),      # a pass over the budget alone: a forward of its own
+    ([(2, 50), (1, 100), (2, 100)], 400, [(0, 2), (2, 3)]),
+    ([], 400, []),
+])
+def test_merged_chunks_stay_within_the_budget(shapes: list[tuple[int, int]], budget: int,
+                                               chunks: list[tuple[int, int]]) -> None:
+    assert merged_chunks(shapes, budget) == chunks
 
 
 def test_pack_masks_each_examples_first_label() -> None:
