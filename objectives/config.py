@@ -241,7 +241,8 @@ class TrainConfig:
     packing: bool = True
     """Pack a step's examples (micro_batch_size * grad_accum) into rows of data.max_length tokens, at most
     micro_batch_size rows per forward pass, instead of padding each micro-batch: the same examples and loss
-    per step in fewer passes (attention stays within each example)."""
+    per step in fewer passes (attention stays within each example). A slot engine whose passes run flash's
+    variable-length kernel lays each pass's rows end to end, one row per trial."""
     fused_loss: Any = "auto"
     """Compute the loss from the last hidden state and the output head in chunks (liger-kernel's fused linear
     cross-entropy) instead of materialising batch x sequence x vocabulary logits: less memory but more time, the

@@ -28,7 +28,8 @@ class TokenizedSplits:
     train: Rows
     eval: Rows
     max_length: int
-    """data.max_length: no example is longer; packed rows are this wide."""
+    """data.max_length: no example is longer; packed rows are this wide (a slot engine's one row per run holds a
+    pass's rows end to end)."""
 
 
 def _bucket(key: str) -> float:

@@ -188,12 +188,13 @@ class PrunerConfig:
 
 @dataclass
 class MedianPrunerConfig(PrunerConfig):
-    """Stop a trial whose evaluation is worse than the median of its peers' at the same step: the other trials that
-    reported that step and were not pruned, finished or running alongside (``sweeper.pruning``)."""
+    """Stop a trial whose evaluation is worse than the median of its peers' at the same step: the finished trials
+    and those alongside it that reported the step (``sweeper.pruning``; one trial at a time: Optuna's rule)."""
 
     name: str = "median"
     n_startup_trials: int = 2
-    """Peers a step needs before a trial is pruned there: fewer prune sooner, on a noisier median."""
+    """Peers (finished trials, and trials alongside that reported the step) needed before a trial is pruned: fewer
+    prune sooner, on a noisier median. A wave of slots brings its own peers, so its first evaluation prunes."""
     n_warmup_steps: int = 0
     """Steps inside a trial before it may be pruned: protects configs that start slowly (long warmups)."""
     interval_steps: int = 1
