@@ -2,7 +2,9 @@
 # make test    set up (Python packages, Chromium, PostgreSQL, SLURM), then run the whole test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PYTEST ?= -q --durations=15
+# Two workers: most tests wait on child processes, so one alone keeps a 2-core machine half idle.
+# Files whose tests share a cluster, browser or model run whole in one worker (tests/conftest.py: RUN_WHOLE).
+PYTEST ?= -q --durations=15 -n 2
 
 .PHONY: setup system sweep test lint clean
 

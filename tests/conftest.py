@@ -71,6 +71,29 @@ def start_cli(*args: str, **popen: Any) -> subprocess.Popen[Any]:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
+# Test files whose tests share what a module- or session-scoped fixture starts: a SLURM cluster, a browser on a
+# finished sweep, a loaded model. Under ``-n N`` each runs whole in one worker, so that is started once, not once
+# per worker, and SLURM's one-node cluster is never started twice at once (two would share this node's CPUs and
+# memory). A PostgreSQL server per worker costs seconds and stays spread. (xdist's own ``--dist loadgroup`` marks
+# are lost on pytest 9.2, which no longer reads a test's id from the attribute xdist rewrites.)
+RUN_WHOLE = {"tests/test_slurm.py", "tests/test_ui_browser.py", "tests/test_tracking.py", "tests/test_engine.py",
+             "tests/test_memory.py", "tests/test_samplers.py", "tests/test_oom.py", "tests/test_packing.py",
+             "tests/test_attention.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        """Every other test is a unit of its own, handed to whichever worker is free; the larger units go first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return path if path in RUN_WHOLE else nodeid
+
+    return Scheduling(config, log)
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A private PostgreSQL server with password authentication; yields its base URL."""
