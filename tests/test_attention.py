@@ -161,6 +161,7 @@ def test_the_mask_stays_sdpa_s_off_cuda(base: Any) -> None:
     try:
         (batch,) = data.pack([_example(3, 20), _example(11, 30)], 0, 64, 1)
         assert attention.on_device(base.model, batch, torch.device("cpu")).keys() == batch.keys()
+        assert not attention.routed(base.model, torch.device("cpu"))
     finally:
         use_bf16_attention(base.model, on=False)
 
@@ -209,8 +210,10 @@ def _check_variable_length_route(res: Any, cfg: Any, device: torch.device) -> No
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     batch, other = _packed_passes()
+    assert not attention.routed(res.base.model, device)
     use_bf16_attention(res.base.model, on=True)
     try:
+        assert attention.routed(res.base.model, device)
         host, host_grads, sent = _adapter_run(res, cfg, batch, device, host=True)
         assert "cu_seq_lens_q" in sent
         assert sent["cu_seq_lens_q"].tolist() == [0, 30, 40, 60, 80] and sent["max_length_q"] == 30

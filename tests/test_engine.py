@@ -120,11 +120,13 @@ def test_one_slot_trains_like_the_peft_recipe_without_dropout(setup: Any, one_ro
     one = trial(cfg, r=4, targets="qkvo", name="adamw", lr=2e-3, dropout=0.0, seed=5)
     hooks, result = run_alone(setup, one)
     peft = Recorder()
-    reference = run_recipe(one, base, data, 2**40, peft)
-    base.release_adapter()
-    # The module's base as the fixture left it: an engine records the base's settings in its runs' configs.
-    base.use_checkpointing(False)
-    base.use_base_cache(False)
+    try:
+        reference = run_recipe(one, base, data, 2**40, peft)
+    finally:
+        # The module's base as the fixture left it: an engine records the base's settings in its runs' configs.
+        base.release_adapter()
+        base.use_checkpointing(False)
+        base.use_base_cache(False)
     assert [s["train_loss"] for s in hooks.steps] == pytest.approx([s["train_loss"] for s in peft.steps], rel=1e-4)
     assert result.train.eval_loss == pytest.approx(reference.train.eval_loss, rel=1e-4)
     assert result.train.trainable_params == reference.train.trainable_params
