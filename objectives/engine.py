@@ -407,7 +407,7 @@ class SlotEngine:
     def _one_row_per_run(self) -> bool:
         """Whether each run's packed pass, and each held-out pass, is one row, its examples end to end (otherwise
         rows of ``data.max_length``). A merged pass pads every run to the most rows and the widest row of any: on the
-        default data 32 runs' packed rows were half padding, one row per run a quarter. Only where the pass goes
+        default data 32 runs' packed rows were 53% real tokens, one row per run 74%. Only where the pass goes
         through the variable-length kernel, whose cost follows the examples: sdpa's block mask grows with the
         square of a row's width. A run's dropout masks follow its own layout, which no other run changes."""
         return self.packing and routed(self.base.model, self.base.device)
