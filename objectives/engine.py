@@ -38,9 +38,9 @@ from objectives.config import ConfigError, RecipeConfig
 from objectives.data import Rows, TokenizedSplits, targets_in, train_micro_batches
 from objectives.decisions import with_base_cache, with_checkpointing, with_cuda_graphs, with_fused_loss
 from objectives.host_turns import TURNS
-from objectives.loss import check_fused_loss, group_loss_sums, hidden_and_head
+from objectives.loss import check_fused_loss, group_loss_sums, hidden_and_head, plain_head, target_loss_sums
 from objectives.objective import RunHooks, RunResult, TrialOutOfMemory, halve_micro_batch, is_out_of_memory
-from objectives.passes import merge_passes, merged_chunks, row_losses
+from objectives.passes import merge_passes, merged_chunks, predicted_tokens, row_losses
 from objectives.slot_optim import SlotOptimizer
 from objectives.slots import (
     SlotAdapter,
@@ -174,6 +174,7 @@ class SlotEngine:
         """
         check_fused_loss(fused_loss, base.device.type, base.config)
         self.fused_loss = fused_loss is True
+        self.head_at_targets = not self.fused_loss and plain_head(base.config)
         base.release_adapter()
         self.base = base
         self.data = data
@@ -385,11 +386,9 @@ class SlotEngine:
                     labels.shape[0], labels.shape[1])
                 self.base.use_checkpointing(self.per_pass(*counted))
                 self.checkpointed[self.base.checkpointing] += 1
-            rows = self._row_slots(keys, labels.shape[0])
             self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
             try:
-                per_slot = self._slot_loss_sums(on_device(self.base.model, batch, device), send(labels, device), keys,
-                                                 rows) * scale
+                per_slot = self._slot_loss_sums(on_device(self.base.model, batch, device), labels, keys) * scale
                 per_slot.sum().backward()
             finally:
                 self.ctx.rows = None
@@ -429,10 +428,8 @@ class SlotEngine:
             for first, end in merged_chunks(shapes, budget):
                 merged, keys = merge_passes(parts[first:end], self.pad_id)
                 labels = merged.pop("labels")
-                rows = self._row_slots(keys, labels.shape[0])
                 self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
-                totals += self._slot_loss_sums(on_device(self.base.model, merged, device), send(labels, device), keys,
-                                                rows)
+                totals += self._slot_loss_sums(on_device(self.base.model, merged, device), labels, keys)
         finally:
             self.ctx.rows = None
             self.base.model.train()
@@ -444,21 +441,24 @@ class SlotEngine:
             if self._call(slot, "on_eval", run.step, run.eval_loss) and not math.isfinite(run.eval_loss):
                 self._finish(slot, error=LossNotFinite(f"eval loss is {run.eval_loss} at step {run.step}"))
 
-    def _slot_loss_sums(self, batch: dict[str, Any], labels: torch.Tensor, keys: list[tuple[int, int]],
-                        rows: torch.Tensor) -> torch.Tensor:
-        """Each slot's summed loss over its rows of a merged pass (zero for slots not in it): from full logits
-        row by row, or fused with the head in one call per slot's rows (:mod:`objectives.loss`)."""
-        out = torch.zeros(self.slots, device=labels.device)
+    def _slot_loss_sums(self, batch: dict[str, Any], labels: torch.Tensor, keys: list[tuple[int, int]]
+                        ) -> torch.Tensor:
+        """Each slot's summed loss over its rows of a merged pass (zero for slots not in it), from ``labels`` on the
+        host: the head on the predicted tokens alone, full logits row by row where the head is not a plain linear
+        layer, or fused with the head in one call per slot's rows (:mod:`objectives.loss`)."""
+        device = self.base.device
+        row_slots = torch.tensor([slot for slot, _ in keys]).repeat_interleave(labels.shape[0] // len(keys))
+        if self.head_at_targets:
+            predicted = send(predicted_tokens(labels, row_slots), device)  # positions found on the host: no sync
+            return target_loss_sums(self.base.model, batch, predicted, self.slots)
+        labels = send(labels, device)
+        out = torch.zeros(self.slots, device=device)
         if self.fused_loss:
             hidden, weight = hidden_and_head(self.base.model, batch)
-            slots = send(torch.tensor([slot for slot, _ in keys]), labels.device)
+            slots = send(torch.tensor([slot for slot, _ in keys]), device)
             return out.index_add(0, slots, group_loss_sums(hidden, weight, labels, len(keys)))
         logits = self.base.model(**batch).logits
-        return out.index_add(0, rows, row_losses(logits, labels))
-
-    def _row_slots(self, keys: list[tuple[int, int]], n_rows: int) -> torch.Tensor:
-        per_slot = n_rows // len(keys)
-        return send(torch.tensor([slot for slot, _ in keys]).repeat_interleave(per_slot), self.base.device)
+        return out.index_add(0, send(row_slots, device), row_losses(logits, labels))
 
     def _call(self, slot: int, name: str, *args: Any) -> bool:
         """A hook of the slot's run: posted to the caller's thread (:meth:`run`), or run here (:meth:`submit`),

@@ -23,9 +23,10 @@ import torch
 from objectives.config import ConfigError
 from objectives.data import IGNORE_INDEX
 
-FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """Families whose causal-LM head is a plain linear layer on the last hidden state (no scaling or soft-capping of
-the logits), so the fused loss computes what the model's forward would."""
+the logits), so the fused loss, or the head on a pass's predicted tokens alone, computes what the model's forward
+would."""
 
 
 def fused_loss_unavailable(device_kind: str, model_config: Any = None) -> str | None:
@@ -36,8 +37,8 @@ def fused_loss_unavailable(device_kind: str, model_config: Any = None) -> str | 
         return "liger-kernel is not installed (pip install liger-kernel)"
     model_type = (model_config.get("model_type") if isinstance(model_config, Mapping)
                   else getattr(model_config, "model_type", None))
-    if model_type is not None and model_type not in FUSED_MODEL_TYPES:
-        return f"{model_type} models are not supported (only {', '.join(FUSED_MODEL_TYPES)})"
+    if model_type is not None and model_type not in PLAIN_HEAD_TYPES:
+        return f"{model_type} models are not supported (only {', '.join(PLAIN_HEAD_TYPES)})"
     return None
 
 
@@ -58,6 +59,11 @@ def fused_loss_on(setting: Any, device: torch.device, model: Any) -> bool:
     if setting == "auto":
         return fused_loss_unavailable(device.type, getattr(causal_lm(model), "config", None)) is None
     return bool(setting)
+
+
+def plain_head(model_config: Any) -> bool:
+    """Whether the model's head is a plain linear layer (:data:`PLAIN_HEAD_TYPES`)."""
+    return getattr(model_config, "model_type", None) in PLAIN_HEAD_TYPES
 
 
 def causal_lm(model: Any) -> Any:
@@ -109,3 +115,16 @@ def group_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     rows = labels.shape[0] // groups
     return torch.stack([fused_loss_sum(hidden[i * rows:(i + 1) * rows], weight, labels[i * rows:(i + 1) * rows])
                         for i in range(groups)])
+
+
+def target_loss_sums(model: Any, batch: dict[str, Any], predicted: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each of ``groups``' summed cross-entropy, with the head applied to the tokens the pass predicts alone
+    (:func:`objectives.passes.predicted_tokens` gives ``predicted``: flat positions, their targets and their
+    groups). A prompt's tokens and padding predict nothing: on the default data three in four tokens of a pass,
+    whose vocabulary-wide logits were a fifth of a 1B model's forward. For :func:`plain_head` models only."""
+    lm = causal_lm(model)
+    hidden = lm.model(**batch).last_hidden_state
+    where, targets, owners = predicted
+    logits = lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where))
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return torch.zeros(groups, device=ce.device).index_add(0, owners, ce)

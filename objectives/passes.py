@@ -78,3 +78,11 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
                                            ignore_index=IGNORE_INDEX, reduction="none")
     return ce.view(labels.shape[0], -1).sum(1)
+
+
+def predicted_tokens(labels: torch.Tensor, row_groups: torch.Tensor) -> torch.Tensor:
+    """(3, n): for each token a pass predicts (labels shifted by one, as the model's loss), its flat position
+    (row x width + token), the token, and the group of its row (``row_groups``, one per row)."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    where = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+    return torch.stack([where, shifted[where], row_groups[where // labels.shape[1]]])

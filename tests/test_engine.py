@@ -372,6 +372,26 @@ def test_checkpointing_switched_per_pass_trains_as_without_it(setup: Any) -> Non
             torch.testing.assert_close(adapter[k], ref_adapter[k], rtol=1e-5, atol=1e-7)
 
 
+def test_the_head_on_the_predicted_tokens_alone_gives_the_full_logits_losses(setup: Any) -> None:
+    """A plain head's logits at the tokens a pass predicts, against every position's logits row by row (the path
+    of heads that scale or cap their logits)."""
+    cfg, base, data = setup
+    configs = [trial(cfg, **t) for t in TRIALS]
+    runs = {}
+    for at_targets in (True, False):
+        engine = SlotEngine(base, data, slots=3, r_max=8)
+        assert engine.head_at_targets  # a Llama
+        engine.head_at_targets = at_targets
+        hooks, results = train_together(engine, configs)
+        runs[at_targets] = [([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
+                            for h, r in zip(hooks, results, strict=True)]
+    for (losses, eval_loss, adapter), (ref_losses, ref_eval, ref_adapter) in zip(runs[True], runs[False],
+                                                                                 strict=True):
+        assert losses == pytest.approx(ref_losses, rel=1e-5) and eval_loss == pytest.approx(ref_eval, rel=1e-5)
+        for k in ref_adapter:
+            torch.testing.assert_close(adapter[k], ref_adapter[k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.usefixtures("reference_fused_loss")  # the engine's per-run sums
 def test_fused_loss_passes_give_each_run_its_own_loss(setup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from objectives import loss

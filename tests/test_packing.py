@@ -11,7 +11,8 @@ import torch
 
 from objectives import data
 from objectives.config import LoraConfig
-from objectives.passes import merged_chunks
+from objectives.data import IGNORE_INDEX
+from objectives.passes import merged_chunks, predicted_tokens
 from objectives.transfer import to_device
 from sweeper import compose
 from sweeper.launch import Resources
@@ -66,6 +67,14 @@ def test_pack_fills_rows_and_passes(lengths: tuple[int, ...], width: int, max_ro
 def test_merged_chunks_stay_within_the_budget(shapes: list[tuple[int, int]], budget: int,
                                                chunks: list[tuple[int, int]]) -> None:
     assert merged_chunks(shapes, budget) == chunks
+
+
+def test_predicted_tokens_are_the_shifted_labels_with_their_rows_groups() -> None:
+    x = IGNORE_INDEX
+    labels = torch.tensor([[x, x, 5, 6], [x, 7, x, x], [x, x, x, 8]])
+    where, targets, groups = predicted_tokens(labels, torch.tensor([3, 3, 1])).tolist()
+    assert where == [1, 2, 4, 10] and targets == [5, 6, 7, 8] and groups == [3, 3, 3, 1]
+    assert predicted_tokens(torch.full((2, 3), x), torch.tensor([0, 1])).shape == (3, 0)
 
 
 def test_pack_masks_each_examples_first_label() -> None:
