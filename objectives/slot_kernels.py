@@ -1,11 +1,14 @@
-"""The slot engine's element-wise hot spots as one CUDA kernel each (Triton): hashed dropout and the optimizer step.
+"""The slot engine's hot spots as CUDA kernels (Triton): the adapter's first product with its hashed dropout, and
+the optimizer step.
 
-At 64 slots of the 135M model these two were a third of the GPU's time per step (BENCHMARKS.md, benchmark 5):
-the dropout hash is about 16 tensor operations per adapted layer, the optimizer about 25 per weight tensor,
-each a pass over memory and a kernel launch. Here each is one pass. The kernels compute what the torch
-operations in :mod:`objectives.slots` and :mod:`objectives.slot_optim` compute, operation for operation in the
-same order and rounding (no fused multiply-add, IEEE division and square root), so a run gives the same numbers
-either way. They run on CUDA where Triton is installed; elsewhere the torch operations do.
+At 64 slots of the 135M model dropout and the optimizer were a third of the GPU's time per step (BENCHMARKS.md,
+benchmark 5): the dropout hash is about 16 tensor operations per adapted layer, the optimizer about 25 per weight
+tensor, each a pass over memory and a kernel launch. The optimizer is one pass here, computing what the torch
+operations in :mod:`objectives.slot_optim` compute, operation for operation in the same order and rounding (no
+fused multiply-add, IEEE division and square root). The dropout is drawn where the first product reads the layer's
+input, forward and backward, so neither a dropped copy of the input nor its gradient is written and read again;
+its masks are those of :mod:`objectives.slots`, bit for bit, and the products' sums are a tiled product's (equal
+to torch's to float rounding). They run on CUDA where Triton is installed; elsewhere the torch operations do.
 """
 
 from __future__ import annotations
@@ -34,24 +37,88 @@ def usable(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _dropout_kernel(x_ptr, out_ptr, salted_ptr, threshold_ptr, scale_ptr, n, per_slot, per_row, row_stride,
-                        BLOCK: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < n
-        slot = offsets // per_slot
-        within = offsets - slot * per_slot
-        row = within // per_row
-        # (row * max_length + token) * features + feature: the element's place in its slot's rows
-        h = (row * row_stride + (within - row * per_row)).to(tl.int32)
-        h = h ^ tl.load(salted_ptr + slot, mask=inside, other=0)
+    def _keep(h, salted, threshold):
+        """1.0 where the element of hash input ``h`` (int32) is kept, else 0.0: :func:`objectives.slots.hash32`."""
+        h = h ^ salted
         h = h ^ ((h >> 16) & 0xFFFF)
         h = h * 0x7FEB352D
         h = h ^ ((h >> 15) & 0x1FFFF)
         h = h * -2073254261  # 0x846CA68B as int32
         h = h ^ ((h >> 16) & 0xFFFF)
-        keep = ((h & 0xFFFFFF) >= tl.load(threshold_ptr + slot, mask=inside, other=0)).to(tl.float32)
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
-        tl.store(out_ptr + offsets, x * keep * tl.load(scale_ptr + slot, mask=inside, other=0.0), mask=inside)
+        return ((h & 0xFFFFFF) >= threshold).to(tl.float32)
+
+    @triton.jit
+    def _tile_keep(t, k, tokens, max_length, features, salted, threshold):
+        """The keep factors of a (tokens ``t``, features ``k``) tile of one slot's part of a pass whose rows are
+        ``tokens`` wide: the element's hash input is (row * max_length + token) * features + feature."""
+        row = t // tokens
+        place = (row * max_length + (t - row * tokens)).to(tl.int64)[:, None] * features + k[None, :]
+        return _keep(place.to(tl.int32), salted, threshold)
+
+    @triton.jit
+    def _dropped_product_kernel(x_ptr, a_ptr, out_ptr, salted_ptr, threshold_ptr, scale_ptr, T, K, R, tokens,
+                                max_length, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                                BR: tl.constexpr):
+        """out[s] = (x[s] * keep * scale[s]) @ a[s]^T for x (S, T, K), a (S, R, K): a tile of T by all of R."""
+        s = tl.program_id(1)
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        r = tl.arange(0, BR)
+        salted, threshold = tl.load(salted_ptr + s), tl.load(threshold_ptr + s)
+        scale = tl.load(scale_ptr + s)
+        x_base = x_ptr + s.to(tl.int64) * T * K
+        a_base = a_ptr + s.to(tl.int64) * R * K
+        acc = tl.zeros((BT, BR), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            x = tl.load(x_base + t[:, None].to(tl.int64) * K + k[None, :],
+                        mask=(t[:, None] < T) & (k[None, :] < K), other=0.0)
+            x = x * _tile_keep(t, k, tokens, max_length, K, salted, threshold) * scale
+            a = tl.load(a_base + r[None, :] * K + k[:, None], mask=(r[None, :] < R) & (k[:, None] < K), other=0.0)
+            acc += tl.dot(x, a, input_precision=PRECISION)
+        tl.store(out_ptr + s.to(tl.int64) * T * R + t[:, None] * R + r[None, :], acc,
+                 mask=(t[:, None] < T) & (r[None, :] < R))
+
+    @triton.jit
+    def _dropped_grad_x_kernel(g_ptr, a_ptr, dx_ptr, salted_ptr, threshold_ptr, scale_ptr, T, K, R, tokens,
+                               max_length, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                               BR: tl.constexpr):
+        """dx[s] = (g[s] @ a[s]) * keep * scale[s] for g (S, T, R): a tile of T by K."""
+        s = tl.program_id(2)
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        k = tl.program_id(1) * BK + tl.arange(0, BK)
+        r = tl.arange(0, BR)
+        g = tl.load(g_ptr + s.to(tl.int64) * T * R + t[:, None] * R + r[None, :],
+                    mask=(t[:, None] < T) & (r[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + s.to(tl.int64) * R * K + r[:, None] * K + k[None, :],
+                    mask=(r[:, None] < R) & (k[None, :] < K), other=0.0)
+        dx = tl.dot(g, a, input_precision=PRECISION)
+        dx = dx * _tile_keep(t, k, tokens, max_length, K, tl.load(salted_ptr + s), tl.load(threshold_ptr + s))
+        dx = dx * tl.load(scale_ptr + s)
+        tl.store(dx_ptr + s.to(tl.int64) * T * K + t[:, None].to(tl.int64) * K + k[None, :], dx,
+                 mask=(t[:, None] < T) & (k[None, :] < K))
+
+    @triton.jit
+    def _dropped_grad_a_kernel(g_ptr, x_ptr, da_ptr, salted_ptr, threshold_ptr, scale_ptr, T, K, R, tokens,
+                               max_length, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                               BR: tl.constexpr):
+        """da[s] = g[s]^T @ (x[s] * keep * scale[s]): all of R by a tile of K."""
+        s = tl.program_id(1)
+        k = tl.program_id(0) * BK + tl.arange(0, BK)
+        r = tl.arange(0, BR)
+        salted, threshold = tl.load(salted_ptr + s), tl.load(threshold_ptr + s)
+        scale = tl.load(scale_ptr + s)
+        g_base = g_ptr + s.to(tl.int64) * T * R
+        x_base = x_ptr + s.to(tl.int64) * T * K
+        acc = tl.zeros((BR, BK), dtype=tl.float32)
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT)
+            g = tl.load(g_base + r[:, None] + t[None, :] * R, mask=(r[:, None] < R) & (t[None, :] < T), other=0.0)
+            x = tl.load(x_base + t[:, None].to(tl.int64) * K + k[None, :],
+                        mask=(t[:, None] < T) & (k[None, :] < K), other=0.0)
+            x = x * _tile_keep(t, k, tokens, max_length, K, salted, threshold) * scale
+            acc += tl.dot(g, x, input_precision=PRECISION)
+        tl.store(da_ptr + s.to(tl.int64) * R * K + r[:, None] * K + k[None, :], acc,
+                 mask=(r[:, None] < R) & (k[None, :] < K))
 
     @triton.jit
     def _step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, clip_ptr, n, per_slot, slots, eps,
@@ -89,39 +156,62 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
 
-class HashedDropout(torch.autograd.Function):
-    """``x * keep * scale`` with ``keep`` the hash mask of :func:`objectives.slots.hash32`; the backward applies
-    the same mask, recomputed rather than kept."""
+PRODUCT_TILE = (64, 64)
+"""Tokens and features of a tile in the dropped product's kernels."""
+
+
+def _precision() -> str:
+    """The fp32 products' precision as torch's own batched products take it (TF32 where torch allows it)."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+class DroppedProduct(torch.autograd.Function):
+    """``(x * keep * scale) @ a^T`` per slot, the dropout applied where ``x`` is read: no dropped copy of ``x`` is
+    written, read back or kept for backward (``x`` itself is kept, and the mask recomputed)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, salted: torch.Tensor, threshold: torch.Tensor, scale: torch.Tensor,
-                per_row: int, row_stride: int) -> torch.Tensor:
-        ctx.save_for_backward(salted, threshold, scale)
-        ctx.geometry = (per_row, row_stride)
-        return _apply_mask(x, salted, threshold, scale, per_row, row_stride)
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, salted: torch.Tensor, threshold: torch.Tensor,
+                scale: torch.Tensor, tokens: int, max_length: int) -> torch.Tensor:
+        x, a = x.contiguous(), a.contiguous()
+        (slots, t, k), r = x.shape, a.shape[1]
+        out = torch.empty(slots, t, r, device=x.device, dtype=torch.float32)
+        bt, bk = PRODUCT_TILE
+        _dropped_product_kernel[(triton.cdiv(t, bt), slots)](
+            x, a, out, salted, threshold, scale, t, k, r, tokens, max_length, PRECISION=_precision(), BT=bt, BK=bk,
+            BR=_rank_block(r), enable_fp_fusion=False)
+        ctx.save_for_backward(x, a, salted, threshold, scale)
+        ctx.geometry = (tokens, max_length)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        salted, threshold, scale = ctx.saved_tensors
-        return _apply_mask(grad, salted, threshold, scale, *ctx.geometry), None, None, None, None, None
+        x, a, salted, threshold, scale = ctx.saved_tensors
+        tokens, max_length = ctx.geometry
+        grad = grad.contiguous()
+        (slots, t, k), r = x.shape, a.shape[1]
+        bt, bk = PRODUCT_TILE
+        common = dict(PRECISION=_precision(), BT=bt, BK=bk, BR=_rank_block(r), enable_fp_fusion=False)
+        dx = da = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            _dropped_grad_x_kernel[(triton.cdiv(t, bt), triton.cdiv(k, bk), slots)](
+                grad, a, dx, salted, threshold, scale, t, k, r, tokens, max_length, **common)
+        if ctx.needs_input_grad[1]:
+            da = torch.empty_like(a)
+            _dropped_grad_a_kernel[(triton.cdiv(k, bk), slots)](
+                grad, x, da, salted, threshold, scale, t, k, r, tokens, max_length, **common)
+        return dx, da, None, None, None, None, None
 
 
-def _apply_mask(x: torch.Tensor, salted: torch.Tensor, threshold: torch.Tensor, scale: torch.Tensor,
-                per_row: int, row_stride: int) -> torch.Tensor:
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    n = x.numel()
-    _dropout_kernel[_grid(n)](x, out, salted, threshold, scale, n, n // salted.numel(), per_row, row_stride,
-                              BLOCK=BLOCK, enable_fp_fusion=False)
-    return out
-
-
-def hashed_dropout(x: torch.Tensor, salted: torch.Tensor, threshold: torch.Tensor, scale: torch.Tensor,
-                 tokens: int, features: int, max_length: int) -> torch.Tensor:
-    """Dropout of ``x`` (slots, rows x ``tokens``, ``features``), fp32: slot ``s`` keeps an element whose hash of
-    (``salted[s]`` xor (row * max_length + token) * features + feature) is at least ``threshold[s]``, and scales
-    it by ``scale[s]``."""
-    out: torch.Tensor = HashedDropout.apply(x, salted, threshold, scale, tokens * features, max_length * features)
+def dropped_product(x: torch.Tensor, a: torch.Tensor, salted: torch.Tensor, threshold: torch.Tensor,
+                    scale: torch.Tensor, tokens: int, max_length: int) -> torch.Tensor:
+    """``torch.bmm(hashed_dropout(x, ...), a.transpose(1, 2))`` in one pass over ``x`` (slots, rows x ``tokens``,
+    features), fp32, against ``a`` (slots, rank, features)."""
+    out: torch.Tensor = DroppedProduct.apply(x, a, salted, threshold, scale, tokens, max_length)
     return out
 
 

@@ -126,14 +126,20 @@ class SlotLinear(torch.nn.Module):
         # One batched product per pass: (slots, rows x tokens, in) against each slot's own weights, so no
         # weight is copied per row and the host's work does not grow with the number of slots.
         x = x.to(self.lora_A.dtype).reshape(len(rows.keys), -1, self.in_features)
-        if self.training and rows.dropping:
-            x = self._dropout(x, rows)
         scaling: torch.Tensor = self.scaling  # type: ignore[assignment]
         a: torch.Tensor = self.lora_A
         b: torch.Tensor = self.lora_B
         if not rows.every_slot:
             a, b, scaling = a[rows.slots], b[rows.slots], scaling[rows.slots]
-        hidden = torch.bmm(x, a.transpose(1, 2)) * scaling.view(-1, 1, 1)
+        if self.training and rows.dropping and slot_kernels.usable(x):
+            assert rows.key_tensor is not None and rows.threshold is not None and rows.scale is not None
+            hidden = slot_kernels.dropped_product(x, a, rows.key_tensor ^ self.salt, rows.threshold, rows.scale,
+                                                  x.shape[1] // rows.rows, self.ctx.max_length)
+        else:
+            if self.training and rows.dropping:
+                x = self._dropout(x, rows)
+            hidden = torch.bmm(x, a.transpose(1, 2))
+        hidden = hidden * scaling.view(-1, 1, 1)
         if result.dtype == hidden.dtype:
             # The sum in the second product's epilogue: the scaling on the narrow hidden product, and no update
             # tensor of the output's size written, scaled and added (three passes over the widest activations).
@@ -147,9 +153,6 @@ class SlotLinear(torch.nn.Module):
         assert rows.key_tensor is not None and rows.threshold is not None and rows.scale is not None
         salted = rows.key_tensor ^ self.salt
         tokens = x.shape[1] // rows.rows
-        if slot_kernels.usable(x):
-            return slot_kernels.hashed_dropout(x, salted, rows.threshold, rows.scale, tokens, self.in_features,
-                                               self.ctx.max_length)
         n = len(rows.keys)
         index = self.ctx.element_index(rows.rows, tokens, self.in_features, x.device)
         bits = hash32(index.unsqueeze(0) ^ salted.view(-1, 1, 1, 1)) & 0xFF_FFFF
