@@ -131,16 +131,20 @@ def test_the_slot_kernels_compute_what_the_torch_operations_compute(monkeypatch:
     scale = torch.tensor([1 / (1 - q) for q in p], device="cuda")
     index = SlotContext(n, max_length).element_index(rows, tokens, features, x.device)
     keep = (hash32(index.unsqueeze(0) ^ salted.view(-1, 1, 1, 1)) & 0xFFFFFF) >= threshold.view(-1, 1, 1, 1)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # both products in IEEE fp32
-    plain = torch.bmm((x.view(n, rows, -1, features) * keep * scale.view(-1, 1, 1, 1)).view(x.shape),
-                      a.transpose(1, 2))
-    fused = slot_kernels.dropped_product(x, a, salted, threshold, scale, tokens, max_length)
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
-    grad = torch.randn_like(plain)
-    for got, want in zip(torch.autograd.grad(fused, (x, a), grad), torch.autograd.grad(plain, (x, a), grad),
-                         strict=True):
-        assert torch.equal(got == 0, want == 0)  # the same elements dropped
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # both products in IEEE fp32
+    try:
+        plain = torch.bmm((x.view(n, rows, -1, features) * keep * scale.view(-1, 1, 1, 1)).view(x.shape),
+                          a.transpose(1, 2))
+        fused = slot_kernels.dropped_product(x, a, salted, threshold, scale, tokens, max_length)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
+        grad = torch.randn_like(plain)
+        for got, want in zip(torch.autograd.grad(fused, (x, a), grad), torch.autograd.grad(plain, (x, a), grad),
+                             strict=True):
+            assert torch.equal(got == 0, want == 0)  # the same elements dropped
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
     configs = [OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0),
                OptimizerConfig(name="sgd", lr=1e-1, momentum=0.9, nesterov=True, weight_decay=0.01),
