@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from objectives.config import FOUR_BIT, ConfigError, RecipeConfig
-from objectives.memory import ALLOCATOR_SLACK, estimate_worst
+from objectives.memory import ALLOCATOR_SLACK, estimate, estimate_worst
 from objectives.shape import TrialSettings
 from objectives.timing import host_bound
 
@@ -170,17 +170,22 @@ def device_memory_bytes(device: Any = None) -> int:
 
 def slots_memory_bytes(cfg: RecipeConfig, model_config: Any, slots: int, r_max: int, checkpointing: bool,
                        linear_names: Sequence[str] | None = None, base_cache: bool = False,
-                       rows: int | None = None, width: int | None = None) -> int:
+                       rows: int | None = None, width: int | None = None, routed: bool = False) -> int:
     """Predicted peak of ``slots`` runs sharing each pass (:class:`objectives.engine.SlotEngine`): the
     activations of ``slots`` micro-batches (or of one pass of ``rows`` rows ``width`` tokens wide), and per slot
     an adapter of rank ``r_max`` on every linear layer (what the engine allocates) with its gradients and AdamW
-    state; with ``base_cache``, the base's copy."""
+    state; with ``base_cache``, the base's copy. ``routed``: the pass goes through flash's variable-length kernel
+    in bf16 (:func:`objectives.attention.routed`), which takes no mask, so a row as wide as a run's examples end
+    to end costs its tokens alone."""
     settings = dataclasses.replace(
         TrialSettings.from_config(cfg), r=r_max, targets="all-linear", optimizer="adamw",
         micro_batch_size=rows or slots * cfg.train.micro_batch_size, seq_len=width or cfg.data.max_length,
         gradient_checkpointing=checkpointing, base_cache=base_cache and cfg.model.quant_type in FOUR_BIT,
         cuda_graphs=False)
-    one = estimate_worst(model_config, settings, linear_names)
+    if routed:
+        one = estimate(model_config, dataclasses.replace(settings, padded=False, bf16_attention=True), linear_names)
+    else:
+        one = estimate_worst(model_config, settings, linear_names)
     per_slot = one.adapter + one.gradients + one.optimizer
     return int(one.total + (slots - 1) * per_slot * (1 + ALLOCATOR_SLACK))
 
@@ -234,15 +239,17 @@ class PassCheckpointing:
     r_max: int
     base_cache: bool
     linear_names: tuple[str, ...] | None = None
-    _decided: dict[tuple[int, int], bool] = field(default_factory=dict, repr=False)
+    _decided: dict[tuple[int, int, bool], bool] = field(default_factory=dict, repr=False)
 
-    def __call__(self, rows: int, width: int) -> bool:
-        """Whether a pass of ``rows`` rows ``width`` tokens wide trains with checkpointing."""
-        key = (rows, width)
+    def __call__(self, rows: int, width: int, routed: bool = False) -> bool:
+        """Whether a pass of ``rows`` rows ``width`` tokens wide (through the variable-length kernel where
+        ``routed``: see :func:`slots_memory_bytes`) trains with checkpointing."""
+        key = (rows, width, routed)
         if key not in self._decided:
             try:
                 need = slots_memory_bytes(self.cfg, self.model_config, self.slots, self.r_max, False,
-                                          self.linear_names, self.base_cache, rows=rows, width=width)
+                                          self.linear_names, self.base_cache, rows=rows, width=width,
+                                          routed=routed)
             except ConfigError:  # a model the memory model does not know keeps checkpointing
                 need = self.memory_bytes + 1
             self._decided[key] = need > self.memory_bytes

@@ -161,9 +161,10 @@ class SlotEngine:
 
     def __init__(self, base: ResidentBase, data: TokenizedSplits, slots: int, r_max: int,
                  eval_batch_size: int = 4, packing: bool = True, start: bool = True, fused_loss: Any = "auto",
-                 host_turns: bool | None = None, per_pass: Callable[[int, int], bool] | None = None) -> None:
-        """``per_pass``: whether a pass of (rows, width) trains with gradient checkpointing
-        (:class:`objectives.decisions.PassCheckpointing`); None keeps the base's setting for every pass.
+                 host_turns: bool | None = None, per_pass: Callable[[int, int, bool], bool] | None = None) -> None:
+        """``per_pass``: whether a pass of (rows, width, through the variable-length kernel) trains with gradient
+        checkpointing (:class:`objectives.decisions.PassCheckpointing`); None keeps the base's setting for every
+        pass.
         ``fused_loss``: ``train.fused_loss`` for every pass. ``auto`` is off: one fused call per slot's rows made
         a 64-slot pass 1.6x slower on an H200 (BENCHMARKS.md, benchmark 5), and the slot count is already sized
         to fit with full logits. ``host_turns``: whether the engine takes turns at the interpreter with its runs'
@@ -380,11 +381,7 @@ class SlotEngine:
             batch, keys = merge_passes(parts, self.pad_id)
             labels = batch.pop("labels")
             if self.per_pass is not None:
-                # One row per run holds a run's rows end to end: the memory model counts them as rows of
-                # data.max_length, as they would be laid out without the variable-length kernel's route.
-                counted = (-(-labels.numel() // self.data.max_length), self.data.max_length) if one_row else (
-                    labels.shape[0], labels.shape[1])
-                self.base.use_checkpointing(self.per_pass(*counted))
+                self.base.use_checkpointing(self.per_pass(labels.shape[0], labels.shape[1], one_row))
                 self.checkpointed[self.base.checkpointing] += 1
             self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
             try:

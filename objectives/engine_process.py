@@ -66,7 +66,7 @@ class EngineSpec:
     eval_batch_size: int
     packing: bool
     fused_loss: Any
-    per_pass: Callable[[int, int], bool] | None = None
+    per_pass: Callable[[int, int, bool], bool] | None = None
     """Checkpointing per pass (:class:`objectives.decisions.PassCheckpointing`; it crosses pickled)."""
     prepare: Callable[[], None] | None = None
     """Run first in a child that :class:`EngineProcess` starts (a module-level function: it crosses by name), e.g.

@@ -189,7 +189,9 @@ class TrialSettings:
     def has_mask(self) -> bool:
         """Whether sdpa gets a mask: padding in a batch of more than one, or packed rows. Packed rows that go
         through the variable-length kernel have none (:mod:`objectives.attention`), but whether they do depends on
-        the model and the GPU, which settings do not know: counting the mask errs on the safe side."""
+        the model and the GPU, which settings do not know: counting the mask errs on the safe side. A slot
+        engine's pass that does take the route is estimated without padding
+        (:func:`objectives.decisions.slots_memory_bytes`)."""
         return self.padded and (self.micro_batch_size > 1 or self.packed)
 
     @property

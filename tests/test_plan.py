@@ -273,6 +273,15 @@ def test_checkpointing_auto_in_slots_is_decided_per_pass_where_the_worst_case_ne
     assert decided.checkpointing and decided.per_pass is not None and decided.r_max == r_max
     assert decided.per_pass(8 * cfg.train.micro_batch_size, longest)  # every slot's rows at full length
     assert not decided.per_pass(8, longest // 4)  # short examples packed into one row per slot
+    # One row per slot through the variable-length kernel: no mask, so a row as wide as a slot's micro-batch end to
+    # end costs what its tokens cost in rows of data.max_length.
+    wide = cfg.train.micro_batch_size * longest
+    assert not decided.per_pass(8, wide // 4, True)
+    assert slots_memory_bytes(cfg, config, 8, r_max, False, rows=8, width=wide, routed=True) == pytest.approx(
+        slots_memory_bytes(cfg, config, 8, r_max, False, rows=8 * cfg.train.micro_batch_size, width=longest,
+                           routed=True), rel=1e-4)  # the rotary table grows with the width
+    assert slots_memory_bytes(cfg, config, 8, r_max, False, rows=8, width=wide, routed=True) < slots_memory_bytes(
+        cfg, config, 8, r_max, False, rows=8, width=wide)
     forced = replace(cfg, model=replace(cfg.model, gradient_checkpointing=True))
     assert plan_slots(forced, params, "cuda", config, memory).per_pass is None
     gpu = Device("cuda", "H100-class GPU", 989e12, 67e12)
