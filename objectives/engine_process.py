@@ -27,7 +27,7 @@ import queue
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -314,6 +314,55 @@ class EngineProcess:
                 _send(self._conn, self._send_lock, ("close",))
             self._receiver.join(timeout=120)
         self._end_child(self.process, self._conn)
+
+
+class EnginePool:
+    """Several engines on one device, each in a process of its own (``workers.engines``): :meth:`run` and
+    :meth:`close` as one engine has them, each run in the engine with the fewest runs at the time."""
+
+    def __init__(self, engines: Sequence[EngineProcess]) -> None:
+        self.engines = list(engines)
+        self._runs = [0] * len(self.engines)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def start(cls, spec: EngineSpec, count: int, prestarted: Prestarted | None = None) -> EnginePool:
+        """``count`` engines of ``spec``: every child starts loading the base at once, and each is then waited for
+        in turn. ``prestarted`` becomes the first."""
+        waiting = [prestarted or Prestarted(spec.prepare, spec.model, spec.device),
+                   *(Prestarted(spec.prepare, spec.model, spec.device) for _ in range(count - 1))]
+        engines: list[EngineProcess] = []
+        try:
+            while waiting:
+                engines.append(EngineProcess(spec, waiting.pop(0)))
+        except BaseException:
+            for child in waiting:
+                child.close()
+            for engine in engines:
+                engine.close()
+            raise
+        return cls(engines)
+
+    def run(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> RunResult:
+        with self._lock:
+            index = min(range(len(self.engines)), key=self._runs.__getitem__)
+            self._runs[index] += 1
+        try:
+            return self.engines[index].run(cfg, hooks)
+        finally:
+            with self._lock:
+                self._runs[index] -= 1
+
+    def close(self) -> None:
+        """Close every engine, even when closing one fails (the first failure is raised)."""
+        errors: list[BaseException] = []
+        for engine in self.engines:
+            try:
+                engine.close()
+            except BaseException as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 class AdapterInChild:

@@ -89,13 +89,15 @@ class Resources:
             return None
         slots = slots or plan.slots
         if in_process:
-            from objectives.engine_process import EngineProcess, EngineSpec
+            from objectives.engine_process import EnginePool, EngineProcess, EngineSpec
 
             self.base.unload()
-            return EngineProcess(EngineSpec(
-                cfg.model, str(self.base.device), self.data, slots, plan.r_max, plan.checkpointing, plan.base_cache,
-                cfg.train.micro_batch_size, cfg.train.packing, cfg.train.fused_loss, plan.per_pass,
-                prepare=_engine_prepare()), prestarted)
+            spec = EngineSpec(cfg.model, str(self.base.device), self.data, slots, plan.r_max, plan.checkpointing,
+                              plan.base_cache, cfg.train.micro_batch_size, cfg.train.packing, cfg.train.fused_loss,
+                              plan.per_pass, prepare=_engine_prepare())
+            if plan.engines == 1:
+                return EngineProcess(spec, prestarted)
+            return EnginePool.start(spec, plan.engines, prestarted)
         from objectives.engine import SlotEngine
 
         self.base.use_checkpointing(plan.checkpointing)
@@ -248,7 +250,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     recycle = False
     parent_shows: str | None = None
     """The best trial the parent run shows."""
-    threads = min(plan.slots, cfg.study.n_trials - done)
+    threads = min(plan.slots * plan.engines, cfg.study.n_trials - done)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         with TURNS.bookkeeping():

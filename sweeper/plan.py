@@ -258,8 +258,9 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
     lines.append(f"largest corner (#{worst + 1}), by component:")
     lines.append(rows[worst].estimate.format())
     median = sorted(c.seconds for c in rows)[len(rows) // 2]
-    full = median * cfg.study.n_trials / slots.slots
-    together = f", {slots.slots} at a time" if slots.slots > 1 else ""
+    at_once = slots.slots * slots.engines
+    full = median * cfg.study.n_trials / at_once
+    together = f", {at_once} at a time" if at_once > 1 else ""
     lines.append(f"sweep: {cfg.study.n_trials} trials of about {_duration(median)} (the median corner){together}: "
                  f"at most about {_duration(full)} if every trial runs to its last step; pruned trials stop at an "
                  "evaluation")

@@ -35,13 +35,16 @@ class SlotPlan:
     per_pass: PassCheckpointing | None = None
     """With ``model.gradient_checkpointing: auto`` where the worst case needs checkpointing: the rule that turns
     it off for each pass whose real rows fit without it."""
+    engines: int = 1
+    """Engines on the worker's device (``workers.engines``), each with ``slots`` trials per pass."""
 
 
 def engine_in_own_process(cfg: SweepConfig, device_kind: str) -> bool:
     """``workers.engine_process`` decided: ``auto`` is on for CUDA, where the engine only launches kernels and the
-    trials' bookkeeping in its process held it back (on the CPU, torch's own threads do the work)."""
+    trials' bookkeeping in its process held it back (on the CPU, torch's own threads do the work), and for more
+    than one engine, which need a process each."""
     setting = cfg.workers.engine_process
-    return device_kind == "cuda" if setting == "auto" else bool(setting)
+    return (device_kind == "cuda" or cfg.workers.engines > 1) if setting == "auto" else bool(setting)
 
 
 def pass_settings_sampled(params: Sequence[Param]) -> list[str]:
@@ -65,16 +68,19 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     r_max = widest_rank(cfg, params)
     checkpointing = cfg.model.gradient_checkpointing
     shared = pass_settings_sampled(params)
+    unused = f"; workers.engines={cfg.workers.engines} unused" if cfg.workers.engines > 1 else ""
     if shared:
         return SlotPlan(1, r_max, checkpointing is not False,
                         f"one trial at a time: the space samples {', '.join(shared)}, which every trial of a pass "
-                        "shares")
+                        f"shares{unused}")
     requested = cfg.workers.slots
     if requested == "auto" and device_kind != "cuda":
         return SlotPlan(1, r_max, checkpointing is not False,
-                        "auto on the CPU: one trial at a time (a CPU is busy with one trial's step already)")
+                        f"auto on the CPU: one trial at a time (a CPU is busy with one trial's step already){unused}")
     cap = MAX_AUTO_SLOTS if requested == "auto" else int(requested)
     own_process = engine_in_own_process(cfg, device_kind)
+    engines = cfg.workers.engines
+    memory_bytes //= engines
     fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes, r_max, cap, linear_names)
     if requested == "auto":
         slots, reason = fitting, f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})"
@@ -89,4 +95,6 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
         recipe = RecipeConfig(**{name: getattr(cfg, name) for name in RECIPE_SECTIONS})  # no storage URLs
         per_pass = PassCheckpointing(recipe, model_config, memory_bytes, slots, r_max, cache,
                                      None if linear_names is None else tuple(linear_names))
-    return SlotPlan(slots, r_max, bool(checkpointing), reason, cache, own_process, per_pass)
+    if engines > 1:
+        reason += f"; {engines} engines, each in its own process with a copy of the base and 1/{engines} of the memory"
+    return SlotPlan(slots, r_max, bool(checkpointing), reason, cache, own_process, per_pass, engines)

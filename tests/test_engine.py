@@ -572,6 +572,44 @@ def test_runs_in_the_engines_own_process_match_each_run_alone(setup: Any) -> Non
             torch.testing.assert_close(tensor, ref_hooks.adapter[name], rtol=1e-4, atol=1e-6)
 
 
+def test_a_pool_gives_each_run_to_the_engine_with_the_fewest_runs() -> None:
+    import threading
+
+    from objectives.engine_process import EnginePool
+
+    release = threading.Event()
+
+    class Engine:
+        def __init__(self) -> None:
+            self.runs: list[Any] = []
+            self.closed = False
+
+        def run(self, cfg: Any, hooks: Any = None) -> Any:
+            self.runs.append(cfg)
+            release.wait(timeout=30)
+            return cfg
+
+        def close(self) -> None:
+            self.closed = True
+            raise RuntimeError("this one fails to close")
+
+    engines = [Engine(), Engine()]
+    pool = EnginePool(engines)  # type: ignore[list-item]
+    threads = [threading.Thread(target=pool.run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    while sum(len(e.runs) for e in engines) < 4:
+        threading.Event().wait(0.01)
+    assert sorted(len(e.runs) for e in engines) == [2, 2]
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert pool.run(7) == 7 and len(engines[0].runs) == 3  # both idle: the first
+    with pytest.raises(RuntimeError, match="fails to close"):
+        pool.close()
+    assert all(e.closed for e in engines)  # the second closed although the first raised
+
+
 def test_a_raising_hook_stops_its_run_in_the_child_and_a_dead_child_is_replaced(setup: Any) -> None:
     import os
     import signal

@@ -76,6 +76,25 @@ def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig,
     thread = plan(replace(cfg, workers=replace(cfg.workers, slots=8, engine_process=False)), params, 80 * 2**30,
                   model_config=config, device=gpu)
     assert "engine in the worker process" in thread
+    two = plan(replace(cfg, workers=replace(cfg.workers, slots=8, engines=2)), params, 80 * 2**30,
+               model_config=config, device=gpu)
+    assert "; 2 engines, each in its own process with a copy of the base and 1/2 of the memory" in two
+    assert ", 16 at a time:" in two
+
+
+@pytest.mark.parametrize("memory_gib", [4, 40])
+def test_each_engine_plans_its_slots_for_its_part_of_the_memory(tiny: tuple[SweepConfig, list[Any], Any],
+                                                                memory_gib: int) -> None:
+    from sweeper.slots import plan_slots
+
+    cfg, params, config = tiny
+    one, two = (replace(cfg, workers=replace(cfg.workers, engines=n)) for n in (1, 2))
+    memory = memory_gib * 2**30
+    halved, paired = plan_slots(one, params, "cuda", config, memory // 2), plan_slots(two, params, "cuda", config,
+                                                                                      memory)
+    assert (paired.slots, paired.engines, halved.engines) == (halved.slots, 2, 1)
+    on_the_cpu = plan_slots(two, params, "cpu", config, memory)
+    assert (on_the_cpu.slots, on_the_cpu.engines) == (1, 1) and "workers.engines=2 unused" in on_the_cpu.reason
 
 
 def test_workers_sharing_a_gpu_check_corners_against_their_share(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -86,12 +87,13 @@ def test_best_adapter_is_a_folder_peft_loads(tmp_path: Path) -> None:
     assert model.peft_config["default"].r == study.best_trial.params["lora.r"]
 
 
-@pytest.mark.parametrize(("slots", "budget", "own_process"), [(3, 5, False), (4, 2, False), (3, 4, True)])
+@pytest.mark.parametrize(("slots", "budget", "own_process", "engines"),
+                         [(3, 5, False, 1), (4, 2, False, 1), (3, 4, True, 1), (2, 5, "auto", 2)])
 def test_a_sweep_in_slots_finishes_its_budget_with_a_run_per_trial(tmp_path: Path, slots: int, budget: int,
-                                                                  own_process: bool) -> None:
+                                                                  own_process: Any, engines: int) -> None:
     cfg, params = compose.load([*TINY, *SPACE, "train.max_steps=4", "train.eval_every=2", f"workers.slots={slots}",
-                                f"workers.engine_process={own_process}", f"output_dir={tmp_path}",
-                                f"study.n_trials={budget}"])
+                                f"workers.engine_process={own_process}", f"workers.engines={engines}",
+                                f"output_dir={tmp_path}", f"study.n_trials={budget}"])
     study = run_sweep(cfg, params, show_progress=False)
     finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
                                                        optuna.trial.TrialState.PRUNED)]
