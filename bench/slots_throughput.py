@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.common import REPO_ROOT, base_parser, command_line, environment, log_tail, make_workdir
 from bench.gpu import GpuSampler
@@ -131,15 +132,22 @@ def load_trials(out: Path, name: str) -> list[TrialTiming]:
     return finished_timings(optuna.load_study(study_name=name, storage=storage))  # type: ignore[arg-type]
 
 
-def paired(one: Method, many: Method) -> tuple[int, float | None, float | None]:
-    """(pairs, mean difference many - one of the eval loss, its standard error) over trials with equal params."""
+def pairs_of(one: Method, many: Method) -> list[tuple[dict[str, Any], float, float]]:
+    """(params, eval loss one at a time, eval loss in slots) of every completed trial run with the same params
+    both ways."""
     by_params = {repr(sorted(t.params.items())): t.value for t in one.trials
                  if t.state == "COMPLETE" and t.value is not None}
-    diffs = []
+    out = []
     for t in many.trials:
         reference = by_params.get(repr(sorted(t.params.items())))
         if t.state == "COMPLETE" and t.value is not None and reference is not None:
-            diffs.append(t.value - reference)
+            out.append((dict(sorted(t.params.items())), reference, t.value))
+    return out
+
+
+def paired(one: Method, many: Method) -> tuple[int, float | None, float | None]:
+    """(pairs, mean difference many - one of the eval loss, its standard error) over trials with equal params."""
+    diffs = [b - a for _, a, b in pairs_of(one, many)]
     if not diffs:
         return 0, None, None
     sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
@@ -164,27 +172,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    workdir = make_workdir(args, "slots")
-    if args.cpu_smoke:
-        common = [*model_overrides("tiny", None, True), "train.max_steps=4", "train.eval_every=2",
-                  "data.max_length=64", "data.max_eval_examples=8"]
-        args.seconds, args.methods, args.paired, args.paired_trials = 15.0, "1,2", "2", 4
-    else:
-        common = model_overrides(args.shape, args.model_source, args.weights == "random")
-    common += args.extra.split()
-    methods = methods_from(args.methods)
-    env = environment()
-    with GpuSampler() as gpu:
-        for i, m in enumerate(methods):
-            launch(args, m, common, workdir, f"m{i}", args.seconds, 100_000)
-        pairs: list[Method] = []
-        if args.paired:
-            pairs = [Method("one at a time", ["workers.slots=1"]), Method(f"slots={args.paired}",
-                                                                          [f"workers.slots={args.paired}"])]
-            for i, m in enumerate(pairs):
-                launch(args, m, [*common, *PAIRED_SPACE], workdir, f"p{i}", args.seconds * 4, args.paired_trials)
+def model_name(args: argparse.Namespace) -> str:
+    return "tiny random model (CPU smoke: numbers mean nothing)" if args.cpu_smoke else \
+        f"{SHAPE_NAMES[args.shape]} ({args.weights} weights)"
+
+
+def throughput_lines(args: argparse.Namespace, methods: list[Method], gpu: GpuSampler) -> list[str]:
+    """The trials-per-hour table of ``methods`` and the best eval loss after as many trials of each."""
     rate = {m.label: m.steady(args.seconds) for m in methods}
     steps = {m.label: m.step_rate(args.seconds) for m in methods}
     # The ratios are against one at a time wherever it ran, whatever order the methods ran in.
@@ -198,9 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      num(steps[m.label], 0), ratio(steps[m.label], base_steps), num(best_value(m.trials), 4),
                      str(m.exit_code)])
     k = min((len(m.trials) for m in methods), default=0)
-    model = "tiny random model (CPU smoke: numbers mean nothing)" if args.cpu_smoke else \
-        f"{SHAPE_NAMES[args.shape]} ({args.weights} weights)"
-    lines = [f"Model: {model}; "
+    lines = [f"Model: {model_name(args)}; "
              f"each method ran `python -m sweeper launch` for {args.seconds:.0f} s (study.timeout_s).", "",
              markdown_table(["method", "finished trials", "trials/h (steady)", "vs one at a time", "GPU busy",
                              "trial steps/h", "steps vs one at a time", "best eval loss", "exit"], rows), "",
@@ -209,11 +201,41 @@ def main(argv: Sequence[str] | None = None) -> int:
              "makes finished trials per hour swing with where the window cuts them, while steps do not.", "",
              f"Best eval loss after the first {k} finished trials of each: "
              + ", ".join(f"{m.label} {num(best_after(m.trials, k), 4)}" for m in methods)]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = make_workdir(args, "slots")
+    if args.cpu_smoke:
+        common = [*model_overrides("tiny", None, True), "train.max_steps=4", "train.eval_every=2",
+                  "data.max_length=64", "data.max_eval_examples=8"]
+        args.seconds, args.methods, args.paired, args.paired_trials = 15.0, "1,2", "2", 4
+    else:
+        common = model_overrides(args.shape, args.model_source, args.weights == "random")
+    common += args.extra.split()
+    methods = methods_from(args.methods) if args.methods else []
+    env = environment()
+    with GpuSampler() as gpu:
+        for i, m in enumerate(methods):
+            launch(args, m, common, workdir, f"m{i}", args.seconds, 100_000)
+        pairs: list[Method] = []
+        if args.paired:
+            pairs = [Method("one at a time", ["workers.slots=1"]), Method(f"slots={args.paired}",
+                                                                          [f"workers.slots={args.paired}"])]
+            for i, m in enumerate(pairs):
+                launch(args, m, [*common, *PAIRED_SPACE], workdir, f"p{i}", args.seconds * 4, args.paired_trials)
+    lines = [f"Model: {model_name(args)}."]
+    if methods:
+        lines = throughput_lines(args, methods, gpu)
     if pairs:
         n, mean, sem = paired(pairs[0], pairs[1])
         lines += ["", f"Paired ({args.paired_trials} grid trials, pruning off, the same parameters both "
                   f"ways): {n} pairs; eval loss {pairs[1].label} - one at a time: mean {num(mean, 5)}"
-                  f" (standard error {num(sem, 5)})"]
+                  f" (standard error {num(sem, 5)})", "",
+                  markdown_table(["parameters", "one at a time", pairs[1].label, "difference"],
+                                 [[", ".join(f"{k}={v}" for k, v in params.items()), num(a, 5), num(b, 5),
+                                   num(b - a, 5)] for params, a, b in pairs_of(*pairs)])]
     for m in [*methods, *pairs]:
         if m.exit_code:
             lines += ["", f"{m.label} exited {m.exit_code}; its log ends:", "```", m.log, "```"]

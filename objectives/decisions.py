@@ -222,6 +222,10 @@ def slots_base_cache(cfg: RecipeConfig, model_config: Any, memory_bytes: int, sl
     return need <= memory_bytes
 
 
+ROUTED_WIDTH_STEP = 128
+"""A routed pass's width is rounded up to a multiple of this for its checkpointing decision (a larger estimate)."""
+
+
 @dataclass(eq=False)
 class PassCheckpointing:
     """Gradient checkpointing decided per training pass of a slot engine (``model.gradient_checkpointing: auto``
@@ -244,6 +248,8 @@ class PassCheckpointing:
     def __call__(self, rows: int, width: int, routed: bool = False) -> bool:
         """Whether a pass of ``rows`` rows ``width`` tokens wide (through the variable-length kernel where
         ``routed``: see :func:`slots_memory_bytes`) trains with checkpointing."""
+        if routed:  # one row per run is as wide as its examples: a key per rounded width, not per pass
+            width = -(-width // ROUTED_WIDTH_STEP) * ROUTED_WIDTH_STEP
         key = (rows, width, routed)
         if key not in self._decided:
             try:

@@ -209,6 +209,11 @@ class EngineProcess:
             process.kill()
             process.join(timeout=10)
 
+    @property
+    def usable(self) -> bool:
+        """Whether a run can still train here: not closed, and the child alive or one more restart allowed."""
+        return not self._closed and (self.alive or self.restarts < RESTARTS)
+
     def run(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> RunResult:
         """Run ``cfg`` in a slot of the child's engine and wait for it (see :meth:`SlotEngine.run`)."""
         hooks = hooks or RunHooks()
@@ -318,7 +323,8 @@ class EngineProcess:
 
 class EnginePool:
     """Several engines on one device, each in a process of its own (``workers.engines``): :meth:`run` and
-    :meth:`close` as one engine has them, each run in the engine with the fewest runs at the time."""
+    :meth:`close` as one engine has them, each run in the usable engine with the fewest runs at the time (an engine
+    whose child died past its restarts fails a run at once, so it would always have the fewest)."""
 
     def __init__(self, engines: Sequence[EngineProcess]) -> None:
         self.engines = list(engines)
@@ -329,10 +335,11 @@ class EnginePool:
     def start(cls, spec: EngineSpec, count: int, prestarted: Prestarted | None = None) -> EnginePool:
         """``count`` engines of ``spec``: every child starts loading the base at once, and each is then waited for
         in turn. ``prestarted`` becomes the first."""
-        waiting = [prestarted or Prestarted(spec.prepare, spec.model, spec.device),
-                   *(Prestarted(spec.prepare, spec.model, spec.device) for _ in range(count - 1))]
+        waiting = [prestarted] if prestarted is not None else []
         engines: list[EngineProcess] = []
         try:
+            while len(waiting) < count:
+                waiting.append(Prestarted(spec.prepare, spec.model, spec.device))
             while waiting:
                 engines.append(EngineProcess(spec, waiting.pop(0)))
         except BaseException:
@@ -345,7 +352,8 @@ class EnginePool:
 
     def run(self, cfg: RecipeConfig, hooks: RunHooks | None = None) -> RunResult:
         with self._lock:
-            index = min(range(len(self.engines)), key=self._runs.__getitem__)
+            usable = [i for i, engine in enumerate(self.engines) if engine.usable] or list(range(len(self.engines)))
+            index = min(usable, key=self._runs.__getitem__)
             self._runs[index] += 1
         try:
             return self.engines[index].run(cfg, hooks)

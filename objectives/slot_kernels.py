@@ -158,6 +158,14 @@ def _grid(n: int) -> tuple[int]:
 
 PRODUCT_TILE = (64, 64)
 """Tokens and features of a tile in the dropped product's kernels."""
+PRODUCT_MAX_RANK = 64
+"""The widest adapter the dropped product serves: a tile holds a slot's whole rank, so a wider one would need more
+shared memory than some GPUs have (wider adapters take torch's dropout and product)."""
+
+
+def product_serves(x: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether :func:`dropped_product` serves ``x`` against adapters ``a`` (slots, rank, features)."""
+    return usable(x) and a.shape[1] <= PRODUCT_MAX_RANK
 
 
 def _precision() -> str:

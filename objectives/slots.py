@@ -131,7 +131,7 @@ class SlotLinear(torch.nn.Module):
         b: torch.Tensor = self.lora_B
         if not rows.every_slot:
             a, b, scaling = a[rows.slots], b[rows.slots], scaling[rows.slots]
-        if self.training and rows.dropping and slot_kernels.usable(x):
+        if self.training and rows.dropping and slot_kernels.product_serves(x, a):
             assert rows.key_tensor is not None and rows.threshold is not None and rows.scale is not None
             hidden = slot_kernels.dropped_product(x, a, rows.key_tensor ^ self.salt, rows.threshold, rows.scale,
                                                   x.shape[1] // rows.rows, self.ctx.max_length)

@@ -117,7 +117,8 @@ def prestart_engine(cfg: SweepConfig, params: Sequence[Param]) -> Any:
     from objectives.base import pick_device
 
     device = pick_device(cfg.train.device)
-    if cfg.workers.slots == 1 or pass_settings_sampled(params) or not engine_in_own_process(cfg, device.type):
+    if (cfg.workers.slots == 1 or (cfg.workers.slots == "auto" and device.type != "cuda")
+            or pass_settings_sampled(params) or not engine_in_own_process(cfg, device.type)):
         return None
     from objectives.engine_process import Prestarted
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,11 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     engines = cfg.workers.engines
     memory_bytes //= engines
     fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes, r_max, cap, linear_names)
+    if requested == "auto" and fitting == 1 and engines > 1:  # no slots to spread: one engine, all the memory
+        alone = plan_slots(dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, engines=1)), params,
+                           device_kind, model_config, memory_bytes * engines, linear_names)
+        return dataclasses.replace(alone, reason=f"{alone.reason}; workers.engines={engines} unused: one trial per "
+                                                 "pass fits each engine's part of the memory")
     if requested == "auto":
         slots, reason = fitting, f"auto: the most trials per pass predicted to fit (at most {MAX_AUTO_SLOTS})"
         checkpointing = needs_checkpointing

@@ -583,6 +583,7 @@ def test_a_pool_gives_each_run_to_the_engine_with_the_fewest_runs() -> None:
         def __init__(self) -> None:
             self.runs: list[Any] = []
             self.closed = False
+            self.usable = True
 
         def run(self, cfg: Any, hooks: Any = None) -> Any:
             self.runs.append(cfg)
@@ -605,6 +606,8 @@ def test_a_pool_gives_each_run_to_the_engine_with_the_fewest_runs() -> None:
     for t in threads:
         t.join(timeout=30)
     assert pool.run(7) == 7 and len(engines[0].runs) == 3  # both idle: the first
+    engines[0].usable = False  # its child died past its restarts
+    assert pool.run(8) == 8 and engines[1].runs[-1] == 8
     with pytest.raises(RuntimeError, match="fails to close"):
         pool.close()
     assert all(e.closed for e in engines)  # the second closed although the first raised

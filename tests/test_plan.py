@@ -97,6 +97,19 @@ def test_each_engine_plans_its_slots_for_its_part_of_the_memory(tiny: tuple[Swee
     assert (on_the_cpu.slots, on_the_cpu.engines) == (1, 1) and "workers.engines=2 unused" in on_the_cpu.reason
 
 
+def test_engines_that_would_hold_one_slot_each_leave_one_engine_all_the_memory(
+        tiny: tuple[SweepConfig, list[Any], Any]) -> None:
+    from objectives.decisions import slots_memory_bytes
+    from sweeper.slots import plan_slots, widest_rank
+
+    cfg, params, config = tiny
+    two = replace(cfg, workers=replace(cfg.workers, engines=2))
+    memory = max(slots_memory_bytes(cfg, config, 2, widest_rank(cfg, params), on) for on in (False, True))
+    got = plan_slots(two, params, "cuda", config, memory)  # half of it holds one slot at most
+    assert (got.slots, got.engines) == (2, 1)
+    assert "workers.engines=2 unused: one trial per pass fits each engine's part of the memory" in got.reason
+
+
 def test_workers_sharing_a_gpu_check_corners_against_their_share(
         tiny: tuple[SweepConfig, list[Any], Any]) -> None:
     cfg, params, config = tiny
