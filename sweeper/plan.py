@@ -232,12 +232,13 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
                     "predicted peak "
                     + gib(slots_memory_bytes(cfg, model_config, slots.slots, slots.r_max, slots.checkpointing,
                                              base_cache=slots.base_cache))
-                    + (f" (a pass without checkpointing: within {gib(budget)})" if slots.per_pass else "")
+                    + (f" (a pass without checkpointing: within {gib(budget // slots.engines)})"
+                       if slots.per_pass else "")
                     if slots.slots > 1 else ""))
     if cfg.launcher.name == "slurm":
         from sweeper.slurm import request_lines
 
-        lines += request_lines(cfg, memory, slots.slots)
+        lines += request_lines(cfg, memory, slots.slots, slots.engines)
     names, rows = corners(cfg, params, model_config, device, memory_bytes=budget)
     if not rows:
         lines.append("no corner makes a valid config")

@@ -277,8 +277,8 @@ def recover_trials(study: optuna.Study, worker: str, handler: DeadTrialHandler, 
 # --- what `plan` shows ------------------------------------------------------------------------------------------
 
 
-def request_lines(cfg: SweepConfig, memory_bytes: int | None, slots: int) -> list[str]:
-    """What each array task asks SLURM for, and what its worker makes of it."""
+def request_lines(cfg: SweepConfig, memory_bytes: int | None, slots: int, engines: int = 1) -> list[str]:
+    """What each array task asks SLURM for, and what its worker makes of it (``engines`` of ``slots`` each)."""
     launcher = cfg.launcher
     count = cfg.workers.count
     if count < 1:
@@ -296,4 +296,5 @@ def request_lines(cfg: SweepConfig, memory_bytes: int | None, slots: int) -> lis
     return [f"SLURM: {count} workers as one job array on {where}, {at_once} at once; each task asks for {device}, "
             f"{launcher.cpus_per_worker} CPUs, {launcher.mem_gb:g} GB and {launcher.time_min} min" +
             (f" ({extra})" if extra else ""),
-            f"each worker: {share} for its trials, {slots} trial{'s' if slots > 1 else ''} per pass"]
+            f"each worker: {share} for its trials, {slots} trial{'s' if slots > 1 else ''} per pass"
+            + (f" in each of {engines} engines" if engines > 1 else "")]
