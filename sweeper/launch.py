@@ -74,6 +74,12 @@ class Resources:
         from objectives.decisions import device_memory_bytes
 
         memory = cfg.workers.memory_share(device_memory_bytes(self.base.device))
+        if self.base.device.type == "cpu":
+            import psutil
+
+            # The host's memory also holds this process and whatever else runs there: 16 slots of SmolLM2-135M
+            # planned against all 24 GB of a host were ended by its out-of-memory killer.
+            memory = min(memory, psutil.virtual_memory().available)
         return plan_slots(cfg, params, self.base.device.type, self.base.config, memory, self.base.linear_names)
 
     def engine(self, cfg: SweepConfig, plan: SlotPlan, slots: int | None = None, own_process: bool = True,
