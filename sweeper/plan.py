@@ -232,6 +232,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
                     "predicted peak "
                     + gib(slots_memory_bytes(cfg, model_config, slots.slots, slots.r_max, slots.checkpointing,
                                              base_cache=slots.base_cache))
+                    + (" per engine" if slots.engines > 1 else "")
                     + (f" (a pass without checkpointing: within {gib(budget // slots.engines)})"
                        if slots.per_pass else "")
                     if slots.slots > 1 else ""))
