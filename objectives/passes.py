@@ -42,6 +42,11 @@ def merged_chunks(shapes: list[tuple[int, int]], budget: int) -> list[tuple[int,
     return chunks
 
 
+PAD_SEGMENT = 128
+"""The most padding tokens in one segment: a block of flash's kernel, and inside any model's positions."""
+PAD_VALUES = {"input_ids": lambda pad: pad, "labels": lambda pad: IGNORE_INDEX, "attention_mask": lambda pad: 0}
+
+
 def widen(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """``batch`` padded on the right to ``width`` tokens (wider batches stay as they are): in every row the padding
     is more segments of their own, with their own positions and no labels, so the other tokens' outputs and the
@@ -55,11 +60,6 @@ def widen(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, 
     positions = (torch.arange(extra) % PAD_SEGMENT).expand(n, extra)
     return {name: torch.cat([t, positions], dim=1) if name == "position_ids"
             else torch.nn.functional.pad(t, (0, extra), value=PAD_VALUES[name](pad_id)) for name, t in batch.items()}
-
-
-PAD_SEGMENT = 128
-"""The most padding tokens in one segment: a block of flash's kernel, and inside any model's positions."""
-PAD_VALUES = {"input_ids": lambda pad: pad, "labels": lambda pad: IGNORE_INDEX, "attention_mask": lambda pad: 0}
 
 
 def padding_rows(name: str, n: int, width: int, pad_id: int) -> torch.Tensor:

@@ -56,6 +56,13 @@ if triton is not None:
         return _keep(place.to(tl.int32), salted, threshold)
 
     @triton.jit
+    def _dropped_x_tile(x_base, t, k, T, K, tokens, max_length, salted, threshold, scale):
+        """A (tokens ``t``, features ``k``) tile of one slot's input (T, K) from ``x_base``, dropped and scaled."""
+        x = tl.load(x_base + t[:, None].to(tl.int64) * K + k[None, :], mask=(t[:, None] < T) & (k[None, :] < K),
+                    other=0.0)
+        return x * _tile_keep(t, k, tokens, max_length, K, salted, threshold) * scale
+
+    @triton.jit
     def _dropped_product_kernel(x_ptr, a_ptr, out_ptr, salted_ptr, threshold_ptr, scale_ptr, T, K, R, tokens,
                                 max_length, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                                 BR: tl.constexpr):
@@ -70,9 +77,7 @@ if triton is not None:
         acc = tl.zeros((BT, BR), dtype=tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
-            x = tl.load(x_base + t[:, None].to(tl.int64) * K + k[None, :],
-                        mask=(t[:, None] < T) & (k[None, :] < K), other=0.0)
-            x = x * _tile_keep(t, k, tokens, max_length, K, salted, threshold) * scale
+            x = _dropped_x_tile(x_base, t, k, T, K, tokens, max_length, salted, threshold, scale)
             a = tl.load(a_base + r[None, :] * K + k[:, None], mask=(r[None, :] < R) & (k[:, None] < K), other=0.0)
             acc += tl.dot(x, a, input_precision=PRECISION)
         tl.store(out_ptr + s.to(tl.int64) * T * R + t[:, None] * R + r[None, :], acc,
@@ -113,9 +118,7 @@ if triton is not None:
         for t0 in range(0, T, BT):
             t = t0 + tl.arange(0, BT)
             g = tl.load(g_base + r[:, None] + t[None, :] * R, mask=(r[:, None] < R) & (t[None, :] < T), other=0.0)
-            x = tl.load(x_base + t[:, None].to(tl.int64) * K + k[None, :],
-                        mask=(t[:, None] < T) & (k[None, :] < K), other=0.0)
-            x = x * _tile_keep(t, k, tokens, max_length, K, salted, threshold) * scale
+            x = _dropped_x_tile(x_base, t, k, T, K, tokens, max_length, salted, threshold, scale)
             acc += tl.dot(g, x, input_precision=PRECISION)
         tl.store(da_ptr + s.to(tl.int64) * R * K + r[:, None] * K + k[None, :], acc,
                  mask=(r[:, None] < R) & (k[None, :] < K))
