@@ -215,20 +215,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         common = model_overrides(args.shape, args.model_source, args.weights == "random")
     common += args.extra.split()
     methods = methods_from(args.methods) if args.methods else []
+    pairs = [Method("one at a time", ["workers.slots=1"]),
+             Method(f"slots={args.paired}", [f"workers.slots={args.paired}"])] if args.paired else []
     env = environment()
     with GpuSampler() as gpu:
+        # The report is rewritten after every launch, so a run cut short keeps the launches it finished.
         for i, m in enumerate(methods):
             launch(args, m, common, workdir, f"m{i}", args.seconds, 100_000)
-        pairs: list[Method] = []
-        if args.paired:
-            pairs = [Method("one at a time", ["workers.slots=1"]), Method(f"slots={args.paired}",
-                                                                          [f"workers.slots={args.paired}"])]
-            for i, m in enumerate(pairs):
-                launch(args, m, [*common, *PAIRED_SPACE], workdir, f"p{i}", args.seconds * 4, args.paired_trials)
-    lines = [f"Model: {model_name(args)}."]
-    if methods:
-        lines = throughput_lines(args, methods, gpu)
-    if pairs:
+            write_report(args.out, report(args, argv, env, methods[:i + 1], [], gpu), final=False)
+        for i, m in enumerate(pairs):
+            launch(args, m, [*common, *PAIRED_SPACE], workdir, f"p{i}", args.seconds * 4, args.paired_trials)
+        write_report(args.out, report(args, argv, env, methods, pairs, gpu))
+    return 0
+
+
+def report(args: argparse.Namespace, argv: Sequence[str] | None, env: dict[str, str], methods: list[Method],
+           pairs: list[Method], gpu: GpuSampler) -> str:
+    """The report of the launches that ran: the throughput table, the paired part once both of its launches ran."""
+    lines = throughput_lines(args, methods, gpu) if methods else [f"Model: {model_name(args)}."]
+    if len(pairs) == 2 and pairs[1].trials:
         n, mean, sem = paired(pairs[0], pairs[1])
         lines += ["", f"Paired ({args.paired_trials} grid trials, pruning off, the same parameters both "
                   f"ways): {n} pairs; eval loss {pairs[1].label} - one at a time: mean {num(mean, 5)}"
@@ -239,10 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in [*methods, *pairs]:
         if m.exit_code:
             lines += ["", f"{m.label} exited {m.exit_code}; its log ends:", "```", m.log, "```"]
-    write_report(args.out, render_report("Benchmark 5: trials in slots", env, command_line(argv),
-                                         [("Trials per hour", "\n".join(lines))]))
-    return 0
-
+    return render_report("Benchmark 5: trials in slots", env, command_line(argv),
+                         [("Trials per hour", "\n".join(lines))])
 
 if __name__ == "__main__":
     sys.exit(main())
