@@ -122,14 +122,14 @@ def step_seconds(config: Any, s: TrialSettings, device: Device | str = "cuda", t
     return max(compute, launches)
 
 
-def host_bound(config: Any, s: TrialSettings, device: Device | str = "cuda") -> bool:
+def host_bound(config: Any, s: TrialSettings, device: Device | str = "cuda", factor: float = HOST_BOUND) -> bool:
     """Whether the host's dispatch clearly sets the pace of a training micro-step on a GPU: its predicted time is
-    over :data:`HOST_BOUND` times the device's. There, replaying the step as a CUDA graph pays."""
+    over ``factor`` times the device's. There, replaying the step as a CUDA graph pays."""
     dev = _device(device)
     if dev.kind != "cuda":
         return False
     compute, launches = _device_and_host_seconds(config, s, dev, True)
-    return launches > HOST_BOUND * compute
+    return launches > factor * compute
 
 
 def _device_and_host_seconds(config: Any, s: TrialSettings, dev: Device, train: bool) -> tuple[float, float]:

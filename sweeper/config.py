@@ -107,11 +107,13 @@ class WorkersConfig:
     """With slots, whether the engine trains in a process of its own, so that its passes never wait for the
     trials' Optuna and MLflow work in this one. ``auto``: on CUDA (where the engine only launches kernels and
     the bookkeeping of 64 slots held it back); true or false."""
-    engines: int = 1
+    engines: Any = "auto"
     """Slot engines this worker runs on its device, each in a process of its own with its own copy of the base and
     ``workers.slots`` trials per pass, each planned for its part of the worker's memory. On a small model one
     engine's host (its kernel launches) is the bound, and a second launches while the first's kernels run. More
-    than 1 puts the engines in processes of their own (``workers.engine_process``)."""
+    than 1 puts the engines in processes of their own (``workers.engine_process``). ``auto``: 2 on CUDA where
+    the time model finds a pass of the worker's slots bound by the host and half the memory holds as many slots,
+    for a worker alone on its GPU (``workers.per_gpu=1``); otherwise 1."""
     index: int | None = None
     """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
     None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""
@@ -129,12 +131,15 @@ class WorkersConfig:
             raise ConfigError(f"workers.engine_process: {self.engine_process!r} is not allowed; use auto, true "
                               "or false")
         check_positive("workers.per_gpu", self.per_gpu)
-        check_positive("workers.engines", self.engines)
-        if self.engines > 1 and self.slots == 1:
+        if self.engines != "auto" and (isinstance(self.engines, bool) or not isinstance(self.engines, int)
+                                       or self.engines < 1):
+            raise ConfigError(f"workers.engines: {self.engines!r} is not allowed; use auto or a whole number >= 1")
+        explicit = 1 if self.engines == "auto" else self.engines
+        if explicit > 1 and self.slots == 1:
             raise ConfigError(f"workers.engines: {self.engines} engines train trials in slots, but workers.slots=1 "
                               "trains one trial at a time; set workers.slots to auto or a number > 1, or "
                               "workers.engines=1")
-        if self.engines > 1 and self.engine_process is False:
+        if explicit > 1 and self.engine_process is False:
             raise ConfigError(f"workers.engines: {self.engines} engines each train in a process of their own; "
                               "workers.engine_process=false allows none; set it to auto or true, or "
                               "workers.engines=1")

@@ -9,12 +9,21 @@ from typing import Any
 
 from objectives.config import RECIPE_SECTIONS, RecipeConfig
 from objectives.decisions import PassCheckpointing, slots_base_cache, slots_that_fit
+from objectives.shape import TrialSettings
+from objectives.timing import host_bound
 from sweeper.config import SweepConfig
 from sweeper.space import Param
 
 MAX_AUTO_SLOTS = 32
 """``auto`` never goes above this: past it a pass is compute-bound on the models this tool targets, and the
 sampler would propose many trials from the same evidence."""
+AUTO_ENGINES = 2
+"""``workers.engines=auto`` runs this many engines where one engine's passes are bound by the host. On an H200 with
+SmolLM2-135M in 32 slots, one engine kept the GPU 35-45% busy and two 82% (BENCHMARKS.md, benchmark 5)."""
+ENGINE_HOST_BOUND = 0.5
+"""A pass of a worker's slots whose predicted host time is over this share of its predicted device time is
+host-bound. The time model takes every row ``data.max_length`` wide, which overstates a pass's device time: at 32
+slots it puts SmolLM2-135M at 1.2 (one engine 35-45% busy on an H200) and Llama-3.2-1B at 0.1 (87-92% busy)."""
 SHARED_PREFIXES = ("model.", "data.", "train.packing", "train.device")
 """Settings every trial of a pass shares: a space that samples one runs one trial at a time."""
 
@@ -44,8 +53,8 @@ def engine_in_own_process(cfg: SweepConfig, device_kind: str) -> bool:
     """``workers.engine_process`` decided: ``auto`` is on for CUDA, where the engine only launches kernels and the
     trials' bookkeeping in its process held it back (on the CPU, torch's own threads do the work), and for more
     than one engine, which need a process each."""
-    setting = cfg.workers.engine_process
-    return (device_kind == "cuda" or cfg.workers.engines > 1) if setting == "auto" else bool(setting)
+    setting, engines = cfg.workers.engine_process, cfg.workers.engines
+    return (device_kind == "cuda" or engines != "auto" and engines > 1) if setting == "auto" else bool(setting)
 
 
 def pass_settings_sampled(params: Sequence[Param]) -> list[str]:
@@ -63,9 +72,41 @@ def widest_rank(cfg: SweepConfig, params: Sequence[Param]) -> int:
     return int(cfg.lora.r)
 
 
+def with_engines(cfg: SweepConfig, engines: int) -> SweepConfig:
+    return dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, engines=engines))
+
+
+def pass_host_bound(cfg: SweepConfig, model_config: Any, plan: SlotPlan) -> bool:
+    """Whether the time model finds a pass of ``plan``'s slots, each a micro-batch at the widest rank on every
+    linear layer, bound by the host's kernel launches (:data:`ENGINE_HOST_BOUND`)."""
+    recipe = RecipeConfig(**{name: getattr(cfg, name) for name in RECIPE_SECTIONS})
+    one_pass = dataclasses.replace(TrialSettings.from_config(recipe), r=plan.r_max, targets="all-linear",
+                                   micro_batch_size=plan.slots * cfg.train.micro_batch_size,
+                                   gradient_checkpointing=plan.checkpointing)
+    return host_bound(model_config, one_pass, "cuda", ENGINE_HOST_BOUND)
+
+
 def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,
                memory_bytes: int, linear_names: Sequence[str] | None = None) -> SlotPlan:
-    """Decide ``workers.slots`` for a worker on ``device_kind`` (cuda or cpu) with ``memory_bytes`` of it."""
+    """Decide ``workers.slots`` and ``workers.engines`` for a worker on ``device_kind`` (cuda or cpu) with
+    ``memory_bytes`` of it."""
+    if cfg.workers.engines != "auto":
+        return plan_engine_slots(cfg, params, device_kind, model_config, memory_bytes, linear_names)
+    one = plan_engine_slots(with_engines(cfg, 1), params, device_kind, model_config, memory_bytes, linear_names)
+    shares_gpu = cfg.workers.count > 0 and cfg.workers.per_gpu > 1
+    if device_kind != "cuda" or one.slots == 1 or shares_gpu or not pass_host_bound(cfg, model_config, one):
+        return one
+    more = plan_engine_slots(with_engines(cfg, AUTO_ENGINES), params, device_kind, model_config, memory_bytes,
+                             linear_names)
+    if more.engines == 1 or more.slots < one.slots:
+        return one
+    return dataclasses.replace(more, reason=f"{more.reason} (workers.engines=auto: the time model finds a pass of "
+                                            f"{more.slots} slots bound by the host's kernel launches)")
+
+
+def plan_engine_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,
+                      memory_bytes: int, linear_names: Sequence[str] | None = None) -> SlotPlan:
+    """Decide ``workers.slots`` for each of ``workers.engines`` (a number) engines."""
     r_max = widest_rank(cfg, params)
     checkpointing = cfg.model.gradient_checkpointing
     shared = pass_settings_sampled(params)
@@ -84,8 +125,8 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     memory_bytes //= engines
     fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes, r_max, cap, linear_names)
     if requested == "auto" and fitting == 1 and engines > 1:  # no slots to spread: one engine, all the memory
-        alone = plan_slots(dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, engines=1)), params,
-                           device_kind, model_config, memory_bytes * engines, linear_names)
+        alone = plan_engine_slots(with_engines(cfg, 1), params, device_kind, model_config, memory_bytes * engines,
+                                  linear_names)
         return dataclasses.replace(alone, reason=f"{alone.reason}; workers.engines={engines} unused: one trial per "
                                                  "pass fits each engine's part of the memory")
     if requested == "auto":

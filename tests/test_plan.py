@@ -68,6 +68,7 @@ def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig,
 
     cfg, params, config = tiny
     gpu = Device("cuda", "H100-class GPU", 989e12, 67e12)
+    cfg = replace(cfg, workers=replace(cfg.workers, engines=1))
     text = plan(replace(cfg, workers=replace(cfg.workers, slots=8)), params, 80 * 2**30, model_config=config,
                 device=gpu)
     assert re.search(r"trials per pass \(workers.slots=8\): 8 \(workers.slots=8\); each slot rank \d+", text)
@@ -80,6 +81,29 @@ def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig,
                model_config=config, device=gpu)
     assert "; 2 engines, each in its own process with a copy of the base and 1/2 of the memory" in two
     assert ", 16 at a time:" in two
+
+
+@pytest.mark.parametrize(("model", "workers", "device_kind", "engines"), [
+    ("135m", {}, "cuda", 2),                        # host-bound: a second engine launches while the first's run
+    ("1b", {}, "cuda", 1),                          # the device bounds a pass of 32 slots
+    ("8b", {}, "cuda", 1),
+    ("135m", {"count": 2, "per_gpu": 2}, "cuda", 1),  # workers already share the GPU
+    ("135m", {"slots": 1}, "cuda", 1),              # one trial at a time: no engine
+    ("135m", {}, "cpu", 1),                         # one trial at a time on the CPU
+])
+def test_auto_engines_double_where_one_engines_passes_are_host_bound(model: str, workers: dict[str, Any],
+                                                                      device_kind: str, engines: int) -> None:
+    from transformers import LlamaConfig
+
+    from bench.models import SHAPES
+    from sweeper.slots import plan_slots
+
+    cfg, params = compose.load([])
+    assert cfg.workers.engines == "auto"
+    cfg = replace(cfg, workers=replace(cfg.workers, **workers))
+    got = plan_slots(cfg, params, device_kind, LlamaConfig(**{**SMOLLM2, **SHAPES[model]}), 139 * 2**30)
+    assert got.engines == engines
+    assert ("workers.engines=auto: the time model finds a pass of 32 slots bound by" in got.reason) == (engines > 1)
 
 
 @pytest.mark.parametrize("memory_gib", [4, 40])
