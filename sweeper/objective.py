@@ -65,6 +65,9 @@ class TrialHooks(RunHooks):
         self.started = time.perf_counter()
         self.step = 0
         """The last step trained (or evaluated): where a pruned or failed run stopped."""
+        self.reported: set[int] = set()
+        """Steps reported to Optuna, by this run's attempts together: after running out of memory a run starts
+        over, and Optuna keeps the first report of a step (the first attempt passed its checks at those steps)."""
 
     @property
     def tracker(self) -> Tracker | None:
@@ -114,8 +117,9 @@ class TrialHooks(RunHooks):
             self.tracker.log_metrics(self.run_id, step, {"eval_loss": loss})
             self.tracker.flush(self.run_id)
         cfg = self.objective.cfg
-        if not math.isfinite(loss) or len(cfg.study.objectives) > 1:  # Optuna prunes single-objective studies only
-            return
+        if not math.isfinite(loss) or len(cfg.study.objectives) > 1 or step in self.reported:
+            return  # Optuna prunes single-objective studies only
+        self.reported.add(step)
         self.trial.report(loss, step)
         # At the last step the work is done: pruning would only throw the finished result away.
         if step < cfg.train.max_steps and self.trial.should_prune():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import optuna
@@ -55,6 +56,30 @@ def test_out_of_memory_retries_with_smaller_micro_batches(setup) -> None:  # typ
     assert value > 0
     assert trial.user_attrs["oom_retries"] == 3  # without checkpointing, with it, then 4 -> 2 -> 1
     assert trial.user_attrs["config"]["model"]["gradient_checkpointing"] is True
+
+
+def test_a_run_that_starts_over_reports_each_step_to_optuna_once(setup) -> None:  # type: ignore[no-untyped-def]
+    cfg, resources = setup
+    objective = QLoRAObjective(cfg, [], resources.base, resources.data, None, show_progress=False)
+    passes = 0
+
+    def second_step_runs_out(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal passes
+        passes += torch.is_grad_enabled()
+        if torch.is_grad_enabled() and passes == 2:  # after the first step's evaluation
+            raise torch.OutOfMemoryError("out of memory: the second training pass (test)")
+
+    handle = resources.base.model.get_input_embeddings().register_forward_pre_hook(second_step_runs_out)
+    study = optuna.create_study()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Optuna warns of a step reported twice
+            study.optimize(objective, n_trials=1)
+    finally:
+        handle.remove()
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["oom_retries"] == 1
+    assert sorted(trial.intermediate_values) == [1, 2]
 
 
 def test_out_of_memory_at_the_floor_fails_and_the_next_trial_runs(setup) -> None:  # type: ignore[no-untyped-def]
