@@ -154,8 +154,15 @@ def paired(one: Method, many: Method) -> tuple[int, float | None, float | None]:
     return len(diffs), statistics.fmean(diffs), sem
 
 
+def complete(trials: Sequence[TrialTiming]) -> list[TrialTiming]:
+    """The complete trials in the order they ended (a pruned trial has no final eval loss)."""
+    return sorted((t for t in trials if t.state == "COMPLETE" and t.value is not None), key=lambda t: t.end)
+
+
 def best_after(trials: Sequence[TrialTiming], k: int) -> float | None:
-    return best_value(sorted(trials, key=lambda t: t.end)[:k])
+    """The best eval loss of the first ``k`` trials to complete: slots end their first pruned trials early, so
+    counting finished trials would compare them before any completed."""
+    return best_value(complete(trials)[:k])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -191,7 +198,7 @@ def throughput_lines(args: argparse.Namespace, methods: list[Method], gpu: GpuSa
         rows.append([m.label, str(len(m.trials)), num(rate[m.label], 0), ratio(rate[m.label], base), percent(busy),
                      num(steps[m.label], 0), ratio(steps[m.label], base_steps), num(best_value(m.trials), 4),
                      str(m.exit_code)])
-    k = min((len(m.trials) for m in methods), default=0)
+    k = min((len(complete(m.trials)) for m in methods), default=0)
     lines = [f"Model: {model_name(args)}; "
              f"each method ran `python -m sweeper launch` for {args.seconds:.0f} s (study.timeout_s).", "",
              markdown_table(["method", "finished trials", "trials/h (steady)", "vs one at a time", "GPU busy",
@@ -199,7 +206,7 @@ def throughput_lines(args: argparse.Namespace, methods: list[Method], gpu: GpuSa
              "Trial steps per hour count every trial's steps inside the window from the first trial's start to the "
              "timeout, a trial's steps spread evenly over its time: slots start and finish trials in waves, which "
              "makes finished trials per hour swing with where the window cuts them, while steps do not.", "",
-             f"Best eval loss after the first {k} finished trials of each: "
+             f"Best eval loss after the first {k} complete trials of each: "
              + ", ".join(f"{m.label} {num(best_after(m.trials, k), 4)}" for m in methods)]
     return lines
 
