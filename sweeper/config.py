@@ -113,7 +113,8 @@ class WorkersConfig:
     engine's host (its kernel launches) is the bound, and a second launches while the first's kernels run. More
     than 1 puts the engines in processes of their own (``workers.engine_process``). ``auto``: 2 on CUDA where
     the time model finds a pass of the worker's slots bound by the host and half the memory holds as many slots,
-    for a worker alone on its GPU (``workers.per_gpu=1``); otherwise 1."""
+    for a worker alone on its GPU (``workers.per_gpu=1``) whose engines may have processes of their own;
+    otherwise 1."""
     index: int | None = None
     """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
     None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""

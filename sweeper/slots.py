@@ -94,7 +94,8 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
         return plan_engine_slots(cfg, params, device_kind, model_config, memory_bytes, linear_names)
     one = plan_engine_slots(with_engines(cfg, 1), params, device_kind, model_config, memory_bytes, linear_names)
     shares_gpu = cfg.workers.count > 0 and cfg.workers.per_gpu > 1
-    if device_kind != "cuda" or one.slots == 1 or shares_gpu or not pass_host_bound(cfg, model_config, one):
+    if (device_kind != "cuda" or one.slots == 1 or shares_gpu or cfg.workers.engine_process is False
+            or not pass_host_bound(cfg, model_config, one)):
         return one
     more = plan_engine_slots(with_engines(cfg, AUTO_ENGINES), params, device_kind, model_config, memory_bytes,
                              linear_names)

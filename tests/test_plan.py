@@ -89,6 +89,7 @@ def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig,
     ("8b", {}, "cuda", 1),
     ("135m", {"count": 2, "per_gpu": 2}, "cuda", 1),  # workers already share the GPU
     ("135m", {"slots": 1}, "cuda", 1),              # one trial at a time: no engine
+    ("135m", {"engine_process": False}, "cuda", 1),  # one engine in the launch's process
     ("135m", {}, "cpu", 1),                         # one trial at a time on the CPU
 ])
 def test_auto_engines_double_where_one_engines_passes_are_host_bound(model: str, workers: dict[str, Any],
