@@ -71,9 +71,10 @@ PAIRED_SPACE = ["search_space=none", "study/sampler=grid", "study/pruner=none", 
 
 
 def methods_from(spec: str) -> list[Method]:
-    """``1,8,16,auto,w8,64t,w2x32``: slots per worker (``1`` one at a time; ``Kt``: the engine in the launch's own
-    process, not in one of its own), ``wN`` N worker processes on one GPU, ``wNxK`` N workers of K slots each;
-    ``+key=value`` after any of them adds an override to that method alone (``1+model.lean_layers=false``)."""
+    """``1,8,16,auto,w8,64t,w2x32``: slots per worker, engines as ``workers.engines=auto`` decides (``1`` one at a
+    time; ``Kt``: the engine in the launch's own process, not in one of its own), ``wN`` N worker processes on one
+    GPU, ``wNxK`` N workers of K slots each; ``+key=value`` after any of them adds an override to that method alone
+    (``1+model.lean_layers=false``, ``32+workers.engines=1``)."""
     out = []
     for entry in spec.split(","):
         item, *extra = entry.strip().split("+")
@@ -89,7 +90,7 @@ def methods_from(spec: str) -> list[Method]:
             out.append(Method(f"slots={item[:-1]}, engine in the launch's process",
                               [f"workers.slots={item[:-1]}", "workers.engine_process=false"]))
         else:
-            out.append(Method(f"slots={item}", [f"workers.slots={item}"]))
+            out.append(Method(f"slots={item}, engines auto", [f"workers.slots={item}"]))
         if extra:
             out[-1].label += ", " + " ".join(extra)
             out[-1].overrides += extra

@@ -280,7 +280,7 @@ def test_slots_throughput_smoke(tmp_path: Path) -> None:
     text = run_bench("slots_throughput.py", tmp_path)
     # A loaded machine may finish too few trials in the short window for a rate: the rows must be there.
     assert re.search(r"\| one at a time \| \d+ \| (\d+|n/a) \| (1\.00x|n/a)", text)
-    assert re.search(r"\| slots=2 \| \d+ \| (\d+|n/a) \| (\d+\.\d\dx|n/a)", text)
+    assert re.search(r"\| slots=2, engines auto \| \d+ \| (\d+|n/a) \| (\d+\.\d\dx|n/a)", text)
     assert re.search(r"Paired \(4 grid trials.*\): [1-4] pairs", text)
 
 
