@@ -90,7 +90,8 @@ def methods_from(spec: str) -> list[Method]:
             out.append(Method(f"slots={item[:-1]}, engine in the launch's process",
                               [f"workers.slots={item[:-1]}", "workers.engine_process=false"]))
         else:
-            out.append(Method(f"slots={item}, engines auto", [f"workers.slots={item}"]))
+            engines = "" if any(e.startswith("workers.engines=") for e in extra) else ", engines auto"
+            out.append(Method(f"slots={item}{engines}", [f"workers.slots={item}"]))
         if extra:
             out[-1].label += ", " + " ".join(extra)
             out[-1].overrides += extra
@@ -223,8 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         common = model_overrides(args.shape, args.model_source, args.weights == "random")
     common += args.extra.split()
     methods = methods_from(args.methods) if args.methods else []
+    # One engine for the paired part: it asks whether sharing a pass changes a trial's result.
     pairs = [Method("one at a time", ["workers.slots=1"]),
-             Method(f"slots={args.paired}", [f"workers.slots={args.paired}"])] if args.paired else []
+             Method(f"slots={args.paired}", [f"workers.slots={args.paired}", "workers.engines=1"])
+             ] if args.paired else []
     env = environment()
     with GpuSampler() as gpu:
         # The report is rewritten after every launch, so a run cut short keeps the launches it finished.
@@ -233,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_report(args.out, report(args, argv, env, methods[:i + 1], [], gpu), final=False)
         for i, m in enumerate(pairs):
             launch(args, m, [*common, *PAIRED_SPACE], workdir, f"p{i}", args.seconds * 4, args.paired_trials)
+            write_report(args.out, report(args, argv, env, methods, pairs[:i + 1], gpu), final=False)
         write_report(args.out, report(args, argv, env, methods, pairs, gpu))
     return 0
 
@@ -241,7 +245,7 @@ def report(args: argparse.Namespace, argv: Sequence[str] | None, env: dict[str, 
            pairs: list[Method], gpu: GpuSampler) -> str:
     """The report of the launches that ran: the throughput table, the paired part once both of its launches ran."""
     lines = throughput_lines(args, methods, gpu) if methods else [f"Model: {model_name(args)}."]
-    if len(pairs) == 2 and pairs[1].trials:
+    if len(pairs) == 2:
         n, mean, sem = paired(pairs[0], pairs[1])
         lines += ["", f"Paired ({args.paired_trials} grid trials, pruning off, the same parameters both "
                   f"ways): {n} pairs; eval loss {pairs[1].label} - one at a time: mean {num(mean, 5)}"

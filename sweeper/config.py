@@ -113,8 +113,9 @@ class WorkersConfig:
     engine's host (its kernel launches) is the bound, and a second launches while the first's kernels run. More
     than 1 puts the engines in processes of their own (``workers.engine_process``). ``auto``: 2 on CUDA where
     the time model finds a pass of the worker's slots bound by the host and half the memory holds as many slots,
-    for a worker alone on its GPU (``workers.per_gpu=1``) whose engines may have processes of their own;
-    otherwise 1."""
+    where the worker's engines may have processes of their own and it is alone on its GPU (no worker processes
+    sharing it: ``workers.per_gpu``), with as many slots in each engine's half of the memory and no more
+    checkpointing; otherwise 1."""
     index: int | None = None
     """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
     None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""
@@ -149,9 +150,14 @@ class WorkersConfig:
             raise ConfigError(f"workers.grace_s: must exceed workers.heartbeat_s ({self.heartbeat_s}), "
                               f"got {self.grace_s}")
 
+    @property
+    def shares_device(self) -> bool:
+        """Whether each worker shares its GPU with others (worker processes, ``per_gpu`` > 1)."""
+        return self.count > 0 and self.per_gpu > 1
+
     def memory_share(self, device_bytes: int) -> int:
         """The device memory one trial may plan for: a worker shares its GPU with per_gpu - 1 others."""
-        return device_bytes // self.per_gpu if self.count > 0 else device_bytes
+        return device_bytes // self.per_gpu if self.shares_device else device_bytes
 
 
 LAUNCHERS = ("local", "slurm")
@@ -181,7 +187,8 @@ class LauncherConfig:
     a few; more only wait in the queue."""
     mem_gb: float = 32.0
     """Host memory per array task, in GB: the base is read whole before it is quantized onto the GPU (twice, one
-    after the other, where a slot engine trains in a process of its own: ``workers.engine_process``)."""
+    after the other, where a slot engine trains in a process of its own: ``workers.engine_process``; with several
+    engines, ``workers.engines``, each engine's process reads it at the same time)."""
     array_parallelism: int | None = None
     """Array tasks running at once; None: every worker at once."""
     additional_parameters: dict[str, Any] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from objectives.host_turns import TURNS
+from objectives.timing import detect_device
 from sweeper import progress
 from sweeper.budget import BudgetGuard, BudgetReached, fail_dead_trials, failed_trials
 from sweeper.config import SweepConfig
@@ -26,7 +27,7 @@ from sweeper.progress import progress_bar
 from sweeper.quiet import quiet_third_party
 from sweeper.records import TrialRecord, record
 from sweeper.report import STATE_NAMES, trial_line
-from sweeper.slots import SlotPlan, engine_in_own_process, pass_settings_sampled, plan_slots
+from sweeper.slots import SlotPlan, engine_in_own_process, pass_settings_sampled, plan_slots, recipe_of
 from sweeper.space import Param
 from sweeper.study import (
     FINISHED,
@@ -80,7 +81,8 @@ class Resources:
             # The host's memory also holds this process and whatever else runs there: 16 slots of SmolLM2-135M
             # planned against all 24 GB of a host were ended by its out-of-memory killer.
             memory = min(memory, psutil.virtual_memory().available)
-        return plan_slots(cfg, params, self.base.device.type, self.base.config, memory, self.base.linear_names)
+        return plan_slots(cfg, params, self.base.device.type, self.base.config, memory, self.base.linear_names,
+                          detect_device(recipe_of(cfg)))
 
     def engine(self, cfg: SweepConfig, plan: SlotPlan, slots: int | None = None, own_process: bool = True,
                prestarted: Any = None) -> Any:

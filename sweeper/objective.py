@@ -117,8 +117,10 @@ class TrialHooks(RunHooks):
             self.tracker.log_metrics(self.run_id, step, {"eval_loss": loss})
             self.tracker.flush(self.run_id)
         cfg = self.objective.cfg
-        if not math.isfinite(loss) or len(cfg.study.objectives) > 1 or step in self.reported:
-            return  # Optuna prunes single-objective studies only
+        if not math.isfinite(loss) or len(cfg.study.objectives) > 1:  # Optuna prunes single-objective studies only
+            return
+        if step in self.reported:  # a run started over: this step was reported, and checked, by its first attempt
+            return
         self.reported.add(step)
         self.trial.report(loss, step)
         # At the last step the work is done: pruning would only throw the finished result away.

@@ -223,7 +223,7 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
         lines.append(f"  {p.name:<24} {p.path:<24} {p.describe()}{cond}")
     lines.append(f"device memory: {memory_text}")
     budget = memory if memory is not None else cfg.workers.memory_share(total_device_memory())
-    slots = plan_slots(cfg, params, device.kind, model_config, budget)
+    slots = plan_slots(cfg, params, device.kind, model_config, budget, device=device)
     lines.append(f"trials per pass (workers.slots={cfg.workers.slots}): {slots.slots} ({slots.reason})"
                  + (f"; each slot rank {slots.r_max} on every linear layer, checkpointing "
                     f"{_slot_checkpointing(slots)}, base cache {'on' if slots.base_cache else 'off'}, "

@@ -10,7 +10,7 @@ from typing import Any
 from objectives.config import RECIPE_SECTIONS, RecipeConfig
 from objectives.decisions import PassCheckpointing, slots_base_cache, slots_that_fit
 from objectives.shape import TrialSettings
-from objectives.timing import host_bound
+from objectives.timing import Device, host_bound
 from sweeper.config import SweepConfig
 from sweeper.space import Param
 
@@ -19,11 +19,12 @@ MAX_AUTO_SLOTS = 32
 sampler would propose many trials from the same evidence."""
 AUTO_ENGINES = 2
 """``workers.engines=auto`` runs this many engines where one engine's passes are bound by the host. On an H200 with
-SmolLM2-135M in 32 slots, one engine kept the GPU 35-45% busy and two 82% (BENCHMARKS.md, benchmark 5)."""
+SmolLM2-135M in 32 slots, one engine kept the GPU 35-49% busy and two 82% (BENCHMARKS.md, benchmark 5)."""
 ENGINE_HOST_BOUND = 0.5
 """A pass of a worker's slots whose predicted host time is over this share of its predicted device time is
-host-bound. The time model takes every row ``data.max_length`` wide, which overstates a pass's device time: at 32
-slots it puts SmolLM2-135M at 1.2 (one engine 35-45% busy on an H200) and Llama-3.2-1B at 0.1 (87-92% busy)."""
+host-bound. The time model takes every row ``data.max_length`` wide, which overstates a pass's device time: on the
+default config at 32 slots on an H200 it puts SmolLM2-135M at 1.6 (one engine 35-49% busy) and Llama-3.2-1B under
+0.2 (87-92% busy)."""
 SHARED_PREFIXES = ("model.", "data.", "train.packing", "train.device")
 """Settings every trial of a pass shares: a space that samples one runs one trial at a time."""
 
@@ -73,41 +74,51 @@ def widest_rank(cfg: SweepConfig, params: Sequence[Param]) -> int:
 
 
 def with_engines(cfg: SweepConfig, engines: int) -> SweepConfig:
+    """``cfg`` with ``workers.engines`` set to a number."""
     return dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, engines=engines))
 
 
-def pass_host_bound(cfg: SweepConfig, model_config: Any, plan: SlotPlan) -> bool:
+def recipe_of(cfg: SweepConfig) -> RecipeConfig:
+    """The recipe's sections of ``cfg`` (no storage URLs)."""
+    return RecipeConfig(**{name: getattr(cfg, name) for name in RECIPE_SECTIONS})
+
+
+def pass_host_bound(cfg: SweepConfig, model_config: Any, plan: SlotPlan, device: Device | str) -> bool:
     """Whether the time model finds a pass of ``plan``'s slots, each a micro-batch at the widest rank on every
-    linear layer, bound by the host's kernel launches (:data:`ENGINE_HOST_BOUND`)."""
-    recipe = RecipeConfig(**{name: getattr(cfg, name) for name in RECIPE_SECTIONS})
-    one_pass = dataclasses.replace(TrialSettings.from_config(recipe), r=plan.r_max, targets="all-linear",
+    linear layer, bound by the host's kernel launches on ``device`` (:data:`ENGINE_HOST_BOUND`)."""
+    one_pass = dataclasses.replace(TrialSettings.from_config(recipe_of(cfg)), r=plan.r_max, targets="all-linear",
                                    micro_batch_size=plan.slots * cfg.train.micro_batch_size,
                                    gradient_checkpointing=plan.checkpointing)
-    return host_bound(model_config, one_pass, "cuda", ENGINE_HOST_BOUND)
+    return host_bound(model_config, one_pass, device, ENGINE_HOST_BOUND)
 
 
 def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,
-               memory_bytes: int, linear_names: Sequence[str] | None = None) -> SlotPlan:
+               memory_bytes: int, linear_names: Sequence[str] | None = None,
+               device: Device | str = "cuda") -> SlotPlan:
     """Decide ``workers.slots`` and ``workers.engines`` for a worker on ``device_kind`` (cuda or cpu) with
-    ``memory_bytes`` of it."""
+    ``memory_bytes`` of it; ``device`` (its name and rates) decides ``workers.engines=auto``."""
     if cfg.workers.engines != "auto":
-        return plan_engine_slots(cfg, params, device_kind, model_config, memory_bytes, linear_names)
-    one = plan_engine_slots(with_engines(cfg, 1), params, device_kind, model_config, memory_bytes, linear_names)
-    shares_gpu = cfg.workers.count > 0 and cfg.workers.per_gpu > 1
-    if (device_kind != "cuda" or one.slots == 1 or shares_gpu or cfg.workers.engine_process is False
-            or not pass_host_bound(cfg, model_config, one)):
+        return _plan_engine_slots(cfg, params, device_kind, model_config, memory_bytes, linear_names)
+    one = _plan_engine_slots(with_engines(cfg, 1), params, device_kind, model_config, memory_bytes, linear_names)
+    if (device_kind != "cuda" or one.slots == 1 or cfg.workers.shares_device or cfg.workers.engine_process is False
+            or not pass_host_bound(cfg, model_config, one, device)):
         return one
-    more = plan_engine_slots(with_engines(cfg, AUTO_ENGINES), params, device_kind, model_config, memory_bytes,
-                             linear_names)
-    if more.engines == 1 or more.slots < one.slots:
-        return one
+    # Two engines only where each part of the memory holds as many slots, with no more checkpointing.
+    fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes // AUTO_ENGINES, one.r_max,
+                                                  one.slots, linear_names)
+    if fitting < one.slots or needs_checkpointing > one.checkpointing:
+        return dataclasses.replace(one, reason=f"{one.reason}; workers.engines=auto: one engine, though its passes "
+                                               f"are bound by the host: {AUTO_ENGINES} would not hold "
+                                               f"{one.slots} slots each without more checkpointing")
+    more = _plan_engine_slots(with_engines(cfg, AUTO_ENGINES), params, device_kind, model_config, memory_bytes,
+                              linear_names)
     return dataclasses.replace(more, reason=f"{more.reason} (workers.engines=auto: the time model finds a pass of "
                                             f"{more.slots} slots bound by the host's kernel launches)")
 
 
-def plan_engine_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,
-                      memory_bytes: int, linear_names: Sequence[str] | None = None) -> SlotPlan:
-    """Decide ``workers.slots`` for each of ``workers.engines`` (a number) engines."""
+def _plan_engine_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,
+                       memory_bytes: int, linear_names: Sequence[str] | None = None) -> SlotPlan:
+    """Decide ``workers.slots`` for each of ``workers.engines`` (a number, not auto) engines."""
     r_max = widest_rank(cfg, params)
     checkpointing = cfg.model.gradient_checkpointing
     shared = pass_settings_sampled(params)
@@ -126,8 +137,8 @@ def plan_engine_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: st
     memory_bytes //= engines
     fitting, needs_checkpointing = slots_that_fit(cfg, model_config, memory_bytes, r_max, cap, linear_names)
     if requested == "auto" and fitting == 1 and engines > 1:  # no slots to spread: one engine, all the memory
-        alone = plan_engine_slots(with_engines(cfg, 1), params, device_kind, model_config, memory_bytes * engines,
-                                  linear_names)
+        alone = _plan_engine_slots(with_engines(cfg, 1), params, device_kind, model_config,
+                                   memory_bytes * engines, linear_names)
         return dataclasses.replace(alone, reason=f"{alone.reason}; workers.engines={engines} unused: one trial per "
                                                  "pass fits each engine's part of the memory")
     if requested == "auto":
@@ -140,8 +151,7 @@ def plan_engine_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: st
     cache = slots_base_cache(cfg, model_config, memory_bytes, slots, r_max, bool(checkpointing), linear_names)
     per_pass = None
     if checkpointing and cfg.model.gradient_checkpointing == "auto":
-        recipe = RecipeConfig(**{name: getattr(cfg, name) for name in RECIPE_SECTIONS})  # no storage URLs
-        per_pass = PassCheckpointing(recipe, model_config, memory_bytes, slots, r_max, cache,
+        per_pass = PassCheckpointing(recipe_of(cfg), model_config, memory_bytes, slots, r_max, cache,
                                      None if linear_names is None else tuple(linear_names))
     if engines > 1:
         reason += f"; {engines} engines, each in its own process with a copy of the base and 1/{engines} of the memory"

@@ -84,7 +84,7 @@ def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig,
 
 
 @pytest.mark.parametrize(("model", "workers", "device_kind", "engines"), [
-    ("135m", {}, "cuda", 2),                        # host-bound: a second engine launches while the first's run
+    ("135m", {}, "cuda", 2),                        # host-bound: one engine launches while the other's kernels run
     ("1b", {}, "cuda", 1),                          # the device bounds a pass of 32 slots
     ("8b", {}, "cuda", 1),
     ("135m", {"count": 2, "per_gpu": 2}, "cuda", 1),  # workers already share the GPU
@@ -105,6 +105,34 @@ def test_auto_engines_double_where_one_engines_passes_are_host_bound(model: str,
     got = plan_slots(cfg, params, device_kind, LlamaConfig(**{**SMOLLM2, **SHAPES[model]}), 139 * 2**30)
     assert got.engines == engines
     assert ("workers.engines=auto: the time model finds a pass of 32 slots bound by" in got.reason) == (engines > 1)
+
+
+@pytest.mark.parametrize(("memory_gib", "slots"), [(40, "auto"), (40, 32), (40, 16)])
+def test_auto_engines_stay_one_where_halves_of_the_memory_would_hold_fewer_slots_or_checkpoint(
+        memory_gib: int, slots: Any) -> None:
+    from transformers import LlamaConfig
+
+    from sweeper.slots import plan_slots
+
+    cfg, params = compose.load([f"workers.slots={slots}"])
+    memory = memory_gib * 2**30
+    got = plan_slots(cfg, params, "cuda", LlamaConfig(**SMOLLM2), memory)
+    alone = plan_slots(replace(cfg, workers=replace(cfg.workers, engines=1)), params, "cuda", LlamaConfig(**SMOLLM2),
+                       memory)
+    assert (got.engines, got.slots, got.checkpointing) == (1, alone.slots, alone.checkpointing)
+    assert "workers.engines=auto: one engine, though its passes are bound by the host" in got.reason
+
+
+def test_auto_engines_ask_the_gpu_at_hand() -> None:
+    from transformers import LlamaConfig
+
+    from objectives.timing import Device
+    from sweeper.slots import plan_slots
+
+    cfg, params = compose.load([])
+    fast, slow = Device("cuda", "H200", 989e12, 67e12), Device("cuda", "small GPU", 20e12, 5e12)
+    h200, small = (plan_slots(cfg, params, "cuda", LlamaConfig(**SMOLLM2), 139 * 2**30, device=d) for d in (fast, slow))
+    assert (h200.engines, small.engines) == (2, 1)  # on the slower GPU the same pass is bound by the device
 
 
 @pytest.mark.parametrize("memory_gib", [4, 40])
