@@ -124,8 +124,8 @@ def step_seconds(config: Any, s: TrialSettings, device: Device | str = "cuda", t
 
 def host_bound(config: Any, s: TrialSettings, device: Device | str = "cuda", factor: float = HOST_BOUND) -> bool:
     """Whether the host's dispatch sets the pace of a training micro-step on a GPU: its predicted time is over
-    ``factor`` times the device's (:data:`HOST_BOUND`, the default: clearly, so that replaying the step as a CUDA
-    graph pays)."""
+    ``factor`` times the device's. The default, :data:`HOST_BOUND`, asks whether replaying the step as a CUDA graph
+    pays."""
     dev = _device(device)
     if dev.kind != "cuda":
         return False

@@ -112,10 +112,9 @@ class WorkersConfig:
     ``workers.slots`` trials per pass, each planned for its part of the worker's memory. On a small model one
     engine's host (its kernel launches) is the bound, and a second launches while the first's kernels run. More
     than 1 puts the engines in processes of their own (``workers.engine_process``). ``auto``: 2 on CUDA where
-    the time model finds a pass of the worker's slots bound by the host and half the memory holds as many slots,
-    where the worker's engines may have processes of their own and it is alone on its GPU (no worker processes
-    sharing it: ``workers.per_gpu``), with as many slots in each engine's half of the memory and no more
-    checkpointing; otherwise 1."""
+    the time model finds a pass of the worker's slots bound by the host, the worker's engines may have processes
+    of their own, no other workers share its GPU (``workers.per_gpu``), and each engine's half of the memory holds
+    as many slots with no more checkpointing; otherwise 1."""
     index: int | None = None
     """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
     None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""
@@ -152,7 +151,7 @@ class WorkersConfig:
 
     @property
     def shares_device(self) -> bool:
-        """Whether each worker shares its GPU with others (worker processes, ``per_gpu`` > 1)."""
+        """Whether a worker may share its GPU with others (worker processes, ``per_gpu`` > 1)."""
         return self.count > 0 and self.per_gpu > 1
 
     def memory_share(self, device_bytes: int) -> int:

@@ -107,9 +107,15 @@ def test_auto_engines_double_where_one_engines_passes_are_host_bound(model: str,
     assert ("workers.engines=auto: the time model finds a pass of 32 slots bound by" in got.reason) == (engines > 1)
 
 
-@pytest.mark.parametrize(("memory_gib", "slots"), [(40, "auto"), (40, 32), (40, 16)])
-def test_auto_engines_stay_one_where_halves_of_the_memory_would_hold_fewer_slots_or_checkpoint(
-        memory_gib: int, slots: Any) -> None:
+@pytest.mark.parametrize(("memory_gib", "slots", "why"), [
+    (40, "auto", "holds fewer than 32 slots"),
+    (40, 32, "holds fewer than 32 slots"),
+    (40, 16, "would need more gradient checkpointing"),  # one engine of 16 needs none
+    (60, "auto", "would need more gradient checkpointing"),  # both checkpoint where needed, halves more often
+    (80, "auto", "would need more gradient checkpointing"),
+])
+def test_auto_engines_stay_one_where_halves_of_the_memory_would_hold_fewer_slots_or_checkpoint_more(
+        memory_gib: int, slots: Any, why: str) -> None:
     from transformers import LlamaConfig
 
     from sweeper.slots import plan_slots
@@ -120,7 +126,19 @@ def test_auto_engines_stay_one_where_halves_of_the_memory_would_hold_fewer_slots
     alone = plan_slots(replace(cfg, workers=replace(cfg.workers, engines=1)), params, "cuda", LlamaConfig(**SMOLLM2),
                        memory)
     assert (got.engines, got.slots, got.checkpointing) == (1, alone.slots, alone.checkpointing)
-    assert "workers.engines=auto: one engine, though its passes are bound by the host" in got.reason
+    assert f"workers.engines=auto: one engine, though its passes are bound by the host: each half of the memory {why}" \
+        in got.reason
+
+
+def test_auto_engines_follow_the_memory_one_way() -> None:
+    from transformers import LlamaConfig
+
+    from sweeper.slots import plan_slots
+
+    cfg, params = compose.load([])
+    model = LlamaConfig(**SMOLLM2)
+    engines = [plan_slots(cfg, params, "cuda", model, gib * 2**30).engines for gib in range(16, 200, 8)]
+    assert engines == sorted(engines) and engines[-1] == 2  # no band of memory where two engines come and go
 
 
 def test_auto_engines_ask_the_gpu_at_hand() -> None:
