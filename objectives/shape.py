@@ -5,6 +5,7 @@ Pure arithmetic on a config: no weights are loaded and nothing runs on a device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -212,10 +213,16 @@ def adapter_modules(shape: ModelShape, targets: Any, linear_names: Sequence[str]
     Raises:
         ConfigError: the targets match nothing in this model.
     """
+    key = tuple(targets) if isinstance(targets, list) else targets
+    return list(_adapter_modules(shape, key, None if linear_names is None else tuple(linear_names)))
 
+
+# Planning sizes every slot count and corner of a space: hundreds of estimates of the same few adapters.
+@functools.lru_cache(maxsize=256)
+def _adapter_modules(shape: ModelShape, targets: Any, linear_names: tuple[str, ...] | None) -> tuple[str, ...]:
     names = list(linear_names) if linear_names is not None else shape.linear_names()
     suffixes = resolve_targets(",".join(targets) if isinstance(targets, tuple) else targets, names)
-    return [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
+    return tuple(n for n in names if any(n == s or n.endswith("." + s) for s in suffixes))
 
 
 def _module_dims(shape: ModelShape, name: str) -> tuple[int, int]:
