@@ -109,7 +109,7 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     fitting, _ = slots_that_fit(cfg, model_config, memory_bytes // AUTO_ENGINES, one.r_max, one.slots, linear_names)
     more = _plan_engine_slots(with_engines(cfg, AUTO_ENGINES), params, device_kind, model_config, memory_bytes,
                               linear_names)
-    if fitting < one.slots or more.engines == 1:
+    if fitting < one.slots:
         why = f"each half of the memory holds fewer than {one.slots} slots"
     elif more.checkpointing > one.checkpointing or more.per_pass is not None or more.base_cache < one.base_cache:
         why = "each half of the memory would need more gradient checkpointing or less of the base's cache"

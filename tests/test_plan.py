@@ -83,6 +83,12 @@ def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig,
     assert ", 16 at a time:" in two
 
 
+@pytest.fixture(scope="module")
+def default() -> tuple[SweepConfig, list[Any]]:
+    """The default config and space (no model loaded)."""
+    return compose.load([])
+
+
 @pytest.mark.parametrize(("model", "workers", "device_kind", "engines"), [
     ("135m", {}, "cuda", 2),                        # host-bound: one engine launches while the other's kernels run
     ("1b", {}, "cuda", 1),                          # the device bounds a pass of 32 slots
@@ -92,14 +98,15 @@ def test_plan_shows_the_slots_and_their_memory_on_a_gpu(tiny: tuple[SweepConfig,
     ("135m", {"engine_process": False}, "cuda", 1),  # one engine in the launch's process
     ("135m", {}, "cpu", 1),                         # one trial at a time on the CPU
 ])
-def test_auto_engines_double_where_one_engines_passes_are_host_bound(model: str, workers: dict[str, Any],
-                                                                      device_kind: str, engines: int) -> None:
+def test_auto_engines_double_where_one_engines_passes_are_host_bound(
+        default: tuple[SweepConfig, list[Any]], model: str, workers: dict[str, Any], device_kind: str,
+        engines: int) -> None:
     from transformers import LlamaConfig
 
     from bench.models import SHAPES
     from sweeper.slots import plan_slots
 
-    cfg, params = compose.load([])
+    cfg, params = default
     assert cfg.workers.engines == "auto"
     cfg = replace(cfg, workers=replace(cfg.workers, **workers))
     got = plan_slots(cfg, params, device_kind, LlamaConfig(**{**SMOLLM2, **SHAPES[model]}), 139 * 2**30)
@@ -115,12 +122,13 @@ def test_auto_engines_double_where_one_engines_passes_are_host_bound(model: str,
     (80, "auto", "would need more gradient checkpointing"),
 ])
 def test_auto_engines_stay_one_where_halves_of_the_memory_would_hold_fewer_slots_or_checkpoint_more(
-        memory_gib: int, slots: Any, why: str) -> None:
+        default: tuple[SweepConfig, list[Any]], memory_gib: int, slots: Any, why: str) -> None:
     from transformers import LlamaConfig
 
     from sweeper.slots import plan_slots
 
-    cfg, params = compose.load([f"workers.slots={slots}"])
+    cfg, params = default
+    cfg = replace(cfg, workers=replace(cfg.workers, slots=slots))
     memory = memory_gib * 2**30
     got = plan_slots(cfg, params, "cuda", LlamaConfig(**SMOLLM2), memory)
     alone = plan_slots(replace(cfg, workers=replace(cfg.workers, engines=1)), params, "cuda", LlamaConfig(**SMOLLM2),
@@ -130,24 +138,24 @@ def test_auto_engines_stay_one_where_halves_of_the_memory_would_hold_fewer_slots
         in got.reason
 
 
-def test_auto_engines_follow_the_memory_one_way() -> None:
+def test_auto_engines_follow_the_memory_one_way(default: tuple[SweepConfig, list[Any]]) -> None:
     from transformers import LlamaConfig
 
     from sweeper.slots import plan_slots
 
-    cfg, params = compose.load([])
+    cfg, params = default
     model = LlamaConfig(**SMOLLM2)
     engines = [plan_slots(cfg, params, "cuda", model, gib * 2**30).engines for gib in range(16, 200, 8)]
     assert engines == sorted(engines) and engines[-1] == 2  # no band of memory where two engines come and go
 
 
-def test_auto_engines_ask_the_gpu_at_hand() -> None:
+def test_auto_engines_ask_the_gpu_at_hand(default: tuple[SweepConfig, list[Any]]) -> None:
     from transformers import LlamaConfig
 
     from objectives.timing import Device
     from sweeper.slots import plan_slots
 
-    cfg, params = compose.load([])
+    cfg, params = default
     fast, slow = Device("cuda", "H200", 989e12, 67e12), Device("cuda", "small GPU", 20e12, 5e12)
     h200, small = (plan_slots(cfg, params, "cuda", LlamaConfig(**SMOLLM2), 139 * 2**30, device=d) for d in (fast, slow))
     assert (h200.engines, small.engines) == (2, 1)  # on the slower GPU the same pass is bound by the device
