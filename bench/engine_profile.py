@@ -31,12 +31,14 @@ VARIANTS = [
 ]
 
 
-def trial_config(cfg: Any, i: int, steps: int) -> Any:
+def trial_config(cfg: Any, i: int, steps: int, eval_every: int = 0) -> Any:
+    """Trial ``i``'s config: the ``i``-th variant, ``steps`` long, evaluated every ``eval_every`` steps (0: at the
+    end alone)."""
     v = VARIANTS[i % len(VARIANTS)]
     return dataclasses.replace(
         cfg, lora=dataclasses.replace(cfg.lora, r=v["r"], targets=v["targets"], dropout=0.05),
         optimizer=dataclasses.replace(cfg.optimizer, name=v["name"], lr=v["lr"]),
-        train=dataclasses.replace(cfg.train, seed=i, max_steps=steps, eval_every=steps))
+        train=dataclasses.replace(cfg.train, seed=i, max_steps=steps, eval_every=eval_every or steps))
 
 
 class Timer:
@@ -63,7 +65,7 @@ class Timer:
 
 
 def measure_engine(base: Any, data: Any, cfg: Any, slots: int, steps: int, warmup: int, gpu: GpuSampler,
-                   profile_steps: int = 0, top: int = 15) -> dict[str, Any]:
+                   profile_steps: int = 0, top: int = 15, eval_every: int = 0) -> dict[str, Any]:
     """The engine runs in this thread (``start=False``), so that torch.profiler, which records the thread that
     started it, sees its passes; with ``profile_steps``, that many steps after the timed ones are profiled."""
     import torch
@@ -73,7 +75,7 @@ def measure_engine(base: Any, data: Any, cfg: Any, slots: int, steps: int, warmu
     engine = SlotEngine(base, data, slots=slots, r_max=64, eval_batch_size=cfg.train.micro_batch_size,
                         fused_loss=cfg.train.fused_loss, start=False)
     timer = Timer()
-    futures = [engine.submit(trial_config(cfg, i, warmup + steps + profile_steps + 2), timer.hooks())
+    futures = [engine.submit(trial_config(cfg, i, warmup + steps + profile_steps + 2, eval_every), timer.hooks())
                for i in range(slots)]
     profiled: dict[str, Any] = {}
     try:
@@ -144,6 +146,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpointing", choices=["true", "false"], default="false")
     p.add_argument("--profile", type=int, default=0,
                    help="steps profiled at each slot count after the timed ones (0: none)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="trials evaluate every this many steps, as a sweep's do (0: at their end alone)")
+    p.add_argument("--top", type=int, default=15, help="kernels and host operators listed per profile")
     p.add_argument("--extra", default="", help="more Hydra overrides, space-separated "
                                                "(e.g. model.upcast_unquantized=false)")
     return p.parse_args(argv)
@@ -171,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in [int(k) for k in args.slots.split(",")]:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            results.append(measure_engine(base, data, cfg, k, args.steps, args.warmup, gpu, args.profile))
+            results.append(measure_engine(base, data, cfg, k, args.steps, args.warmup, gpu, args.profile, args.top,
+                                          args.eval_every))
             say(f"slots={k}: step {results[-1]['step']:.3f} s, {results[-1]['tokens_per_s']:.0f} tokens/s")
     one = results[0]["step"]
     rows = [[str(r["slots"]), num(r["step"], 3), num(r["tokens_per_s"], 0), percent(r.get("busy")),

@@ -8,7 +8,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ from sweeper.study import (
     reused_reads,
 )
 from sweeper.tracking import Tracker, finish_parent, make_tracker, parent_run, redact, update_parent
+from sweeper.tracking_process import WriterTracker
 
 log = logging.getLogger(__name__)
 READ_AGE_S = 1.0
@@ -240,11 +241,14 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         resources = Resources.load(cfg)  # bad data or device settings fail here, before the parent run exists
         plan = resources.slot_plan(cfg, params)
         log.info("%d trial(s) per pass: %s", plan.slots, plan.reason)
+        if plan.slots > 1:  # trials in slots end several a second: their MLflow writes go to a process of their own
+            tracker = WriterTracker(tracker)
         parent_id = parent_run(tracker, study, cfg, params)
         engine = resources.engine(cfg, plan, prestarted=prestarted)
     except BaseException:
         if prestarted is not None:
             prestarted.close()
+        tracker.close()
         raise
     objective = GuardedObjective(
         QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id,
@@ -278,7 +282,8 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         if len(study.directions) == 1 and trial.state == TrialState.COMPLETE:
             bar.set_postfix(best=f"{study.best_value:.4f}", refresh=True)
         drift = objective.memory_mb - baseline
-        with fresh_reads():  # a read a moment old would not yet count the trials that just failed
+        # A read a moment old would not yet count this trial's failure; others' count at the next trial's end.
+        with fresh_reads() if trial.state == TrialState.FAIL else nullcontext():
             failed = failed_trials(study)
         if failed - failed_before >= max_failures:
             objective.guard.stop(study)
@@ -307,8 +312,11 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
             engine.close()
         bar.close()
         # A lone worker closes the parent run when it finished the budget; supervised ones leave it to the launcher.
-        if not join or (status == "FINISHED" and not cfg.workers.supervised):
-            finish_parent(tracker, parent_id, study, cfg, status)
+        try:
+            if not join or (status == "FINISHED" and not cfg.workers.supervised):
+                finish_parent(tracker, parent_id, study, cfg, status)
+        finally:
+            tracker.close()
     return study, recycle
 
 

@@ -26,7 +26,7 @@ from sweeper.progress import progress_bar
 from sweeper.records import TrialRecord, record
 from sweeper.space import Param
 from sweeper.study import fresh_reads
-from sweeper.tracking import RUN_STATUS, Tracker
+from sweeper.tracking import RUN_STATUS, STALE_AFTER_S, Tracker
 from sweeper.values import apply_values, sample
 
 AnyTrial = optuna.Trial | optuna.trial.FixedTrial
@@ -115,7 +115,7 @@ class TrialHooks(RunHooks):
         self.bar.set_postfix_str(f"eval_loss={loss:.4f}", refresh=True)
         if self.tracker is not None and self.run_id is not None:
             self.tracker.log_metrics(self.run_id, step, {"eval_loss": loss})
-            self.tracker.flush(self.run_id)
+            self.tracker.flush(self.run_id, stale_after=STALE_AFTER_S)
         cfg = self.objective.cfg
         if not math.isfinite(loss) or len(cfg.study.objectives) > 1:  # Optuna prunes single-objective studies only
             return
@@ -252,8 +252,7 @@ class QLoRAObjective:
             if state != "complete":
                 # The UI shows a pruned run as "Killed", beside failed ones: its description says which.
                 tags[NOTE] = hooks.end_note(state, reason)
-            hooks.tracker.set_tags(hooks.run_id, tags)
-            hooks.tracker.end_run(hooks.run_id, RUN_STATUS[state])
+            hooks.tracker.end_run(hooks.run_id, RUN_STATUS[state], tags=tags)
 
     def keep_adapter(self, trial: AnyTrial, values: list[float]) -> bool:
         """Whether a finished trial's adapter is saved: always, never, or when it is the best so far."""
@@ -305,21 +304,20 @@ class QLoRAObjective:
         if self.tracker is None or run_id is None:
             return
         from mlflow.exceptions import MlflowException
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         # One thread at a time: trials finishing together each found the same superseded adapter.
         with self._dropping:
             if run_id in self._dropped:
                 return
             try:
-                run = self.tracker.client.get_run(run_id)
-                if REMOVED_TAG not in run.data.tags:
-                    repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracker.uri)
-                    repo.delete_artifacts("adapter")
+                tags = self.tracker.run_tags(run_id)
+                if REMOVED_TAG not in tags:
+                    self.tracker.delete_artifacts(run_id, "adapter")
                     self.tracker.set_tags(run_id, {REMOVED_TAG: reason})
-                    if ADAPTER_TAG in run.data.tags:
-                        self.tracker.client.delete_tag(run_id, ADAPTER_TAG)
-            except (MlflowException, OSError) as e:  # housekeeping: the sweep goes on, with one adapter too many
+                    if ADAPTER_TAG in tags:
+                        self.tracker.delete_tag(run_id, ADAPTER_TAG)
+            # Housekeeping: the sweep goes on, with one adapter too many (RuntimeError: the MLflow writer is gone).
+            except (MlflowException, OSError, RuntimeError) as e:
                 log.warning("could not delete the superseded adapter of run %s: %s", run_id, e)
                 return
             self._dropped.add(run_id)

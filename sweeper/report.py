@@ -37,6 +37,9 @@ MARK = "*"
 MISSING = "-"
 MAX_CELL = 14
 """Widest parameter cell; longer values (explicit module lists) are cut."""
+LINE_WINDOW = 200
+"""A trial's line ranks the parameters over this many of the latest finished trials: a sweep in slots ends several
+trials a second, and ranking over all of them made each line's cost grow with the study."""
 MAX_REASON = 80
 """Widest reason; the reason is the last column, so it can be long without breaking alignment."""
 
@@ -310,13 +313,14 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, max_params: int = 4) -> 
     """One finished trial in one line, for the terminal while a sweep runs.
 
     Example: ``trial 3 complete  eval_loss 10.8018  r=16 lr=0.00152 optimizer=adamw  13.4s``. The
-    parameters are those that vary most over the finished trials so far (variance only: importance is
+    parameters are those that vary most over the last ``LINE_WINDOW`` finished trials (variance only: importance is
     worth its cost in a report, not after every trial), with the optimizer's name whenever the trial
     sampled it; a pruned or failed trial ends with its reason.
     """
     names = objective_names(study)
     paths = param_paths(study)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number != trial.number]
+    trials = trials[-LINE_WINDOW:]
     rows = [sampled_values(t, paths) for t in [*trials, trial]]
     mine = rows[-1]
     params = [p for p in key_params(rows, len({p for row in rows for p in row})) if p in mine][:max(0, max_params)]

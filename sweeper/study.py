@@ -43,12 +43,17 @@ def stored_space(study: optuna.Study) -> list[Param]:
 
     Empty for a study the sweeper did not create: it stores no space, or something else under the name.
     """
+    return list(_parsed_space(StudyRecord.of(study).search_space or "[]"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_space(stored: str) -> tuple[Param, ...]:
+    """A stored space, parsed once: a sweep in slots reads it after every trial, for the trial's line."""
     try:
-        entries = json.loads(StudyRecord.of(study).search_space or "[]")
-        return [Param(str(name), str(path), optuna.distributions.json_to_distribution(dist),
-                      tuple((str(n), tuple(v)) for n, v in when)) for name, path, dist, when in entries]
+        return tuple(Param(str(name), str(path), optuna.distributions.json_to_distribution(dist),
+                           tuple((str(n), tuple(v)) for n, v in when)) for name, path, dist, when in json.loads(stored))
     except (TypeError, ValueError, KeyError):
-        return []
+        return ()
 
 
 # Settings a worker may choose for its own device: they change where and how fast a trial runs, not its result.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import posixpath
 import re
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -32,6 +35,9 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 # Whole words at the end of a key (hf_token, db.password, api-key), not bos_token_id or tokenizer.
 SECRET_KEY = re.compile(rf"(?:^|[._-]){SECRET_WORD}$", re.IGNORECASE)
 FLUSH_EVERY = 200
+STALE_AFTER_S = 10.0
+"""How old a run's last metrics write may get before an evaluation writes its buffered metrics (see
+:meth:`Tracker.flush`): a sweep in slots ends several trials a second, each evaluating in a few seconds."""
 
 # Trial state -> MLflow run status
 RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
@@ -79,6 +85,8 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri = uri
+        self.experiment = experiment
+        self.artifact_dir = artifact_dir
         self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
@@ -91,6 +99,11 @@ class Tracker:
             raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
                               f"{type(e).__name__}: {first_line(e)}") from None
         self._pending: dict[str, list[Any]] = {}
+        self._written: dict[str, float] = {}
+        """When each open run's metrics last reached the store (``time.monotonic``)."""
+        self._artifact_uris: dict[str, str] = {}
+        """Each open run's artifact location, known from its creation: MLflow's client would read the run back
+        to find it before its first artifact."""
         # Trials in slots log from one thread each: one write at a time, as SQLite takes them anyway (its
         # lock contention otherwise turns into retries with back-off inside MLflow).
         self._lock = PatientLock(reentrant=True)
@@ -102,6 +115,8 @@ class Tracker:
             all_tags["mlflow.parentRunId"] = parent_id
         with self._lock:
             run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+            self._artifact_uris[run.info.run_id] = run.info.artifact_uri
+            self._written[run.info.run_id] = time.monotonic()
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -132,28 +147,81 @@ class Tracker:
         if full:
             self.flush(run_id)
 
-    def flush(self, run_id: str) -> None:
+    def flush(self, run_id: str, stale_after: float = 0.0, tags: Mapping[str, Any] | None = None) -> None:
+        """Write the run's buffered metrics (and ``tags``) in one batch; with ``stale_after``, only when its last
+        write is older than that many seconds."""
+        from mlflow.entities import RunTag
+
         with self._lock:
+            if stale_after and time.monotonic() - self._written.get(run_id, 0.0) < stale_after:
+                return
             buf = self._pending.pop(run_id, [])
-            for i in range(0, len(buf), 1000):
-                self.client.log_batch(run_id, metrics=buf[i:i + 1000])
+            extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+            for i in range(0, max(len(buf), 1 if extra else 0), 1000):
+                self.client.log_batch(run_id, metrics=buf[i:i + 1000], tags=extra if i == 0 else [])
+            if run_id in self._written:
+                self._written[run_id] = time.monotonic()
+
+    def _artifact_repo(self, run_id: str) -> Any:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(self._artifact_uri(run_id), tracking_uri=self.uri)
+
+    def _artifact_uri(self, run_id: str) -> str:
+        with self._lock:
+            uri = self._artifact_uris.get(run_id)
+            return uri if uri is not None else self.client.get_run(run_id).info.artifact_uri
 
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
-        with self._lock:
-            self.client.log_dict(run_id, redact(obj), artifact_file)
+        """``obj`` redacted, as MLflow's ``log_dict`` writes it: YAML for .yaml and .yml, else JSON."""
+        import yaml
+
+        obj = redact(obj)
+        if os.path.splitext(artifact_file)[1] in (".yaml", ".yml"):
+            self.log_text(run_id, yaml.dump(obj, indent=2, default_flow_style=False), artifact_file)
+        else:
+            self.log_text(run_id, json.dumps(obj, indent=2, default=str), artifact_file)
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        repo = self._artifact_repo(run_id)
         with self._lock:
-            self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+            repo.log_artifacts(str(local_dir), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        with self._lock:
-            self.client.log_text(run_id, text, artifact_file)
+        path = posixpath.normpath(artifact_file)
+        repo = self._artifact_repo(run_id)
+        with tempfile.TemporaryDirectory(prefix="qlora-sweep-") as tmp:
+            local = Path(tmp) / posixpath.basename(path)
+            local.write_text(text, encoding="utf-8")
+            with self._lock:
+                repo.log_artifact(str(local), posixpath.dirname(path) or None)
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+    def end_run(self, run_id: str, status: str = "FINISHED", tags: Mapping[str, Any] | None = None) -> None:
+        """Write the buffered metrics and ``tags`` in one batch, then end the run with ``status``."""
         with self._lock:
-            self.flush(run_id)
+            self.flush(run_id, tags=tags)
             self.client.set_terminated(run_id, status=status)
+            self._written.pop(run_id, None)
+            self._artifact_uris.pop(run_id, None)
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self.client.get_run(run_id).data.tags)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        with self._lock:
+            self.client.delete_tag(run_id, key)
+
+    def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
+        repo = self._artifact_repo(run_id)
+        with self._lock:
+            repo.delete_artifacts(artifact_path)
+
+    def flushed(self) -> None:
+        """Return once every write made before has reached the store (at once here: writes are made as called)."""
+
+    def close(self) -> None:
+        """Nothing to wait for here (see :class:`sweeper.tracking_process.WriterTracker`)."""
 
     def running_children(self, parent_id: str) -> list[tuple[str, dict[str, str]]]:
         """(run id, tags) of the parent's child runs whose status is RUNNING."""
@@ -167,8 +235,7 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
 
     def artifact_uri(self, run_id: str, path: str = "") -> str:
-        with self._lock:
-            base = self.client.get_run(run_id).info.artifact_uri
+        base = self._artifact_uri(run_id)
         return f"{base}/{path}" if path else base
 
 
@@ -214,8 +281,7 @@ def update_parent(tracker: Tracker, run_id: str, study: optuna.Study, written: s
         return written
     if str(best.number) != written:
         tracker.log_metrics(run_id, best.number, {"best_value": float(best.value or 0.0)})
-        tracker.set_tags(run_id, {"best_trial": str(best.number), "best_value": f"{best.value:.6f}"})
-        tracker.flush(run_id)
+        tracker.flush(run_id, tags={"best_trial": str(best.number), "best_value": f"{best.value:.6f}"})
     return str(best.number)
 
 
