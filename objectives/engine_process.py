@@ -20,12 +20,14 @@ import atexit
 import contextlib
 import itertools
 import logging
+import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,11 +40,12 @@ from objectives.data import TokenizedSplits
 from objectives.engine import EngineShape, Event, Job, SlotEngine, follow
 from objectives.host_turns import TURNS
 from objectives.objective import RunHooks, RunResult
-from objectives.pipes import ignore_stop_signals, portable, received, send, start_child
 
 log = logging.getLogger(__name__)
 RESTARTS = 2
 """How often a worker starts a fresh engine process after one died, before its runs fail at once."""
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+"""The terminal's interrupt and a scheduler's stop, which reach the whole process group."""
 
 
 class EngineProcessDied(RuntimeError):
@@ -83,6 +86,30 @@ class EngineSpec:
                           per_pass=self.per_pass)
 
 
+def _send(conn: Connection, lock: threading.Lock, message: tuple[Any, ...]) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    with lock:
+        conn.send_bytes(data)
+
+
+def _received(conn: Connection) -> Iterator[tuple[Any, ...]]:
+    """The messages from the other side, until it closes its end."""
+    while True:
+        try:
+            yield pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it crosses to the other process intact, else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
 class Prestarted:
     """A child started early: it imports torch and the model libraries and, given ``model``, loads that base on
     ``device`` (the larger part of its start-up) while the caller loads its own base and data; then it builds the
@@ -90,7 +117,18 @@ class Prestarted:
 
     def __init__(self, prepare: Callable[[], None] | None = None, model: ModelConfig | None = None,
                  device: str | None = None) -> None:
-        self.process, self.conn = start_child(serve_when_told, (prepare, model, device), "slot-engine")
+        context = multiprocessing.get_context("spawn")  # a CUDA context does not survive a fork
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=serve_when_told, args=(child_end, prepare, model, device),
+                                       name="slot-engine", daemon=True)
+        # Born with the terminal's and a scheduler's signals blocked (the mask survives exec), so an interrupt
+        # during its start-up does not end it with a traceback; it ignores them, then unblocks.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        child_end.close()
         # Registered after multiprocessing's own exit handler, so it runs first: that handler joins daemon
         # children after a SIGTERM, which this one ignores, and would wait for ever.
         atexit.register(EngineProcess._end_child, self.process, self.conn)
@@ -138,7 +176,7 @@ class EngineProcess:
             prestarted = Prestarted(self.spec.prepare)
         self.process, self._conn = prestarted.process, prestarted.conn
         try:
-            send(self._conn, self._send_lock, ("spec", self.spec))
+            _send(self._conn, self._send_lock, ("spec", self.spec))
         except OSError:
             pass  # the child is gone: the wait below says so
         except BaseException:  # the spec did not pickle
@@ -193,7 +231,7 @@ class EngineProcess:
             conn = self._conn
         # A child that just died: the receiver's clean-up ends this run with the reason.
         with contextlib.suppress(OSError):
-            send(conn, self._send_lock, ("run", job_id, cfg))
+            _send(conn, self._send_lock, ("run", job_id, cfg))
         followed = False
         try:
             stopped = follow(events, hooks, lambda e: self._stop(conn, job_id))
@@ -202,7 +240,7 @@ class EngineProcess:
             if not followed:  # interrupted while it waited: the run need not go on
                 self._stop(conn, job_id)
             with contextlib.suppress(OSError):
-                send(conn, self._send_lock, ("release", job_id))  # its adapter: the hooks are done with it
+                _send(conn, self._send_lock, ("release", job_id))  # its adapter: the hooks are done with it
         outcome = self._outcomes.pop(job_id)
         if stopped is not None:
             raise stopped
@@ -220,13 +258,13 @@ class EngineProcess:
             self._replies[request] = reply
             conn = self._conn
         with contextlib.suppress(OSError):  # a child that just died: the receiver's clean-up answers
-            send(conn, self._send_lock, ("save", request, job_id, folder))
+            _send(conn, self._send_lock, ("save", request, job_id, folder))
         if (error := reply.get()) is not None:
             raise error
 
     def _stop(self, conn: Connection, job_id: int) -> None:
         with contextlib.suppress(OSError):  # the child is gone: the run ends anyway
-            send(conn, self._send_lock, ("stop", job_id))
+            _send(conn, self._send_lock, ("stop", job_id))
 
     def _restart(self) -> None:
         if self.restarts >= RESTARTS:
@@ -237,7 +275,7 @@ class EngineProcess:
 
     def _receive(self, conn: Connection, process: Any) -> None:
         try:
-            for message in received(conn):
+            for message in _received(conn):
                 try:
                     self._deliver(message)
                 except Exception:  # one bad message must not leave every run waiting
@@ -278,7 +316,7 @@ class EngineProcess:
             self._closed = True
         if self.alive:
             with contextlib.suppress(OSError):
-                send(self._conn, self._send_lock, ("close",))
+                _send(self._conn, self._send_lock, ("close",))
             self._receiver.join(timeout=120)
         self._end_child(self.process, self._conn)
 
@@ -382,14 +420,14 @@ class _Outbox:
     def _send_all(self) -> None:
         while (message := self.queue.get()) is not None:
             try:
-                send(self.conn, self.lock, message)
+                _send(self.conn, self.lock, message)
             except OSError:  # the parent is gone
                 return
             except Exception as e:  # it did not pickle: the run must still end, and the others go on
                 log.exception("a message to the launch could not be sent: %.200r", message)
                 if message[0] in ("done", "saved"):
                     with contextlib.suppress(OSError):
-                        send(self.conn, self.lock, (*message[:2], RuntimeError(f"{type(e).__name__}: {e}")))
+                        _send(self.conn, self.lock, (*message[:2], RuntimeError(f"{type(e).__name__}: {e}")))
 
 
 class _JobEvents:
@@ -412,14 +450,16 @@ class _JobEvents:
             return
         job = self.jobs.pop(self.job_id)
         error = job.future.exception()
-        self.outbox.put(("done", self.job_id, portable(error) if error is not None else job.future.result()))
+        self.outbox.put(("done", self.job_id, _portable(error) if error is not None else job.future.result()))
 
 
 def serve_when_told(conn: Connection, prepare: Callable[[], None] | None, model: ModelConfig | None,
                     device: str | None) -> None:
     """The child: import what the engine needs and load the base it is told of, then wait for the parent's
     :class:`EngineSpec` and :func:`serve` it; exit if the pipe closes first."""
-    ignore_stop_signals()
+    for signum in STOP_SIGNALS:  # the parent decides when the engine stops
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s (engine process): %(message)s")
     if prepare is not None:
         prepare()
@@ -435,9 +475,9 @@ def serve_when_told(conn: Connection, prepare: Callable[[], None] | None, model:
         with contextlib.suppress(Exception):
             loaded = ResidentBase(model, torch.device(device))
     try:
-        message = next(received(conn), None)
+        message = next(_received(conn), None)
     except Exception as e:  # the spec did not unpickle here
-        send(conn, threading.Lock(), ("failed", portable(e)))
+        _send(conn, threading.Lock(), ("failed", _portable(e)))
         os._exit(1)
     if message is not None and message[0] == "spec":
         spec = message[1]
@@ -457,14 +497,14 @@ def serve(conn: Connection, spec: EngineSpec, loaded: Any = None) -> None:
     try:
         engine = spec.build(loaded)
     except BaseException as e:
-        send(conn, lock, ("failed", portable(e)))
+        _send(conn, lock, ("failed", _portable(e)))
         return
-    send(conn, lock, ("ready", engine.shape))
+    _send(conn, lock, ("ready", engine.shape))
     outbox = _Outbox(conn, lock)
     jobs: dict[int, Job] = {}
     adapters: dict[int, Any] = {}
     try:
-        for message in received(conn):
+        for message in _received(conn):
             if message[0] == "run":
                 _, job_id, cfg = message
                 # Drawn here, not in the caller's process: tens of MB of draws cost more to pickle than to draw.
@@ -478,7 +518,7 @@ def serve(conn: Connection, spec: EngineSpec, loaded: Any = None) -> None:
                     adapters[job_id].save_pretrained(folder)
                     outbox.put(("saved", request, None))
                 except Exception as e:
-                    outbox.put(("saved", request, portable(e)))
+                    outbox.put(("saved", request, _portable(e)))
             elif message[0] == "release":
                 adapters.pop(message[1], None)
             elif message[0] == "stop":

@@ -39,7 +39,6 @@ from sweeper.study import (
     reused_reads,
 )
 from sweeper.tracking import Tracker, finish_parent, make_tracker, parent_run, redact, update_parent
-from sweeper.tracking_process import WriterTracker
 
 log = logging.getLogger(__name__)
 READ_AGE_S = 1.0
@@ -241,14 +240,11 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
         resources = Resources.load(cfg)  # bad data or device settings fail here, before the parent run exists
         plan = resources.slot_plan(cfg, params)
         log.info("%d trial(s) per pass: %s", plan.slots, plan.reason)
-        if plan.slots > 1:  # trials in slots end several a second: their MLflow writes go to a process of their own
-            tracker = WriterTracker(tracker)
         parent_id = parent_run(tracker, study, cfg, params)
         engine = resources.engine(cfg, plan, prestarted=prestarted)
     except BaseException:
         if prestarted is not None:
             prestarted.close()
-        tracker.close()
         raise
     objective = GuardedObjective(
         QLoRAObjective(cfg, params, resources.base, resources.data, tracker, parent_id,
@@ -312,11 +308,8 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
             engine.close()
         bar.close()
         # A lone worker closes the parent run when it finished the budget; supervised ones leave it to the launcher.
-        try:
-            if not join or (status == "FINISHED" and not cfg.workers.supervised):
-                finish_parent(tracker, parent_id, study, cfg, status)
-        finally:
-            tracker.close()
+        if not join or (status == "FINISHED" and not cfg.workers.supervised):
+            finish_parent(tracker, parent_id, study, cfg, status)
     return study, recycle
 
 

@@ -316,8 +316,7 @@ class QLoRAObjective:
                     self.tracker.set_tags(run_id, {REMOVED_TAG: reason})
                     if ADAPTER_TAG in tags:
                         self.tracker.delete_tag(run_id, ADAPTER_TAG)
-            # Housekeeping: the sweep goes on, with one adapter too many (RuntimeError: the MLflow writer is gone).
-            except (MlflowException, OSError, RuntimeError) as e:
+            except (MlflowException, OSError) as e:  # housekeeping: the sweep goes on, with one adapter too many
                 log.warning("could not delete the superseded adapter of run %s: %s", run_id, e)
                 return
             self._dropped.add(run_id)

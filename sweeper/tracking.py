@@ -85,8 +85,6 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri = uri
-        self.experiment = experiment
-        self.artifact_dir = artifact_dir
         self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
@@ -216,12 +214,6 @@ class Tracker:
         repo = self._artifact_repo(run_id)
         with self._lock:
             repo.delete_artifacts(artifact_path)
-
-    def flushed(self) -> None:
-        """Return once every write made before has reached the store (at once here: writes are made as called)."""
-
-    def close(self) -> None:
-        """Nothing to wait for here (see :class:`sweeper.tracking_process.WriterTracker`)."""
 
     def running_children(self, parent_id: str) -> list[tuple[str, dict[str, str]]]:
         """(run id, tags) of the parent's child runs whose status is RUNNING."""

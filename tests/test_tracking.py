@@ -199,20 +199,13 @@ def test_redact_secret_keys_at_any_depth() -> None:
         "data": {"source": "stdlib"}, "nothing": {"secret": None}}
 
 
-@pytest.mark.parametrize("in_own_process", [False, True])
-def test_secrets_never_reach_the_mlflow_store(tmp_path: Path, in_own_process: bool) -> None:
-    """Params, tags and dict artifacts written through a real Tracker (or its writer process, as a sweep in slots
-    writes) come back without the password."""
-    from sweeper.tracking_process import WriterTracker
-
+def test_secrets_never_reach_the_mlflow_store(tmp_path: Path) -> None:
+    """Params, tags and dict artifacts written through a real Tracker come back without the password."""
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "secrets", tmp_path / "artifacts")
-    if in_own_process:
-        tracker = WriterTracker(tracker)
     run_id = tracker.start_run("run", params={"storage": PG_URL, "hf_token": "hf_abcdef",
                                               "config": {"study": {"storage": PG_URL}}})
     tracker.log_dict(run_id, {"study": {"storage": PG_URL}, "hf_token": "hf_abcdef"}, "sweep_config.yaml")
     tracker.end_run(run_id)
-    tracker.close()
     run = tracker.client.get_run(run_id)
     assert run.data.params["storage"] == run.data.params["config.study.storage"] == redact(PG_URL)
     assert run.data.params["hf_token"] == REDACTED
