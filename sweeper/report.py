@@ -39,7 +39,7 @@ MAX_CELL = 14
 """Widest parameter cell; longer values (explicit module lists) are cut."""
 LINE_WINDOW = 200
 """A trial's line ranks the parameters over this many of the latest finished trials: a sweep in slots ends several
-trials a second, and ranking over all of them made each line's cost grow with the study."""
+trials a second, and the ranking's cost over all of them grew with the study (listing them still does)."""
 MAX_REASON = 80
 """Widest reason; the reason is the last column, so it can be long without breaking alignment."""
 
@@ -313,7 +313,7 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, max_params: int = 4) -> 
     """One finished trial in one line, for the terminal while a sweep runs.
 
     Example: ``trial 3 complete  eval_loss 10.8018  r=16 lr=0.00152 optimizer=adamw  13.4s``. The
-    parameters are those that vary most over the last ``LINE_WINDOW`` finished trials (variance only: importance is
+    parameters are those that vary most over the latest ``LINE_WINDOW`` finished trials (variance only: importance is
     worth its cost in a report, not after every trial), with the optimizer's name whenever the trial
     sampled it; a pruned or failed trial ends with its reason.
     """

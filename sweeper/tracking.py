@@ -35,9 +35,12 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 # Whole words at the end of a key (hf_token, db.password, api-key), not bos_token_id or tokenizer.
 SECRET_KEY = re.compile(rf"(?:^|[._-]){SECRET_WORD}$", re.IGNORECASE)
 FLUSH_EVERY = 200
+BATCH_LIMIT = 1000
+"""The most metrics and tags MLflow takes in one batch."""
 STALE_AFTER_S = 10.0
-"""How old a run's last metrics write may get before an evaluation writes its buffered metrics (see
-:meth:`Tracker.flush`): a sweep in slots ends several trials a second, each evaluating in a few seconds."""
+"""An evaluation writes a run's buffered metrics once the oldest of them is this old (see :meth:`Tracker.flush`):
+a sweep in slots ends several trials a second, each evaluating in a few seconds, and its run's end writes the
+rest. A worker killed outright loses at most this much of a run's metrics (its trial fails with it)."""
 
 # Trial state -> MLflow run status
 RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
@@ -97,11 +100,12 @@ class Tracker:
             raise ConfigError(f"tracking.uri: cannot reach MLflow at {redact(uri)!r}: "
                               f"{type(e).__name__}: {first_line(e)}") from None
         self._pending: dict[str, list[Any]] = {}
-        self._written: dict[str, float] = {}
-        """When each open run's metrics last reached the store (``time.monotonic``)."""
+        self._pending_since: dict[str, float] = {}
+        """When the oldest of each run's buffered metrics was logged (``time.monotonic``)."""
         self._artifact_uris: dict[str, str] = {}
-        """Each open run's artifact location, known from its creation: MLflow's client would read the run back
-        to find it before its first artifact."""
+        """The artifact location of each run this tracker created and has not ended, known from its creation:
+        MLflow's client would read the run back to find it before its first artifact. Other runs (a reopened
+        parent run, another process's) are read back when needed."""
         # Trials in slots log from one thread each: one write at a time, as SQLite takes them anyway (its
         # lock contention otherwise turns into retries with back-off inside MLflow).
         self._lock = PatientLock(reentrant=True)
@@ -114,7 +118,6 @@ class Tracker:
         with self._lock:
             run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
             self._artifact_uris[run.info.run_id] = run.info.artifact_uri
-            self._written[run.info.run_id] = time.monotonic()
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -140,35 +143,46 @@ class Tracker:
         now = int(time.time() * 1000)
         with self._lock:
             buf = self._pending.setdefault(run_id, [])
+            if not buf:
+                self._pending_since[run_id] = time.monotonic()
             buf.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
             full = len(buf) >= FLUSH_EVERY
         if full:
             self.flush(run_id)
 
     def flush(self, run_id: str, stale_after: float = 0.0, tags: Mapping[str, Any] | None = None) -> None:
-        """Write the run's buffered metrics (and ``tags``) in one batch; with ``stale_after``, only when its last
-        write is older than that many seconds."""
+        """Write the run's buffered metrics, with ``tags`` in the first batch; with ``stale_after``, only once the
+        oldest buffered metric is that many seconds old."""
         from mlflow.entities import RunTag
 
+        since = self._pending_since.get(run_id)  # read outside the lock: a skipped flush waits for no one
+        if stale_after and (since is None or time.monotonic() - since < stale_after):
+            return
         with self._lock:
-            if stale_after and time.monotonic() - self._written.get(run_id, 0.0) < stale_after:
-                return
             buf = self._pending.pop(run_id, [])
+            self._pending_since.pop(run_id, None)
             extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-            for i in range(0, max(len(buf), 1 if extra else 0), 1000):
-                self.client.log_batch(run_id, metrics=buf[i:i + 1000], tags=extra if i == 0 else [])
-            if run_id in self._written:
-                self._written[run_id] = time.monotonic()
+            first = BATCH_LIMIT - len(extra)
+            batches = [(buf[:first], extra)]
+            batches += [(buf[i:i + BATCH_LIMIT], []) for i in range(first, len(buf), BATCH_LIMIT)]
+            for metrics, batch_tags in batches:
+                if metrics or batch_tags:
+                    self.client.log_batch(run_id, metrics=metrics, tags=batch_tags)
 
     def _artifact_repo(self, run_id: str) -> Any:
+        """The run's artifact repository, as MLflow's client finds it (a Databricks profile included)."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.utils.uri import add_databricks_profile_info_to_artifact_uri
 
-        return get_artifact_repository(self._artifact_uri(run_id), tracking_uri=self.uri)
+        uri = add_databricks_profile_info_to_artifact_uri(self._artifact_uri(run_id), self.uri)
+        return get_artifact_repository(uri, tracking_uri=self.uri)
 
     def _artifact_uri(self, run_id: str) -> str:
-        with self._lock:
-            uri = self._artifact_uris.get(run_id)
-            return uri if uri is not None else self.client.get_run(run_id).info.artifact_uri
+        uri = self._artifact_uris.get(run_id)
+        if uri is None:
+            with self._lock:
+                uri = self.client.get_run(run_id).info.artifact_uri
+        return uri
 
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
         """``obj`` redacted, as MLflow's ``log_dict`` writes it: YAML for .yaml and .yml, else JSON."""
@@ -195,11 +209,12 @@ class Tracker:
                 repo.log_artifact(str(local), posixpath.dirname(path) or None)
 
     def end_run(self, run_id: str, status: str = "FINISHED", tags: Mapping[str, Any] | None = None) -> None:
-        """Write the buffered metrics and ``tags`` in one batch, then end the run with ``status``."""
-        with self._lock:
-            self.flush(run_id, tags=tags)
-            self.client.set_terminated(run_id, status=status)
-            self._written.pop(run_id, None)
+        """Write the buffered metrics and ``tags``, then end the run with ``status``."""
+        try:
+            with self._lock:
+                self.flush(run_id, tags=tags)
+                self.client.set_terminated(run_id, status=status)
+        finally:
             self._artifact_uris.pop(run_id, None)
 
     def run_tags(self, run_id: str) -> dict[str, str]:
@@ -211,9 +226,7 @@ class Tracker:
             self.client.delete_tag(run_id, key)
 
     def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
-        repo = self._artifact_repo(run_id)
-        with self._lock:
-            repo.delete_artifacts(artifact_path)
+        self._artifact_repo(run_id).delete_artifacts(artifact_path)  # files, not the store: no lock
 
     def running_children(self, parent_id: str) -> list[tuple[str, dict[str, str]]]:
         """(run id, tags) of the parent's child runs whose status is RUNNING."""
@@ -286,8 +299,7 @@ def end_stray_children(tracker: Tracker, parent_id: str, study: optuna.Study) ->
     finished = {str(t.number) for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     for child_id, tags in tracker.running_children(parent_id):
         if tags.get("trial_number") in finished:
-            tracker.set_tags(child_id, {"trial_state": "failed", "state_reason": STRAY_REASON})
-            tracker.end_run(child_id, "KILLED")
+            tracker.end_run(child_id, "KILLED", tags={"trial_state": "failed", "state_reason": STRAY_REASON})
 
 
 def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: SweepConfig, status: str) -> None:
@@ -307,9 +319,8 @@ def finish_parent(tracker: Tracker, run_id: str, study: optuna.Study, cfg: Sweep
     finished = states["complete"] + states["pruned"]
     try:
         update_parent(tracker, run_id, study)  # the trials' own updates may have read the study a moment old
-        tracker.set_tags(run_id, {**{f"trials_{s}": n for s, n in states.items() if n},
-                                  "budget_left": max(0, cfg.study.n_trials - finished)})
-        tracker.end_run(run_id, status)
+        tracker.end_run(run_id, status, tags={**{f"trials_{s}": n for s, n in states.items() if n},
+                                              "budget_left": max(0, cfg.study.n_trials - finished)})
     except Exception as e:  # a full disk or a store gone away: the trials are safe in the study, say so in one line
         log.error("the study's MLflow run %s could not be ended %s: %s: %s", run_id, status, type(e).__name__,
                   first_line(e))

@@ -353,17 +353,20 @@ def test_pruned_and_failed_runs_say_which_in_their_description(sweep: Sweep) -> 
 
 
 def test_an_evaluation_writes_metrics_only_when_stale_and_the_end_writes_the_rest_with_its_tags(tmp_path: Path) -> None:
-    """A run's metrics wait in the buffer while its last write is recent; ending it writes them with its tags."""
+    """A run's metrics wait in the buffer until the oldest is stale; ending the run writes them with its tags."""
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "stale", tmp_path / "artifacts")
     run_id = tracker.start_run("trial-0")
+    uri = tracker.artifact_uri(run_id, "adapter")
     tracker.log_metrics(run_id, 1, {"eval_loss": 2.5})
-    tracker.flush(run_id, stale_after=3600.0)  # the run was created a moment ago
+    tracker.flush(run_id, stale_after=3600.0)  # logged a moment ago
     assert "eval_loss" not in tracker.client.get_run(run_id).data.metrics
     tracker.flush(run_id, stale_after=1e-9)
     assert tracker.client.get_run(run_id).data.metrics["eval_loss"] == 2.5
-    tracker.log_metrics(run_id, 2, {"eval_loss": 2.0})
+    for step in (2, 3):
+        tracker.log_metrics(run_id, step, {"train_loss": float(step)})
+        tracker.flush(run_id, stale_after=3600.0)
     tracker.end_run(run_id, "KILLED", tags={"trial_state": "pruned"})
     run = tracker.client.get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "pruned"
-    assert [m.value for m in tracker.client.get_metric_history(run_id, "eval_loss")] == [2.5, 2.0]
-    assert tracker.artifact_uri(run_id, "adapter") == f"{run.info.artifact_uri}/adapter"
+    assert [m.value for m in tracker.client.get_metric_history(run_id, "train_loss")] == [2.0, 3.0]
+    assert uri == f"{run.info.artifact_uri}/adapter"
