@@ -310,9 +310,10 @@ class QLoRAObjective:
             if run_id in self._dropped:
                 return
             try:
-                tags = self.tracker.run_tags(run_id)
+                run = self.tracker.get_run(run_id)
+                tags = run.data.tags
                 if REMOVED_TAG not in tags:
-                    self.tracker.delete_artifacts(run_id, "adapter")
+                    self.tracker.delete_artifacts(run.info.artifact_uri, "adapter")
                     self.tracker.set_tags(run_id, {REMOVED_TAG: reason})
                     if ADAPTER_TAG in tags:
                         self.tracker.delete_tag(run_id, ADAPTER_TAG)

@@ -169,12 +169,12 @@ class Tracker:
                 if metrics or batch_tags:
                     self.client.log_batch(run_id, metrics=metrics, tags=batch_tags)
 
-    def _artifact_repo(self, run_id: str) -> Any:
-        """The run's artifact repository, as MLflow's client finds it (a Databricks profile included)."""
+    def _artifact_repo(self, artifact_uri: str) -> Any:
+        """The repository at a run's artifact URI, as MLflow's client finds it (a Databricks profile included)."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
         from mlflow.utils.uri import add_databricks_profile_info_to_artifact_uri
 
-        uri = add_databricks_profile_info_to_artifact_uri(self._artifact_uri(run_id), self.uri)
+        uri = add_databricks_profile_info_to_artifact_uri(artifact_uri, self.uri)
         return get_artifact_repository(uri, tracking_uri=self.uri)
 
     def _artifact_uri(self, run_id: str) -> str:
@@ -195,13 +195,13 @@ class Tracker:
             self.log_text(run_id, json.dumps(obj, indent=2, default=str), artifact_file)
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        repo = self._artifact_repo(run_id)
+        repo = self._artifact_repo(self._artifact_uri(run_id))
         with self._lock:
             repo.log_artifacts(str(local_dir), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         path = posixpath.normpath(artifact_file)
-        repo = self._artifact_repo(run_id)
+        repo = self._artifact_repo(self._artifact_uri(run_id))
         with tempfile.TemporaryDirectory(prefix="qlora-sweep-") as tmp:
             local = Path(tmp) / posixpath.basename(path)
             local.write_text(text, encoding="utf-8")
@@ -217,16 +217,19 @@ class Tracker:
         finally:
             self._artifact_uris.pop(run_id, None)
 
-    def run_tags(self, run_id: str) -> dict[str, str]:
+    def get_run(self, run_id: str) -> Any:
+        """The run as the store has it (MLflow's ``Run``)."""
         with self._lock:
-            return dict(self.client.get_run(run_id).data.tags)
+            return self.client.get_run(run_id)
 
     def delete_tag(self, run_id: str, key: str) -> None:
         with self._lock:
             self.client.delete_tag(run_id, key)
 
-    def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
-        self._artifact_repo(run_id).delete_artifacts(artifact_path)  # files, not the store: no lock
+    def delete_artifacts(self, artifact_uri: str, artifact_path: str) -> None:
+        """Delete a run's artifacts under ``artifact_path``; ``artifact_uri`` is the run's (files, not the store:
+        no lock)."""
+        self._artifact_repo(artifact_uri).delete_artifacts(artifact_path)
 
     def running_children(self, parent_id: str) -> list[tuple[str, dict[str, str]]]:
         """(run id, tags) of the parent's child runs whose status is RUNNING."""
