@@ -115,12 +115,6 @@ class WorkersConfig:
     the time model finds a pass of the worker's slots bound by the host, the worker's engines may have processes
     of their own, no other workers share its GPU (``workers.per_gpu``), and each engine's half of the memory holds
     as many slots with no more checkpointing; otherwise 1."""
-    queued: Any = "auto"
-    """With slots, trials asked ahead of a free slot: sampled, their MLflow runs open, waiting in the engines'
-    queues, so that a slot a trial leaves takes the next one at the next step instead of after the launch's
-    bookkeeping for it (the trial's end, the sampler, its run's creation: about 166 ms of the launch's interpreter
-    per trial at 64 slots on an H200). A queued trial counts as running for the sampler and the budget, and its
-    ``trial_seconds`` include its wait. ``auto``: a quarter of the worker's slots (of all its engines); 0: none."""
     index: int | None = None
     """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
     None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""
@@ -150,9 +144,6 @@ class WorkersConfig:
             raise ConfigError(f"workers.engines: {self.engines} engines each train in a process of their own; "
                               "workers.engine_process=false allows none; set it to auto or true, or "
                               "workers.engines=1")
-        if self.queued != "auto" and (isinstance(self.queued, bool) or not isinstance(self.queued, int)
-                                      or self.queued < 0):
-            raise ConfigError(f"workers.queued: {self.queued!r} is not allowed; use auto or a whole number >= 0")
         check_positive("workers.heartbeat_s", self.heartbeat_s)
         if self.grace_s <= self.heartbeat_s:
             raise ConfigError(f"workers.grace_s: must exceed workers.heartbeat_s ({self.heartbeat_s}), "

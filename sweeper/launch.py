@@ -259,7 +259,7 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     recycle = False
     parent_shows: str | None = None
     """The best trial the parent run shows."""
-    threads = min(plan.in_flight, cfg.study.n_trials - done)
+    threads = min(plan.slots * plan.engines, cfg.study.n_trials - done)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         with TURNS.bookkeeping():
@@ -294,8 +294,8 @@ def _run_trials(cfg: SweepConfig, params: Sequence[Param], show_progress: bool,
     objective.guard.let_through(threads)
     status = "FAILED"
     try:
-        # With slots, one Optuna thread per trial in flight asks a trial and waits for the engine to train it; no
-        # more threads than trials are left to run.
+        # With slots, one Optuna thread per slot asks a trial and waits for the engine to train it; no more threads
+        # than trials are left to run.
         with reused_reads(study, READ_AGE_S if threads > 1 else 0.0):
             study.optimize(objective, timeout=cfg.study.timeout_s, catch=(Exception,), n_jobs=threads,
                            callbacks=[MaxTrialsCallback(cfg.study.n_trials, states=FINISHED), after_trial])

@@ -229,7 +229,6 @@ def plan(cfg: SweepConfig, params: list[Param], device_memory_bytes: int | None,
                     f"{_slot_checkpointing(slots)}, base cache {'on' if slots.base_cache else 'off'}, "
                     f"loss from {'the fused head' if cfg.train.fused_loss is True else 'full logits'}, "
                     f"engine in {'a process of its own' if slots.own_process else 'the worker process'}, "
-                    f"{slots.queued} trial(s) asked ahead and queued (workers.queued), "
                     "predicted peak "
                     + gib(slots_memory_bytes(cfg, model_config, slots.slots, slots.r_max, slots.checkpointing,
                                              base_cache=slots.base_cache))

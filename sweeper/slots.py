@@ -26,8 +26,6 @@ ENGINE_HOST_BOUND = 0.5
 host-bound. The time model takes every row ``data.max_length`` wide, which overstates a pass's device time: on the
 default config at 32 slots on an H200 it puts SmolLM2-135M at 1.6 (one engine 35-49% busy) and Llama-3.2-1B under
 0.2 (87-92% busy)."""
-QUEUED_SHARE = 4
-"""``workers.queued=auto``: one trial per this many slots of the worker waits in an engine's queue."""
 SHARED_PREFIXES = ("model.", "data.", "train.packing", "train.device")
 """Settings every trial of a pass shares: a space that samples one runs one trial at a time."""
 
@@ -51,14 +49,6 @@ class SlotPlan:
     it off for each pass whose real rows fit without it."""
     engines: int = 1
     """Engines on the worker's device (``workers.engines``), each with ``slots`` trials per pass."""
-
-    queued: int = 0
-    """Trials asked ahead of a free slot and waiting in the engines' queues (``workers.queued``)."""
-
-    @property
-    def in_flight(self) -> int:
-        """Trials the worker keeps asked at once: one per slot of every engine, and the queued ones."""
-        return self.slots * self.engines + self.queued
 
 
 def engine_in_own_process(cfg: SweepConfig, device_kind: str) -> bool:
@@ -106,21 +96,8 @@ def pass_host_bound(cfg: SweepConfig, model_config: Any, plan: SlotPlan, device:
 def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,
                memory_bytes: int, linear_names: Sequence[str] | None = None,
                device: Device | str = "cuda") -> SlotPlan:
-    """Decide ``workers.slots``, ``workers.engines`` and ``workers.queued`` for a worker on ``device_kind`` (cuda or
-    cpu) with ``memory_bytes`` of it; ``device`` (its name and rates) decides ``workers.engines=auto``."""
-    plan = _plan_engines(cfg, params, device_kind, model_config, memory_bytes, linear_names, device)
-    return dataclasses.replace(plan, queued=queued_trials(cfg.workers.queued, plan.slots * plan.engines))
-
-
-def queued_trials(setting: Any, slots: int) -> int:
-    """``workers.queued`` decided for a worker of ``slots`` slots in all: none for one trial at a time."""
-    if slots == 1:
-        return 0
-    return slots // QUEUED_SHARE if setting == "auto" else int(setting)
-
-
-def _plan_engines(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,
-                  memory_bytes: int, linear_names: Sequence[str] | None, device: Device | str) -> SlotPlan:
+    """Decide ``workers.slots`` and ``workers.engines`` for a worker on ``device_kind`` (cuda or cpu) with
+    ``memory_bytes`` of it; ``device`` (its name and rates) decides ``workers.engines=auto``."""
     if cfg.workers.engines != "auto":
         return _plan_engine_slots(cfg, params, device_kind, model_config, memory_bytes, linear_names)
     one = _plan_engine_slots(with_engines(cfg, 1), params, device_kind, model_config, memory_bytes, linear_names)

@@ -62,8 +62,6 @@ CASES: list[tuple[str, list[str], str]] = [
     ("launch", ["workers.engines=two"], "workers.engines: 'two' is not allowed; use auto or a whole number"),
     ("launch", ["workers.engines=2", "workers.slots=1"], "workers.engines: 2 engines train trials in slots"),
     ("launch", ["workers.engines=2", "workers.engine_process=false"], "workers.engines: 2 engines each train in"),
-    ("launch", ["workers.queued=-1"], "workers.queued: -1 is not allowed; use auto or a whole number >= 0"),
-    ("launch", ["workers.queued=many"], "workers.queued: 'many' is not allowed; use auto or a whole number"),
     ("launch", ["workers.grace_s=5"], "workers.grace_s"),
     ("launch", ["model.gradient_checkpointing=sometimes"], "model.gradient_checkpointing: 'sometimes'"),
     ("launch", ["train.cuda_graphs=sometimes"], "train.cuda_graphs: 'sometimes' is not allowed; choose one of auto"),

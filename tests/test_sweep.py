@@ -88,7 +88,7 @@ def test_best_adapter_is_a_folder_peft_loads(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("slots", "budget", "own_process", "engines"),
-                         [(3, 5, False, 1), (4, 2, False, 1), (4, 6, True, 1), (2, 5, "auto", 2)])
+                         [(3, 5, False, 1), (4, 2, False, 1), (3, 4, True, 1), (2, 5, "auto", 2)])
 def test_a_sweep_in_slots_finishes_its_budget_with_a_run_per_trial(tmp_path: Path, slots: int, budget: int,
                                                                   own_process: Any, engines: int) -> None:
     cfg, params = compose.load([*TINY, *SPACE, "train.max_steps=4", "train.eval_every=2", f"workers.slots={slots}",
