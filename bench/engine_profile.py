@@ -92,10 +92,57 @@ def measure_engine(base: Any, data: Any, cfg: Any, slots: int, steps: int, warmu
         engine.close()
     gaps = [b - a for a, b in zip(timed[warmup:], timed[warmup + 1:], strict=False)]
     step = statistics.median(gaps) if gaps else float("nan")
+    mean = (timed[-1] - timed[warmup]) / len(gaps) if gaps else float("nan")  # evaluating steps included
     tokens = statistics.median(timer.tokens[warmup:len(timed)]) if timer.tokens[warmup:] else float("nan")
     busy = gpu.busy_fraction(timed_end - (timed[-1] - timed[warmup]), timed_end) if len(timed) > warmup else None
-    return {"slots": slots, "step": step, "tokens_per_s": tokens, "busy": busy, **profiled,
+    return {"slots": slots, "step": step, "mean_step": mean, "tokens_per_s": tokens, "busy": busy, **profiled,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+KINDS = [  # (kind, fragments of the kernel's name, fragments of the name of the operator that launched it)
+    ("adapter A products (Triton: product, gradients of input and A)", ("_dropped_",), ("DroppedProduct",)),
+    ("optimizer (Triton)", ("_step_kernel",), ()),
+    ("attention", ("flash",), ("flash", "attention")),
+    ("adapter B products (bmm, TF32)", (), ("bmm",)),
+    ("dense products (the base's in bf16, the head's in TF32)", (), ("mm", "linear", "matmul")),
+    ("multi-tensor operations (gradient norms, zeroing)", (), ("_foreach",)),
+    ("casts and copies", (), ("copy", "clone")),
+    ("loss", (), ("softmax", "nll", "cross_entropy")),
+    ("reductions (norms, sums)", (), ("sum", "mean", "norm", "amax")),
+    ("gathers, scatters, concatenations", (), ("index", "gather", "scatter", "embedding", "cat", "stack", "where")),
+    ("element-wise arithmetic", (), ("aten::",)),
+]
+
+
+def kernel_kind(kernel: str, op: str) -> str:
+    """What a kernel does, from its name and the name of the operator that launched it ("" where none did)."""
+    for kind, in_kernel, in_op in KINDS:
+        if any(f in kernel for f in in_kernel) or any(f in op for f in in_op):
+            return kind
+    return "other"
+
+
+def time_by_kind(events: Any) -> dict[str, float]:
+    """Kernel microseconds per :func:`kernel_kind` over torch.profiler's ``events()``: each kernel counted once,
+    under the innermost operator that launched it, or by its name alone where no operator did (Triton's)."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+
+    by_name: Counter[str] = Counter()
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            by_name[e.name] += e.time_range.end - e.time_range.start
+    kinds: Counter[str] = Counter()
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            for k in e.kernels:
+                kinds[kernel_kind(k.name, e.name)] += k.duration
+                by_name[k.name] -= k.duration
+    for name, left in by_name.items():
+        if left > 0:
+            kinds[kernel_kind(name, "")] += left
+    return dict(kinds)
 
 
 def profile_ticks(engine: Any, steps: int, top: int) -> dict[str, Any]:
@@ -120,7 +167,10 @@ def profile_ticks(engine: Any, steps: int, top: int) -> dict[str, Any]:
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     host = [e for e in events if e.device_type == DeviceType.CPU]
     kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6 / steps if cuda else None
+    kinds = sorted(time_by_kind(prof.events()).items(), key=lambda kv: -kv[1]) if kernel_s else []
+    per_step = [(kind, us / 1e6 / steps) for kind, us in kinds]
     return {"profiled_wall": wall, "kernel_s": kernel_s,
+            "kinds": [[kind, num(s * 1e3, 2), percent(s / (kernel_s or 1))] for kind, s in per_step],
             "kernels": top_rows(kernels, "self_device_time_total", steps, top) if cuda else [],
             "host": top_rows(host, "self_cpu_time_total", steps, top)}
 
@@ -132,8 +182,13 @@ def measure_peft(base: Any, data: Any, cfg: Any, steps: int, warmup: int) -> dic
     run_recipe(trial_config(cfg, 0, warmup + steps + 2), base, data, 2**62, timer.hooks())
     base.release_adapter()
     gaps = [b - a for a, b in zip(timer.ticks[warmup:], timer.ticks[warmup + 1:], strict=False)]
-    return {"slots": "peft, one trial", "step": statistics.median(gaps),
+    return {"slots": "peft, one trial", "step": statistics.median(gaps), "mean_step": statistics.mean(gaps),
             "tokens_per_s": statistics.median(timer.tokens[warmup:]), "peak_gib": None}
+
+
+def width(result: dict[str, Any]) -> int:
+    """The trials a measured step carries: its slots, or 1 for one trial on peft."""
+    return result["slots"] if isinstance(result["slots"], int) else 1
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -180,15 +235,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           args.eval_every))
             say(f"slots={k}: step {results[-1]['step']:.3f} s, {results[-1]['tokens_per_s']:.0f} tokens/s")
     one = results[0]["step"]
-    rows = [[str(r["slots"]), num(r["step"], 3), num(r["tokens_per_s"], 0), percent(r.get("busy")),
-             num(r.get("peak_gib"), 1), num(one * (r["slots"] if isinstance(r["slots"], int) else 1) / r["step"], 1)]
-            for r in results]
-    body = markdown_table(["slots", "step s", "tokens/s", "GPU busy", "peak GiB", "trial-steps/s vs peft"], rows)
+    rows = [[str(r["slots"]), num(r["step"], 3), num(r["mean_step"], 3), num(width(r) / r["mean_step"], 1),
+             num(r["tokens_per_s"], 0), percent(r.get("busy")), num(r.get("peak_gib"), 1),
+             num(one * width(r) / r["step"], 1)] for r in results]
+    body = markdown_table(["slots", "step s", "mean step s (evaluations in)", "trial-steps/s (evaluations in)",
+                           "tokens/s", "GPU busy", "peak GiB", "trial-steps/s vs peft"], rows)
     sections = [("Step time by slots", body)]
     for r in results:
         if "host" in r:
             head = ["name", "ms per step", "calls per step"]
-            kernels = f"GPU kernels: {num(r['kernel_s'], 3)} s per step\n\n" + markdown_table(head, r["kernels"]) + \
+            kernels = f"GPU kernels: {num(r['kernel_s'], 3)} s per step\n\n" + markdown_table(
+                ["kind", "ms per step", "share"], r["kinds"]) + "\n\n" + markdown_table(head, r["kernels"]) + \
                 "\n\n" if r["kernels"] else ""
             sections.append((f"{r['slots']} slots under torch.profiler: {num(r['profiled_wall'], 3)} s per step",
                              kernels + "Host operators (self time)\n\n" + markdown_table(head, r["host"])))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.efficiency_stats import Median, median_to_target, pooled_estimate, ratio
+from bench.engine_profile import kernel_kind
 from bench.models import hydra_value, model_overrides
 from bench.packing_parity import mean_interval
 from bench.postgres import find_bindir
@@ -282,6 +283,27 @@ def test_slots_throughput_smoke(tmp_path: Path) -> None:
     assert re.search(r"\| one at a time \| \d+ \| (\d+|n/a) \| (1\.00x|n/a)", text)
     assert re.search(r"\| slots=2, engines auto \| \d+ \| (\d+|n/a) \| (\d+\.\d\dx|n/a)", text)
     assert re.search(r"Paired \(4 grid trials.*\): [1-4] pairs", text)
+
+
+@pytest.mark.parametrize(("kernel", "op", "kind"), [
+    ("_dropped_grad_a_kernel", "", "adapter A products"),
+    ("void cutlass_kernel", "DroppedProductBackward", "adapter A products"),
+    ("_step_kernel", "", "optimizer"),
+    ("flash_fwd_kernel", "aten::_flash_attention_forward", "attention"),
+    ("nvjet_tst_64x8", "aten::baddbmm", "adapter B products"),
+    ("nvjet_tst_64x8", "aten::bmm", "adapter B products"),
+    ("nvjet_tst_64x8", "aten::mm", "dense products"),
+    ("multi_tensor_apply_kernel", "aten::_foreach_mul", "multi-tensor"),
+    ("elementwise_kernel", "aten::_to_copy", "casts and copies"),
+    ("elementwise_kernel", "aten::copy_", "casts and copies"),
+    ("reduce_kernel", "aten::sum", "reductions"),
+    ("index_elementwise_kernel", "aten::index", "gathers"),
+    ("elementwise_kernel", "aten::add_", "element-wise"),
+    ("some_kernel", "", "other"),
+])
+def test_kernels_are_told_apart_by_name_then_by_the_operator_that_launched_them(kernel: str, op: str,
+                                                                                kind: str) -> None:
+    assert kernel_kind(kernel, op).startswith(kind)
 
 
 @pytest.mark.slow
