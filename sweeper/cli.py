@@ -76,6 +76,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
         check_submission(cfg)
     check_launch(cfg, params)
+    gpus: list[str] = []
+    if cfg.launcher.name != "slurm":
+        from sweeper.workers import engines_as_workers
+
+        cfg, gpus = engines_as_workers(cfg, params)
     print(f"study {cfg.study.name!r}: {len(params)} searched parameters, budget {cfg.study.n_trials} trials; "
           f"storage {redact(cfg.storage_url)}; MLflow {redact(cfg.tracking_uri)}")
     if cfg.launcher.name == "slurm":
@@ -85,7 +90,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if cfg.workers.count > 0:
         from sweeper.workers import launch_workers
 
-        study = launch_workers(cfg, params, show_progress=not args.no_progress)
+        study = launch_workers(cfg, params, show_progress=not args.no_progress, gpus=gpus)
     else:
         study = run_sweep(cfg, params, show_progress=not args.no_progress)
     print(summary(study))

@@ -114,7 +114,10 @@ class WorkersConfig:
     than 1 puts the engines in processes of their own (``workers.engine_process``). ``auto``: 2 on CUDA where
     the time model finds a pass of the worker's slots bound by the host, the worker's engines may have processes
     of their own, no other workers share its GPU (``workers.per_gpu``), and each engine's half of the memory holds
-    as many slots with no more checkpointing; otherwise 1."""
+    as many slots with no more checkpointing; otherwise 1. A launch that would train in its own process
+    (``workers.count=0``) then runs the two as worker processes on its GPU, one engine each, whose trials' Optuna and
+    MLflow work no longer share one interpreter (the study in a journal file; not for a study already in SQLite or
+    a store given in ``study.storage``); a number keeps its engines under the launch."""
     index: int | None = None
     """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
     None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""

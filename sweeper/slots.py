@@ -114,10 +114,25 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     elif more.checkpointing > one.checkpointing or more.per_pass is not None or more.base_cache < one.base_cache:
         why = "each half of the memory would need more gradient checkpointing or less of the base's cache"
     else:
+        under = (f"; a launch runs them as {more.engines} worker processes on its GPU, each doing its trials' "
+                 "bookkeeping in an interpreter of its own" if cfg.workers.count == 0 else "")
         return dataclasses.replace(more, reason=f"{more.reason} (workers.engines=auto: the time model finds a pass "
-                                                f"of {more.slots} slots bound by the host's kernel launches)")
+                                                f"of {more.slots} slots bound by the host's kernel launches{under})")
     return dataclasses.replace(one, reason=f"{one.reason}; workers.engines=auto: one engine, though its passes are "
                                            f"bound by the host: {why}")
+
+
+def as_workers(cfg: SweepConfig, plan: SlotPlan) -> SweepConfig | None:
+    """A launch that trains in its own process (``workers.count=0``) where ``workers.engines=auto`` took several
+    engines: the same engines as that many worker processes sharing the GPU, one engine each; None otherwise.
+
+    Engines under one launch share its interpreter for every trial's Optuna and MLflow work, which then bounds
+    them: on an H200 two workers of 32 slots ran 1.14-1.21x the trials per hour of two engines of 32 under one
+    launch, in two runs (BENCHMARKS.md, benchmark 5)."""
+    if cfg.workers.count != 0 or cfg.workers.engines != "auto" or plan.engines < 2:
+        return None
+    return dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, count=plan.engines,
+                                                                per_gpu=plan.engines, engines=1))
 
 
 def _plan_engine_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, model_config: Any,

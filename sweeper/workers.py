@@ -108,11 +108,44 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def launch_workers(cfg: SweepConfig, params: Sequence[Param], show_progress: bool = True) -> optuna.Study:
-    """Create the study and its parent run, then run ``workers.count`` worker processes until the budget."""
+def engines_as_workers(cfg: SweepConfig, params: Sequence[Param]) -> tuple[SweepConfig, list[str]]:
+    """``cfg`` with the engines that ``workers.engines=auto`` takes for a launch in its own process on CUDA run as
+    worker processes on that launch's GPU (:func:`sweeper.slots.as_workers`), and that GPU; else ``cfg`` and no
+    GPUs. Decided before anything is loaded, from the model's config and the GPU's memory, as ``plan`` decides.
+    Only where the study's store is the launch's to choose and none is in SQLite yet: workers share a journal file,
+    and a study begun in one process's SQLite file stays there."""
+    if (cfg.workers.count != 0 or cfg.workers.engines != "auto" or cfg.train.device == "cpu" or cfg.study.storage
+            or (cfg.output_path / "optuna.db").is_file()):
+        return cfg, []
+    import torch
+
+    if not torch.cuda.is_available():
+        return cfg, []
+    from objectives.base import pick_device
+    from objectives.decisions import device_memory_bytes
+    from objectives.sources import load_model_config
+    from objectives.timing import detect_device
+    from sweeper.slots import as_workers, plan_slots
+
+    device = pick_device(cfg.train.device)
+    plan = plan_slots(cfg, params, "cuda", load_model_config(cfg.model), device_memory_bytes(device),
+                      device=detect_device(cfg))
+    workers = as_workers(cfg, plan)
+    if workers is None:
+        return cfg, []
+    gpu = visible_gpus()[device.index or 0]
+    print(f"workers.engines=auto: {plan.engines} engines of {plan.slots} slots, each under a worker process of its own "
+          f"on GPU {gpu} (workers.engines=2 keeps them under this process)")
+    return workers, [gpu]
+
+
+def launch_workers(cfg: SweepConfig, params: Sequence[Param], show_progress: bool = True,
+                   gpus: Sequence[str] | None = None) -> optuna.Study:
+    """Create the study and its parent run, then run ``workers.count`` worker processes until the budget, on
+    ``gpus`` (default: the visible GPUs)."""
     tracker, study = open_stores(cfg, params)
     parent_id = parent_run(tracker, study, cfg, params)
-    gpus = visible_gpus()
+    gpus = list(gpus) if gpus else visible_gpus()
     slots = [Slot(i, gpu) for i, gpu in enumerate(gpu_slots(cfg.workers.count, gpus, cfg.workers.per_gpu))]
     count = len(slots)
     logs = cfg.output_path / "workers"

@@ -17,6 +17,7 @@ from objectives.timing import LAYER_OVERHEAD_S, cpu_device, detect_device, evalu
 from sweeper import compose
 from sweeper.config import SweepConfig
 from sweeper.plan import MAX_CORNERS, combinations, corners, plan
+from sweeper.slots import as_workers
 from sweeper.space import parse_space
 from tests.conftest import LLAMA_8B, SMOLLM2
 
@@ -109,9 +110,31 @@ def test_auto_engines_double_where_one_engines_passes_are_host_bound(
     cfg, params = default
     assert cfg.workers.engines == "auto"
     cfg = replace(cfg, workers=replace(cfg.workers, **workers))
-    got = plan_slots(cfg, params, device_kind, LlamaConfig(**{**SMOLLM2, **SHAPES[model]}), 139 * 2**30)
+    model_config = LlamaConfig(**{**SMOLLM2, **SHAPES[model]})
+    got = plan_slots(cfg, params, device_kind, model_config, 139 * 2**30)
     assert got.engines == engines
     assert ("workers.engines=auto: the time model finds a pass of 32 slots bound by" in got.reason) == (engines > 1)
+    # A launch in its own process runs the engines as worker processes on its GPU, each planning one engine alike.
+    workers = as_workers(cfg, got)
+    assert (workers is not None) == (engines > 1)
+    if workers is not None:
+        assert "a launch runs them as 2 worker processes on its GPU" in got.reason
+        w = workers.workers
+        assert (w.count, w.per_gpu, w.engines, w.slots) == (2, 2, 1, cfg.workers.slots)
+        assert workers.storage_url.startswith("journal:")  # workers share a journal file
+        each = plan_slots(workers, params, device_kind, model_config, 139 * 2**30)
+        assert (each.engines, each.slots, each.checkpointing) == (1, got.slots, got.checkpointing)
+
+
+def test_engines_set_by_number_stay_under_the_launch(default: tuple[SweepConfig, list[Any]]) -> None:
+    from transformers import LlamaConfig
+
+    from sweeper.slots import plan_slots
+
+    cfg, params = default
+    cfg = replace(cfg, workers=replace(cfg.workers, engines=2))
+    got = plan_slots(cfg, params, "cuda", LlamaConfig(**SMOLLM2), 139 * 2**30)
+    assert got.engines == 2 and as_workers(cfg, got) is None
 
 
 @pytest.mark.parametrize(("memory_gib", "slots", "why"), [
