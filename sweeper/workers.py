@@ -114,8 +114,9 @@ def engines_as_workers(cfg: SweepConfig, params: Sequence[Param]) -> tuple[Sweep
     GPUs. Decided before anything is loaded, from the model's config and the GPU's memory, as ``plan`` decides.
     Only where the study's store is the launch's to choose and none is in SQLite yet: workers share a journal file,
     and a study begun in one process's SQLite file stays there."""
-    if (cfg.workers.count != 0 or cfg.workers.engines != "auto" or cfg.train.device == "cpu" or cfg.study.storage
-            or (cfg.output_path / "optuna.db").is_file()):
+    # A worker sees its GPU alone (CUDA_VISIBLE_DEVICES), so only a launch on the first visible one (auto, cuda).
+    if (cfg.workers.count != 0 or cfg.workers.engines != "auto" or cfg.train.device not in ("auto", "cuda")
+            or cfg.study.storage or (cfg.output_path / "optuna.db").is_file()):
         return cfg, []
     import torch
 
@@ -133,7 +134,7 @@ def engines_as_workers(cfg: SweepConfig, params: Sequence[Param]) -> tuple[Sweep
     workers = as_workers(cfg, plan)
     if workers is None:
         return cfg, []
-    gpu = visible_gpus()[device.index or 0]
+    gpu = visible_gpus()[0]
     print(f"workers.engines=auto: {plan.engines} engines of {plan.slots} slots, each under a worker process of its own "
           f"on GPU {gpu} (workers.engines=2 keeps them under this process)")
     return workers, [gpu]
