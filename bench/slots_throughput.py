@@ -16,6 +16,8 @@ a pass changes results.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -107,12 +109,16 @@ def launch(args: argparse.Namespace, method: Method, common: list[str], workdir:
     log = workdir / f"{name}.log"
     method.started = time.time()
     with open(log, "w") as fh:
+        # A session of its own: a launch that runs worker processes is stopped with them, so that none trains on
+        # while the next method is measured.
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            method.exit_code = subprocess.run(cmd, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                              timeout=seconds + args.grace).returncode
+            method.exit_code = proc.wait(timeout=seconds + args.grace)
         except subprocess.TimeoutExpired:  # killed: its finished trials are in the study all the same
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             method.exit_code = -9
-            say(f"  still running {seconds + args.grace:.0f} s after its start: killed")
+            say(f"  still running {seconds + args.grace:.0f} s after its start: killed with its workers")
     method.log = log_tail(log)
     method.trials = load_trials(out, name)
     say(f"  exit {method.exit_code}; {len(method.trials)} finished trials")

@@ -88,9 +88,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from sweeper.launch import all_failed, run_sweep, summary
 
     if cfg.workers.count > 0:
-        from sweeper.workers import launch_workers
+        from sweeper.workers import WorkersGaveUp, launch_workers
 
-        study = launch_workers(cfg, params, show_progress=not args.no_progress, gpus=gpus)
+        try:
+            study = launch_workers(cfg, params, show_progress=not args.no_progress, gpus=gpus)
+        except WorkersGaveUp as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     else:
         study = run_sweep(cfg, params, show_progress=not args.no_progress)
     print(summary(study))

@@ -116,8 +116,9 @@ class WorkersConfig:
     of their own, no other workers share its GPU (``workers.per_gpu``), and each engine's half of the memory holds
     as many slots with no more checkpointing; otherwise 1. A launch that would train in its own process
     (``workers.count=0``) then runs the two as worker processes on its GPU, one engine each, whose trials' Optuna and
-    MLflow work no longer share one interpreter (the study in a journal file; not for a study already in SQLite or
-    a store given in ``study.storage``); a number keeps its engines under the launch."""
+    MLflow work no longer share one interpreter (the study in a journal file; not where ``output_dir`` holds an
+    ``optuna.db``, ``study.storage`` is set or ``train.device`` names a GPU other than the first); a number keeps
+    its engines under the launch."""
     index: int | None = None
     """This worker's position among the launch's workers: its sampler draws from ``study.sampler.seed + index + 1``.
     None: a worker started by hand, seeded from its process id so that two never draw the same suggestions."""

@@ -115,21 +115,30 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
         why = "each half of the memory would need more gradient checkpointing or less of the base's cache"
     else:
         under = (f"; a launch runs them as {more.engines} worker processes on its GPU, each doing its trials' "
-                 "bookkeeping in an interpreter of its own" if cfg.workers.count == 0 else "")
+                 "bookkeeping in an interpreter of its own" if launches_as_workers(cfg) else "")
         return dataclasses.replace(more, reason=f"{more.reason} (workers.engines=auto: the time model finds a pass "
                                                 f"of {more.slots} slots bound by the host's kernel launches{under})")
     return dataclasses.replace(one, reason=f"{one.reason}; workers.engines=auto: one engine, though its passes are "
                                            f"bound by the host: {why}")
 
 
+def launches_as_workers(cfg: SweepConfig) -> bool:
+    """Whether a launch runs the engines ``workers.engines=auto`` takes as worker processes (:func:`as_workers`):
+    it would train in its own process (``workers.count=0``) on the first visible GPU (a worker sees its GPU
+    alone), and the study's store is its to choose with no study in ``optuna.db`` yet (workers share a journal
+    file; a study begun in SQLite stays with one process)."""
+    return (cfg.workers.count == 0 and cfg.workers.engines == "auto" and cfg.train.device in ("auto", "cuda")
+            and not cfg.study.storage and not (cfg.output_path / "optuna.db").is_file())
+
+
 def as_workers(cfg: SweepConfig, plan: SlotPlan) -> SweepConfig | None:
-    """A launch that trains in its own process (``workers.count=0``) where ``workers.engines=auto`` took several
-    engines: the same engines as that many worker processes sharing the GPU, one engine each; None otherwise.
+    """Where :func:`launches_as_workers` and ``workers.engines=auto`` took several engines: the same engines as
+    that many worker processes sharing the GPU, one engine each; None otherwise.
 
     Engines under one launch share its interpreter for every trial's Optuna and MLflow work, which then bounds
     them: on an H200 two workers of 32 slots ran 1.14-1.21x the trials per hour of two engines of 32 under one
     launch, in two runs (BENCHMARKS.md, benchmark 5)."""
-    if cfg.workers.count != 0 or cfg.workers.engines != "auto" or plan.engines < 2:
+    if not launches_as_workers(cfg) or plan.engines < 2:
         return None
     return dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, count=plan.engines,
                                                                 per_gpu=plan.engines, engines=1))

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 3  # per worker slot, for deaths (recycling does not count)
 
 
+class WorkersGaveUp(RuntimeError):
+    """Workers died past their restarts before the budget was reached: the launch failed."""
+
+
 @dataclass
 class Slot:
     """One worker position: its device, its process, how often it died."""
@@ -111,12 +115,10 @@ def log_tail(path: Path, lines: int = 15) -> str:
 def engines_as_workers(cfg: SweepConfig, params: Sequence[Param]) -> tuple[SweepConfig, list[str]]:
     """``cfg`` with the engines that ``workers.engines=auto`` takes for a launch in its own process on CUDA run as
     worker processes on that launch's GPU (:func:`sweeper.slots.as_workers`), and that GPU; else ``cfg`` and no
-    GPUs. Decided before anything is loaded, from the model's config and the GPU's memory, as ``plan`` decides.
-    Only where the study's store is the launch's to choose and none is in SQLite yet: workers share a journal file,
-    and a study begun in one process's SQLite file stays there."""
-    # A worker sees its GPU alone (CUDA_VISIBLE_DEVICES), so only a launch on the first visible one (auto, cuda).
-    if (cfg.workers.count != 0 or cfg.workers.engines != "auto" or cfg.train.device not in ("auto", "cuda")
-            or cfg.study.storage or (cfg.output_path / "optuna.db").is_file()):
+    GPUs. Decided before anything is loaded, from the model's config and the GPU's memory, as ``plan`` decides."""
+    from sweeper.slots import as_workers, launches_as_workers, plan_slots
+
+    if not launches_as_workers(cfg):
         return cfg, []
     import torch
 
@@ -126,7 +128,6 @@ def engines_as_workers(cfg: SweepConfig, params: Sequence[Param]) -> tuple[Sweep
     from objectives.decisions import device_memory_bytes
     from objectives.sources import load_model_config
     from objectives.timing import detect_device
-    from sweeper.slots import as_workers, plan_slots
 
     device = pick_device(cfg.train.device)
     plan = plan_slots(cfg, params, "cuda", load_model_config(cfg.model), device_memory_bytes(device),
@@ -210,6 +211,10 @@ def launch_workers(cfg: SweepConfig, params: Sequence[Param], show_progress: boo
     failed = failed_trials(study)
     if failed:
         print(f"{failed} trials failed; see {logs}")
+    gave_up = [s for s in slots if s.deaths > MAX_RESTARTS]
+    if gave_up and status != "FINISHED":
+        raise WorkersGaveUp(f"worker {gave_up[0].index} died {gave_up[0].deaths} times before the budget was "
+                            f"reached; its log ends:\n{log_tail(logs / f'worker-{gave_up[0].index}.log')}")
     return study
 
 

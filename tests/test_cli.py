@@ -124,7 +124,8 @@ def test_a_trial_bar_says_evaluating_before_each_evaluation() -> None:
 
 def test_a_launch_is_quiet_with_one_line_per_trial_and_verbose_with_v(tmp_path: Path) -> None:
     out = f"output_dir={tmp_path}"
-    quiet = run_cli("launch", *TINY, "study.n_trials=2", out)
+    in_process = "workers.engines=1"  # on a GPU, auto would run its engines as workers, whose lines go to their logs
+    quiet = run_cli("launch", *TINY, "study.n_trials=2", in_process, out)
     assert quiet.returncode == 0, quiet.stderr
     text = quiet.stdout + quiet.stderr
     for noise in ("kernels-community", "pip install kernels", "FutureWarning", "Trial 0 finished with value",
@@ -135,7 +136,7 @@ def test_a_launch_is_quiet_with_one_line_per_trial_and_verbose_with_v(tmp_path: 
     assert re.search(r"base .+ loaded on \S+ in [\d.]+s", quiet.stderr)
     assert re.search(r"data ready in [\d.]+s: \d+ train / \d+ eval examples", quiet.stderr)
 
-    verbose = run_cli("launch", "-v", *TINY, "study.n_trials=3", out, "--no-progress")
+    verbose = run_cli("launch", "-v", *TINY, "study.n_trials=3", in_process, out, "--no-progress")
     assert verbose.returncode == 0, verbose.stderr
     assert "Trial 2 finished with value" in verbose.stderr
     assert finished_lines(verbose.stdout) == [2]

@@ -23,7 +23,10 @@ def test_real_model_sweep_export_train(tmp_path: Path) -> None:
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "best trial: #" in launched.stdout
 
-    study = optuna.load_study(study_name="qlora-default", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    journal = tmp_path / "optuna.journal"  # where a GPU's launch ran its engines as workers
+    storage = (optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+               if journal.is_file() else f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.load_study(study_name="qlora-default", storage=storage)
     assert len(study.trials) == 2
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 

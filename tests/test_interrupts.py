@@ -17,7 +17,9 @@ from optuna.trial import TrialState
 
 from tests.conftest import ROOT, TINY, start_cli
 
-LONG_TRIALS = ["train.max_steps=400", "train.eval_every=200", "study.n_trials=2", "search_space=none"]
+# One process on any machine: on a GPU, workers.engines=auto would run the engines as worker processes.
+LONG_TRIALS = ["train.max_steps=400", "train.eval_every=200", "study.n_trials=2", "search_space=none",
+               "workers.engines=1"]
 
 
 def running_trials(db: Path) -> int:

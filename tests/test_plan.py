@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,7 +102,7 @@ def default() -> tuple[SweepConfig, list[Any]]:
 ])
 def test_auto_engines_double_where_one_engines_passes_are_host_bound(
         default: tuple[SweepConfig, list[Any]], model: str, workers: dict[str, Any], device_kind: str,
-        engines: int) -> None:
+        engines: int, tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
     from bench.models import SHAPES
@@ -109,7 +110,7 @@ def test_auto_engines_double_where_one_engines_passes_are_host_bound(
 
     cfg, params = default
     assert cfg.workers.engines == "auto"
-    cfg = replace(cfg, workers=replace(cfg.workers, **workers))
+    cfg = replace(cfg, output_dir=str(tmp_path), workers=replace(cfg.workers, **workers))
     model_config = LlamaConfig(**{**SMOLLM2, **SHAPES[model]})
     got = plan_slots(cfg, params, device_kind, model_config, 139 * 2**30)
     assert got.engines == engines
@@ -126,15 +127,32 @@ def test_auto_engines_double_where_one_engines_passes_are_host_bound(
         assert (each.engines, each.slots, each.checkpointing) == (1, got.slots, got.checkpointing)
 
 
-def test_engines_set_by_number_stay_under_the_launch(default: tuple[SweepConfig, list[Any]]) -> None:
+@pytest.mark.parametrize(("change", "sqlite_study", "as_workers_too"), [
+    ({}, False, True),
+    ({}, True, False),                                         # a study begun in one process's SQLite stays there
+    ({"study.storage": "postgresql://db/optuna"}, False, False),  # the user's store: the launch does not move it
+    ({"train.device": "cuda:1"}, False, False),                # a worker sees its GPU alone, as its cuda:0
+    ({"workers.engines": 2}, False, False),                    # a number keeps the engines under the launch
+    ({"workers.count": 1}, False, False),                      # workers already
+])
+def test_a_launch_runs_autos_engines_as_workers_only_where_it_may(
+        default: tuple[SweepConfig, list[Any]], tmp_path: Path, change: dict[str, Any], sqlite_study: bool,
+        as_workers_too: bool) -> None:
     from transformers import LlamaConfig
 
-    from sweeper.slots import plan_slots
+    from sweeper.slots import launches_as_workers, plan_slots
 
     cfg, params = default
-    cfg = replace(cfg, workers=replace(cfg.workers, engines=2))
+    cfg = replace(cfg, output_dir=str(tmp_path))
+    for key, value in change.items():
+        section, name = key.split(".")
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
+    if sqlite_study:
+        (tmp_path / "optuna.db").touch()
     got = plan_slots(cfg, params, "cuda", LlamaConfig(**SMOLLM2), 139 * 2**30)
-    assert got.engines == 2 and as_workers(cfg, got) is None
+    assert launches_as_workers(cfg) == as_workers_too
+    assert (as_workers(cfg, got) is not None) == as_workers_too
+    assert ("a launch runs them as 2 worker processes" in got.reason) == as_workers_too
 
 
 @pytest.mark.parametrize(("memory_gib", "slots", "why"), [
