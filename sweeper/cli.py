@@ -75,12 +75,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
         from sweeper.slurm import check_submission
 
         check_submission(cfg)
-    check_launch(cfg, params)
+    model_config = check_launch(cfg, params)
     gpus: list[str] = []
     if cfg.launcher.name != "slurm":
         from sweeper.workers import engines_as_workers
 
-        cfg, gpus = engines_as_workers(cfg, params)
+        cfg, gpus = engines_as_workers(cfg, params, model_config)
     print(f"study {cfg.study.name!r}: {len(params)} searched parameters, budget {cfg.study.n_trials} trials; "
           f"storage {redact(cfg.storage_url)}; MLflow {redact(cfg.tracking_uri)}")
     if cfg.launcher.name == "slurm":

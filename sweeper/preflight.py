@@ -37,8 +37,9 @@ TIMEOUT_DRIVERS = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2", "m
 """Drivers that take ``connect_timeout`` (pg8000 and others name it differently: they get their default)."""
 
 
-def check_launch(cfg: SweepConfig, params: Sequence[Param], *, study: bool = True) -> None:
-    """Everything a launch, a worker or a training run needs, before the first write.
+def check_launch(cfg: SweepConfig, params: Sequence[Param], *, study: bool = True) -> Any:
+    """Everything a launch, a worker or a training run needs, before the first write; returns the model's config
+    (without its weights), which the checks read.
 
     Args:
         study: False for a run outside the study (``train``), which never opens its storage.
@@ -56,6 +57,7 @@ def check_launch(cfg: SweepConfig, params: Sequence[Param], *, study: bool = Tru
     if study:
         check_storage(cfg.storage_url)
     check_tracking(cfg.tracking_uri)
+    return model_config
 
 
 def check_cuda_graphs(cfg: SweepConfig) -> None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import yaml
@@ -112,7 +113,8 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def engines_as_workers(cfg: SweepConfig, params: Sequence[Param]) -> tuple[SweepConfig, list[str]]:
+def engines_as_workers(cfg: SweepConfig, params: Sequence[Param],
+                       model_config: Any) -> tuple[SweepConfig, list[str]]:
     """``cfg`` with the engines that ``workers.engines=auto`` takes for a launch in its own process on CUDA run as
     worker processes on that launch's GPU (:func:`sweeper.slots.as_workers`), and that GPU; else ``cfg`` and no
     GPUs. Decided before anything is loaded, from the model's config and the GPU's memory, as ``plan`` decides."""
@@ -126,11 +128,10 @@ def engines_as_workers(cfg: SweepConfig, params: Sequence[Param]) -> tuple[Sweep
         return cfg, []
     from objectives.base import pick_device
     from objectives.decisions import device_memory_bytes
-    from objectives.sources import load_model_config
     from objectives.timing import detect_device
 
     device = pick_device(cfg.train.device)
-    plan = plan_slots(cfg, params, "cuda", load_model_config(cfg.model), device_memory_bytes(device),
+    plan = plan_slots(cfg, params, "cuda", model_config, device_memory_bytes(device),
                       device=detect_device(cfg))
     workers = as_workers(cfg, plan)
     if workers is None:

@@ -9,6 +9,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from sweeper import compose
+from sweeper.study import storage_for
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -23,10 +25,9 @@ def test_real_model_sweep_export_train(tmp_path: Path) -> None:
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "best trial: #" in launched.stdout
 
-    journal = tmp_path / "optuna.journal"  # where a GPU's launch ran its engines as workers
-    storage = (optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-               if journal.is_file() else f"sqlite:///{tmp_path / 'optuna.db'}")
-    study = optuna.load_study(study_name="qlora-default", storage=storage)
+    # The store the launch made (a journal file where a GPU's launch ran its engines as workers), as export finds it.
+    url = compose.load([f"output_dir={tmp_path}"])[0].storage_url
+    study = optuna.load_study(study_name="qlora-default", storage=storage_for(url))
     assert len(study.trials) == 2
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
