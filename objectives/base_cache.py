@@ -7,6 +7,13 @@ on the kept weight: the same dequantized values and the same product, so the sam
 dequantization kernels and bitsandbytes' Python dispatch in each call. On CUDA bitsandbytes 0.50 runs a fused
 4-bit kernel instead for passes of a few hundred tokens or less, whose rounding differs from the product's.
 
+On CUDA, with fp32 activations (the default), the product takes the bf16 operands and writes fp32 from its fp32
+accumulator, forward and backward (:func:`wide_product`): no cast kernel of its output or of its input's gradient,
+and no rounding of either to bf16. The products that read one input (q, k and v; gate and up) share its cast to
+bf16. Elsewhere the product rounds to bf16 and the result is cast back, as bitsandbytes' does. The lean LoRA layers
+(:mod:`objectives.lean_layers`) multiply with the kept weight the same way, so a trial trained alone and one in a
+slot engine run the same arithmetic.
+
 The copy replaces the layer's ``forward`` on the instance and nothing else: the module stays a ``Linear4bit`` in
 its place, so peft's LoRA layers and :class:`objectives.slots.SlotLinear`, which call ``base_layer(x)``, wrap it
 as before, and an adapter trained on it loads into peft on the plain 4-bit base. The copy is a non-persistent
@@ -15,17 +22,77 @@ buffer: no state dict or saved adapter holds it.
 
 from __future__ import annotations
 
+import threading
 import types
+import weakref
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 BUFFER = "base_cache_weight"
+HALF = (torch.bfloat16, torch.float16)
+
+
+def widens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``x @ weight^T`` runs as :func:`wide_product`: fp32 ``x`` against a 16-bit weight without a bias,
+    on CUDA (the one backend whose products write fp32 from 16-bit operands)."""
+    return x.is_cuda and x.dtype == torch.float32 and weight.dtype in HALF and bias is None
+
+
+class _LastCast(threading.local):
+    """The last input cast to 16 bits in this thread, for the next product that reads the same tensor."""
+
+    source: Any = None
+    version = -1
+    cast: torch.Tensor | None = None
+
+
+_last = _LastCast()
+
+
+def _narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` outside autograd, shared by consecutive products of one unchanged input."""
+    if (_last.source is None or _last.source() is not x or _last.version != x._version or _last.cast is None
+            or _last.cast.dtype != dtype):
+        _last.source, _last.version, _last.cast = weakref.ref(x), x._version, x.detach().to(dtype)
+    return _last.cast
+
+
+def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` in ``x``'s dtype from the 16-bit product of ``x`` cast to ``weight``'s dtype (see
+    :func:`widens`); no autograd."""
+    flat = _narrow(x, weight.dtype).reshape(-1, x.shape[-1])
+    return torch.mm(flat, weight.t(), out_dtype=x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def wide_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`wide_product`'s input: ``grad @ weight`` in ``grad``'s dtype, from 16-bit operands."""
+    flat = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+    return torch.mm(flat, weight, out_dtype=grad.dtype).view(*grad.shape[:-1], weight.shape[1])
+
+
+class _WideProduct(torch.autograd.Function):
+    """:func:`wide_product` with its input's gradient from :func:`wide_grad` (the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        return wide_product(x, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return wide_grad(grad, ctx.weight), None
 
 
 def _dense_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """``Linear4bit.forward`` with the kept weight: input cast to the compute dtype, output back to the input's."""
+    """``Linear4bit.forward`` with the kept weight: input cast to the compute dtype, output back to the input's
+    (on CUDA written in the input's dtype by the product itself: :func:`widens`)."""
     weight: torch.Tensor = getattr(layer, BUFFER)
+    if widens(x, weight, layer.bias):
+        out: torch.Tensor = _WideProduct.apply(x, weight)
+        return out
     bias = None if layer.bias is None else layer.bias.to(weight.dtype)
     return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 

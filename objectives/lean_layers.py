@@ -34,7 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional
 
-from objectives.base_cache import BUFFER
+from objectives.base_cache import BUFFER, wide_grad, wide_product, widens
 
 ADAPTER = "default"
 FUSED_DROPOUT_DEVICES = ("cuda", "xpu")
@@ -74,9 +74,11 @@ class _LoraProduct(torch.autograd.Function):
             xa, mask = _dropout(xa, p)
         hidden = functional.linear(xa, lora_a)
         update = (functional.linear(hidden, lora_b) * scaling).to(x.dtype)
+        ctx.wide = weight is not None and widens(x, weight, bias)
         if weight is not None:
-            # The sum promotes the base's output to x's dtype in the same kernel: peft's separate cast, without it.
-            update = torch.add(update, functional.linear(x.to(weight.dtype), weight, bias)).to(x.dtype)
+            # The sum promotes a 16-bit product to x's dtype in the same kernel: peft's separate cast, without it.
+            base = wide_product(x, weight) if ctx.wide else functional.linear(x.to(weight.dtype), weight, bias)
+            update = torch.add(update, base).to(x.dtype)
         # The mask serves only the input's gradient: a layer whose input needs none (the first layer's, from the
         # frozen embedding) keeps none, as autograd keeps none for peft's dropout there.
         ctx.save_for_backward(weight, lora_a, lora_b, xa, hidden, mask if ctx.needs_input_grad[0] else None)
@@ -99,8 +101,9 @@ class _LoraProduct(torch.autograd.Function):
                 grad_xa = _dropout_backward(grad_xa, mask, ctx.p)
             grad_x = grad_xa.to(ctx.x_dtype)
             if weight is not None:
-                flat = grad.to(weight.dtype).reshape(-1, grad.shape[-1])
-                grad_x = torch.add(grad_x, flat.mm(weight).view(xa.shape)).to(ctx.x_dtype)
+                base = (wide_grad(grad, weight) if ctx.wide
+                        else grad.to(weight.dtype).reshape(-1, grad.shape[-1]).mm(weight).view(xa.shape))
+                grad_x = torch.add(grad_x, base).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 

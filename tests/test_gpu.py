@@ -62,6 +62,26 @@ def test_the_faster_step_switches_match_the_plain_step_within_bf16_noise(tmp_pat
         assert values == pytest.approx(runs[False, False], rel=1e-2), key
 
 
+def test_the_base_product_writes_fp32_from_its_accumulator_forward_and_backward() -> None:
+    from objectives.base_cache import _WideProduct
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 96, generator=generator).cuda().requires_grad_()
+    weight = torch.randn(80, 96, generator=generator).cuda().to(torch.bfloat16)
+    grad = torch.randn(2, 37, 80, generator=generator).cuda()
+    out = _WideProduct.apply(x, weight)
+    out.backward(grad)
+    assert out.dtype == torch.float32 and x.grad is not None and x.grad.dtype == torch.float32
+    # The same products in fp64 from the same 16-bit operands: only the fp32 accumulator's rounding is left, far
+    # below bf16's unit (the rounding the product's output had before).
+    wide = weight.double()
+    expected = x.detach().to(torch.bfloat16).double() @ wide.t()
+    expected_grad = grad.to(torch.bfloat16).double() @ wide
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, out.to(torch.bfloat16).float())  # not rounded to bf16 on the way
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_lean_layers_match_peft_layers_on_cuda(tmp_path: Path, cache: bool) -> None:
     """On CUDA the dropout masks are the same (the fused dropout kernel's) and both paths are deterministic;

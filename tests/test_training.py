@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,45 @@ def test_the_base_cache_gives_the_4bit_paths_outputs_losses_and_adapter(tmp_path
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, trained)
+
+
+@pytest.mark.parametrize(("device", "x", "weight", "bias", "expected"), [
+    ("cuda", torch.float32, torch.bfloat16, False, True),
+    ("cuda", torch.float32, torch.float16, False, True),
+    ("cuda", torch.float32, torch.bfloat16, True, False),  # the bias is added in 16 bits, as bitsandbytes does
+    ("cuda", torch.bfloat16, torch.bfloat16, False, False),  # 16-bit activations: nothing to widen
+    ("cuda", torch.float32, torch.float32, False, False),
+    ("cpu", torch.float32, torch.bfloat16, False, False),  # no 16-bit product writes fp32 on the CPU
+])
+def test_the_base_product_writes_fp32_only_on_cuda_for_16_bit_weights(device: str, x: torch.dtype,
+                                                                      weight: torch.dtype, bias: bool,
+                                                                      expected: bool) -> None:
+    from objectives.base_cache import widens
+
+    class Probe:  # a tensor's device and dtype, without a CUDA device to put one on
+        def __init__(self, dtype: torch.dtype) -> None:
+            self.is_cuda, self.dtype = device == "cuda", dtype
+
+    assert widens(Probe(x), Probe(weight), Probe(weight) if bias else None) is expected  # type: ignore[arg-type]
+
+
+def test_products_of_one_unchanged_input_share_its_16_bit_cast() -> None:
+    from objectives.base_cache import _narrow
+
+    x = torch.randn(3, 5)
+    first = _narrow(x, torch.bfloat16)
+    assert torch.equal(first, x.to(torch.bfloat16)) and not first.requires_grad
+    assert _narrow(x, torch.bfloat16) is first  # q, k and v read one input: one cast
+    assert _narrow(x.clone(), torch.bfloat16) is not first  # another tensor, however equal
+    assert _narrow(x, torch.float16).dtype == torch.float16
+    x.mul_(2)  # changed in place: cast again
+    again = _narrow(x, torch.bfloat16)
+    assert again is not first and torch.equal(again, x.to(torch.bfloat16))
+    threads: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: threads.append(_narrow(x, torch.bfloat16)))
+    worker.start()
+    worker.join()
+    assert threads[0] is not again  # each thread (an engine of its own) keeps its own
 
 
 def test_a_trial_decides_the_base_cache_from_the_memory_model(tmp_path: Path) -> None:
