@@ -82,6 +82,8 @@ class Running:
     slot: int
     batches: Iterator[Rows]
     params: int
+    adapts: tuple[str, ...] = ()
+    """The wrapped layers the run adapts."""
     step: int = 0
     busy: float = 0.0
     eval_loss: float = math.nan
@@ -304,7 +306,8 @@ class SlotEngine:
             self.ctx.dropout[slot] = cfg.lora.dropout
             self.optimizer.reset(slot, cfg.optimizer, cfg.train.max_steps)
             batches = train_micro_batches(self.data.train, cfg.train.micro_batch_size, cfg.train.seed)
-            self.running[slot] = Running(job, slot, batches, slot_parameter_count(self.wrapped, slot, cfg.lora.r))
+            self.running[slot] = Running(job, slot, batches, slot_parameter_count(self.wrapped, slot, cfg.lora.r),
+                                         tuple(job.draws.modules))
         except BaseException as e:  # the run's caller gets every failure through its future
             self._finish(slot, error=e, job=job)
 
@@ -378,7 +381,7 @@ class SlotEngine:
         for j in range(max(len(p) for p in passes.values())):
             parts = [(slot, p[j], hash((self.running[slot].job.cfg.train.seed, self.running[slot].step, j)))
                      for slot, p in passes.items() if j < len(p)]
-            batch, keys = merge_passes(parts, self.pad_id)
+            batch, keys = merge_passes(self._by_adapted_layers(parts), self.pad_id)
             labels = batch.pop("labels")
             if self.per_pass is not None:
                 self.base.use_checkpointing(self.per_pass(labels.shape[0], labels.shape[1], one_row))
@@ -399,6 +402,16 @@ class SlotEngine:
             values = torch.stack([loss_sum, norms]).tolist()
         self.optimizer.clip(norms, limits)
         return dict(enumerate(values[0])), dict(enumerate(values[1]))
+
+    def _by_adapted_layers(self, parts: list[tuple[int, Any, int]]) -> list[tuple[int, Any, int]]:
+        """A pass's parts, the slots that adapt the most layers first and slots that adapt the same layers together:
+        the slots that adapt a layer are then a short range of the pass, and only that range runs the layer's
+        adapters (:class:`objectives.slots.SlotLinear`). For targets that nest, as the default space's do (q and k,
+        then v, o, the MLP), each layer's are the first slots of the pass."""
+        def key(part: tuple[int, Any, int]) -> tuple[int, tuple[str, ...], int]:
+            adapts = self.running[part[0]].adapts
+            return -len(adapts), adapts, part[0]  # in slot order within a group: their weights are then a view
+        return sorted(parts, key=key)
 
     def _one_row_per_run(self) -> bool:
         """Whether each run's packed pass, and each held-out pass, is one row, its examples end to end (otherwise
@@ -423,7 +436,7 @@ class SlotEngine:
         try:
             shapes = [(batch["input_ids"].shape[0], batch["input_ids"].shape[1]) for _, batch, _ in parts]
             for first, end in merged_chunks(shapes, budget):
-                merged, keys = merge_passes(parts[first:end], self.pad_id)
+                merged, keys = merge_passes(self._by_adapted_layers(parts[first:end]), self.pad_id)
                 labels = merged.pop("labels")
                 self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
                 totals += self._slot_loss_sums(on_device(self.base.model, merged, device), labels, keys)

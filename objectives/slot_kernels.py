@@ -86,8 +86,9 @@ if triton is not None:
     @triton.jit
     def _dropped_grad_x_kernel(g_ptr, a_ptr, dx_ptr, salted_ptr, threshold_ptr, scale_ptr, T, K, R, tokens,
                                max_length, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                               BR: tl.constexpr):
-        """dx[s] = (g[s] @ a[s]) * keep * scale[s] for g (S, T, R): a tile of T by K."""
+                               BR: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """dx[s] = (g[s] @ a[s]) * keep * scale[s] for g (S, T, R), added to what dx holds with ``ACCUMULATE``: a
+        tile of T by K."""
         s = tl.program_id(2)
         t = tl.program_id(0) * BT + tl.arange(0, BT)
         k = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -99,8 +100,11 @@ if triton is not None:
         dx = tl.dot(g, a, input_precision=PRECISION)
         dx = dx * _tile_keep(t, k, tokens, max_length, K, tl.load(salted_ptr + s), tl.load(threshold_ptr + s))
         dx = dx * tl.load(scale_ptr + s)
-        tl.store(dx_ptr + s.to(tl.int64) * T * K + t[:, None].to(tl.int64) * K + k[None, :], dx,
-                 mask=(t[:, None] < T) & (k[None, :] < K))
+        place = dx_ptr + s.to(tl.int64) * T * K + t[:, None].to(tl.int64) * K + k[None, :]
+        inside = (t[:, None] < T) & (k[None, :] < K)
+        if ACCUMULATE:
+            dx = tl.load(place, mask=inside, other=0.0) + dx
+        tl.store(place, dx, mask=inside)
 
     @triton.jit
     def _dropped_grad_a_kernel(g_ptr, x_ptr, da_ptr, salted_ptr, threshold_ptr, scale_ptr, T, K, R, tokens,
@@ -180,48 +184,66 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def dropped_forward(x: torch.Tensor, a: torch.Tensor, salted: torch.Tensor, threshold: torch.Tensor,
+                    scale: torch.Tensor, tokens: int, max_length: int) -> torch.Tensor:
+    """``torch.bmm(hashed_dropout(x, ...), a.transpose(1, 2))`` in one pass over ``x`` (slots, rows x ``tokens``,
+    features), fp32, against ``a`` (slots, rank, features): no dropped copy of ``x`` is written or read back."""
+    x, a = x.contiguous(), a.contiguous()
+    (slots, t, k), r = x.shape, a.shape[1]
+    out = torch.empty(slots, t, r, device=x.device, dtype=torch.float32)
+    bt, bk = PRODUCT_TILE
+    _dropped_product_kernel[(triton.cdiv(t, bt), slots)](
+        x, a, out, salted, threshold, scale, t, k, r, tokens, max_length, PRECISION=_precision(), BT=bt, BK=bk,
+        BR=_rank_block(r), enable_fp_fusion=False)
+    return out
+
+
+def dropped_backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, salted: torch.Tensor,
+                     threshold: torch.Tensor, scale: torch.Tensor, tokens: int, max_length: int, need_x: bool = True,
+                     need_a: bool = True, into: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of :func:`dropped_forward`'s ``x`` and ``a`` from its output's ``grad``, the mask drawn again.
+    ``into``: a contiguous tensor shaped as ``x`` that the input's gradient is added to, and returned."""
+    x, a, grad = x.contiguous(), a.contiguous(), grad.contiguous()
+    (slots, t, k), r = x.shape, a.shape[1]
+    bt, bk = PRODUCT_TILE
+    common = dict(PRECISION=_precision(), BT=bt, BK=bk, BR=_rank_block(r), enable_fp_fusion=False)
+    dx = da = None
+    if need_x:
+        assert into is None or (into.shape == x.shape and into.is_contiguous())
+        dx = torch.empty_like(x) if into is None else into
+        _dropped_grad_x_kernel[(triton.cdiv(t, bt), triton.cdiv(k, bk), slots)](
+            grad, a, dx, salted, threshold, scale, t, k, r, tokens, max_length, ACCUMULATE=into is not None,
+            **common)
+    if need_a:
+        da = torch.empty_like(a)
+        _dropped_grad_a_kernel[(triton.cdiv(k, bk), slots)](
+            grad, x, da, salted, threshold, scale, t, k, r, tokens, max_length, **common)
+    return dx, da
+
+
 class DroppedProduct(torch.autograd.Function):
-    """``(x * keep * scale) @ a^T`` per slot, the dropout applied where ``x`` is read: no dropped copy of ``x`` is
-    written, read back or kept for backward (``x`` itself is kept, and the mask recomputed)."""
+    """:func:`dropped_forward` with its gradients: ``x`` itself is kept for backward, and the mask recomputed."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, salted: torch.Tensor, threshold: torch.Tensor,
                 scale: torch.Tensor, tokens: int, max_length: int) -> torch.Tensor:
-        x, a = x.contiguous(), a.contiguous()
-        (slots, t, k), r = x.shape, a.shape[1]
-        out = torch.empty(slots, t, r, device=x.device, dtype=torch.float32)
-        bt, bk = PRODUCT_TILE
-        _dropped_product_kernel[(triton.cdiv(t, bt), slots)](
-            x, a, out, salted, threshold, scale, t, k, r, tokens, max_length, PRECISION=_precision(), BT=bt, BK=bk,
-            BR=_rank_block(r), enable_fp_fusion=False)
         ctx.save_for_backward(x, a, salted, threshold, scale)
         ctx.geometry = (tokens, max_length)
-        return out
+        return dropped_forward(x, a, salted, threshold, scale, tokens, max_length)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, a, salted, threshold, scale = ctx.saved_tensors
         tokens, max_length = ctx.geometry
-        grad = grad.contiguous()
-        (slots, t, k), r = x.shape, a.shape[1]
-        bt, bk = PRODUCT_TILE
-        common = dict(PRECISION=_precision(), BT=bt, BK=bk, BR=_rank_block(r), enable_fp_fusion=False)
-        dx = da = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            _dropped_grad_x_kernel[(triton.cdiv(t, bt), triton.cdiv(k, bk), slots)](
-                grad, a, dx, salted, threshold, scale, t, k, r, tokens, max_length, **common)
-        if ctx.needs_input_grad[1]:
-            da = torch.empty_like(a)
-            _dropped_grad_a_kernel[(triton.cdiv(k, bk), slots)](
-                grad, x, da, salted, threshold, scale, t, k, r, tokens, max_length, **common)
+        dx, da = dropped_backward(grad, x, a, salted, threshold, scale, tokens, max_length,
+                                  need_x=ctx.needs_input_grad[0], need_a=ctx.needs_input_grad[1])
         return dx, da, None, None, None, None, None
 
 
 def dropped_product(x: torch.Tensor, a: torch.Tensor, salted: torch.Tensor, threshold: torch.Tensor,
                     scale: torch.Tensor, tokens: int, max_length: int) -> torch.Tensor:
-    """``torch.bmm(hashed_dropout(x, ...), a.transpose(1, 2))`` in one pass over ``x`` (slots, rows x ``tokens``,
-    features), fp32, against ``a`` (slots, rank, features)."""
+    """:func:`dropped_forward` under autograd."""
     out: torch.Tensor = DroppedProduct.apply(x, a, salted, threshold, scale, tokens, max_length)
     return out
 

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional
 
 from objectives import slot_kernels
+from objectives.base_cache import BUFFER, wide_grad, wide_product, widens
 from objectives.config import LoraConfig
 from objectives.targets import resolve_targets
 from objectives.transfer import Staging, send
@@ -48,6 +51,25 @@ class PassRows:
     """Whether any slot in the pass has dropout."""
     every_slot: bool = False
     """The pass holds every slot in order: the stacked weights serve as they are, without a gather."""
+    _picks: dict[tuple[int, int], slice | torch.Tensor | None] = field(default_factory=dict)
+
+    @property
+    def order(self) -> list[int]:
+        return [slot for slot, _ in self.keys]
+
+    def pick(self, lo: int, hi: int) -> slice | torch.Tensor | None:
+        """How to take the weights of the pass's slots ``lo`` to ``hi`` (in row order) from the stacked ones: all
+        of them (``None``), a run of consecutive slots (a view) or a gather."""
+        if (lo, hi) not in self._picks:
+            order = self.order[lo:hi]
+            if self.every_slot and (lo, hi) == (0, len(self.keys)):
+                picked: slice | torch.Tensor | None = None
+            elif order == list(range(order[0], order[0] + len(order))):
+                picked = slice(order[0], order[0] + len(order))
+            else:
+                picked = self.slots[lo:hi]
+            self._picks[lo, hi] = picked
+        return self._picks[lo, hi]
 
     @classmethod
     def of(cls, keys: list[tuple[int, int]], rows: int, device: torch.device, dropout: list[float] | None = None,
@@ -119,10 +141,22 @@ class SlotLinear(torch.nn.Module):
         self.used = [False] * slots
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         rows = self.ctx.rows
-        if rows is None or not any(self.used[slot] for slot, _ in rows.keys):
-            return result
+        users = [] if rows is None else [i for i, slot in enumerate(rows.order) if self.used[slot]]
+        if rows is None or not users:
+            return self.base_layer(x, *args, **kwargs)
+        weight = self.base_layer._buffers.get(BUFFER)
+        if (weight is not None and not args and not kwargs and x.dtype == self.lora_A.dtype
+                and self.base_layer.bias is None and not self.base_layer._forward_hooks
+                and not self.base_layer._forward_pre_hooks):
+            out: torch.Tensor = _SlotProduct.apply(x, weight, self.lora_A, self.lora_B, self, rows, users[0],
+                                                   users[-1] + 1)
+            return out
+        return self._forward_every_slot(self.base_layer(x, *args, **kwargs), x, rows)
+
+    def _forward_every_slot(self, result: torch.Tensor, x: torch.Tensor, rows: PassRows) -> torch.Tensor:
+        """The adapters of every slot in the pass added to the base's output, by autograd's operations: for a base
+        without the kept dense weight, or activations in another dtype than the adapters'."""
         # One batched product per pass: (slots, rows x tokens, in) against each slot's own weights, so no
         # weight is copied per row and the host's work does not grow with the number of slots.
         x = x.to(self.lora_A.dtype).reshape(len(rows.keys), -1, self.in_features)
@@ -131,13 +165,13 @@ class SlotLinear(torch.nn.Module):
         b: torch.Tensor = self.lora_B
         if not rows.every_slot:
             a, b, scaling = a[rows.slots], b[rows.slots], scaling[rows.slots]
+        salted, threshold, scale = self.dropout_of(rows, 0, len(rows.keys))
         if self.training and rows.dropping and slot_kernels.product_serves(x, a):
-            assert rows.key_tensor is not None and rows.threshold is not None and rows.scale is not None
-            hidden = slot_kernels.dropped_product(x, a, rows.key_tensor ^ self.salt, rows.threshold, rows.scale,
-                                                  x.shape[1] // rows.rows, self.ctx.max_length)
+            hidden = slot_kernels.dropped_product(x, a, salted, threshold, scale, x.shape[1] // rows.rows,
+                                                  self.ctx.max_length)
         else:
             if self.training and rows.dropping:
-                x = self._dropout(x, rows)
+                x = self.dropout(x, rows.rows, salted, threshold, scale)
             hidden = torch.bmm(x, a.transpose(1, 2))
         hidden = hidden * scaling.view(-1, 1, 1)
         if result.dtype == hidden.dtype:
@@ -147,17 +181,104 @@ class SlotLinear(torch.nn.Module):
                                  ).view(result.shape)
         return (result + torch.bmm(hidden, b.transpose(1, 2)).view(result.shape)).to(result.dtype)
 
-    def _dropout(self, x: torch.Tensor, rows: PassRows) -> torch.Tensor:
-        """Each slot's dropout, drawn for all slots at once (see the module docstring). A slot without an adapter
-        here gets its trial's dropout too: its zero weights make the result the same either way."""
+    def dropout_of(self, rows: PassRows, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The dropout's hash salt, threshold and scale of the pass's slots ``lo`` to ``hi`` at this layer."""
         assert rows.key_tensor is not None and rows.threshold is not None and rows.scale is not None
-        salted = rows.key_tensor ^ self.salt
-        tokens = x.shape[1] // rows.rows
-        n = len(rows.keys)
-        index = self.ctx.element_index(rows.rows, tokens, self.in_features, x.device)
+        return rows.key_tensor[lo:hi] ^ self.salt, rows.threshold[lo:hi], rows.scale[lo:hi]
+
+    def dropout(self, x: torch.Tensor, rows: int, salted: torch.Tensor, threshold: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+        """Each slot's dropout of ``x`` (slots, ``rows`` x tokens, features), drawn for all slots at once (see the
+        module docstring). A slot without an adapter here gets its trial's dropout too: its zero weights make the
+        result the same either way. Applied to a gradient, it is the dropout's backward (the same mask and
+        scale)."""
+        tokens = x.shape[1] // rows
+        index = self.ctx.element_index(rows, tokens, x.shape[-1], x.device)
         bits = hash32(index.unsqueeze(0) ^ salted.view(-1, 1, 1, 1)) & 0xFF_FFFF
-        keep = bits >= rows.threshold.view(-1, 1, 1, 1)
-        return (x.view(n, rows.rows, -1, self.in_features) * keep * rows.scale.view(-1, 1, 1, 1)).view(x.shape)
+        keep = bits >= threshold.view(-1, 1, 1, 1)
+        return (x.view(x.shape[0], rows, -1, x.shape[-1]) * keep * scale.view(-1, 1, 1, 1)).view(x.shape)
+
+
+def _take(t: torch.Tensor, pick: slice | torch.Tensor | None) -> torch.Tensor:
+    return t if pick is None else t[pick]
+
+
+def _spread(grad: torch.Tensor, pick: slice | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`_take`: ``grad`` in the picked slots of a zero gradient shaped as ``like``."""
+    if pick is None:
+        return grad
+    full = torch.zeros_like(like)
+    full[pick] = grad
+    return full
+
+
+class _SlotProduct(torch.autograd.Function):
+    """A :class:`SlotLinear` call with the base's kept dense weight, as one autograd node: the base's product over
+    the whole pass, and the adapters only on the pass's slots ``lo`` to ``hi`` (in row order), the first and last
+    slot that adapt the layer.
+
+    The engine orders a pass's slots by the layers they adapt (most first), so a layer that few trials adapt
+    (the default space adapts the MLP in one trial of four) runs its adapters on those trials' rows alone. Slots
+    in the range that do not adapt the layer have zero weights and scaling there, and add nothing. The adapters'
+    output is added into the base's in place (the second product's epilogue), and in backward the input's
+    gradient from the adapters into the base's (in the Triton kernel's epilogue on CUDA): no zero-filled
+    gradient of the whole pass, and no separate sum."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                layer: SlotLinear, rows: PassRows, lo: int, hi: int) -> torch.Tensor:
+        n, pick = len(rows.keys), rows.pick(lo, hi)
+        a, b, scaling = _take(lora_a, pick), _take(lora_b, pick), _take(layer.scaling, pick)  # type: ignore[arg-type]
+        wide = widens(x, weight, None)
+        result = wide_product(x, weight) if wide else functional.linear(x.to(weight.dtype), weight).to(x.dtype)
+        xs = x.reshape(n, -1, layer.in_features)[lo:hi]
+        dropping = layer.training and rows.dropping
+        fused = dropping and slot_kernels.product_serves(xs, a)
+        tokens = xs.shape[1] // rows.rows
+        if fused:
+            hidden = slot_kernels.dropped_forward(xs, a, *layer.dropout_of(rows, lo, hi), tokens, layer.ctx.max_length)
+            kept = xs
+        else:
+            kept = layer.dropout(xs, rows.rows, *layer.dropout_of(rows, lo, hi)) if dropping else xs
+            hidden = torch.bmm(kept, a.transpose(1, 2))
+        hidden.mul_(scaling.view(-1, 1, 1))
+        result.view(n, -1, layer.out_features)[lo:hi].baddbmm_(hidden, b.transpose(1, 2))
+        ctx.save_for_backward(kept, hidden, lora_a, lora_b)
+        ctx.weight, ctx.layer, ctx.rows, ctx.range = weight, layer, rows, (lo, hi)
+        ctx.wide, ctx.dropping, ctx.fused = wide, dropping, fused
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        kept, hidden, lora_a, lora_b = ctx.saved_tensors
+        layer, rows, (lo, hi), weight = ctx.layer, ctx.rows, ctx.range, ctx.weight
+        n, pick = len(rows.keys), rows.pick(lo, hi)
+        a, b, scaling = _take(lora_a, pick), _take(lora_b, pick), _take(layer.scaling, pick)
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grad_x = None
+        if need_x:
+            grad_x = (wide_grad(grad, weight) if ctx.wide
+                      else grad.to(weight.dtype).matmul(weight).to(grad.dtype))
+        g = grad.reshape(n, -1, layer.out_features)[lo:hi]
+        # The products autograd runs for baddbmm and bmm, in their order of operands
+        grad_b = torch.bmm(hidden.transpose(1, 2), g).transpose(1, 2) if need_b else None
+        grad_hidden = torch.bmm(g, b).mul_(scaling.view(-1, 1, 1))
+        into = None if grad_x is None else grad_x.view(n, -1, layer.in_features)[lo:hi]
+        if ctx.fused:
+            salted, threshold, scale = layer.dropout_of(rows, lo, hi)
+            _, grad_a = slot_kernels.dropped_backward(
+                grad_hidden, kept, a, salted, threshold, scale, kept.shape[1] // rows.rows, layer.ctx.max_length,
+                need_x=into is not None, need_a=need_a, into=into)
+        else:
+            grad_a = torch.bmm(kept.transpose(1, 2), grad_hidden).transpose(1, 2) if need_a else None
+            if into is not None:
+                dx = torch.bmm(grad_hidden, a)
+                if ctx.dropping:
+                    dx = layer.dropout(dx, rows.rows, *layer.dropout_of(rows, lo, hi))
+                into += dx
+        return (grad_x, None, None if grad_a is None else _spread(grad_a, pick, lora_a),
+                None if grad_b is None else _spread(grad_b, pick, lora_b), None, None, None, None)
 
 
 def is_linear(module: torch.nn.Module) -> bool:

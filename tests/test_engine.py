@@ -323,15 +323,17 @@ def test_run_calls_the_hooks_in_the_callers_thread_and_a_raising_hook_stops_the_
     assert math.isfinite(result.train.eval_loss) and hooks.adapter
 
 
-def test_slots_on_the_base_cache_train_exactly_as_on_the_4bit_layers(setup: Any) -> None:
-    """The kept copy holds what bitsandbytes dequantizes in every call: the same numbers (see test_training)."""
+def test_slots_on_the_base_cache_train_as_on_the_4bit_layers(setup: Any) -> None:
+    """The kept copy holds what bitsandbytes dequantizes in every call: the same forward, bit for bit (see
+    test_training). With the copy a layer's base and adapters are one autograd node, which sums the input's
+    gradients in another order: float rounding from the first update on."""
     cfg, base, data = setup
-    configs = [trial(cfg, **t) for t in TRIALS[:2]]
+    configs = [trial(cfg, **t) for t in TRIALS]  # ordered in a pass as all-linear, qkvo, qk: every kind of range
     runs = {}
     try:
         for cache in (False, True):
             base.use_base_cache(cache)
-            engine = SlotEngine(base, data, slots=2, r_max=8)
+            engine = SlotEngine(base, data, slots=3, r_max=8)
             hooks, results = train_together(engine, configs)
             assert all(r.config.model.base_cache is cache for r in results)  # the run records what trained it
             runs[cache] = [([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
@@ -340,8 +342,10 @@ def test_slots_on_the_base_cache_train_exactly_as_on_the_4bit_layers(setup: Any)
         base.use_base_cache(False)
     for (losses, eval_loss, adapter), (ref_losses, ref_eval, ref_adapter) in zip(runs[True], runs[False],
                                                                                  strict=True):
-        assert losses == ref_losses and eval_loss == ref_eval
-        assert all(torch.equal(adapter[k], ref_adapter[k]) for k in ref_adapter)
+        assert losses[0] == ref_losses[0]
+        assert losses == pytest.approx(ref_losses, rel=1e-5) and eval_loss == pytest.approx(ref_eval, rel=1e-5)
+        for k in ref_adapter:
+            torch.testing.assert_close(adapter[k], ref_adapter[k], rtol=1e-4, atol=1e-6)
 
 
 def test_checkpointing_switched_per_pass_trains_as_without_it(setup: Any) -> None:

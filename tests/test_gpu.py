@@ -163,6 +163,13 @@ def test_the_slot_kernels_compute_what_the_torch_operations_compute(monkeypatch:
                              strict=True):
             assert torch.equal(got == 0, want == 0)  # the same elements dropped
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        # The input's gradient added to one already there, in the kernel's epilogue: the same sum
+        into = torch.randn_like(x)
+        alone, _ = slot_kernels.dropped_backward(grad, x, a, salted, threshold, scale, tokens, max_length,
+                                                 need_a=False)
+        added, _ = slot_kernels.dropped_backward(grad, x, a, salted, threshold, scale, tokens, max_length,
+                                                 need_a=False, into=into.clone())
+        assert alone is not None and added is not None and torch.equal(added, into + alone)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
