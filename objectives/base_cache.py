@@ -40,36 +40,48 @@ def widens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return x.is_cuda and x.dtype == torch.float32 and weight.dtype in HALF and bias is None
 
 
-class _LastCast(threading.local):
-    """The last input cast to 16 bits in this thread, for the next product that reads the same tensor."""
+class _LastCast:
+    """One thread's last input cast to 16 bits, for the next product that reads the same tensor; forgotten with
+    that tensor (a layer's input lives through its products, not through the step)."""
 
-    source: Any = None
-    version = -1
-    cast: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.source: weakref.ref[torch.Tensor] | None = None
+        self.version = -1
+        self.cast: torch.Tensor | None = None
+
+    def forget(self, source: weakref.ref[torch.Tensor]) -> None:
+        if self.source is source:
+            self.source, self.cast = None, None
 
 
-_last = _LastCast()
+_threads = threading.local()
 
 
 def _narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)`` outside autograd, shared by consecutive products of one unchanged input."""
-    if (_last.source is None or _last.source() is not x or _last.version != x._version or _last.cast is None
-            or _last.cast.dtype != dtype):
-        _last.source, _last.version, _last.cast = weakref.ref(x), x._version, x.detach().to(dtype)
-    return _last.cast
+    """``x.to(dtype)`` outside autograd, shared by consecutive products of one unchanged input in a thread."""
+    last: _LastCast | None = getattr(_threads, "last", None)
+    if last is None:
+        last = _threads.last = _LastCast()
+    if (last.source is None or last.source() is not x or last.version != x._version or last.cast is None
+            or last.cast.dtype != dtype):
+        last.source, last.version, last.cast = weakref.ref(x, last.forget), x._version, x.detach().to(dtype)
+    return last.cast
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` in ``x``'s dtype from the 16-bit product of ``x`` cast to ``weight``'s dtype (see
     :func:`widens`); no autograd."""
     flat = _narrow(x, weight.dtype).reshape(-1, x.shape[-1])
-    return torch.mm(flat, weight.t(), out_dtype=x.dtype).view(*x.shape[:-1], weight.shape[0])
+    # Not a view of the product: a custom Function's output that is a view cannot be changed in place
+    return torch.ops.aten._unsafe_view(torch.mm(flat, weight.t(), out_dtype=x.dtype),
+                                       (*x.shape[:-1], weight.shape[0]))
 
 
 def wide_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`wide_product`'s input: ``grad @ weight`` in ``grad``'s dtype, from 16-bit operands."""
     flat = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
-    return torch.mm(flat, weight, out_dtype=grad.dtype).view(*grad.shape[:-1], weight.shape[1])
+    return torch.ops.aten._unsafe_view(torch.mm(flat, weight, out_dtype=grad.dtype),
+                                       (*grad.shape[:-1], weight.shape[1]))
 
 
 class _WideProduct(torch.autograd.Function):

@@ -208,7 +208,10 @@ def _spread(grad: torch.Tensor, pick: slice | torch.Tensor | None, like: torch.T
     if pick is None:
         return grad
     full = torch.zeros_like(like)
-    full[pick] = grad
+    if isinstance(pick, slice):
+        full[pick] = grad
+    else:  # a slot twice in a pass (an evaluation's copies of several held-out passes) gets the sum of both
+        full.index_add_(0, pick, grad)
     return full
 
 

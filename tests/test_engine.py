@@ -95,6 +95,25 @@ def one_row(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return bool(request.param)
 
 
+@pytest.mark.parametrize(("order", "lo", "hi", "kind"), [
+    ([0, 1, 2], 0, 3, "all"),     # every slot in its own order: the stacked weights as they are
+    ([2, 0, 1], 1, 3, "slice"),   # consecutive slots: a view
+    ([2, 0, 1], 0, 2, "gather"),
+    ([1, 1, 0], 0, 3, "gather"),  # a slot twice (an evaluation's copies of several held-out passes)
+])
+def test_a_pass_takes_a_range_of_slots_weights_and_gives_their_gradients_back(order: list[int], lo: int, hi: int,
+                                                                              kind: str) -> None:
+    from objectives.slots import _spread, _take
+
+    rows = PassRows.of([(slot, 0) for slot in order], 1, torch.device("cpu"), slots=3)
+    pick = rows.pick(lo, hi)
+    assert {"all": pick is None, "slice": isinstance(pick, slice), "gather": isinstance(pick, torch.Tensor)}[kind]
+    weights = torch.randn(3, 2, 4, requires_grad=True)
+    grad = torch.randn(hi - lo, 2, 4)
+    _take(weights, pick).backward(grad)  # autograd's own gradient of the same selection
+    assert torch.equal(_spread(grad, pick, weights), weights.grad)
+
+
 def test_runs_trained_together_match_each_run_alone(setup: Any, one_row: bool) -> None:
     cfg, base, data = setup
     configs = [trial(cfg, **t) for t in TRIALS]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -201,10 +202,14 @@ def test_products_of_one_unchanged_input_share_its_16_bit_cast() -> None:
     again = _narrow(x, torch.bfloat16)
     assert again is not first and torch.equal(again, x.to(torch.bfloat16))
     threads: list[torch.Tensor] = []
-    worker = threading.Thread(target=lambda: threads.append(_narrow(x, torch.bfloat16)))
+    worker = threading.Thread(target=lambda t: threads.append(_narrow(t, torch.bfloat16)), args=(x,))
     worker.start()
     worker.join()
+    del worker
     assert threads[0] is not again  # each thread (an engine of its own) keeps its own
+    cast = weakref.ref(again)
+    del x, again
+    assert cast() is None  # forgotten with its input: no activation's copy kept past its layer
 
 
 def test_a_trial_decides_the_base_cache_from_the_memory_model(tmp_path: Path) -> None:
