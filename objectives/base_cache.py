@@ -62,10 +62,12 @@ def _narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     last: _LastCast | None = getattr(_threads, "last", None)
     if last is None:
         last = _threads.last = _LastCast()
-    if (last.source is None or last.source() is not x or last.version != x._version or last.cast is None
-            or last.cast.dtype != dtype):
-        last.source, last.version, last.cast = weakref.ref(x, last.forget), x._version, x.detach().to(dtype)
-    return last.cast
+    cast = last.cast  # read once: another thread's release of an older input may clear it
+    if (cast is None or cast.dtype != dtype or last.source is None or last.source() is not x
+            or last.version != x._version):
+        cast = x.detach().to(dtype)
+        last.source, last.version, last.cast = weakref.ref(x, last.forget), x._version, cast
+    return cast
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
