@@ -86,6 +86,21 @@ def wide_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                                        (*grad.shape[:-1], weight.shape[1]))
 
 
+def dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` in ``x``'s dtype, as the kept weight's layer computes it: :func:`wide_product` where it
+    :func:`widens`, else the 16-bit product cast back; no autograd."""
+    if widens(x, weight, None):
+        return wide_product(x, weight)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
+
+
+def dense_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`dense_product`'s input, in ``grad``'s dtype (that of the product's input)."""
+    if widens(grad, weight, None):
+        return wide_grad(grad, weight)
+    return grad.to(weight.dtype).matmul(weight).to(grad.dtype)
+
+
 class _WideProduct(torch.autograd.Function):
     """:func:`wide_product` with its input's gradient from :func:`wide_grad` (the weight is frozen)."""
 

@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.nn import functional
 
 from objectives import slot_kernels
-from objectives.base_cache import BUFFER, wide_grad, wide_product, widens
+from objectives.base_cache import BUFFER, dense_grad, dense_product
 from objectives.config import LoraConfig
 from objectives.targets import resolve_targets
 from objectives.transfer import Staging, send
@@ -232,8 +231,7 @@ class _SlotProduct(torch.autograd.Function):
                 layer: SlotLinear, rows: PassRows, lo: int, hi: int) -> torch.Tensor:
         n, pick = len(rows.keys), rows.pick(lo, hi)
         a, b, scaling = _take(lora_a, pick), _take(lora_b, pick), _take(layer.scaling, pick)  # type: ignore[arg-type]
-        wide = widens(x, weight, None)
-        result = wide_product(x, weight) if wide else functional.linear(x.to(weight.dtype), weight).to(x.dtype)
+        result = dense_product(x, weight)
         xs = x.reshape(n, -1, layer.in_features)[lo:hi]
         dropping = layer.training and rows.dropping
         fused = dropping and slot_kernels.product_serves(xs, a)
@@ -248,7 +246,7 @@ class _SlotProduct(torch.autograd.Function):
         result.view(n, -1, layer.out_features)[lo:hi].baddbmm_(hidden, b.transpose(1, 2))
         ctx.save_for_backward(kept, hidden, lora_a, lora_b)
         ctx.weight, ctx.layer, ctx.rows, ctx.range = weight, layer, rows, (lo, hi)
-        ctx.wide, ctx.dropping, ctx.fused = wide, dropping, fused
+        ctx.dropping, ctx.fused = dropping, fused
         return result
 
     @staticmethod
@@ -259,10 +257,7 @@ class _SlotProduct(torch.autograd.Function):
         n, pick = len(rows.keys), rows.pick(lo, hi)
         a, b, scaling = _take(lora_a, pick), _take(lora_b, pick), _take(layer.scaling, pick)
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        grad_x = None
-        if need_x:
-            grad_x = (wide_grad(grad, weight) if ctx.wide
-                      else grad.to(weight.dtype).matmul(weight).to(grad.dtype))
+        grad_x = dense_grad(grad, weight) if need_x else None
         g = grad.reshape(n, -1, layer.out_features)[lo:hi]
         # The products autograd runs for baddbmm and bmm, in their order of operands
         grad_b = torch.bmm(hidden.transpose(1, 2), g).transpose(1, 2) if need_b else None
