@@ -51,6 +51,7 @@ class PassRows:
     every_slot: bool = False
     """The pass holds every slot in order: the stacked weights serve as they are, without a gather."""
     _picks: dict[tuple[int, int], slice | torch.Tensor | None] = field(default_factory=dict)
+    _taken: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     @property
     def order(self) -> list[int]:
@@ -69,6 +70,22 @@ class PassRows:
                 picked = self.slots[lo:hi]
             self._picks[lo, hi] = picked
         return self._picks[lo, hi]
+
+    def weights(self, layer: SlotLinear, lo: int, hi: int, last: bool = False) -> tuple[torch.Tensor, ...]:
+        """``A``, ``B`` and the scaling of ``layer``'s slots ``lo`` to ``hi`` (in row order), taken once per pass:
+        forward, a checkpoint's recomputation and backward read the same weights (no step comes between), so a
+        gathered copy is made once, not three times. ``last``: the layer's backward, which lets the copy go. A
+        layer's copy is held from its forward to its backward, and its gradient from its backward on: together
+        never much more than the gradients alone, which the memory model counts for the whole pass."""
+        key = (layer.index, lo, hi)
+        taken = self._taken.pop(key, None) if last else self._taken.get(key)
+        if taken is None:
+            pick = self.pick(lo, hi)
+            scaling: torch.Tensor = layer.scaling  # type: ignore[assignment]
+            taken = tuple(_take(t, pick) for t in (layer.lora_A, layer.lora_B, scaling))
+            if not last:
+                self._taken[key] = taken
+        return taken
 
     @classmethod
     def of(cls, keys: list[tuple[int, int]], rows: int, device: torch.device, dropout: list[float] | None = None,
@@ -229,8 +246,8 @@ class _SlotProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 layer: SlotLinear, rows: PassRows, lo: int, hi: int) -> torch.Tensor:
-        n, pick = len(rows.keys), rows.pick(lo, hi)
-        a, b, scaling = _take(lora_a, pick), _take(lora_b, pick), _take(layer.scaling, pick)  # type: ignore[arg-type]
+        n = len(rows.keys)
+        a, b, scaling = rows.weights(layer, lo, hi)
         result = dense_product(x, weight)
         xs = x.reshape(n, -1, layer.in_features)[lo:hi]
         dropping = layer.training and rows.dropping
@@ -255,7 +272,7 @@ class _SlotProduct(torch.autograd.Function):
         kept, hidden, lora_a, lora_b = ctx.saved_tensors
         layer, rows, (lo, hi), weight = ctx.layer, ctx.rows, ctx.range, ctx.weight
         n, pick = len(rows.keys), rows.pick(lo, hi)
-        a, b, scaling = _take(lora_a, pick), _take(lora_b, pick), _take(layer.scaling, pick)
+        a, b, scaling = rows.weights(layer, lo, hi, last=True)
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         grad_x = dense_grad(grad, weight) if need_x else None
         g = grad.reshape(n, -1, layer.out_features)[lo:hi]

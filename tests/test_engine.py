@@ -114,6 +114,22 @@ def test_a_pass_takes_a_range_of_slots_weights_and_gives_their_gradients_back(or
     assert torch.equal(_spread(grad, pick, weights), weights.grad)
 
 
+def test_a_pass_gathers_a_layers_weights_once_and_lets_them_go_in_its_backward() -> None:
+    from objectives.slots import SlotContext, SlotLinear
+
+    layer = SlotLinear(torch.nn.Linear(4, 3, bias=False), 0, 3, 2, SlotContext(3, 8))
+    with torch.no_grad():
+        for t in (layer.lora_A, layer.lora_B, layer.scaling):
+            t.copy_(torch.randn_like(t))
+    rows = PassRows.of([(2, 0), (0, 0), (1, 0)], 1, torch.device("cpu"), slots=3)
+    forward = rows.weights(layer, 0, 2)
+    assert rows.weights(layer, 0, 2) is forward  # a checkpoint's recomputation takes the same copy
+    assert all(torch.equal(got, t[[2, 0]]) for got, t in zip(forward, (layer.lora_A, layer.lora_B, layer.scaling),
+                                                             strict=True))
+    assert rows.weights(layer, 0, 2, last=True) is forward
+    assert rows.weights(layer, 0, 2) is not forward  # backward let it go
+
+
 def test_runs_trained_together_match_each_run_alone(setup: Any, one_row: bool) -> None:
     cfg, base, data = setup
     configs = [trial(cfg, **t) for t in TRIALS]
