@@ -50,6 +50,9 @@ class PassRows:
     """Whether any slot in the pass has dropout."""
     every_slot: bool = False
     """The pass holds every slot in order: the stacked weights serve as they are, without a gather."""
+    salted: torch.Tensor | None = None
+    """Each layer's hash salts of the pass's slots (layers by index, slots in row order; int32, on the device):
+    the keys salted for every layer at once, not once per layer and call."""
     _picks: dict[tuple[int, int], slice | torch.Tensor | None] = field(default_factory=dict)
     _taken: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
@@ -121,10 +124,25 @@ class SlotContext:
         self.slots = slots
         self.dropout = [0.0] * slots
         self.max_length = max_length
+        self.salts: dict[int, int] = {}
+        """Each slot layer's dropout salt, by its index."""
         self._index: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._salt_column: torch.Tensor | None = None
 
     def pass_rows(self, keys: list[tuple[int, int]], rows: int, device: torch.device) -> PassRows:
-        return PassRows.of(keys, rows, device, self.dropout, self.slots)
+        laid = PassRows.of(keys, rows, device, self.dropout, self.slots)
+        if laid.dropping and self.salts:
+            assert laid.key_tensor is not None
+            laid.salted = laid.key_tensor.view(1, -1) ^ self.salt_column(device)
+        return laid
+
+    def salt_column(self, device: torch.device) -> torch.Tensor:
+        """The layers' salts as an int32 column on ``device``, by index (0 where no layer has the index)."""
+        column = self._salt_column
+        if column is None or column.device != device or column.shape[0] != max(self.salts) + 1:
+            values = [self.salts.get(i, 0) for i in range(max(self.salts) + 1)]
+            column = self._salt_column = torch.tensor(values, dtype=torch.int32).view(-1, 1).to(device)
+        return column
 
     def element_index(self, rows: int, tokens: int, features: int, device: torch.device) -> torch.Tensor:
         """(row * max_length + token) * features + feature, int32 (rows, tokens, features): an element's
@@ -148,7 +166,7 @@ class SlotLinear(torch.nn.Module):
         self.ctx = ctx
         self.in_features: int = base_layer.in_features  # type: ignore[assignment]
         self.out_features: int = base_layer.out_features  # type: ignore[assignment]
-        self.salt = hash((index, 0x5EED)) & 0x7FFF_FFFF
+        self.salt = ctx.salts[index] = hash((index, 0x5EED)) & 0x7FFF_FFFF
         device = next(base_layer.parameters()).device
         # fp32 adapter weights, as peft keeps them (``autocast_adapter_dtype``).
         self.lora_A = torch.nn.Parameter(torch.zeros(slots, r_max, self.in_features, device=device))
@@ -200,7 +218,8 @@ class SlotLinear(torch.nn.Module):
     def dropout_of(self, rows: PassRows, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The dropout's hash salt, threshold and scale of the pass's slots ``lo`` to ``hi`` at this layer."""
         assert rows.key_tensor is not None and rows.threshold is not None and rows.scale is not None
-        return rows.key_tensor[lo:hi] ^ self.salt, rows.threshold[lo:hi], rows.scale[lo:hi]
+        salted = rows.key_tensor[lo:hi] ^ self.salt if rows.salted is None else rows.salted[self.index, lo:hi]
+        return salted, rows.threshold[lo:hi], rows.scale[lo:hi]
 
     def dropout(self, x: torch.Tensor, rows: int, salted: torch.Tensor, threshold: torch.Tensor,
                 scale: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,22 @@ def test_a_pass_gathers_a_layers_weights_once_and_lets_them_go_in_its_backward()
     assert rows.weights(layer, 0, 2) is not forward  # backward let it go
 
 
+def test_a_pass_salts_every_layers_dropout_keys_at_once_as_each_layer_would() -> None:
+    from objectives.slots import SlotContext, SlotLinear
+
+    ctx = SlotContext(3, 8)
+    ctx.dropout = [0.1, 0.0, 0.2]
+    layers = [SlotLinear(torch.nn.Linear(4, 4, bias=False), i, 3, 2, ctx) for i in (0, 2)]  # index 1 unused
+    keys = [(2, 7), (0, 2**31 + 5), (1, 11)]
+    rows = ctx.pass_rows(keys, 1, torch.device("cpu"))
+    assert rows.salted is not None and rows.salted.shape == (3, 3)
+    alone = PassRows.of(keys, 1, torch.device("cpu"), ctx.dropout, 3)  # no table: each layer salts its own
+    for layer in layers:
+        for lo, hi in ((0, 3), (1, 2)):
+            assert all(torch.equal(a, b) for a, b in zip(layer.dropout_of(rows, lo, hi),
+                                                         layer.dropout_of(alone, lo, hi), strict=True))
+
+
 def test_runs_trained_together_match_each_run_alone(setup: Any, one_row: bool) -> None:
     cfg, base, data = setup
     configs = [trial(cfg, **t) for t in TRIALS]
