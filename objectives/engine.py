@@ -386,7 +386,7 @@ class SlotEngine:
             if self.per_pass is not None:
                 self.base.use_checkpointing(self.per_pass(labels.shape[0], labels.shape[1], one_row))
                 self.checkpointed[self.base.checkpointing] += 1
-            self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
+            self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device, reuse=j == 0)
             try:
                 per_slot = self._slot_loss_sums(on_device(self.base.model, batch, device), labels, keys) * scale
                 per_slot.sum().backward()

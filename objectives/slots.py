@@ -50,6 +50,10 @@ class PassRows:
     """Whether any slot in the pass has dropout."""
     every_slot: bool = False
     """The pass holds every slot in order: the stacked weights serve as they are, without a gather."""
+    reuse: bool = False
+    """Whether layers keep their gathered weights from forward to backward (:meth:`weights`): in a step's first
+    training pass only. There the copies (at most the slots' adapters) stand in for gradients that do not exist yet,
+    and that the memory model counts for the whole step; a later pass of the step would hold both."""
     salted: torch.Tensor | None = None
     """Each layer's hash salts of the pass's slots (layers by index, slots in row order; int32, on the device):
     the keys salted for every layer at once, not once per layer and call."""
@@ -75,18 +79,16 @@ class PassRows:
         return self._picks[lo, hi]
 
     def weights(self, layer: SlotLinear, lo: int, hi: int, last: bool = False) -> tuple[torch.Tensor, ...]:
-        """``A``, ``B`` and the scaling of ``layer``'s slots ``lo`` to ``hi`` (in row order), taken once per pass:
-        forward, a checkpoint's recomputation and backward read the same weights (no step comes between), so a
-        gathered copy is made once, not three times. ``last``: the layer's backward, which lets the copy go. A
-        layer's copy is held from its forward to its backward, and its gradient from its backward on: together
-        never much more than the gradients alone, which the memory model counts for the whole pass."""
+        """``A``, ``B`` and the scaling of ``layer``'s slots ``lo`` to ``hi`` (in row order). With ``reuse``, a
+        gathered copy is kept from the layer's forward (and a checkpoint's recomputation) to its backward, which
+        lets it go (``last``): made once, not three times."""
         key = (layer.index, lo, hi)
         taken = self._taken.pop(key, None) if last else self._taken.get(key)
         if taken is None:
             pick = self.pick(lo, hi)
             scaling: torch.Tensor = layer.scaling  # type: ignore[assignment]
             taken = tuple(_take(t, pick) for t in (layer.lora_A, layer.lora_B, scaling))
-            if not last:
+            if self.reuse and not last and isinstance(pick, torch.Tensor):
                 self._taken[key] = taken
         return taken
 
@@ -129,8 +131,10 @@ class SlotContext:
         self._index: dict[tuple[int, int, int], torch.Tensor] = {}
         self._salt_column: torch.Tensor | None = None
 
-    def pass_rows(self, keys: list[tuple[int, int]], rows: int, device: torch.device) -> PassRows:
+    def pass_rows(self, keys: list[tuple[int, int]], rows: int, device: torch.device, reuse: bool = False
+                  ) -> PassRows:
         laid = PassRows.of(keys, rows, device, self.dropout, self.slots)
+        laid.reuse = reuse
         if laid.dropping and self.salts:
             assert laid.key_tensor is not None
             laid.salted = laid.key_tensor.view(1, -1) ^ self.salt_column(device)

@@ -114,7 +114,9 @@ def test_a_pass_takes_a_range_of_slots_weights_and_gives_their_gradients_back(or
     assert torch.equal(_spread(grad, pick, weights), weights.grad)
 
 
-def test_a_pass_gathers_a_layers_weights_once_and_lets_them_go_in_its_backward() -> None:
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_pass_gathers_a_layers_weights_once_and_lets_them_go_in_its_backward(reuse: bool) -> None:
+    """A step's first training pass keeps a gathered copy from forward to backward; other passes gather anew."""
     from objectives.slots import SlotContext, SlotLinear
 
     layer = SlotLinear(torch.nn.Linear(4, 3, bias=False), 0, 3, 2, SlotContext(3, 8))
@@ -122,11 +124,12 @@ def test_a_pass_gathers_a_layers_weights_once_and_lets_them_go_in_its_backward()
         for t in (layer.lora_A, layer.lora_B, layer.scaling):
             t.copy_(torch.randn_like(t))
     rows = PassRows.of([(2, 0), (0, 0), (1, 0)], 1, torch.device("cpu"), slots=3)
+    rows.reuse = reuse
     forward = rows.weights(layer, 0, 2)
-    assert rows.weights(layer, 0, 2) is forward  # a checkpoint's recomputation takes the same copy
+    assert (rows.weights(layer, 0, 2) is forward) == reuse  # a checkpoint's recomputation
     assert all(torch.equal(got, t[[2, 0]]) for got, t in zip(forward, (layer.lora_A, layer.lora_B, layer.scaling),
                                                              strict=True))
-    assert rows.weights(layer, 0, 2, last=True) is forward
+    assert (rows.weights(layer, 0, 2, last=True) is forward) == reuse
     assert rows.weights(layer, 0, 2) is not forward  # backward let it go
 
 
@@ -377,22 +380,25 @@ def test_run_calls_the_hooks_in_the_callers_thread_and_a_raising_hook_stops_the_
 def test_slots_on_the_base_cache_train_as_on_the_4bit_layers(setup: Any) -> None:
     """The kept copy holds what bitsandbytes dequantizes in every call: the same forward, bit for bit (see
     test_training). With the copy a layer's base and adapters are one autograd node, which sums the input's
-    gradients in another order: float rounding from the first update on."""
+    gradients in another order: float rounding from the first update on. With checkpointing, the recomputation
+    takes the weights its forward gathered."""
     cfg, base, data = setup
     configs = [trial(cfg, **t) for t in TRIALS]  # ordered in a pass as all-linear, qkvo, qk: every kind of range
     runs = {}
     try:
-        for cache in (False, True):
+        for cache, checkpointing in ((False, False), (True, False), (True, True)):
             base.use_base_cache(cache)
+            base.use_checkpointing(checkpointing)
             engine = SlotEngine(base, data, slots=3, r_max=8)
             hooks, results = train_together(engine, configs)
             assert all(r.config.model.base_cache is cache for r in results)  # the run records what trained it
-            runs[cache] = [([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
-                           for h, r in zip(hooks, results, strict=True)]
+            runs[cache, checkpointing] = [([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
+                                          for h, r in zip(hooks, results, strict=True)]
     finally:
         base.use_base_cache(False)
-    for (losses, eval_loss, adapter), (ref_losses, ref_eval, ref_adapter) in zip(runs[True], runs[False],
-                                                                                 strict=True):
+        base.use_checkpointing(False)
+    for (losses, eval_loss, adapter), (ref_losses, ref_eval, ref_adapter) in zip(
+            runs[True, False] + runs[True, True], runs[False, False] * 2, strict=True):
         assert losses[0] == ref_losses[0]
         assert losses == pytest.approx(ref_losses, rel=1e-5) and eval_loss == pytest.approx(ref_eval, rel=1e-5)
         for k in ref_adapter:
