@@ -386,12 +386,13 @@ class SlotEngine:
             if self.per_pass is not None:
                 self.base.use_checkpointing(self.per_pass(labels.shape[0], labels.shape[1], one_row))
                 self.checkpointed[self.base.checkpointing] += 1
-            self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device, reuse=j == 0)
+            self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device, training=True,
+                                               reuse=(j == 0))
             try:
                 per_slot = self._slot_loss_sums(on_device(self.base.model, batch, device), labels, keys) * scale
                 per_slot.sum().backward()
             finally:
-                self.ctx.rows = None
+                self.ctx.end_pass()
             loss_sum += per_slot.detach()
         norms = self.optimizer.grad_norms()
         limits = [math.inf] * self.slots
@@ -441,7 +442,7 @@ class SlotEngine:
                 self.ctx.rows = self.ctx.pass_rows(keys, labels.shape[0] // len(keys), device)
                 totals += self._slot_loss_sums(on_device(self.base.model, merged, device), labels, keys)
         finally:
-            self.ctx.rows = None
+            self.ctx.end_pass()
             self.base.model.train()
         with self.turns.waiting():
             losses = (totals / max(1, self.eval_targets)).tolist()

@@ -52,13 +52,13 @@ class PassRows:
     """The pass holds every slot in order: the stacked weights serve as they are, without a gather."""
     reuse: bool = False
     """Whether layers keep their gathered weights from forward to backward (:meth:`weights`): in a step's first
-    training pass only. There the copies (at most the slots' adapters) stand in for gradients that do not exist yet,
-    and that the memory model counts for the whole step; a later pass of the step would hold both."""
+    training pass only. A layer's copy is no larger than its gradient and goes before that gradient is made, so the
+    copies fit in the gradients' share of the memory model; in a later pass of the step both would be held."""
     salted: torch.Tensor | None = None
     """Each layer's hash salts of the pass's slots (layers by index, slots in row order; int32, on the device):
-    the keys salted for every layer at once, not once per layer and call."""
+    the keys salted for every layer in one operation, not by each layer in each call."""
     _picks: dict[tuple[int, int], slice | torch.Tensor | None] = field(default_factory=dict)
-    _taken: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    _taken: dict[tuple[SlotLinear, int, int], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     @property
     def order(self) -> list[int]:
@@ -78,19 +78,24 @@ class PassRows:
             self._picks[lo, hi] = picked
         return self._picks[lo, hi]
 
-    def weights(self, layer: SlotLinear, lo: int, hi: int, last: bool = False) -> tuple[torch.Tensor, ...]:
+    def weights(self, layer: SlotLinear, lo: int, hi: int, release: bool = False) -> tuple[torch.Tensor, ...]:
         """``A``, ``B`` and the scaling of ``layer``'s slots ``lo`` to ``hi`` (in row order). With ``reuse``, a
         gathered copy is kept from the layer's forward (and a checkpoint's recomputation) to its backward, which
-        lets it go (``last``): made once, not three times."""
-        key = (layer.index, lo, hi)
-        taken = self._taken.pop(key, None) if last else self._taken.get(key)
+        lets it go (``release``): gathered once, not three times."""
+        key = (layer, lo, hi)
+        taken = self._taken.pop(key, None) if release else self._taken.get(key)
         if taken is None:
             pick = self.pick(lo, hi)
             scaling: torch.Tensor = layer.scaling  # type: ignore[assignment]
             taken = tuple(_take(t, pick) for t in (layer.lora_A, layer.lora_B, scaling))
-            if self.reuse and not last and isinstance(pick, torch.Tensor):
+            if self.reuse and not release and isinstance(pick, torch.Tensor):
                 self._taken[key] = taken
         return taken
+
+    def release(self) -> None:
+        """Let every kept copy go: the pass is over, whether or not each layer's backward ran (autograd's nodes
+        keep the pass's layout until the next pass replaces them)."""
+        self._taken.clear()
 
     @classmethod
     def of(cls, keys: list[tuple[int, int]], rows: int, device: torch.device, dropout: list[float] | None = None,
@@ -126,27 +131,37 @@ class SlotContext:
         self.slots = slots
         self.dropout = [0.0] * slots
         self.max_length = max_length
-        self.salts: dict[int, int] = {}
-        """Each slot layer's dropout salt, by its index."""
-        self._index: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._salts: dict[int, int] = {}
         self._salt_column: torch.Tensor | None = None
+        self._index: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def pass_rows(self, keys: list[tuple[int, int]], rows: int, device: torch.device, reuse: bool = False
-                  ) -> PassRows:
+    def salt_of(self, index: int) -> int:
+        """The dropout salt of the slot layer at ``index``, which :meth:`pass_rows` then salts keys for."""
+        self._salts[index] = hash((index, 0x5EED)) & 0x7FFF_FFFF
+        self._salt_column = None
+        return self._salts[index]
+
+    def pass_rows(self, keys: list[tuple[int, int]], rows: int, device: torch.device, training: bool = False,
+                  reuse: bool = False) -> PassRows:
+        """A pass's layout; ``training``: its layers drop; ``reuse``: see :attr:`PassRows.reuse`."""
         laid = PassRows.of(keys, rows, device, self.dropout, self.slots)
         laid.reuse = reuse
-        if laid.dropping and self.salts:
+        if training and laid.dropping and self._salts:
             assert laid.key_tensor is not None
-            laid.salted = laid.key_tensor.view(1, -1) ^ self.salt_column(device)
+            laid.salted = laid.key_tensor.view(1, -1) ^ self._salt_column_on(laid.key_tensor.device)
         return laid
 
-    def salt_column(self, device: torch.device) -> torch.Tensor:
-        """The layers' salts as an int32 column on ``device``, by index (0 where no layer has the index)."""
-        column = self._salt_column
-        if column is None or column.device != device or column.shape[0] != max(self.salts) + 1:
-            values = [self.salts.get(i, 0) for i in range(max(self.salts) + 1)]
-            column = self._salt_column = torch.tensor(values, dtype=torch.int32).view(-1, 1).to(device)
-        return column
+    def end_pass(self) -> None:
+        if self.rows is not None:
+            self.rows.release()
+        self.rows = None
+
+    def _salt_column_on(self, device: torch.device) -> torch.Tensor:
+        """The layers' salts as an int32 column by index (0 in a gap): sent to the device once, not every pass."""
+        if self._salt_column is None or self._salt_column.device != device:
+            values = [self._salts.get(i, 0) for i in range(max(self._salts) + 1)]
+            self._salt_column = send(torch.tensor(values, dtype=torch.int32).view(-1, 1), device)
+        return self._salt_column
 
     def element_index(self, rows: int, tokens: int, features: int, device: torch.device) -> torch.Tensor:
         """(row * max_length + token) * features + feature, int32 (rows, tokens, features): an element's
@@ -170,7 +185,7 @@ class SlotLinear(torch.nn.Module):
         self.ctx = ctx
         self.in_features: int = base_layer.in_features  # type: ignore[assignment]
         self.out_features: int = base_layer.out_features  # type: ignore[assignment]
-        self.salt = ctx.salts[index] = hash((index, 0x5EED)) & 0x7FFF_FFFF
+        self.salt = ctx.salt_of(index)
         device = next(base_layer.parameters()).device
         # fp32 adapter weights, as peft keeps them (``autocast_adapter_dtype``).
         self.lora_A = torch.nn.Parameter(torch.zeros(slots, r_max, self.in_features, device=device))
@@ -203,13 +218,13 @@ class SlotLinear(torch.nn.Module):
         b: torch.Tensor = self.lora_B
         if not rows.every_slot:
             a, b, scaling = a[rows.slots], b[rows.slots], scaling[rows.slots]
-        salted, threshold, scale = self.dropout_of(rows, 0, len(rows.keys))
-        if self.training and rows.dropping and slot_kernels.product_serves(x, a):
-            hidden = slot_kernels.dropped_product(x, a, salted, threshold, scale, x.shape[1] // rows.rows,
-                                                  self.ctx.max_length)
+        dropping = self.training and rows.dropping
+        if dropping and slot_kernels.product_serves(x, a):
+            hidden = slot_kernels.dropped_product(x, a, *self.dropout_of(rows, 0, len(rows.keys)),
+                                                  x.shape[1] // rows.rows, self.ctx.max_length)
         else:
-            if self.training and rows.dropping:
-                x = self.dropout(x, rows.rows, salted, threshold, scale)
+            if dropping:
+                x = self.dropout(x, rows.rows, *self.dropout_of(rows, 0, len(rows.keys)))
             hidden = torch.bmm(x, a.transpose(1, 2))
         hidden = hidden * scaling.view(-1, 1, 1)
         if result.dtype == hidden.dtype:
@@ -220,7 +235,8 @@ class SlotLinear(torch.nn.Module):
         return (result + torch.bmm(hidden, b.transpose(1, 2)).view(result.shape)).to(result.dtype)
 
     def dropout_of(self, rows: PassRows, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The dropout's hash salt, threshold and scale of the pass's slots ``lo`` to ``hi`` at this layer."""
+        """The dropout's hash salt, threshold and scale of the pass's slots ``lo`` to ``hi`` at this layer; the salt
+        from the pass's table, or (a pass laid out without :meth:`SlotContext.pass_rows`) salted here."""
         assert rows.key_tensor is not None and rows.threshold is not None and rows.scale is not None
         salted = rows.key_tensor[lo:hi] ^ self.salt if rows.salted is None else rows.salted[self.index, lo:hi]
         return salted, rows.threshold[lo:hi], rows.scale[lo:hi]
@@ -295,7 +311,7 @@ class _SlotProduct(torch.autograd.Function):
         kept, hidden, lora_a, lora_b = ctx.saved_tensors
         layer, rows, (lo, hi), weight = ctx.layer, ctx.rows, ctx.range, ctx.weight
         n, pick = len(rows.keys), rows.pick(lo, hi)
-        a, b, scaling = rows.weights(layer, lo, hi, last=True)
+        a, b, scaling = rows.weights(layer, lo, hi, release=True)
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         grad_x = dense_grad(grad, weight) if need_x else None
         g = grad.reshape(n, -1, layer.out_features)[lo:hi]

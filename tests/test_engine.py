@@ -114,23 +114,30 @@ def test_a_pass_takes_a_range_of_slots_weights_and_gives_their_gradients_back(or
     assert torch.equal(_spread(grad, pick, weights), weights.grad)
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_a_pass_gathers_a_layers_weights_once_and_lets_them_go_in_its_backward(reuse: bool) -> None:
-    """A step's first training pass keeps a gathered copy from forward to backward; other passes gather anew."""
+@pytest.mark.parametrize(("reuse", "order", "kept"), [
+    (True, [2, 0, 1], True),    # a step's first training pass, its slots gathered
+    (False, [2, 0, 1], False),  # a later pass of the step
+    (True, [0, 1, 2], False),   # a run of consecutive slots: a view, nothing to keep
+])
+def test_a_pass_gathers_a_layers_weights_once_and_lets_them_go_in_its_backward(reuse: bool, order: list[int],
+                                                                               kept: bool) -> None:
     from objectives.slots import SlotContext, SlotLinear
 
     layer = SlotLinear(torch.nn.Linear(4, 3, bias=False), 0, 3, 2, SlotContext(3, 8))
     with torch.no_grad():
         for t in (layer.lora_A, layer.lora_B, layer.scaling):
             t.copy_(torch.randn_like(t))
-    rows = PassRows.of([(2, 0), (0, 0), (1, 0)], 1, torch.device("cpu"), slots=3)
+    rows = PassRows.of([(slot, 0) for slot in order], 1, torch.device("cpu"), slots=3)
     rows.reuse = reuse
     forward = rows.weights(layer, 0, 2)
-    assert (rows.weights(layer, 0, 2) is forward) == reuse  # a checkpoint's recomputation
-    assert all(torch.equal(got, t[[2, 0]]) for got, t in zip(forward, (layer.lora_A, layer.lora_B, layer.scaling),
-                                                             strict=True))
-    assert (rows.weights(layer, 0, 2, last=True) is forward) == reuse
-    assert rows.weights(layer, 0, 2) is not forward  # backward let it go
+    assert all(torch.equal(got, t[order[:2]]) for got, t in zip(forward, (layer.lora_A, layer.lora_B, layer.scaling),
+                                                                strict=True))
+    assert (rows.weights(layer, 0, 2) is forward) == kept  # a checkpoint's recomputation
+    assert (rows.weights(layer, 0, 2, release=True) is forward) == kept  # backward
+    assert not rows._taken
+    rows.weights(layer, 0, 2)
+    rows.release()  # the pass's end lets go of what a backward that never ran would have
+    assert not rows._taken
 
 
 def test_a_pass_salts_every_layers_dropout_keys_at_once_as_each_layer_would() -> None:
@@ -140,7 +147,8 @@ def test_a_pass_salts_every_layers_dropout_keys_at_once_as_each_layer_would() ->
     ctx.dropout = [0.1, 0.0, 0.2]
     layers = [SlotLinear(torch.nn.Linear(4, 4, bias=False), i, 3, 2, ctx) for i in (0, 2)]  # index 1 unused
     keys = [(2, 7), (0, 2**31 + 5), (1, 11)]
-    rows = ctx.pass_rows(keys, 1, torch.device("cpu"))
+    assert ctx.pass_rows(keys, 1, torch.device("cpu")).salted is None  # an evaluation's pass drops nothing
+    rows = ctx.pass_rows(keys, 1, torch.device("cpu"), training=True)
     assert rows.salted is not None and rows.salted.shape == (3, 3)
     alone = PassRows.of(keys, 1, torch.device("cpu"), ctx.dropout, 3)  # no table: each layer salts its own
     for layer in layers:
@@ -392,6 +400,7 @@ def test_slots_on_the_base_cache_train_as_on_the_4bit_layers(setup: Any) -> None
             engine = SlotEngine(base, data, slots=3, r_max=8)
             hooks, results = train_together(engine, configs)
             assert all(r.config.model.base_cache is cache for r in results)  # the run records what trained it
+            assert all(r.config.model.gradient_checkpointing is checkpointing for r in results)
             runs[cache, checkpointing] = [([s["train_loss"] for s in h.steps], r.train.eval_loss, h.adapter)
                                           for h, r in zip(hooks, results, strict=True)]
     finally:
