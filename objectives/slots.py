@@ -152,6 +152,7 @@ class SlotContext:
         return laid
 
     def end_pass(self) -> None:
+        """The pass is over: its layout goes, and with it what its layers kept."""
         if self.rows is not None:
             self.rows.release()
         self.rows = None
