@@ -134,65 +134,11 @@ def test_cuda_graphs_train_as_the_eager_step_does(tmp_path: Path, dropout: float
     torch.testing.assert_close(weights, eager_weights, rtol=0, atol=max(tolerance, 2 * steps))
 
 
-def test_the_slot_kernels_compute_what_the_torch_operations_compute(monkeypatch: pytest.MonkeyPatch) -> None:
-    from objectives import slot_kernels
-    from objectives.config import OptimizerConfig
-    from objectives.slot_optim import SlotOptimizer
-    from objectives.slots import SlotContext, hash32
+def test_the_slot_kernels_compute_what_the_torch_operations_compute() -> None:
+    from tests.slot_kernel_checks import check_dropped_product, check_optimizer_step
 
-    assert slot_kernels.usable(torch.zeros(1, device="cuda")), "Triton ships with CUDA builds of torch"
-    torch.manual_seed(0)
-    n, rows, tokens, features, rank, max_length = 3, 2, 70, 100, 40, 90
-    x = torch.randn(n, rows * tokens, features, device="cuda", requires_grad=True)
-    a = torch.randn(n, rank, features, device="cuda", requires_grad=True)
-    salted = torch.tensor([123456789, 2**31 - 5, 42], dtype=torch.int32, device="cuda") ^ 0x5EED
-    p = [0.3, 0.0, 0.5]
-    threshold = torch.tensor([round(q * 2**24) for q in p], dtype=torch.int32, device="cuda")
-    scale = torch.tensor([1 / (1 - q) for q in p], device="cuda")
-    index = SlotContext(n, max_length).element_index(rows, tokens, features, x.device)
-    keep = (hash32(index.unsqueeze(0) ^ salted.view(-1, 1, 1, 1)) & 0xFFFFFF) >= threshold.view(-1, 1, 1, 1)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # both products in IEEE fp32
-    try:
-        plain = torch.bmm((x.view(n, rows, -1, features) * keep * scale.view(-1, 1, 1, 1)).view(x.shape),
-                          a.transpose(1, 2))
-        fused = slot_kernels.dropped_product(x, a, salted, threshold, scale, tokens, max_length)
-        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
-        grad = torch.randn_like(plain)
-        for got, want in zip(torch.autograd.grad(fused, (x, a), grad), torch.autograd.grad(plain, (x, a), grad),
-                             strict=True):
-            assert torch.equal(got == 0, want == 0)  # the same elements dropped
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-        # The input's gradient added to one already there, in the kernel's epilogue: the same sum
-        into = torch.randn_like(x)
-        alone, _ = slot_kernels.dropped_backward(grad, x, a, salted, threshold, scale, tokens, max_length,
-                                                 need_a=False)
-        added, _ = slot_kernels.dropped_backward(grad, x, a, salted, threshold, scale, tokens, max_length,
-                                                 need_a=False, into=into.clone())
-        assert alone is not None and added is not None and torch.equal(added, into + alone)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-
-    configs = [OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0),
-               OptimizerConfig(name="sgd", lr=1e-1, momentum=0.9, nesterov=True, weight_decay=0.01),
-               OptimizerConfig(name="sgd", lr=1e-1, momentum=0.0), OptimizerConfig(name="adamw", betas=[0.8, 0.99])]
-
-    def train(kernels: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(slot_kernels, "usable", lambda t: kernels)
-        torch.manual_seed(1)
-        params = [torch.nn.Parameter(torch.randn(4, *shape, device="cuda")) for shape in ((6, 5), (3, 6))]
-        optimizer = SlotOptimizer(params, 4)
-        for slot, opt in enumerate(configs):
-            optimizer.reset(slot, opt, total_steps=10)
-        for step in range(3):
-            for w in params:
-                w.grad = torch.randn_like(w)
-            optimizer.clip(optimizer.grad_norms(), [0.5, float("inf"), 1.0, 2.0])
-            optimizer.step([0, 3] if step == 1 else [0, 1, 2])
-        return [t.detach() for t in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
-
-    for a, b in zip(train(False), train(True), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    check_dropped_product("cuda")
+    check_optimizer_step("cuda")
 
 
 def test_the_staging_buffer_sends_each_tensor_as_it_was_given() -> None:
