@@ -214,11 +214,9 @@ class SlotLinear(torch.nn.Module):
         # One batched product per pass: (slots, rows x tokens, in) against each slot's own weights, so no
         # weight is copied per row and the host's work does not grow with the number of slots.
         x = x.to(self.lora_A.dtype).reshape(len(rows.keys), -1, self.in_features)
+        pick = rows.pick(0, len(rows.keys))
         scaling: torch.Tensor = self.scaling  # type: ignore[assignment]
-        a: torch.Tensor = self.lora_A
-        b: torch.Tensor = self.lora_B
-        if not rows.every_slot:
-            a, b, scaling = a[rows.slots], b[rows.slots], scaling[rows.slots]
+        a, b, scaling = _take(self.lora_A, pick), _take(self.lora_B, pick), _take(scaling, pick)
         dropping = self.training and rows.dropping
         if dropping and slot_kernels.product_serves(x, a):
             hidden = slot_kernels.dropped_product(x, a, *self.dropout_of(rows, 0, len(rows.keys)),
