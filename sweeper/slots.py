@@ -17,10 +17,10 @@ from sweeper.space import Param
 MAX_AUTO_SLOTS = 32
 """``auto`` never goes above this: past it a pass is compute-bound on the models this tool targets, and the
 sampler would propose many trials from the same evidence."""
-AUTO_ENGINES = 2
-"""``workers.engines=auto`` runs this many engines where one engine's passes are bound by the host and each engine's
-part of the memory holds as many slots as one would get. On an H200 with SmolLM2-135M in 32 slots, one engine kept
-the GPU 35-49% busy and two 82% (BENCHMARKS.md, benchmark 5)."""
+MAX_AUTO_ENGINES = 3
+"""``workers.engines=auto`` runs up to this many engines where one engine's passes are bound by the host and each
+engine's part of the memory holds as many slots as one would get (the most that do). On an H200 with SmolLM2-135M
+in 32 slots, one engine kept the GPU 35-49% busy, two 75-91% and three MEASURED (BENCHMARKS.md, benchmark 5)."""
 ENGINE_HOST_BOUND = 0.5
 """A pass of a worker's slots whose predicted host time is over this share of its predicted device time is
 host-bound. The time model takes every row ``data.max_length`` wide, which overstates a pass's device time: on the
@@ -104,22 +104,30 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     if (device_kind != "cuda" or one.slots == 1 or cfg.workers.shares_device or cfg.workers.engine_process is False
             or not pass_host_bound(cfg, model_config, one, device)):
         return one
-    # Two engines only where each half of the memory holds as many slots with no more checkpointing (per pass
-    # included: halves would decide it against less memory) and no less of the base's cache.
-    fitting, _ = slots_that_fit(cfg, model_config, memory_bytes // AUTO_ENGINES, one.r_max, one.slots, linear_names)
-    more = _plan_engine_slots(with_engines(cfg, AUTO_ENGINES), params, device_kind, model_config, memory_bytes,
-                              linear_names)
-    if fitting < one.slots:
-        why = f"each half of the memory holds fewer than {one.slots} slots"
-    elif more.checkpointing > one.checkpointing or more.per_pass is not None or more.base_cache < one.base_cache:
-        why = "each half of the memory would need more gradient checkpointing or less of the base's cache"
-    else:
-        under = (f"; a launch runs them as {more.engines} worker processes on its GPU, each doing its trials' "
-                 "bookkeeping in an interpreter of its own" if launches_as_workers(cfg) else "")
-        return dataclasses.replace(more, reason=f"{more.reason} (workers.engines=auto: the time model finds a pass "
-                                                f"of {more.slots} slots bound by the host's kernel launches{under})")
+    # More engines only where each engine's part of the memory holds as many slots and as much of the base's cache,
+    # and checkpoints no whole step that one engine would not: checkpointing by pass recomputes only the passes too
+    # wide for the part, device time that host-bound passes hide (three engines of 32 slots on an H200 did so).
+    for engines in range(MAX_AUTO_ENGINES, 1, -1):
+        fitting, _ = slots_that_fit(cfg, model_config, memory_bytes // engines, one.r_max, one.slots, linear_names)
+        more = _plan_engine_slots(with_engines(cfg, engines), params, device_kind, model_config, memory_bytes,
+                                  linear_names)
+        if fitting < one.slots:
+            why = f"each half of the memory holds fewer than {one.slots} slots"
+        elif always_checkpoints(more) > always_checkpoints(one) or more.base_cache < one.base_cache:
+            why = "each half of the memory would need more gradient checkpointing or less of the base's cache"
+        else:
+            under = (f"; a launch runs them as {more.engines} worker processes on its GPU, each doing its trials' "
+                     "bookkeeping in an interpreter of its own" if launches_as_workers(cfg) else "")
+            return dataclasses.replace(more, reason=f"{more.reason} (workers.engines=auto: the time model finds a "
+                                                    f"pass of {more.slots} slots bound by the host's kernel launches"
+                                                    f"{under})")
     return dataclasses.replace(one, reason=f"{one.reason}; workers.engines=auto: one engine, though its passes are "
                                            f"bound by the host: {why}")
+
+
+def always_checkpoints(plan: SlotPlan) -> bool:
+    """Whether every pass of ``plan``'s engine checkpoints (not only those too wide for its memory)."""
+    return plan.checkpointing and plan.per_pass is None
 
 
 def launches_as_workers(cfg: SweepConfig) -> bool:
