@@ -110,12 +110,12 @@ class WorkersConfig:
     engines: Any = "auto"
     """Slot engines this worker runs on its device, each in a process of its own with its own copy of the base and
     ``workers.slots`` trials per pass, each planned for its part of the worker's memory. On a small model one
-    engine's host (its kernel launches) is the bound, and a second launches while the first's kernels run. More
-    than 1 puts the engines in processes of their own (``workers.engine_process``). ``auto``: 2 on CUDA where
-    the time model finds a pass of the worker's slots bound by the host, the worker's engines may have processes
-    of their own, no other workers share its GPU (``workers.per_gpu``), and each engine's half of the memory holds
-    as many slots with no more checkpointing; otherwise 1. A launch that would train in its own process
-    (``workers.count=0``) then runs the two as worker processes on its GPU, one engine each, whose trials' Optuna and
+    engine's host (its kernel launches) is the bound, and others launch while its kernels run. More than 1 puts
+    the engines in processes of their own (``workers.engine_process``). ``auto``: on CUDA where the time model finds
+    a pass of the worker's slots bound by the host, the worker's engines may have processes of their own and no
+    other workers share its GPU (``workers.per_gpu``), the most engines up to 3 whose parts of the memory each hold
+    as many slots and as much of the base's cache; otherwise 1. A launch that would train in its own process
+    (``workers.count=0``) then runs them as worker processes on its GPU, one engine each, whose trials' Optuna and
     MLflow work no longer share one interpreter (the study in a journal file; not where ``output_dir`` holds an
     ``optuna.db``, ``study.storage`` is set or ``train.device`` names a GPU other than the first); a number keeps
     its engines under the launch."""

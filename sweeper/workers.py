@@ -138,7 +138,7 @@ def engines_as_workers(cfg: SweepConfig, params: Sequence[Param],
         return cfg, []
     gpu = visible_gpus()[0]
     print(f"workers.engines=auto: {plan.engines} engines of {plan.slots} slots, each under a worker process of its own "
-          f"on GPU {gpu} (workers.engines=2 keeps them under this process)")
+          f"on GPU {gpu} (workers.engines={plan.engines} keeps them under this process)")
     return workers, [gpu]
 
 
