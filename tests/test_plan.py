@@ -160,8 +160,9 @@ def test_a_launch_runs_autos_engines_as_workers_only_where_it_may(
     (40, 32, "holds fewer than 32 slots"),
     (24, 16, "holds fewer than 16 slots"),
     (12, 8, "holds fewer than 8 slots"),
+    (56, "auto", "would hold less of the base's cache"),
 ])
-def test_auto_engines_stay_one_where_halves_of_the_memory_would_hold_fewer_slots(
+def test_auto_engines_stay_one_where_halves_of_the_memory_would_hold_fewer_slots_or_less_cache(
         default: tuple[SweepConfig, list[Any]], memory_gib: int, slots: Any, why: str) -> None:
     from transformers import LlamaConfig
 
@@ -186,7 +187,7 @@ def test_auto_engines_follow_the_memory_one_way(default: tuple[SweepConfig, list
     cfg, params = default
     model = LlamaConfig(**SMOLLM2)
     engines = [plan_slots(cfg, params, "cuda", model, gib * 2**30).engines for gib in range(16, 200, 8)]
-    assert engines == sorted(engines) and engines[-1] == 3  # no band of memory where engines come and go
+    assert engines == sorted(engines) and set(engines) == {1, 2, 3}  # no band of memory where engines come and go
 
 
 def test_auto_engines_ask_the_gpu_at_hand(default: tuple[SweepConfig, list[Any]]) -> None:

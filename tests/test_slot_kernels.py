@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,15 @@ import pytest
 
 
 def triton_version() -> tuple[int, ...]:
-    """The installed Triton's (major, minor); (0,) where there is none."""
-    try:
-        return tuple(int(part) for part in importlib.metadata.version("triton").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return (0,)
+    """The installed Triton's (major, minor), under either of its distributions' names; (0,) where there is none."""
+    for name in ("triton", "pytorch-triton"):
+        try:
+            found = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if found:
+            return int(found[1]), int(found[2])
+    return (0,)
 
 
 # Triton 3.6's interpreter fails on a loop whose bound is a kernel's argument (with NumPy 2.4; 3.7 runs it). CUDA
