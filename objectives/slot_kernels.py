@@ -5,7 +5,8 @@ At 64 slots of the 135M model dropout and the optimizer were a third of the GPU'
 benchmark 5): the dropout hash is about 16 tensor operations per adapted layer, the optimizer about 25 per weight
 tensor, each a pass over memory and a kernel launch. The optimizer is one pass here, computing what the torch
 operations in :mod:`objectives.slot_optim` compute, operation for operation in the same order and rounding (no
-fused multiply-add, IEEE division and square root). The dropout is drawn where the first product reads the layer's
+fused multiply-add, IEEE division and square root); it and the gradients' norms are one launch each over every
+weight (a table of their addresses), where a launch per weight took a few hundred per step on the host. The dropout is drawn where the first product reads the layer's
 input, forward and backward, so neither a dropped copy of the input nor its gradient is written and read again;
 its masks are those of :mod:`objectives.slots`, bit for bit, and the products' sums are a tiled product's (equal
 to torch's to float rounding). They run on CUDA where Triton is installed; elsewhere the torch operations do.
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 
+from objectives.transfer import send
+
 try:
     import triton
     import triton.language as tl
@@ -25,6 +28,9 @@ except ImportError:  # no Triton (a CPU-only install): the torch operations run
     triton = None
 
 BLOCK = 1024
+TABLE_COLUMNS = 5
+"""An :func:`address_table`'s row: a weight's, its gradient's and its two moments' addresses, then its elements per
+slot."""
 # Triton's interpreter runs the kernels on CPU tensors: a way to check them without a GPU.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -35,6 +41,7 @@ def usable(t: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    _COLUMNS = tl.constexpr(TABLE_COLUMNS)  # a kernel reads only constexpr globals
 
     @triton.jit
     def _keep(h, salted, threshold):
@@ -128,39 +135,65 @@ if triton is not None:
                  mask=(r[:, None] < R) & (k[None, :] < K))
 
     @triton.jit
-    def _step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, clip_ptr, n, per_slot, slots, eps,
-                     BLOCK: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < n
-        slot = offsets // per_slot
-        c = c_ptr + slot  # coefficient k of a slot is at c_ptr + k * slots + slot
+    def _tensor_of(table_ptr, column):
+        """Row ``program_id(1)`` of an :func:`address_table`: its ``column``'s fp32 tensor and its elements per
+        slot."""
+        row = table_ptr + tl.program_id(1) * _COLUMNS
+        return tl.load(row + column).to(tl.pointer_type(tl.float32)), tl.load(row + _COLUMNS - 1)
 
-        p = tl.load(p_ptr + offsets, mask=inside, other=0.0)
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0) * tl.load(clip_ptr + slot, mask=inside, other=0.0)
-        m = tl.load(m_ptr + offsets, mask=inside, other=0.0)
-        v = tl.load(v_ptr + offsets, mask=inside, other=0.0)
-        # AdamW (objectives.slot_optim.SlotOptimizer.step, in its order)
-        p = p * tl.load(c + 0 * slots, mask=inside, other=1.0)
-        m = m * tl.load(c + 1 * slots, mask=inside, other=1.0)
-        m = m + g * tl.load(c + 2 * slots, mask=inside, other=0.0)
-        v = v * tl.load(c + 3 * slots, mask=inside, other=1.0)
-        v = v + (g * g) * tl.load(c + 4 * slots, mask=inside, other=0.0)
-        denom = tl.div_rn(tl.sqrt_rn(v), tl.load(c + 5 * slots, mask=inside, other=1.0)) + eps
-        p = p - tl.div_rn(m * tl.load(c + 6 * slots, mask=inside, other=0.0), denom)
-        # SGD
-        d_p = g + p * tl.load(c + 7 * slots, mask=inside, other=0.0)
-        m = m * tl.load(c + 8 * slots, mask=inside, other=1.0)
-        m = m + d_p * tl.load(c + 9 * slots, mask=inside, other=0.0)
-        direction = d_p * tl.load(c + 10 * slots, mask=inside, other=0.0) + \
-            m * tl.load(c + 11 * slots, mask=inside, other=0.0)
-        p = p - direction * tl.load(c + 12 * slots, mask=inside, other=0.0)
-        tl.store(p_ptr + offsets, p, mask=inside)
-        tl.store(m_ptr + offsets, m, mask=inside)
-        tl.store(v_ptr + offsets, v, mask=inside)
+    @triton.jit
+    def _square_sums_kernel(table_ptr, out_ptr, slots, BLOCK: tl.constexpr):
+        """out[i, s] = the sum of squares of slot ``s``'s part of the table's gradient ``i``."""
+        s = tl.program_id(0)
+        g_ptr, per_slot = _tensor_of(table_ptr, 1)
+        base = g_ptr + s.to(tl.int64) * per_slot
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, per_slot, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            g = tl.load(base + offsets, mask=offsets < per_slot, other=0.0)
+            acc += g * g
+        tl.store(out_ptr + tl.program_id(1) * slots + s, tl.sum(acc, axis=0))
 
-
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
+    @triton.jit
+    def _step_kernel(table_ptr, c_ptr, clip_ptr, slots, eps, BLOCK: tl.constexpr):
+        """Slot ``program_id(0)``'s part of the table's weight ``program_id(1)``, stepped."""
+        s = tl.program_id(0)
+        p_ptr, per_slot = _tensor_of(table_ptr, 0)
+        g_ptr, _ = _tensor_of(table_ptr, 1)
+        m_ptr, _ = _tensor_of(table_ptr, 2)
+        v_ptr, _ = _tensor_of(table_ptr, 3)
+        first = s.to(tl.int64) * per_slot
+        c = c_ptr + s  # coefficient k of a slot is at c_ptr + k * slots + slot
+        clip = tl.load(clip_ptr + s)
+        decay, beta1, one_minus_beta1 = tl.load(c + 0 * slots), tl.load(c + 1 * slots), tl.load(c + 2 * slots)
+        beta2, one_minus_beta2 = tl.load(c + 3 * slots), tl.load(c + 4 * slots)
+        bias2_sqrt, adam_step, sgd_decay = tl.load(c + 5 * slots), tl.load(c + 6 * slots), tl.load(c + 7 * slots)
+        momentum, into_buffer = tl.load(c + 8 * slots), tl.load(c + 9 * slots)
+        from_grad, from_buffer, sgd_lr = tl.load(c + 10 * slots), tl.load(c + 11 * slots), tl.load(c + 12 * slots)
+        for start in range(0, per_slot, BLOCK):
+            offsets = first + start + tl.arange(0, BLOCK)
+            inside = offsets < first + per_slot
+            p = tl.load(p_ptr + offsets, mask=inside, other=0.0)
+            g = tl.load(g_ptr + offsets, mask=inside, other=0.0) * clip
+            m = tl.load(m_ptr + offsets, mask=inside, other=0.0)
+            v = tl.load(v_ptr + offsets, mask=inside, other=0.0)
+            # AdamW (objectives.slot_optim.SlotOptimizer.step, in its order)
+            p = p * decay
+            m = m * beta1
+            m = m + g * one_minus_beta1
+            v = v * beta2
+            v = v + (g * g) * one_minus_beta2
+            denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+            p = p - tl.div_rn(m * adam_step, denom)
+            # SGD
+            d_p = g + p * sgd_decay
+            m = m * momentum
+            m = m + d_p * into_buffer
+            direction = d_p * from_grad + m * from_buffer
+            p = p - direction * sgd_lr
+            tl.store(p_ptr + offsets, p, mask=inside)
+            tl.store(m_ptr + offsets, m, mask=inside)
+            tl.store(v_ptr + offsets, v, mask=inside)
 
 
 PRODUCT_TILE = (64, 64)
@@ -248,13 +281,26 @@ def dropped_product(x: torch.Tensor, a: torch.Tensor, salted: torch.Tensor, thre
     return out
 
 
-def optimizer_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
-                   exp_avg_sq: list[torch.Tensor], coefficients: torch.Tensor, clip: torch.Tensor,
-                   eps: float) -> None:
-    """One :class:`objectives.slot_optim.SlotOptimizer` step in place, one kernel per weight tensor:
+def address_table(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
+                  exp_avg_sq: list[torch.Tensor]) -> torch.Tensor:
+    """The weights (each contiguous, fp32, shaped (slots, ...)), their gradients and moments as one int64 tensor of
+    addresses on their device, a row per weight (:data:`TABLE_COLUMNS`): one kernel launch then serves them all,
+    where a launch per weight took a few hundred per step. The caller keeps the tensors alive until the kernel has
+    been queued."""
+    rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel() // p.shape[0]]
+            for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq, strict=True)]
+    return send(torch.tensor(rows, dtype=torch.int64), params[0].device)
+
+
+def square_sums(table: torch.Tensor, slots: int) -> torch.Tensor:
+    """(weights, slots): the sum of squares of each slot's part of each gradient in ``table``, in one launch."""
+    out = torch.empty(table.shape[0], slots, device=table.device, dtype=torch.float32)
+    _square_sums_kernel[(slots, table.shape[0])](table, out, slots, BLOCK=BLOCK)
+    return out
+
+
+def optimizer_step(table: torch.Tensor, coefficients: torch.Tensor, clip: torch.Tensor, eps: float) -> None:
+    """One :class:`objectives.slot_optim.SlotOptimizer` step in place over ``table``'s weights, in one launch:
     ``coefficients`` (13, slots) in the order of its table, ``clip`` (slots,) each slot's gradient scale."""
     slots = clip.numel()
-    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq, strict=True):
-        n = p.numel()
-        _step_kernel[_grid(n)](p, g.contiguous(), m, v, coefficients, clip, n, n // slots, slots, eps,
-                               BLOCK=BLOCK, enable_fp_fusion=False)
+    _step_kernel[(slots, table.shape[0])](table, coefficients, clip, slots, eps, BLOCK=BLOCK, enable_fp_fusion=False)

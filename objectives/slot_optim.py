@@ -63,6 +63,9 @@ class SlotOptimizer:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros(self.slots, device=self.device)
+        if slot_kernels.usable(grads[0]):
+            with_grad = [i for i, w in enumerate(self.params) if w.grad is not None]
+            return slot_kernels.square_sums(self._address_table(with_grad), self.slots).sum(0).sqrt()
         squares = torch._foreach_mul(grads, grads)
         return torch.stack([s.flatten(1).sum(1) for s in squares]).sum(0).sqrt()
 
@@ -78,7 +81,7 @@ class SlotOptimizer:
         Every operation runs over all slots and all tensors at once (``torch._foreach_*``), with per-slot
         coefficients that leave a slot untouched where its optimizer does not apply (multiply by 1, add 0).
         AdamW's moments and SGD's momentum buffer share ``exp_avg``: a slot uses one optimizer. Where the fused
-        kernel runs (:mod:`objectives.slot_kernels`), it does the same arithmetic in one pass per tensor.
+        kernel runs (:mod:`objectives.slot_kernels`), it does the same arithmetic in one launch over every tensor.
         """
         for slot in active:
             self.steps[slot] += 1
@@ -87,16 +90,16 @@ class SlotOptimizer:
         clip, self.clip_scale = self.clip_scale, None
         if not with_grad or not active:
             return
+        table = self._coefficients(active)
+        if slot_kernels.usable(self.params[0]):
+            ones = torch.ones(self.slots, device=self.device)
+            slot_kernels.optimizer_step(self._address_table(with_grad), table, ones if clip is None else clip,
+                                        self.EPS)
+            return
         grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
         params = [self.params[i].data for i in with_grad]
         exp_avg = [self.exp_avg[i] for i in with_grad]
         exp_avg_sq = [self.exp_avg_sq[i] for i in with_grad]
-        table = self._coefficients(active)
-        if slot_kernels.usable(params[0]):
-            ones = torch.ones(self.slots, device=self.device)
-            slot_kernels.optimizer_step(params, grads, exp_avg, exp_avg_sq, table, ones if clip is None else clip,
-                                        self.EPS)
-            return
         if clip is not None:
             torch._foreach_mul_(grads, [clip.view(-1, 1, 1)] * len(grads))
         n = len(params)
@@ -124,6 +127,17 @@ class SlotOptimizer:
         direction = torch._foreach_add(torch._foreach_mul(d_p, col("from_grad")),
                                        torch._foreach_mul(exp_avg, col("from_buffer")))
         torch._foreach_sub_(params, torch._foreach_mul(direction, col("sgd_lr")))
+
+    def _address_table(self, with_grad: list[int]) -> torch.Tensor:
+        """The weights at ``with_grad`` with their gradients (made contiguous) and moments, for the kernels."""
+        for i in with_grad:
+            grad = self.params[i].grad
+            assert grad is not None
+            if not grad.is_contiguous():
+                self.params[i].grad = grad.contiguous()
+        return slot_kernels.address_table([self.params[i].data for i in with_grad],
+                                          [self.params[i].grad for i in with_grad],  # type: ignore[misc]
+                                          [self.exp_avg[i] for i in with_grad], [self.exp_avg_sq[i] for i in with_grad])
 
     def _coefficients(self, active: list[int]) -> torch.Tensor:
         """(coefficients, slots) on the device, in :data:`COEFFICIENTS`' order; neutral (1 or 0) where a slot does

@@ -51,8 +51,8 @@ def check_dropped_product(device: str, n: int = 3, rows: int = 2, tokens: int = 
 
 
 def check_optimizer_step(device: str) -> None:
-    """Three steps of AdamW and SGD (momentum, nesterov, none) slots, some skipped, with clipping: the kernel
-    against the torch operations, operation for operation."""
+    """Three steps of AdamW and SGD (momentum, nesterov, none) slots, some skipped, with clipping: the kernels (the
+    gradients' norms and the step) against the torch operations, operation for operation."""
     from objectives import slot_kernels
     from objectives.config import OptimizerConfig
     from objectives.slot_optim import SlotOptimizer
@@ -66,16 +66,21 @@ def check_optimizer_step(device: str) -> None:
         slot_kernels.usable = lambda t: kernels and usable(t)  # type: ignore[method-assign]
         try:
             torch.manual_seed(1)
-            params = [torch.nn.Parameter(torch.randn(4, *shape, device=device)) for shape in ((6, 5), (3, 6))]
+            # a weight of several blocks per slot; one whose gradient is not contiguous; one without a gradient once
+            shapes = ((6, 5), (3, 6), (40, 60))
+            params = [torch.nn.Parameter(torch.randn(4, *shape, device=device)) for shape in shapes]
             optimizer = SlotOptimizer(params, 4)
+            norms: list[torch.Tensor] = []
             for slot, opt in enumerate(configs):
                 optimizer.reset(slot, opt, total_steps=10)
             for step in range(3):
-                for w in params:
-                    w.grad = torch.randn_like(w)
-                optimizer.clip(optimizer.grad_norms(), [0.5, float("inf"), 1.0, 2.0])
+                params[0].grad = torch.randn(4, 5, 6, device=device).transpose(1, 2)
+                params[1].grad = None if step == 1 else torch.randn_like(params[1])
+                params[2].grad = torch.randn_like(params[2])
+                norms.append(optimizer.grad_norms())
+                optimizer.clip(norms[-1], [0.5, float("inf"), 1.0, 2.0])
                 optimizer.step([0, 3] if step == 1 else [0, 1, 2])
-            return [t.detach() for t in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
+            return [t.detach() for t in (*norms, *params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
         finally:
             slot_kernels.usable = usable  # type: ignore[method-assign]
 
