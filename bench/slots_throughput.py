@@ -42,15 +42,20 @@ class Method:
     overrides: list[str]
     trials: list[TrialTiming] = field(default_factory=list)
     started: float = 0.0
+    ended: float | None = None
+    """When the launch exited or was killed (epoch seconds)."""
     exit_code: int | None = None
     log: str = ""
 
     def window(self, seconds: float) -> tuple[float, float] | None:
-        """From the first trial's end to the timeout (counted from the first trial's start, as Optuna does)."""
+        """From the first trial's end to the timeout (counted from the first trial's start, as Optuna does), or to
+        the launch's end where it was killed before that: a launch whose start-up outlasts ``--grace`` is killed
+        inside the window, and the time after the kill holds neither trials nor GPU work of its own."""
         if len(self.trials) < 2:
             return None
         first_end = min(t.end for t in self.trials)
-        return first_end, min(t.start for t in self.trials) + seconds
+        end = min(t.start for t in self.trials) + seconds
+        return first_end, end if self.ended is None else min(end, self.ended)
 
     def steady(self, seconds: float) -> float | None:
         """Finished trials per hour inside :meth:`window`: no start-up, no drain after the timeout."""
@@ -61,10 +66,12 @@ class Method:
         return n / (window[1] - window[0]) * 3600
 
     def step_rate(self, seconds: float) -> float | None:
-        """Trial steps per hour from the first trial's start to the timeout (:func:`bench.timing.steps_per_hour`)."""
+        """Trial steps per hour from the first trial's start to the timeout, or to the launch's end where it was
+        killed before (:func:`bench.timing.steps_per_hour`)."""
         if not self.trials:
             return None
-        return steps_per_hour(self.trials, min(t.start for t in self.trials), seconds)
+        start = min(t.start for t in self.trials)
+        return steps_per_hour(self.trials, start, seconds if self.ended is None else min(seconds, self.ended - start))
 
 
 # The same 16 grid points both ways (pruning off), whatever order the slots ask for them: pairs by parameters.
@@ -119,6 +126,7 @@ def launch(args: argparse.Namespace, method: Method, common: list[str], workdir:
             proc.wait()
             method.exit_code = -9
             say(f"  still running {seconds + args.grace:.0f} s after its start: killed with its workers")
+        method.ended = time.time()
     method.log = log_tail(log)
     method.trials = load_trials(out, name)
     say(f"  exit {method.exit_code}; {len(method.trials)} finished trials")
@@ -183,7 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--paired", default="16", help="slots for the paired part ('' skips it)")
     p.add_argument("--paired-trials", type=int, default=16, help="16 covers the paired grid once")
     p.add_argument("--extra", default="", help="more overrides for every launch, space-separated")
-    p.add_argument("--grace", type=float, default=240.0, help="seconds a launch may run past its timeout")
+    p.add_argument("--grace", type=float, default=240.0,
+                   help="seconds a launch may run past its timeout; one killed earlier is measured up to the kill")
     return p.parse_args(argv)
 
 

@@ -4,12 +4,13 @@ the optimizer step.
 At 64 slots of the 135M model dropout and the optimizer were a third of the GPU's time per step (BENCHMARKS.md,
 benchmark 5): the dropout hash is about 16 tensor operations per adapted layer, the optimizer about 25 per weight
 tensor, each a pass over memory and a kernel launch. The optimizer is one pass here, computing what the torch
-operations in :mod:`objectives.slot_optim` compute, operation for operation in the same order and rounding (no
-fused multiply-add, IEEE division and square root); it and the gradients' norms are one launch each over every
-weight (a table of their addresses), where a launch per weight took a few hundred per step on the host. The dropout is drawn where the first product reads the layer's
-input, forward and backward, so neither a dropped copy of the input nor its gradient is written and read again;
-its masks are those of :mod:`objectives.slots`, bit for bit, and the products' sums are a tiled product's (equal
-to torch's to float rounding). They run on CUDA where Triton is installed; elsewhere the torch operations do.
+operations in :mod:`objectives.slot_optim` compute, operation for operation in the same order and rounding (no fused
+multiply-add, IEEE division and square root); it and the gradients' norms are one launch each over every weight (a
+table of their addresses), where a launch per weight took a few hundred per step on the host. The dropout is drawn
+where the first product reads the layer's input, forward and backward, so neither a dropped copy of the input nor
+its gradient is written and read again; its masks are those of :mod:`objectives.slots`, bit for bit, and the
+products' sums are a tiled product's (equal to torch's to float rounding). They run on CUDA where Triton is
+installed; elsewhere the torch operations do.
 """
 
 from __future__ import annotations
