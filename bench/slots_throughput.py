@@ -57,6 +57,10 @@ class Method:
         end = min(t.start for t in self.trials) + seconds
         return first_end, end if self.ended is None else min(end, self.ended)
 
+    def start_up(self) -> float | None:
+        """Seconds from the launch's start to its first trial's start (imports, the base, the workers)."""
+        return min(t.start for t in self.trials) - self.started if self.trials else None
+
     def steady(self, seconds: float) -> float | None:
         """Finished trials per hour inside :meth:`window`: no start-up, no drain after the timeout."""
         window = self.window(seconds)
@@ -214,15 +218,17 @@ def throughput_lines(args: argparse.Namespace, methods: list[Method], gpu: GpuSa
         busy = gpu.busy_fraction(*window) if window else None
         rows.append([m.label, str(len(m.trials)), num(rate[m.label], 0), ratio(rate[m.label], base), percent(busy),
                      num(steps[m.label], 0), ratio(steps[m.label], base_steps), num(best_value(m.trials), 4),
-                     str(m.exit_code)])
+                     num(m.start_up(), 0), str(m.exit_code)])
     k = min((len(complete(m.trials)) for m in methods), default=0)
     lines = [f"Model: {model_name(args)}; "
              f"each method ran `python -m sweeper launch` for {args.seconds:.0f} s (study.timeout_s).", "",
              markdown_table(["method", "finished trials", "trials/h (steady)", "vs one at a time", "GPU busy",
-                             "trial steps/h", "steps vs one at a time", "best eval loss", "exit"], rows), "",
+                             "trial steps/h", "steps vs one at a time", "best eval loss", "start-up s", "exit"],
+                            rows), "",
              "Trial steps per hour count every trial's steps inside the window from the first trial's start to the "
-             "timeout, a trial's steps spread evenly over its time: slots start and finish trials in waves, which "
-             "makes finished trials per hour swing with where the window cuts them, while steps do not.", "",
+             "timeout (or to the launch's kill, where it came first), a trial's steps spread evenly over its time: "
+             "slots start and finish trials in waves, which makes finished trials per hour swing with where the "
+             "window cuts them, while steps do not. Start-up: from the launch's start to its first trial's.", "",
              f"Best eval loss after the first {k} complete trials of each: "
              + ", ".join(f"{m.label} {num(best_after(m.trials, k), 4)}" for m in methods)]
     return lines
