@@ -43,14 +43,15 @@ class Method:
     trials: list[TrialTiming] = field(default_factory=list)
     started: float = 0.0
     ended: float | None = None
-    """When the launch exited or was killed (epoch seconds)."""
+    """When the launch exited or was killed (epoch seconds); None before it ran."""
     exit_code: int | None = None
     log: str = ""
 
     def window(self, seconds: float) -> tuple[float, float] | None:
         """From the first trial's end to the timeout (counted from the first trial's start, as Optuna does), or to
-        the launch's end where it was killed before that: a launch whose start-up outlasts ``--grace`` is killed
-        inside the window, and the time after the kill holds neither trials nor GPU work of its own."""
+        the launch's end where it ended before that: a launch whose start-up outlasts ``--grace`` is killed inside
+        the window, and the time after the kill holds neither trials nor GPU work of its own. The trials still
+        running at a kill never finish and are not counted: a killed launch's rates are a little low."""
         if len(self.trials) < 2:
             return None
         first_end = min(t.end for t in self.trials)
@@ -70,8 +71,8 @@ class Method:
         return n / (window[1] - window[0]) * 3600
 
     def step_rate(self, seconds: float) -> float | None:
-        """Trial steps per hour from the first trial's start to the timeout, or to the launch's end where it was
-        killed before (:func:`bench.timing.steps_per_hour`)."""
+        """Trial steps per hour from the first trial's start to the timeout, or to the launch's end where it ended
+        before (:func:`bench.timing.steps_per_hour`)."""
         if not self.trials:
             return None
         start = min(t.start for t in self.trials)
@@ -196,7 +197,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--paired-trials", type=int, default=16, help="16 covers the paired grid once")
     p.add_argument("--extra", default="", help="more overrides for every launch, space-separated")
     p.add_argument("--grace", type=float, default=240.0,
-                   help="seconds a launch may run past its timeout; one killed earlier is measured up to the kill")
+                   help="seconds a launch may run past its timeout; one killed before is measured up to the kill")
     return p.parse_args(argv)
 
 
@@ -226,9 +227,10 @@ def throughput_lines(args: argparse.Namespace, methods: list[Method], gpu: GpuSa
                              "trial steps/h", "steps vs one at a time", "best eval loss", "start-up s", "exit"],
                             rows), "",
              "Trial steps per hour count every trial's steps inside the window from the first trial's start to the "
-             "timeout (or to the launch's kill, where it came first), a trial's steps spread evenly over its time: "
+             "timeout (or to the launch's end, where it came first), a trial's steps spread evenly over its time: "
              "slots start and finish trials in waves, which makes finished trials per hour swing with where the "
-             "window cuts them, while steps do not. Start-up: from the launch's start to its first trial's.", "",
+             "window cuts them, while steps do not. A launch killed before its timeout (exit -9) leaves its running "
+             "trials uncounted. Start-up: from the launch's start to its first trial's.", "",
              f"Best eval loss after the first {k} complete trials of each: "
              + ", ".join(f"{m.label} {num(best_after(m.trials, k), 4)}" for m in methods)]
     return lines

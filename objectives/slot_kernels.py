@@ -37,8 +37,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def usable(t: torch.Tensor) -> bool:
-    """Whether the kernels serve ``t``: Triton is installed, and ``t`` is on CUDA (or the interpreter runs)."""
-    return triton is not None and (t.is_cuda or INTERPRETED)
+    """Whether the kernels serve ``t``: Triton is installed, and ``t`` is on CUDA (on the CPU where the interpreter
+    runs: it reads the address tables on the host)."""
+    return triton is not None and (t.is_cpu if INTERPRETED else t.is_cuda)
 
 
 if triton is not None:

@@ -31,6 +31,8 @@ class SlotOptimizer:
     EPS = 1e-8
 
     def __init__(self, params: list[torch.nn.Parameter], slots: int) -> None:
+        # The kernels read every weight and moment by address as contiguous fp32 (slot_kernels.address_table).
+        assert all(p.dtype == torch.float32 and p.is_contiguous() and p.shape[0] == slots for p in params)
         self.params = params
         self.slots = slots
         device = params[0].device
@@ -132,7 +134,7 @@ class SlotOptimizer:
         """The weights at ``with_grad`` with their gradients (made contiguous) and moments, for the kernels."""
         for i in with_grad:
             grad = self.params[i].grad
-            assert grad is not None
+            assert grad is not None and grad.dtype == torch.float32
             if not grad.is_contiguous():
                 self.params[i].grad = grad.contiguous()
         return slot_kernels.address_table([self.params[i].data for i in with_grad],

@@ -51,8 +51,8 @@ def check_dropped_product(device: str, n: int = 3, rows: int = 2, tokens: int = 
 
 
 def check_optimizer_step(device: str) -> None:
-    """Three steps of AdamW and SGD (momentum, nesterov, none) slots, some skipped, with clipping: the kernels (the
-    gradients' norms and the step) against the torch operations, operation for operation."""
+    """Three steps of AdamW and SGD (momentum, nesterov, none) slots, some skipped, with clipping: the step's kernel
+    against the torch operations, operation for operation, and the norms' kernel against theirs to float rounding."""
     from objectives import slot_kernels
     from objectives.config import OptimizerConfig
     from objectives.slot_optim import SlotOptimizer
@@ -62,7 +62,7 @@ def check_optimizer_step(device: str) -> None:
                OptimizerConfig(name="sgd", lr=1e-1, momentum=0.0), OptimizerConfig(name="adamw", betas=[0.8, 0.99])]
     usable = slot_kernels.usable
 
-    def train(kernels: bool) -> list[torch.Tensor]:
+    def train(kernels: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         slot_kernels.usable = lambda t: kernels and usable(t)  # type: ignore[method-assign]
         try:
             torch.manual_seed(1)
@@ -78,14 +78,20 @@ def check_optimizer_step(device: str) -> None:
                 params[1].grad = None if step == 1 else torch.randn_like(params[1])
                 params[2].grad = torch.randn_like(params[2])
                 norms.append(optimizer.grad_norms())
-                optimizer.clip(norms[-1], [0.5, float("inf"), 1.0, 2.0])
+                # Both ways clip by the torch operations' norms: the kernel's sum in another order would otherwise
+                # reach the step through the clipping and hide a change in the step's own arithmetic.
+                grads = [w.grad for w in params if w.grad is not None]
+                reference = torch.stack([(g * g).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+                optimizer.clip(reference, [0.5, float("inf"), 1.0, 2.0])
                 optimizer.step([0, 3] if step == 1 else [0, 1, 2])
-            return [t.detach() for t in (*norms, *params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
+            return torch.stack(norms), [t.detach() for t in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
         finally:
             slot_kernels.usable = usable  # type: ignore[method-assign]
 
     assert usable(torch.zeros(1, device=device)), f"the kernels do not serve {device}"
-    for a, b in zip(train(False), train(True), strict=True):
+    (torch_norms, torch_state), (kernel_norms, kernel_state) = train(False), train(True)
+    torch.testing.assert_close(kernel_norms, torch_norms, rtol=1e-6, atol=0.0)  # sums in another order
+    for a, b in zip(torch_state, kernel_state, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
