@@ -112,18 +112,18 @@ def plan_slots(cfg: SweepConfig, params: Sequence[Param], device_kind: str, mode
     # wide for the part): device time that host-bound passes hide (three engines of 32 slots on an H200 did).
     for engines in range(MAX_AUTO_ENGINES, 1, -1):
         fitting, _ = slots_that_fit(cfg, model_config, memory_bytes // engines, one.r_max, one.slots, linear_names)
-        more = _plan_engine_slots(with_engines(cfg, engines), params, device_kind, model_config, memory_bytes,
-                                  linear_names)
         if fitting < one.slots:
             why = f"each half of the memory holds fewer than {one.slots} slots"
-        elif more.base_cache < one.base_cache:
+            continue
+        more = _plan_engine_slots(with_engines(cfg, engines), params, device_kind, model_config, memory_bytes,
+                                  linear_names)
+        if more.base_cache < one.base_cache:
             why = "each half of the memory would hold less of the base's cache"
-        else:
-            under = (f"; a launch runs them as {more.engines} worker processes on its GPU, each doing its trials' "
-                     "bookkeeping in an interpreter of its own" if launches_as_workers(cfg) else "")
-            return dataclasses.replace(more, reason=f"{more.reason} (workers.engines=auto: the time model finds a "
-                                                    f"pass of {more.slots} slots bound by the host's kernel launches"
-                                                    f"{under})")
+            continue
+        under = (f"; a launch runs them as {more.engines} worker processes on its GPU, each doing its trials' "
+                 "bookkeeping in an interpreter of its own" if launches_as_workers(cfg) else "")
+        return dataclasses.replace(more, reason=f"{more.reason} (workers.engines=auto: the time model finds a pass of "
+                                                f"{more.slots} slots bound by the host's kernel launches{under})")
     return dataclasses.replace(one, reason=f"{one.reason}; workers.engines=auto: one engine, though its passes are "
                                            f"bound by the host: {why}")
 
