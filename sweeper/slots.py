@@ -20,10 +20,10 @@ sampler would propose many trials from the same evidence."""
 MAX_AUTO_ENGINES = 3
 """``workers.engines=auto`` runs up to this many engines where one engine's passes are bound by the host and each
 engine's part of the memory holds as many slots and as much of the base's cache as one engine would get (the most
-that do). On an H200 with SmolLM2-135M in 32 slots, one engine kept the GPU 35-49% busy; in the user's command, with
-three workers of 32 slots, nvidia-smi read it 98% busy from the end of their start-up to the end of the run
-(BENCHMARKS.md, benchmark 5). Four read about as busy (99.7%) after a longer start-up: with three the GPU is hardly
-ever idle. Each engine holds a copy of the base and a CUDA context of its own."""
+that do). On an H200 with SmolLM2-135M in 32 slots, one engine kept the GPU 35-49% busy; in the user's command, three
+workers of 32 slots kept it 95-98% busy after their start-up (BENCHMARKS.md, benchmark 5). Four were about as busy
+(99.7% by nvidia-smi) after a longer start-up: with three the GPU is hardly ever idle. Each engine holds a copy of
+the base and a CUDA context of its own."""
 ENGINE_HOST_BOUND = 0.5
 """A pass of a worker's slots whose predicted host time is over this share of its predicted device time is
 host-bound. The time model takes every row ``data.max_length`` wide, which overstates a pass's device time: on the
