@@ -3,10 +3,11 @@
 Every method is the user's own command, ``python -m sweeper launch``, on the default search space and trial
 length, run for ``--seconds`` (``study.timeout_s``: no trial starts after it); nvidia-smi samples the GPU
 meanwhile. Trials per hour count the finished trials (complete or pruned) from the first trial's end to
-the timeout; trial steps per hour count every trial's steps inside the window, which waves of slots that
-start and end together do not tilt. A second part runs the same random-sampler trials (pruning off) one at a
-time and in slots and pairs them by parameters: the per-trial difference of the eval loss says whether sharing
-a pass changes results.
+the timeout, or to the launch's end where that came first; trial steps per hour count every trial's steps from
+the first trial's start to the same end, which waves of slots that start and end together do not tilt. A
+launch and its workers are killed ``--seconds`` + ``--grace`` after its start, start-up included. A second part
+runs the same 16 grid-sampler trials (pruning off) one at a time and in slots and pairs them by parameters: the
+per-trial difference of the eval loss says whether sharing a pass changes results.
 
     PYTHONPATH=$PWD python bench/slots_throughput.py --model-source $M --out $R/slots.md
     PYTHONPATH=$PWD python bench/slots_throughput.py --shape 1b --weights random --methods 1,16 --out $R/slots_1b.md
@@ -191,13 +192,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", default="135m", choices=["135m", "1b", "8b"])
     p.add_argument("--weights", choices=["real", "random"], default="real")
     p.add_argument("--methods", default="1,w8,8,16,32",
-                   help="1: one at a time; K: slots; wN: N workers; wNxK: N workers of K slots each")
+                   help="1: one at a time; K or auto: slots; Kt: the engine in the launch's process; wN: N workers; "
+                        "wNxK: N workers of K slots each; +key=value after any adds an override to it")
     p.add_argument("--seconds", type=float, default=80.0, help="study.timeout_s of every method")
     p.add_argument("--paired", default="16", help="slots for the paired part ('' skips it)")
     p.add_argument("--paired-trials", type=int, default=16, help="16 covers the paired grid once")
     p.add_argument("--extra", default="", help="more overrides for every launch, space-separated")
     p.add_argument("--grace", type=float, default=240.0,
-                   help="seconds a launch may run past its timeout; one killed before is measured up to the kill")
+                   help="a launch and its workers are killed --seconds + --grace after its start (start-up included); "
+                        "one killed before its timeout is measured up to the kill")
     return p.parse_args(argv)
 
 
