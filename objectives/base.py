@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -49,6 +49,12 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def current_device(device: torch.device) -> AbstractContextManager[Any]:
+    """``device`` as this thread's current CUDA device (nothing to do off CUDA). Triton's kernels and CUDA graphs
+    run on the current device, not on their tensors': training on ``cuda:1`` would launch them on ``cuda:0``."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def initialise_lora(model: Any, lora: LoraConfig, seed: int) -> None:

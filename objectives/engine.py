@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from objectives.attention import on_device, routed
-from objectives.base import ResidentBase, free_accelerator_memory
+from objectives.base import ResidentBase, current_device, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig
 from objectives.data import Rows, TokenizedSplits, targets_in, train_micro_batches
 from objectives.decisions import with_base_cache, with_checkpointing, with_cuda_graphs, with_fused_loss
@@ -282,7 +282,7 @@ class SlotEngine:
             admitted: list[Job] = []
             while self.pending and len(self.running) + len(admitted) < self.capacity:
                 admitted.append(self.pending.popleft())
-        with self.turns.engine():
+        with self.turns.engine(), current_device(self.base.device):
             for job in admitted:
                 self._admit(job)
             if self.running:

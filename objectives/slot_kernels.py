@@ -172,7 +172,8 @@ if triton is not None:
         bias2_sqrt, adam_step, sgd_decay = tl.load(c + 5 * slots), tl.load(c + 6 * slots), tl.load(c + 7 * slots)
         momentum, into_buffer = tl.load(c + 8 * slots), tl.load(c + 9 * slots)
         from_grad, from_buffer, sgd_lr = tl.load(c + 10 * slots), tl.load(c + 11 * slots), tl.load(c + 12 * slots)
-        for start in range(0, per_slot, BLOCK):
+        stepped = tl.load(c + 13 * slots) != 0  # a slot that does not step is not touched, whatever its gradient
+        for start in range(0, per_slot * stepped.to(tl.int64), BLOCK):
             offsets = first + start + tl.arange(0, BLOCK)
             inside = offsets < first + per_slot
             p = tl.load(p_ptr + offsets, mask=inside, other=0.0)
@@ -303,6 +304,6 @@ def square_sums(table: torch.Tensor, slots: int) -> torch.Tensor:
 
 def optimizer_step(table: torch.Tensor, coefficients: torch.Tensor, clip: torch.Tensor, eps: float) -> None:
     """One :class:`objectives.slot_optim.SlotOptimizer` step in place over ``table``'s weights, in one launch:
-    ``coefficients`` (13, slots) in the order of its table, ``clip`` (slots,) each slot's gradient scale."""
+    ``coefficients`` (14, slots) in the order of its table, ``clip`` (slots,) each slot's gradient scale."""
     slots = clip.numel()
     _step_kernel[(slots, table.shape[0])](table, coefficients, clip, slots, eps, BLOCK=BLOCK, enable_fp_fusion=False)

@@ -18,11 +18,12 @@ from objectives.config import OptimizerConfig
 from objectives.training import lr_lambda
 from objectives.transfer import send
 
-# Each coefficient's neutral value: a slot that does not step, or whose optimizer does not use it, keeps its
-# weights and state. The order is the fused kernel's (objectives.slot_kernels).
+# Each coefficient's neutral value: a slot whose optimizer does not use it keeps its weights and state. A slot that
+# does not step ("stepped" 0) is left out: its gradient may be NaN or infinite, which no neutral value cancels.
+# The order is the fused kernel's (objectives.slot_kernels).
 COEFFICIENTS = {"decay": 1.0, "beta1": 1.0, "one_minus_beta1": 0.0, "beta2": 1.0, "one_minus_beta2": 0.0,
                 "bias2_sqrt": 1.0, "adam_step": 0.0, "sgd_decay": 0.0, "momentum": 1.0, "into_buffer": 0.0,
-                "from_grad": 0.0, "from_buffer": 0.0, "sgd_lr": 0.0}
+                "from_grad": 0.0, "from_buffer": 0.0, "sgd_lr": 0.0, "stepped": 0.0}
 
 
 class SlotOptimizer:
@@ -81,7 +82,8 @@ class SlotOptimizer:
         """One optimizer step for the ``active`` slots; the others' weights and state do not change.
 
         Every operation runs over all slots and all tensors at once (``torch._foreach_*``), with per-slot
-        coefficients that leave a slot untouched where its optimizer does not apply (multiply by 1, add 0).
+        coefficients that leave a slot untouched where its optimizer does not apply (multiply by 1, add 0); a slot
+        that does not step enters with a zero gradient (the kernel skips it), so a NaN there changes nothing.
         AdamW's moments and SGD's momentum buffer share ``exp_avg``: a slot uses one optimizer. Where the fused
         kernel runs (:mod:`objectives.slot_kernels`), it does the same arithmetic in one launch over every tensor.
         """
@@ -98,17 +100,21 @@ class SlotOptimizer:
             slot_kernels.optimizer_step(self._address_table(with_grad), table, ones if clip is None else clip,
                                         self.EPS)
             return
-        grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
         params = [self.params[i].data for i in with_grad]
         exp_avg = [self.exp_avg[i] for i in with_grad]
         exp_avg_sq = [self.exp_avg_sq[i] for i in with_grad]
-        if clip is not None:
-            torch._foreach_mul_(grads, [clip.view(-1, 1, 1)] * len(grads))
-        n = len(params)
-        c = {name: table[i].view(-1, 1, 1) for i, name in enumerate(COEFFICIENTS)}
+        c = dict(zip(COEFFICIENTS, table, strict=True))
 
         def col(name: str) -> list[torch.Tensor]:
-            return [c[name]] * n
+            return [along_slots(c[name], p) for p in params]
+
+        # A slot that does not step gets a zero gradient, which its neutral coefficients leave without effect.
+        grads = []
+        for p, i in zip(params, with_grad, strict=True):
+            g = self.params[i].grad
+            assert g is not None
+            grads.append(torch.where(along_slots(c["stepped"], p) != 0,
+                                     g if clip is None else g * along_slots(clip, p), 0.0))
 
         # AdamW: decoupled decay, moments, bias-corrected step (multiplied before the division, so a slot whose
         # step is 0 adds an exact 0 whatever its buffer holds).
@@ -163,9 +169,15 @@ class SlotOptimizer:
                                 ("into_buffer", 1.0 if m != 0 else 0.0), ("from_grad", from_grad),
                                 ("from_buffer", from_buffer), ("sgd_lr", lr)):
                     table[name][slot] = v
+            table["stepped"][slot] = 1.0
         return send(torch.tensor(list(table.values()), dtype=self.params[0].dtype), self.device)
 
     def _cfg(self, slot: int) -> OptimizerConfig:
         cfg = self.configs[slot]
         assert cfg is not None, f"slot {slot} has no trial"
         return cfg
+
+
+def along_slots(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-slot ``values`` (slots,) shaped to broadcast over ``like`` (slots, ...)."""
+    return values.view((-1,) + (1,) * (like.dim() - 1))

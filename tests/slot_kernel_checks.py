@@ -6,6 +6,7 @@ interpreter is chosen when the kernels are defined."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -52,7 +53,8 @@ def check_dropped_product(device: str, n: int = 3, rows: int = 2, tokens: int = 
 
 def check_optimizer_step(device: str) -> None:
     """Three steps of AdamW and SGD (momentum, nesterov, none) slots, some skipped, with clipping: the step's kernel
-    against the torch operations, operation for operation, and the norms' kernel against theirs to float rounding."""
+    against the torch operations, operation for operation, and the norms' kernel against theirs to float rounding; a
+    NaN and an infinite gradient in slots that do not step leave them untouched."""
     from objectives import slot_kernels
     from objectives.config import OptimizerConfig
     from objectives.slot_optim import SlotOptimizer
@@ -77,6 +79,9 @@ def check_optimizer_step(device: str) -> None:
                 params[0].grad = torch.randn(4, 5, 6, device=device).transpose(1, 2)
                 params[1].grad = None if step == 1 else torch.randn_like(params[1])
                 params[2].grad = torch.randn_like(params[2])
+                if step == 1:  # slots 1 and 2 do not step: a NaN and an infinite gradient must not reach them
+                    params[2].grad[1, 0, 0], params[2].grad[2, 5, 7] = math.nan, math.inf
+                    before = [t.detach()[1:3].clone() for t in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
                 norms.append(optimizer.grad_norms())
                 # Both ways clip by the torch operations' norms: the kernel's sum in another order would otherwise
                 # reach the step through the clipping and hide a change in the step's own arithmetic.
@@ -84,13 +89,16 @@ def check_optimizer_step(device: str) -> None:
                 reference = torch.stack([(g * g).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
                 optimizer.clip(reference, [0.5, float("inf"), 1.0, 2.0])
                 optimizer.step([0, 3] if step == 1 else [0, 1, 2])
+                if step == 1:
+                    after = [t.detach()[1:3] for t in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
+                    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)), "a skipped slot moved"
             return torch.stack(norms), [t.detach() for t in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
         finally:
             slot_kernels.usable = usable  # type: ignore[method-assign]
 
     assert usable(torch.zeros(1, device=device)), f"the kernels do not serve {device}"
     (torch_norms, torch_state), (kernel_norms, kernel_state) = train(False), train(True)
-    torch.testing.assert_close(kernel_norms, torch_norms, rtol=1e-5, atol=0.0)  # sums in another order
+    torch.testing.assert_close(kernel_norms, torch_norms, rtol=1e-5, atol=0.0, equal_nan=True)  # sums reordered
     for a, b in zip(torch_state, kernel_state, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 

@@ -271,9 +271,11 @@ def test_the_slot_adapter_loads_in_peft_and_gives_the_slots_output(setup: Any, t
                     scheduler="constant"),
     OptimizerConfig(name="sgd", lr=1e-1, momentum=0.0, warmup_ratio=0.0, scheduler="constant"),
 ])
-def test_the_slot_optimizer_is_torchs_per_slot(opt: OptimizerConfig) -> None:
+@pytest.mark.parametrize("shape", [(5, 4), (20,)])
+def test_the_slot_optimizer_is_torchs_per_slot(opt: OptimizerConfig, shape: tuple[int, ...]) -> None:
+    # The slots not stepped hold a NaN and an infinite gradient: neither reaches their weights or state.
     torch.manual_seed(0)
-    stacked = torch.nn.Parameter(torch.randn(3, 5, 4))
+    stacked = torch.nn.Parameter(torch.randn(3, *shape))
     alone = torch.nn.Parameter(stacked.detach()[1].clone())
     slots = SlotOptimizer([stacked], 3)
     slots.reset(1, opt, total_steps=10)
@@ -283,16 +285,17 @@ def test_the_slot_optimizer_is_torchs_per_slot(opt: OptimizerConfig) -> None:
     else:
         reference = torch.optim.SGD([alone], lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
                                     weight_decay=opt.weight_decay, foreach=False)
-    untouched = stacked.detach()[0].clone()
+    untouched = [t.detach()[[0, 2]].clone() for t in (stacked, *slots.exp_avg, *slots.exp_avg_sq)]
     for _ in range(4):
-        grad = torch.randn(5, 4)
-        stacked.grad = torch.zeros(3, 5, 4)
-        stacked.grad[1] = grad
+        grad = torch.randn(shape)
+        stacked.grad = torch.stack([torch.full(shape, math.nan), grad, torch.full(shape, math.inf)])
         alone.grad = grad.clone()
+        slots.clip(slots.grad_norms(), [math.inf] * 3)
         slots.step([1])
         reference.step()
     torch.testing.assert_close(stacked.detach()[1], alone.detach(), rtol=1e-5, atol=1e-6)
-    assert torch.equal(stacked.detach()[0], untouched)
+    for before, t in zip(untouched, (stacked, *slots.exp_avg, *slots.exp_avg_sq), strict=True):
+        assert torch.equal(t.detach()[[0, 2]], before)
     assert TrainConfig().max_steps > 0 and LoraConfig().r > 0
 
 

@@ -151,16 +151,19 @@ def test_the_staging_buffer_sends_each_tensor_as_it_was_given() -> None:
     assert [t.cpu().tolist() for t in sent] == [first.tolist(), second.tolist(), first[:10].tolist()]
 
 
-def test_slot_runs_on_cuda_train_as_each_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cuda", pytest.param("cuda:1", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs a second CUDA device"))])
+def test_slot_runs_on_cuda_train_as_each_alone(tmp_path: Path, device: str) -> None:
     """The engine's CUDA path (the dropped product's kernels, the flash route, the head on predicted tokens):
-    runs of different ranks, targets, optimizers and dropouts trained together, against each alone."""
+    runs of different ranks, targets, optimizers and dropouts trained together, against each alone; on a device
+    other than the current one too (Triton launches on the current device)."""
     from objectives.base import ResidentBase
     from objectives.data import prepare
     from objectives.engine import SlotEngine
     from tests.test_engine import TRIALS, run_alone, train_together, trial
 
-    cfg, _ = compose.load([*TINY, *SOURCE, "search_space=none", "train.device=cuda", f"output_dir={tmp_path}"])
-    base = ResidentBase(cfg.model, torch.device("cuda"))
+    cfg, _ = compose.load([*TINY, *SOURCE, "search_space=none", f"train.device={device}", f"output_dir={tmp_path}"])
+    base = ResidentBase(cfg.model, torch.device(device))
     base.use_checkpointing(False)
     data = prepare(cfg.data, base.tokenizer, cfg.model.cache_path)
     configs = [trial(cfg, **t) for t in TRIALS]
