@@ -52,8 +52,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def current_device(device: torch.device) -> AbstractContextManager[Any]:
-    """``device`` as this thread's current CUDA device (nothing to do off CUDA). Triton's kernels and CUDA graphs
-    run on the current device, not on their tensors': training on ``cuda:1`` would launch them on ``cuda:0``."""
+    """``device`` as this thread's current CUDA device (nothing to do off CUDA). Triton's kernels launch on the
+    current device, not on their tensors': training on ``cuda:1`` would launch them on ``cuda:0``."""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from objectives.base import ResidentBase, current_device, free_accelerator_memory
+from objectives.base import ResidentBase, free_accelerator_memory
 from objectives.config import ConfigError, RecipeConfig, TrainConfig
 from objectives.data import TokenizedSplits
 from objectives.decisions import (
@@ -139,7 +139,7 @@ def run_recipe(cfg: RecipeConfig, base: ResidentBase, data: TokenizedSplits, mem
     base.use_base_cache(cfg.model.base_cache)
     for attempt in range(cfg.train.oom_retries + 1):
         try:
-            with base.adapter(cfg.lora, cfg.train.seed) as model, current_device(base.device):
+            with base.adapter(cfg.lora, cfg.train.seed) as model:
                 result = train_adapter(model, data, cfg.train, cfg.optimizer, base.device,
                                        base.tokenizer.pad_token_id, on_step=hooks.on_step, on_eval=hooks.on_eval)
                 hooks.on_finish(result, model)

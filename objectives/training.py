@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from objectives.attention import on_device
+from objectives.base import current_device
 from objectives.config import OptimizerConfig, TrainConfig
 from objectives.data import (
     Rows,
@@ -143,62 +144,64 @@ def train_adapter(
         LossNotFinite: the loss or the gradient norm became NaN or infinite (before that step's update), or an
             evaluation did (after ``on_eval`` saw it).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
-    micro_batches = train_micro_batches(data.train, train.micro_batch_size, train.seed)
-    held_out = eval_passes(data, train.micro_batch_size, train.packing, pad_id)
-    max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
-    fused = fused_loss_on(train.fused_loss, device, model)
-    graphs = PassGraphs(model, params, device, data.max_length, pad_id) if train.cuda_graphs is True else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    busy = 0.0
-    eval_loss = math.nan
-    peak = 0.0
-    try:
-        for step in range(1, train.max_steps + 1):
-            start = time.perf_counter()
-            window = [next(micro_batches) for _ in range(train.grad_accum)]
-            passes = forward_passes(window, train.packing, pad_id, data.max_length)
-            # Every response token of the step weighs the same, however the step is split into passes:
-            # halving the micro-batch after an out-of-memory error, or packing, leaves the objective unchanged.
-            targets = sum(targets_in(batch) for batch in passes)
-            loss_sum = torch.zeros((), device=device)
-            if graphs is not None and len(passes) == 1:  # a graph's pass writes gradients; it cannot add to them
-                loss_sum += graphs.loss(passes[0], targets)
-            else:
-                for batch in passes:
-                    loss = pass_loss(model, on_device(model, batch, device), targets, fused)
-                    loss.backward()
-                    loss_sum += loss.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            train_loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
-            if not math.isfinite(train_loss):
-                raise LossNotFinite(f"loss is {train_loss} at step {step}")
-            if not math.isfinite(norm):
-                raise LossNotFinite(f"gradient norm is {norm} at step {step} (loss {train_loss:.4f})")
-            lr = float(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - start
-            busy += elapsed
-            peak = max(peak, peak_memory_mb(device))
-            tokens = sum(len(r["input_ids"]) for rows in window for r in rows)
-            on_step(step, {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm,
-                           "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
-            if evaluates_at(step, train.eval_every, train.max_steps):
+    # Triton's kernels (the fused loss) launch on the current device, not on their tensors'.
+    with current_device(device):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
+        micro_batches = train_micro_batches(data.train, train.micro_batch_size, train.seed)
+        held_out = eval_passes(data, train.micro_batch_size, train.packing, pad_id)
+        max_norm = train.max_grad_norm if train.max_grad_norm > 0 else math.inf
+        fused = fused_loss_on(train.fused_loss, device, model)
+        graphs = PassGraphs(model, params, device, data.max_length, pad_id) if train.cuda_graphs is True else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model.train()
+        busy = 0.0
+        eval_loss = math.nan
+        peak = 0.0
+        try:
+            for step in range(1, train.max_steps + 1):
                 start = time.perf_counter()
-                eval_loss = evaluate(model, held_out, device, fused)
-                busy += time.perf_counter() - start
-                on_eval(step, eval_loss)
-                if not math.isfinite(eval_loss):
-                    raise LossNotFinite(f"eval loss is {eval_loss} at step {step}")
-    finally:
-        if graphs is not None:
-            graphs.close()
-    return TrainResult(eval_loss=eval_loss, steps=train.max_steps,
-                       trainable_params=sum(p.numel() for p in params), peak_memory_mb=peak,
-                       seconds=busy, graph_replays=graphs.replays if graphs is not None else 0)
+                window = [next(micro_batches) for _ in range(train.grad_accum)]
+                passes = forward_passes(window, train.packing, pad_id, data.max_length)
+                # Every response token of the step weighs the same, however the step is split into passes:
+                # halving the micro-batch after an out-of-memory error, or packing, leaves the objective unchanged.
+                targets = sum(targets_in(batch) for batch in passes)
+                loss_sum = torch.zeros((), device=device)
+                if graphs is not None and len(passes) == 1:  # a graph's pass writes gradients; it cannot add to them
+                    loss_sum += graphs.loss(passes[0], targets)
+                else:
+                    for batch in passes:
+                        loss = pass_loss(model, on_device(model, batch, device), targets, fused)
+                        loss.backward()
+                        loss_sum += loss.detach().float()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                train_loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
+                if not math.isfinite(train_loss):
+                    raise LossNotFinite(f"loss is {train_loss} at step {step}")
+                if not math.isfinite(norm):
+                    raise LossNotFinite(f"gradient norm is {norm} at step {step} (loss {train_loss:.4f})")
+                lr = float(scheduler.get_last_lr()[0])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                elapsed = time.perf_counter() - start
+                busy += elapsed
+                peak = max(peak, peak_memory_mb(device))
+                tokens = sum(len(r["input_ids"]) for rows in window for r in rows)
+                on_step(step, {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm,
+                               "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak})
+                if evaluates_at(step, train.eval_every, train.max_steps):
+                    start = time.perf_counter()
+                    eval_loss = evaluate(model, held_out, device, fused)
+                    busy += time.perf_counter() - start
+                    on_eval(step, eval_loss)
+                    if not math.isfinite(eval_loss):
+                        raise LossNotFinite(f"eval loss is {eval_loss} at step {step}")
+        finally:
+            if graphs is not None:
+                graphs.close()
+        return TrainResult(eval_loss=eval_loss, steps=train.max_steps,
+                           trainable_params=sum(p.numel() for p in params), peak_memory_mb=peak,
+                           seconds=busy, graph_replays=graphs.replays if graphs is not None else 0)

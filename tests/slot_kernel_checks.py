@@ -52,7 +52,7 @@ def check_dropped_product(device: str, n: int = 3, rows: int = 2, tokens: int = 
 
 
 def check_optimizer_step(device: str) -> None:
-    """Three steps of AdamW and SGD (momentum, nesterov, none) slots, some skipped, with clipping: the step's kernel
+    """Three steps of AdamW and SGD (nesterov, none, momentum) slots, some skipped, with clipping: the step's kernel
     against the torch operations, operation for operation, and the norms' kernel against theirs to float rounding; a
     NaN and an infinite gradient in slots that do not step leave them untouched."""
     from objectives import slot_kernels
@@ -61,7 +61,9 @@ def check_optimizer_step(device: str) -> None:
 
     configs = [OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0),
                OptimizerConfig(name="sgd", lr=1e-1, momentum=0.9, nesterov=True, weight_decay=0.01),
-               OptimizerConfig(name="sgd", lr=1e-1, momentum=0.0), OptimizerConfig(name="adamw", betas=[0.8, 0.99])]
+               OptimizerConfig(name="sgd", lr=1e-1, momentum=0.0), OptimizerConfig(name="adamw", betas=[0.8, 0.99]),
+               OptimizerConfig(name="sgd", lr=1e-1, momentum=0.9)]
+    n = len(configs)
     usable = slot_kernels.usable
 
     def train(kernels: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -70,13 +72,13 @@ def check_optimizer_step(device: str) -> None:
             torch.manual_seed(1)
             # a weight of several blocks per slot; one whose gradient is not contiguous; one without a gradient once
             shapes = ((6, 5), (3, 6), (40, 60))
-            params = [torch.nn.Parameter(torch.randn(4, *shape, device=device)) for shape in shapes]
-            optimizer = SlotOptimizer(params, 4)
+            params = [torch.nn.Parameter(torch.randn(n, *shape, device=device)) for shape in shapes]
+            optimizer = SlotOptimizer(params, n)
             norms: list[torch.Tensor] = []
             for slot, opt in enumerate(configs):
                 optimizer.reset(slot, opt, total_steps=10)
             for step in range(3):
-                params[0].grad = torch.randn(4, 5, 6, device=device).transpose(1, 2)
+                params[0].grad = torch.randn(n, 5, 6, device=device).transpose(1, 2)
                 params[1].grad = None if step == 1 else torch.randn_like(params[1])
                 params[2].grad = torch.randn_like(params[2])
                 if step == 1:  # slots 1 and 2 do not step: a NaN and an infinite gradient must not reach them
@@ -87,8 +89,8 @@ def check_optimizer_step(device: str) -> None:
                 # reach the step through the clipping and hide a change in the step's own arithmetic.
                 grads = [w.grad for w in params if w.grad is not None]
                 reference = torch.stack([(g * g).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
-                optimizer.clip(reference, [0.5, float("inf"), 1.0, 2.0])
-                optimizer.step([0, 3] if step == 1 else [0, 1, 2])
+                optimizer.clip(reference, [0.5, float("inf"), 1.0, 2.0, 1.5])
+                optimizer.step([0, 3, 4] if step == 1 else [0, 1, 2, 4])
                 if step == 1:
                     after = [t.detach()[1:3] for t in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
                     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)), "a skipped slot moved"

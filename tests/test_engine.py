@@ -269,6 +269,7 @@ def test_the_slot_adapter_loads_in_peft_and_gives_the_slots_output(setup: Any, t
     OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0, scheduler="constant"),
     OptimizerConfig(name="sgd", lr=1e-1, momentum=0.9, nesterov=True, weight_decay=0.01, warmup_ratio=0.0,
                     scheduler="constant"),
+    OptimizerConfig(name="sgd", lr=1e-1, momentum=0.9, warmup_ratio=0.0, scheduler="constant"),
     OptimizerConfig(name="sgd", lr=1e-1, momentum=0.0, warmup_ratio=0.0, scheduler="constant"),
 ])
 @pytest.mark.parametrize("shape", [(5, 4), (20,)])
