@@ -307,11 +307,14 @@ def test_cancelled_and_requeued_tasks_trials_are_retried_and_the_budget_stays_ex
     trials = study.get_trials()
     by_number = {t.number: t for t in trials}
     client = MlflowClient(tracking)
+    lost_numbers = {cancelled.number, requeued.number}
     for lost in (cancelled, requeued):
         assert by_number[lost.number].state == TrialState.FAIL, logs(folder)
         (retry,) = [t for t in trials if TrialRecord.of(t).retry_of == lost.number]
         assert retry.params == lost.params
-        assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED), logs(folder)
+        # The survivor may start (or finish its own trial) only after the cancel, and then its first trial is the
+        # cancelled trial's retry: that retry is lost in turn and has its own retry.
+        assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) or retry.number in lost_numbers, logs(folder)
         assert client.get_run(TrialRecord.of(lost).mlflow_run_id).info.status == "KILLED"
     assert f"Requeued job {survivor}" in "".join(p.read_text() for p in folder.glob("*.out"))
     assert {TrialRecord.of(t).slurm_job for t in trials if t.number > requeued.number} == {survivor}
