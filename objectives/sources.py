@@ -58,7 +58,8 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
         return final
     log.info("converting %s to %s (once)", gguf.name, final)
     tmp = _atomic_dir(final)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()

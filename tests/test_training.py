@@ -81,6 +81,19 @@ def test_the_schedule_is_transformers_schedule_with_a_trainers_warmup_ratio(
     assert [ours(step) for step in range(steps)] == pytest.approx(expected, abs=1e-12)
 
 
+def test_a_loaded_base_runs_no_code_from_the_hub(tmp_path: Path) -> None:
+    """Remote code is off unless the user turns it on, and so are hub kernels, which transformers turns on from
+    5.25: every ``train()`` would then put their forward back on the layers they decorate."""
+    cfg, _ = compose.load([*TINY, "search_space=none", f"output_dir={tmp_path}"])
+    assert cfg.model.trust_remote_code is False
+    res = Resources.load(cfg)
+    model = res.base.model
+    for mode in (True, False, True):
+        model.train(mode)
+    assert not getattr(model, "use_kernels", False)
+    assert res.base.lean_layers and "forward" in model.get_submodule("model.norm").__dict__
+
+
 def test_an_adapter_reused_in_place_trains_like_a_freshly_injected_one(tmp_path: Path) -> None:
     import optuna
 
