@@ -110,9 +110,8 @@ class ResidentBase:
         self.tokenizer = AutoTokenizer.from_pretrained(path, **common)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # Hub kernels (on by default from transformers 5.25) are code fetched from the hub, which this project
-        # runs only where the user asks for it; and each train() call puts their forward back on every layer
-        # they decorate, over the lean layers' fused norms.
+        # Hub kernels (on by default from transformers 5.25) are code fetched from the hub, and each train() call
+        # puts their forward back on every layer they decorate, over the lean layers' fused norms.
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quant, dtype=dtype, device_map={"": str(device)},
             attn_implementation=cfg.attn_implementation, use_kernels=False, **common)
