@@ -87,13 +87,14 @@ class SlotOptimizer:
         AdamW's moments and SGD's momentum buffer share ``exp_avg``: a slot uses one optimizer. Where the fused
         kernel runs (:mod:`objectives.slot_kernels`), it does the same arithmetic in one launch over every tensor.
         """
-        for slot in active:
-            self.steps[slot] += 1
-        # A layer no running slot adapts got no gradient: as torch's optimizers, leave it out.
+        # A layer no running slot adapts got no gradient: as torch's optimizers, leave it out, and count no step
+        # where no weight has one.
         with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         clip, self.clip_scale = self.clip_scale, None
         if not with_grad or not active:
             return
+        for slot in active:
+            self.steps[slot] += 1
         table = self._coefficients(active)
         if slot_kernels.usable(self.params[0]):
             ones = torch.ones(self.slots, device=self.device)

@@ -288,6 +288,8 @@ def test_the_slot_optimizer_is_torchs_per_slot(opt: OptimizerConfig, shape: tupl
                                     weight_decay=opt.weight_decay, foreach=False)
     untouched = [t.detach()[[0, 2]].clone() for t in (stacked, *slots.exp_avg, *slots.exp_avg_sq)]
     for _ in range(4):
+        stacked.grad = None  # a step with no gradient at all: as torch's, it counts no step
+        slots.step([1])
         grad = torch.randn(shape)
         stacked.grad = torch.stack([torch.full(shape, math.nan), grad, torch.full(shape, math.inf)])
         alone.grad = grad.clone()
