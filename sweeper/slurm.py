@@ -235,6 +235,10 @@ class WorkerJob:
         """Called by submitit at a time limit or a preemption: the task is requeued as it was submitted."""
         from submitit.helpers import DelayedSubmission
 
+        # submitit's `scontrol requeue` runs next, and SLURM's SIGTERM for that requeue may reach it before it exits:
+        # the task is requeued all the same, but reads as failed. Ignored here, SIGTERM is ignored by scontrol too
+        # (this process only logged it).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return DelayedSubmission(self, config_file)
 
 

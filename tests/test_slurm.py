@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
 import time
@@ -277,10 +278,19 @@ def running_trial(study: optuna.Study, folder: Path, job: str | None = None) -> 
 
 @pytest.mark.slurm
 @pytest.mark.postgres
-def test_cancelled_and_requeued_tasks_trials_are_retried_and_the_budget_stays_exact(slurm: None, postgres: str,
-                                                                                      tmp_path: Path) -> None:
+def test_cancelled_and_requeued_tasks_trials_are_retried_and_the_budget_stays_exact(
+        slurm: None, postgres: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``scancel`` of one task mid-trial; then the signal SLURM sends before a time limit to the other, which
-    submitit requeues and which joins the study again. Each lost trial is failed, retried once, and counted once."""
+    submitit requeues and which joins the study again. Each lost trial is failed, retried once, and counted once.
+
+    The tasks' ``scontrol`` exits a few seconds late after a requeue, as on a busy node: SLURM's SIGTERM for the
+    requeue reaches it first, and the requeue must still read as one."""
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    (slow / "scontrol").write_text(f'#!/bin/sh\n{shutil.which("scontrol")} "$@"; rc=$?\n'
+                                   '[ "$1" = requeue ] && sleep 3\nexit $rc\n')
+    (slow / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{slow}{os.pathsep}{os.environ['PATH']}")
     storage, tracking = f"{postgres}/optuna2", f"{postgres}/mlflow2"
     # Trials of some seconds, none pruned: each signal lands in the middle of one.
     result = run_cli("launch", *TINY, *SPACE, *ON_SLURM, *FAST_HEARTBEAT, "study.n_trials=4", "workers.count=2",
@@ -316,7 +326,10 @@ def test_cancelled_and_requeued_tasks_trials_are_retried_and_the_budget_stays_ex
         # cancelled trial's retry: that retry is lost in turn and has its own retry.
         assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) or retry.number in lost_numbers, logs(folder)
         assert client.get_run(TrialRecord.of(lost).mlflow_run_id).info.status == "KILLED"
-    assert f"Requeued job {survivor}" in "".join(p.read_text() for p in folder.glob("*.out"))
+    survivor_log = (folder / f"{survivor}_0_log.out").read_text()
+    assert f"Requeued job {survivor}" in survivor_log, logs(folder)
+    assert survivor_log.count(f"Starting with JobEnvironment(job_id={survivor},") == 2, logs(folder)
+    assert "triggered an exception" not in survivor_log, logs(folder)
     assert {TrialRecord.of(t).slurm_job for t in trials if t.number > requeued.number} == {survivor}
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
